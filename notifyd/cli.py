@@ -1,0 +1,276 @@
+"""
+The ``notifyd`` command line: serve, demo, init-db, send, token, check.
+
+Settings are built here, once, and passed down; logging is configured here,
+once. User errors print one line to stderr and exit with a defined code:
+
+* 0 success; 1 runtime failure (database unreachable, check failed);
+* 2 invalid settings or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import shlex
+import shutil
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from .auth import TokenVerifier
+from .daemon import Daemon, connect_database
+from .exceptions import ConfigError, DatabaseError, NotifydError
+from .settings import Settings, load_settings
+
+__all__ = ["main"]
+
+logger = logging.getLogger("notifyd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="notifyd",
+        description="Push rows of t_message_real_time to the addressee's WebSocket sessions, on commit.",
+    )
+    parser.add_argument(
+        "--env-file", type=Path, help="read NOTIFYD_* settings from this file (environment wins)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser("serve", help="run the push server (needs NOTIFYD_DSN)")
+
+    demo = commands.add_parser(
+        "demo", help="run the server on an embedded throwaway PostgreSQL (or NOTIFYD_DSN)"
+    )
+    demo.add_argument("--user", default="demo-user", help="user the printed token is for")
+    demo.add_argument("--port", type=int, help="port to serve on (default NOTIFYD_PORT or 8080)")
+
+    commands.add_parser("init-db", help="create or upgrade the table, indexes and trigger")
+
+    send = commands.add_parser("send", help="insert one message, as an application would")
+    send.add_argument("--to", required=True, dest="to_user", help="addressee user id")
+    send.add_argument("--title", default=None)
+    send.add_argument("--content", default=None)
+    send.add_argument("--type", default=None)
+    send.add_argument("--url", default=None, dest="skip_url", help="skip_url of the message")
+    send.add_argument("--from", default=None, dest="send_user", help="sender user id")
+
+    token = commands.add_parser("token", help="print a signed JWT for USER (HS256 secret)")
+    token.add_argument("user")
+    token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
+
+    commands.add_parser("check", help="check settings, database, schema and LISTEN end to end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run the CLI; returns the process exit code.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.env_file)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    command: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
+        "serve": _serve,
+        "demo": _demo,
+        "init-db": _init_db,
+        "send": _send,
+        "token": _token,
+        "check": _check,
+    }[args.command]
+    try:
+        return asyncio.run(command(settings, args))
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except NotifydError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _error(text: str) -> None:
+    print(f"notifyd: {text}", file=sys.stderr)
+
+
+def _verifier(settings: Settings) -> TokenVerifier | None:
+    """
+    The token verifier, or None in the path-user development mode.
+    """
+    if settings.dev_insecure_user_from_path:
+        if not settings.is_loopback:
+            raise ConfigError(
+                "NOTIFYD_DEV_INSECURE_USER_FROM_PATH is only allowed on a loopback NOTIFYD_HOST"
+            )
+        logger.warning(
+            "development mode: the user id is taken from the path WITHOUT a token; never expose this"
+        )
+        if not (settings.jwt_secret or settings.jwt_public_key_file):
+            return None
+    verifier = TokenVerifier.from_settings(settings)
+    if verifier.weak_secret:
+        logger.warning("NOTIFYD_JWT_SECRET is shorter than 32 bytes; use a longer random secret")
+    return verifier
+
+
+async def _run_daemon(daemon: Daemon, on_ready: Callable[[], None] | None = None) -> int:
+    """
+    Start the daemon and serve until SIGTERM/SIGINT or a fatal task error.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await daemon.start()
+        if on_ready is not None:
+            on_ready()
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(daemon.wait_failed())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        failed.cancel()
+        logger.info("shutting down")
+        await daemon.stop()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return EXIT_FAILURE if daemon.failed else EXIT_OK
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    if not settings.dsn:
+        raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
+    daemon = Daemon(settings, _verifier(settings))
+    return await _run_daemon(daemon)
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if not settings.jwt_secret and not settings.jwt_public_key_file:
+        overrides["jwt_secret"] = secrets.token_urlsafe(32)
+    if args.port is not None:
+        overrides["port"] = args.port
+    embedded = None
+    if not settings.dsn:
+        from .embedded import EmbeddedPostgres, EmbeddedPostgresError
+
+        embedded = EmbeddedPostgres()
+        try:
+            await asyncio.to_thread(embedded.start)
+        except EmbeddedPostgresError as exc:
+            await asyncio.to_thread(embedded.cleanup)
+            raise DatabaseError(str(exc)) from None
+        overrides["dsn"] = embedded.dsn
+    settings = settings.model_copy(update=overrides)
+    try:
+        db = await connect_database(settings, wait=False)
+        try:
+            await db.apply_schema()
+        finally:
+            await db.close()
+        verifier = _verifier(settings)
+        daemon = Daemon(settings, verifier)
+
+        def announce() -> None:
+            assert verifier is not None
+            print(_demo_banner(settings, daemon.port, verifier.mint(args.user), args.user), flush=True)
+
+        return await _run_daemon(daemon, announce)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.cleanup)
+
+
+def _demo_banner(settings: Settings, port: int, token: str, user: str) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"ws://{host}:{port}/ws/message?token={token}"
+    assert settings.dsn is not None
+    send = (
+        f"NOTIFYD_DSN={shlex.quote(settings.dsn)} {shlex.quote(sys.executable)} -m notifyd send "
+        f"--to {shlex.quote(user)} --title Hello --content 'Your first message'"
+    )
+    psql = shutil.which("psql") or "psql"
+    sql = (
+        "INSERT INTO t_message_real_time (to_user, title, content) "
+        f"VALUES ('{user}', 'Hi', 'Sent with plain SQL')"
+    )
+    return "\n".join(
+        [
+            "notifyd demo is running. Press Ctrl-C to stop.",
+            "",
+            f"  token for {user}:  {token}",
+            f"  WebSocket URL:     {url}",
+            f"  database DSN:      {settings.dsn}",
+            "",
+            "Watch the pushes (in another shell):",
+            f"  {shlex.quote(sys.executable)} -m websockets {shlex.quote(url)}",
+            "Send a message as an application would:",
+            f"  {send}",
+            "or with plain SQL:",
+            f"  {psql} {shlex.quote(settings.dsn)} -c {shlex.quote(sql)}",
+            "",
+        ]
+    )
+
+
+async def _init_db(settings: Settings, args: argparse.Namespace) -> int:
+    db = await connect_database(settings, wait=False)
+    try:
+        await db.apply_schema()
+    finally:
+        await db.close()
+    print("schema applied")
+    return EXIT_OK
+
+
+async def _send(settings: Settings, args: argparse.Namespace) -> int:
+    db = await connect_database(settings, wait=False)
+    try:
+        message_id = await db.insert_message(
+            to_user=args.to_user,
+            title=args.title,
+            content=args.content,
+            type=args.type,
+            skip_url=args.skip_url,
+            send_user=args.send_user,
+        )
+    finally:
+        await db.close()
+    print(message_id)
+    return EXIT_OK
+
+
+async def _token(settings: Settings, args: argparse.Namespace) -> int:
+    verifier = TokenVerifier.from_settings(settings)
+    try:
+        print(verifier.mint(args.user, ttl_s=args.ttl))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return EXIT_OK
+
+
+async def _check(settings: Settings, args: argparse.Namespace) -> int:
+    from .checks import run_checks
+
+    ok = await run_checks(settings, print)
+    return EXIT_OK if ok else EXIT_FAILURE
+

@@ -1,0 +1,163 @@
+"""
+Delivery cursors: what a client has, expressed so Postgres can answer "what
+comes after it" exactly.
+
+A :class:`Snapshot` is a ``pg_snapshot`` (``xmin:xmax:xip,...``). A committed
+transaction is *visible* in a snapshot when it had committed before the
+snapshot was taken. Because every row stores the top-level transaction that
+inserted it (``xact_id``), "the rows a snapshot saw" is a precise set, however
+the transactions' commits interleave with their ``seq`` values.
+
+A :class:`Cursor` says which of a user's rows a client already has:
+
+* ``Cursor(base)``: every row visible in ``base``;
+* ``Cursor(base, end, seq)``: every row visible in ``base``, plus the rows
+  visible in ``end`` whose ``seq`` is at most ``seq``. Deliveries walk the rows
+  between two snapshots in ``seq`` order, so this is the position of a client
+  that stopped in the middle of such a batch.
+
+The encoding is opaque to clients, URL-safe, and versioned by its shape.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .exceptions import CursorError
+
+__all__ = ["Cursor", "Snapshot"]
+
+_SNAPSHOT_TEXT = re.compile(r"(\d+):(\d+):((?:\d+(?:,\d+)*)?)")
+_SNAPSHOT_TOKEN = re.compile(r"(\d+)-(\d+)((?:\.\d+)*)")
+_MAX_XIP = 10_000
+_MAX_CURSOR_CHARS = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """
+    An immutable ``pg_snapshot``.
+    """
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_pg(cls, text: str) -> Snapshot:
+        """
+        Parse Postgres' text form ``xmin:xmax:xip1,xip2``.
+
+        Raises :class:`CursorError` on anything else.
+        """
+        match = _SNAPSHOT_TEXT.fullmatch(text)
+        if match is None:
+            raise CursorError(f"not a pg_snapshot: {text[:80]!r}")
+        xip = match.group(3)
+        return cls._checked(
+            int(match.group(1)),
+            int(match.group(2)),
+            frozenset(int(x) for x in xip.split(",")) if xip else frozenset(),
+        )
+
+    @classmethod
+    def _checked(cls, xmin: int, xmax: int, xip: frozenset[int]) -> Snapshot:
+        if not xmin <= xmax or len(xip) > _MAX_XIP:
+            raise CursorError("inconsistent snapshot")
+        if any(not xmin <= x < xmax for x in xip):
+            raise CursorError("inconsistent snapshot")
+        return cls(xmin, xmax, xip)
+
+    def to_pg(self) -> str:
+        """
+        Postgres' text form, for ``$n::text::pg_snapshot``.
+        """
+        return f"{self.xmin}:{self.xmax}:{','.join(map(str, sorted(self.xip)))}"
+
+    def visible(self, xact_id: int) -> bool:
+        """
+        Whether a committed transaction was visible in this snapshot.
+
+        Mirrors ``pg_visible_in_snapshot``.
+        """
+        return xact_id < self.xmax and xact_id not in self.xip
+
+    def covers(self, other: Snapshot) -> bool:
+        """
+        Whether every transaction visible in ``other`` is visible in this one.
+        """
+        if other.xmax > self.xmax:
+            return False
+        return all(x in other.xip for x in self.xip if x < other.xmax)
+
+    def _token(self) -> str:
+        return f"{self.xmin}-{self.xmax}" + "".join(f".{x}" for x in sorted(self.xip))
+
+    @classmethod
+    def _from_token(cls, token: str) -> Snapshot:
+        match = _SNAPSHOT_TOKEN.fullmatch(token)
+        if match is None:
+            raise CursorError("malformed snapshot")
+        xip = match.group(3)
+        return cls._checked(
+            int(match.group(1)),
+            int(match.group(2)),
+            frozenset(int(x) for x in xip[1:].split(".")) if xip else frozenset(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """
+    A client's position in one user's messages; see the module docstring.
+    """
+
+    base: Snapshot
+    end: Snapshot | None = None
+    seq: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.end is None) != (self.seq is None):
+            raise ValueError("end and seq go together")
+
+    def covers(self, xact_id: int, seq: int) -> bool:
+        """
+        Whether a client at this cursor already has the row.
+        """
+        if self.base.visible(xact_id):
+            return True
+        return (
+            self.end is not None
+            and self.seq is not None
+            and seq <= self.seq
+            and self.end.visible(xact_id)
+        )
+
+    def encode(self) -> str:
+        """
+        The opaque, URL-safe text clients store and send back.
+        """
+        if self.end is None:
+            return self.base._token()
+        return f"{self.base._token()}_{self.end._token()}_{self.seq}"
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """
+        Parse what :meth:`encode` produced.
+
+        Raises :class:`CursorError` for anything malformed.
+        """
+        if not isinstance(text, str) or not text or len(text) > _MAX_CURSOR_CHARS:
+            raise CursorError("malformed cursor")
+        parts = text.split("_")
+        if len(parts) == 1:
+            return cls(Snapshot._from_token(parts[0]))
+        if len(parts) == 3 and parts[2].isdigit() and parts[2].isascii():
+            base = Snapshot._from_token(parts[0])
+            end = Snapshot._from_token(parts[1])
+            if not end.covers(base):
+                raise CursorError("cursor end precedes its base")
+            return cls(base, end, int(parts[2]))
+        raise CursorError("malformed cursor")

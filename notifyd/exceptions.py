@@ -1,0 +1,90 @@
+"""
+Exceptions raised by notifyd.
+
+Their text is for operators and logs, never for WebSocket clients: what a
+client sees is decided in one place, :mod:`notifyd.protocol` (close codes and
+error codes).
+
+* :exc:`NotifydError`
+    * :exc:`ConfigError` — a setting is missing or invalid (CLI exit code 2).
+    * :exc:`DatabaseError` — Postgres is unreachable or unusable.
+        * :exc:`ReplicaError` — the database is a hot standby; LISTEN cannot
+          work there.
+        * :exc:`SchemaError` — the table or its triggers are missing.
+    * :exc:`AuthError` — a token was rejected; ``reason`` is for the log only.
+    * :exc:`ProtocolError` — a client frame is malformed; ``code`` is the
+      error code sent back.
+    * :exc:`CursorError` — a client-supplied cursor cannot be decoded.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "ConfigError",
+    "CursorError",
+    "DatabaseError",
+    "NotifydError",
+    "ProtocolError",
+    "ReplicaError",
+    "SchemaError",
+]
+
+
+class NotifydError(Exception):
+    """
+    Base class of every exception notifyd raises on purpose.
+    """
+
+
+class ConfigError(NotifydError):
+    """
+    A setting is missing or invalid.
+    """
+
+
+class DatabaseError(NotifydError):
+    """
+    Postgres is unreachable or cannot be used.
+    """
+
+
+class ReplicaError(DatabaseError):
+    """
+    The database is in recovery (a hot standby), where LISTEN is impossible.
+    """
+
+
+class SchemaError(DatabaseError):
+    """
+    The message table, its columns or its triggers are missing.
+    """
+
+
+class AuthError(NotifydError):
+    """
+    A token was rejected.
+
+    ``reason`` says why, for the log; clients only learn that it failed.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ProtocolError(NotifydError):
+    """
+    A client frame could not be understood.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class CursorError(NotifydError):
+    """
+    A cursor supplied by a client is malformed.
+    """

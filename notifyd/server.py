@@ -1,0 +1,246 @@
+"""
+The WebSocket endpoints and the handshake decisions, on one port.
+
+* ``/ws/message`` and ``/ws/message/{userId}``: the push endpoint;
+* ``/healthz``: a plain GET health check.
+
+A token in the handshake (``?token=``, ``Authorization: Bearer``, or the
+configured cookie) is checked before the upgrade: 401 when invalid, 403 when
+the path names another user. Without one, the connection is upgraded and the
+first frame must be ``{"action":"auth",...}`` within ``auth_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import protocol
+from .auth import Identity, TokenVerifier, token_from_handshake, user_from_path
+from .delivery import Delivery
+from .exceptions import AuthError, ProtocolError
+from .hub import Hub
+from .outbox import Outbox
+from .protocol import CloseCode, close_reason
+from .session import Session
+from .settings import Settings
+
+__all__ = ["PushServer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Handshake:
+    """
+    What the handshake decided, handed to the connection handler.
+    """
+
+    identity: Identity | None
+    path_user: str | None
+    since: str | None
+
+
+class PushServer:
+    """
+    Accepts WebSocket sessions and hands them to delivery.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier | None,
+        hub: Hub,
+        delivery: Delivery,
+        health: Callable[[], tuple[bool, dict[str, Any]]],
+    ) -> None:
+        self._settings = settings
+        self.verifier = verifier
+        self._hub = hub
+        self._delivery = delivery
+        self._health = health
+        # Weak, so a handshake that fails after process_request leaks nothing.
+        self._handshakes: weakref.WeakKeyDictionary[ServerConnection, _Handshake] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._server: Server | None = None
+        self._sessions: set[Session] = set()
+
+    @property
+    def port(self) -> int:
+        """
+        The bound TCP port (useful with port 0).
+        """
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """
+        Bind and start accepting connections.
+        """
+        settings = self._settings
+        self._server = await serve(
+            self._handle,
+            settings.host,
+            settings.port,
+            process_request=self._process_request,
+            compression=None,
+            max_size=settings.max_frame_bytes,
+            ping_interval=settings.ping_interval_s,
+            ping_timeout=settings.ping_timeout_s,
+            close_timeout=5,
+            server_header="notifyd",
+        )
+        logger.info("listening on ws://%s:%d/ws/message", settings.host, self.port)
+
+    def stop_accepting(self) -> None:
+        """
+        Stop accepting new connections; sessions stay open.
+        """
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def close_sessions(self, code: CloseCode, timeout: float) -> None:
+        """
+        Close every session with ``code`` and wait (bounded) until they are.
+        """
+        for session in list(self._sessions):
+            session.close(code)
+        if self._server is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._server.wait_closed()
+            except TimeoutError:
+                logger.warning("sessions did not close within %.1fs; aborting them", timeout)
+                for connection in list(self._server.connections):
+                    if connection.transport is not None:
+                        connection.transport.abort()
+
+    # -- handshake ---------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path, _, query_string = request.path.partition("?")
+        if path == "/healthz":
+            return self._respond_health(connection)
+        route = user_from_path(path)
+        if route is None:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        _, path_user = route
+        query = {key: values[-1] for key, values in parse_qs(query_string).items()}
+        since = query.get("since") or None
+        token = token_from_handshake(
+            query=query, headers=request.headers, cookie_name=self._settings.token_cookie
+        )
+        identity: Identity | None = None
+        if token is not None:
+            if self.verifier is None:
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
+            try:
+                identity = self.verifier.verify(token)
+            except AuthError as exc:
+                logger.info("handshake token rejected: %s", exc.reason)
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
+            if path_user is not None and path_user != identity.user:
+                return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
+        elif self._settings.dev_insecure_user_from_path and path_user is not None:
+            identity = Identity(path_user, float("inf"))
+        self._handshakes[connection] = _Handshake(identity, path_user, since)
+        return None
+
+    def _respond_health(self, connection: ServerConnection) -> Response:
+        healthy, details = self._health()
+        status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
+        response = connection.respond(status, json.dumps(details) + "\n")
+        response.headers["Content-Type"] = "application/json"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    # -- sessions ----------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        handshake = self._handshakes.pop(connection)
+        identity = handshake.identity
+        since = handshake.since
+        if identity is None:
+            authenticated = await self._first_frame_auth(connection, handshake)
+            if authenticated is None:
+                return
+            identity, first_since = authenticated
+            since = first_since or since
+        settings = self._settings
+        session = Session(
+            connection,
+            identity.user,
+            Outbox(settings.session_queue_messages, settings.session_queue_bytes),
+            send_timeout=settings.slow_client_timeout_s,
+        )
+        self._sessions.add(session)
+        writer = asyncio.create_task(session.run_writer(), name=f"writer-{session.id}")
+        try:
+            await self._delivery.join(session, since)
+            async for data in connection:
+                self._answer(session, data)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._hub.discard(session)
+            self._sessions.discard(session)
+            session.close(CloseCode.NORMAL)
+            await writer
+
+    async def _first_frame_auth(
+        self, connection: ServerConnection, handshake: _Handshake
+    ) -> tuple[Identity, str | None] | None:
+        """
+        Wait for ``{"action":"auth"}``; close with 4408 or 4401 on failure.
+        """
+        try:
+            data = await asyncio.wait_for(connection.recv(), self._settings.auth_timeout_s)
+        except TimeoutError:
+            await _close(connection, CloseCode.AUTH_TIMEOUT)
+            return None
+        except ConnectionClosed:
+            return None
+        try:
+            action = protocol.parse_client_frame(data)
+        except ProtocolError:
+            action = None
+        if not isinstance(action, protocol.Auth) or self.verifier is None:
+            await _close(connection, CloseCode.UNAUTHORIZED)
+            return None
+        try:
+            identity = self.verifier.verify(action.token)
+        except AuthError as exc:
+            logger.info("first-frame token rejected: %s", exc.reason)
+            await _close(connection, CloseCode.UNAUTHORIZED)
+            return None
+        if handshake.path_user is not None and handshake.path_user != identity.user:
+            await _close(connection, CloseCode.UNAUTHORIZED)
+            return None
+        return identity, action.since
+
+    def _answer(self, session: Session, data: str | bytes) -> None:
+        try:
+            action = protocol.parse_client_frame(data)
+        except ProtocolError as exc:
+            session.push(protocol.encode_error(exc.code, exc.message))
+            return
+        if isinstance(action, protocol.Ping):
+            session.push(protocol.PONG)
+        else:
+            session.push(protocol.encode_error("invalid", "already authenticated"))
+
+
+async def _close(connection: ServerConnection, code: CloseCode) -> None:
+    await connection.close(code, close_reason(code))

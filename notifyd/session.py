@@ -1,0 +1,97 @@
+"""
+One authenticated WebSocket session: its outbox and the task that drains it.
+
+Delivery puts frames with :meth:`Session.push`, which never awaits; only the
+session's own writer task waits for the client. A client that does not take
+a frame within ``send_timeout`` is closed with 4429 and resumes later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from .outbox import Outbox
+from .protocol import CloseCode, close_reason
+
+__all__ = ["Session"]
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+class Session:
+    """
+    A user's connection as delivery sees it.
+    """
+
+    def __init__(
+        self,
+        connection: ServerConnection,
+        user: str,
+        outbox: Outbox,
+        *,
+        send_timeout: float,
+    ) -> None:
+        self.id = next(_ids)
+        self.connection = connection
+        self.user = user
+        self.outbox = outbox
+        self.send_timeout = send_timeout
+        self.close_code: CloseCode | None = None
+        self._wakeup = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} user={self.user!r}>"
+
+    @property
+    def closing(self) -> bool:
+        """
+        Whether the session was asked to close or its connection is gone.
+        """
+        return self.close_code is not None
+
+    def push(self, frame: str, cursor: str | None = None) -> None:
+        """
+        Queue a frame for the client. Never awaits, never raises.
+        """
+        if self.close_code is None:
+            self.outbox.put(frame, cursor)
+            self._wakeup.set()
+
+    def close(self, code: CloseCode) -> None:
+        """
+        Ask the writer to close the connection with ``code``; idempotent.
+        """
+        if self.close_code is None:
+            self.close_code = code
+            self._wakeup.set()
+
+    async def run_writer(self) -> None:
+        """
+        Drain the outbox to the client until the session closes.
+
+        Returns when the connection is closed; never raises ConnectionClosed.
+        """
+        connection = self.connection
+        try:
+            while self.close_code is None:
+                frame = self.outbox.get()
+                if frame is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                try:
+                    await asyncio.wait_for(connection.send(frame), self.send_timeout)
+                except TimeoutError:
+                    logger.info("session %s too slow, closing", self.id)
+                    self.close(CloseCode.TOO_SLOW)
+            code = self.close_code
+            await connection.close(code, close_reason(code))
+        except ConnectionClosed:
+            self.close(CloseCode.NORMAL)

@@ -1,0 +1,125 @@
+"""
+Settings, read once at the edge (the CLI) and passed down.
+
+Every setting is an environment variable prefixed ``NOTIFYD_`` (or a line in
+the ``--env-file``). Lists are comma-separated. :func:`load_settings` turns a
+validation failure into :class:`~notifyd.exceptions.ConfigError` whose text
+names the offending variable in one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .exceptions import ConfigError
+
+ENV_PREFIX = "NOTIFYD_"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """
+    All of notifyd's configuration.
+
+    Instances are immutable; a reload builds a new one.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    dsn: str | None = None
+    listen_dsn: str | None = Field(
+        default=None,
+        description="DSN for the LISTEN connection when NOTIFYD_DSN goes "
+        "through a transaction-mode pooler; must reach Postgres directly "
+        "or through a session-mode pooler.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    jwt_secret: str | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_algorithms: CommaList = Field(default_factory=list)
+    jwt_user_claim: str = "sub"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    token_cookie: str = "notifyd_token"
+    auth_timeout_s: float = Field(default=10.0, gt=0)
+    dev_insecure_user_from_path: bool = False
+
+    max_sessions_per_user: int = Field(default=10, ge=1)
+    max_frame_bytes: int = Field(default=64 * 1024, ge=256)
+    session_queue_messages: int = Field(default=1000, ge=1)
+    session_queue_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    slow_client_timeout_s: float = Field(default=30.0, gt=0)
+    replay_limit: int = Field(default=1000, ge=1)
+    fetch_batch: int = Field(default=1000, ge=1)
+
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    probe_interval_s: float = Field(default=5.0, gt=0)
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+    poll_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the table is scanned while the LISTEN "
+        "connection is down, so delivery continues during an outage.",
+    )
+    reconnect_max_s: float = Field(default=10.0, gt=0)
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    pool_size: int = Field(default=4, ge=2)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def is_loopback(self) -> bool:
+        """
+        Whether ``host`` only accepts connections from this machine.
+        """
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def load_settings(env_file: Path | str | None = None, **overrides: object) -> Settings:
+    """
+    Build :class:`Settings` from the environment, an optional env file and
+    explicit overrides (highest precedence).
+
+    Raises :class:`ConfigError` with one line naming the setting on failure.
+    """
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigError(f"env file {env_file} does not exist")
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        raise ConfigError(
+            f"invalid setting {ENV_PREFIX}{field.upper()}: {error['msg']}"
+        ) from None

@@ -1,0 +1,1 @@
+notifyd/schema.sql
