@@ -147,6 +147,7 @@ class Listener:
             self.health.reconnects += 1
             self._on_state(False)
         if connection is not None:
+            connection.remove_termination_listener(self._on_terminated)
             connection.terminate()
 
     def _on_terminated(self, connection: asyncpg.Connection) -> None:

@@ -59,8 +59,8 @@ class Settings(BaseSettings):
 
     max_sessions_per_user: int = Field(default=10, ge=1)
     max_frame_bytes: int = Field(default=64 * 1024, ge=256)
-    session_queue_messages: int = Field(default=1000, ge=1)
-    session_queue_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    session_queue_messages: int = Field(default=20_000, ge=1)
+    session_queue_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     slow_client_timeout_s: float = Field(default=30.0, gt=0)
     replay_limit: int = Field(default=1000, ge=1)
     fetch_batch: int = Field(default=1000, ge=1)

@@ -1,0 +1,315 @@
+"""
+Tests for :mod:`notifyd.embedded`, against real PostgreSQL binaries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from notifyd.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_postgres_bin_dir
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+HAS_PROC = Path("/proc/self/status").exists()
+
+
+def _read_pid(pg: EmbeddedPostgres) -> int:
+    """
+    The postmaster pid from ``postmaster.pid``.
+    """
+    return int((pg.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+def _process_gone(pid: int, timeout: float = 10.0) -> bool:
+    """
+    Poll until ``os.kill(pid, 0)`` says the process no longer exists.
+
+    A polled deadline rather than a fixed sleep: the exited postmaster is
+    reparented to init, which may take a moment (~1.5 s here) to reap it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _process_uid(pid: int) -> int:
+    """
+    The real uid of *pid*, from /proc.
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+@pytest.fixture
+def pg() -> Iterator[EmbeddedPostgres]:
+    """
+    A started cluster on a temporary data dir, cleaned up afterwards.
+    """
+    server = EmbeddedPostgres(settings={"fsync": "off", "work_mem": "7MB"})
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def world_searchable_tmp() -> Iterator[Path]:
+    """
+    A temporary directory the unprivileged ``nobody`` account can traverse.
+
+    pytest's ``tmp_path`` lives under a mode-700 dir, which PostgreSQL
+    cannot reach when we are root and it runs as ``nobody``.
+    """
+    base = Path(tempfile.mkdtemp(prefix="notifyd-test-"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_start_gives_dsn_that_asyncpg_can_query(pg: EmbeddedPostgres) -> None:
+    """
+    After start(), asyncpg connects to the DSN and runs ``select 1``.
+    """
+    assert pg.is_running()
+    assert pg.dsn == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
+    conn = await asyncpg.connect(pg.dsn, timeout=10)
+    try:
+        assert await conn.fetchval("select 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_server_options_and_extra_settings_are_applied(pg: EmbeddedPostgres) -> None:
+    """
+    The fixed options (loopback only, 300 connections, UTF8) and caller settings are in effect.
+    """
+    conn = await asyncpg.connect(pg.dsn, timeout=10)
+    try:
+        assert await conn.fetchval("show listen_addresses") == "127.0.0.1"
+        assert await conn.fetchval("show max_connections") == "300"
+        assert await conn.fetchval("show server_encoding") == "UTF8"
+        assert await conn.fetchval("show unix_socket_directories") == str(pg.data_dir)
+        assert await conn.fetchval("show work_mem") == "7MB"
+        assert await conn.fetchval("show fsync") == "off"
+    finally:
+        await conn.close()
+    assert (pg.data_dir / "server.log").is_file()
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="needs /proc to read the process owner")
+def test_server_never_runs_as_root(pg: EmbeddedPostgres) -> None:
+    """
+    The postmaster runs unprivileged: as ``nobody`` under root, else as ourselves.
+    """
+    uid = _process_uid(_read_pid(pg))
+    if IS_ROOT:
+        import pwd
+
+        assert uid == pwd.getpwnam("nobody").pw_uid
+    else:
+        assert uid == os.getuid()
+
+
+async def test_stop_then_start_keeps_port_and_data(pg: EmbeddedPostgres) -> None:
+    """
+    stop() then start() (and restart()) reuse the same port and DSN, and committed data survives.
+    """
+    port, dsn = pg.port, pg.dsn
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute("create table kept (id int primary key); insert into kept values (42)")
+    finally:
+        await conn.close()
+
+    pg.stop()
+    assert not pg.is_running()
+    pg.start()
+    assert (pg.port, pg.dsn) == (port, dsn)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        assert await conn.fetchval("select id from kept") == 42
+    finally:
+        await conn.close()
+
+    pg.restart()
+    assert pg.is_running() and pg.port == port
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        assert await conn.fetchval("select count(*) from kept") == 1
+    finally:
+        await conn.close()
+
+
+def test_start_and_stop_are_idempotent(pg: EmbeddedPostgres) -> None:
+    """
+    A second start() while running keeps the same postmaster; a second stop() is a no-op.
+    """
+    pid = _read_pid(pg)
+    pg.start()
+    assert _read_pid(pg) == pid
+    pg.stop(mode="immediate")
+    pg.stop()
+    assert not pg.is_running()
+    with pytest.raises(ValueError):
+        pg.stop(mode="sideways")
+
+
+def test_cleanup_removes_temp_dir_and_postmaster() -> None:
+    """
+    cleanup() removes the temp data dir, leaves no postmaster process, and can be called again.
+    """
+    pg = EmbeddedPostgres()
+    pg.start()
+    pid = _read_pid(pg)
+    data_dir = pg.data_dir
+
+    pg.cleanup()
+
+    assert not data_dir.exists()
+    assert _process_gone(pid), f"postmaster {pid} still exists after cleanup()"
+    assert not pg.is_running()
+    pg.cleanup()  # already gone: no error
+    with pytest.raises(EmbeddedPostgresError, match="cleaned up"):
+        pg.start()
+
+
+async def test_cleanup_kills_postmaster_and_backends_when_pg_ctl_stop_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    When every pg_ctl stop fails, cleanup() SIGKILLs the postmaster's process group, backends included.
+    """
+    pg = EmbeddedPostgres()
+    pg.start()
+    pid = _read_pid(pg)
+    conn = await asyncpg.connect(pg.dsn, timeout=10)
+    backend_pid = await conn.fetchval("select pg_backend_pid()")
+
+    def broken_stop(mode: str = "fast", timeout: float = 30.0) -> None:
+        raise EmbeddedPostgresError(f"simulated pg_ctl failure ({mode})")
+
+    monkeypatch.setattr(pg, "stop", broken_stop)
+    try:
+        pg.cleanup()
+    finally:
+        conn.terminate()
+
+    assert not pg.data_dir.exists()
+    assert _process_gone(pid), f"postmaster {pid} survived cleanup()"
+    assert _process_gone(backend_pid), f"backend {backend_pid} survived cleanup()"
+
+
+def test_empty_pg_bin_dir_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """
+    NOTIFYD_PG_BIN pointing to a dir without binaries raises EmbeddedPostgresError saying what to install.
+    """
+    monkeypatch.setenv("NOTIFYD_PG_BIN", str(tmp_path))
+    pg = EmbeddedPostgres()
+    data_dir = pg.data_dir
+    with pytest.raises(EmbeddedPostgresError, match="no PostgreSQL binaries found") as excinfo:
+        with pg:
+            pass
+    assert "pip install 'notifyd[embedded]' or install PostgreSQL" in str(excinfo.value)
+    # A failing __enter__ still cleans up the temp data dir.
+    assert not data_dir.exists()
+
+
+def test_failed_start_reports_server_log_tail_in_one_line() -> None:
+    """
+    A server that refuses to start raises EmbeddedPostgresError quoting server.log, on one line.
+    """
+    pg = EmbeddedPostgres(settings={"shared_buffers": "not-a-size"})
+    try:
+        with pytest.raises(EmbeddedPostgresError) as excinfo:
+            pg.start(timeout=20)
+        message = str(excinfo.value)
+        assert "\n" not in message
+        assert 'invalid value for parameter "shared_buffers"' in message
+        assert not pg.is_running()
+    finally:
+        pg.cleanup()
+
+
+def test_invalid_setting_name_is_rejected() -> None:
+    """
+    A setting name that could smuggle shell or server options is refused at construction.
+    """
+    with pytest.raises(ValueError):
+        EmbeddedPostgres(data_dir=Path("/nonexistent"), settings={"fsync=off -c x": "1"})
+
+
+async def test_long_data_dir_gets_short_socket_dir_and_is_kept(world_searchable_tmp: Path) -> None:
+    """
+    A data dir path too long for a unix socket uses a short socket dir; a caller's data dir survives cleanup().
+    """
+    data_dir = world_searchable_tmp / ("d" * 90)
+    pg = EmbeddedPostgres(data_dir)
+    try:
+        pg.start()
+        conn = await asyncpg.connect(pg.dsn, timeout=10)
+        try:
+            socket_dir = await conn.fetchval("show unix_socket_directories")
+        finally:
+            await conn.close()
+        assert socket_dir != str(data_dir) and len(socket_dir) <= 80
+        assert list(Path(socket_dir).glob(".s.PGSQL.*"))
+    finally:
+        pg.cleanup()
+    assert (data_dir / "PG_VERSION").is_file()
+    assert not Path(socket_dir).exists()
+
+
+@pytest.mark.skipif(not IS_ROOT or not HAS_PROC, reason="the shared copy is only made when running as root")
+async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
+    monkeypatch: pytest.MonkeyPatch, world_searchable_tmp: Path
+) -> None:
+    """
+    As root, binaries under a mode-700 dir are copied once to a world-readable cache and run from there.
+    """
+    source = find_postgres_bin_dir().parent
+    if not (source / "share").is_dir():
+        pytest.skip("install tree is not self-contained (e.g. Debian splits share/)")
+    private = world_searchable_tmp / "private"
+    private.mkdir(mode=0o700)
+    # Same layout as site-packages: pgserver's binaries find their vendored
+    # libpq through RPATH $ORIGIN/../../../pgserver.libs.
+    copy = private / source.parent.name / source.name
+    shutil.copytree(source, copy, symlinks=True, ignore=shutil.ignore_patterns("include"))
+    vendored = source.parent.parent / f"{source.parent.name}.libs"
+    if vendored.is_dir():
+        shutil.copytree(vendored, private / vendored.name, symlinks=True)
+    monkeypatch.setenv("NOTIFYD_PG_BIN", str(copy / "bin"))
+    # Keep the cache (and the temp data dir) inside the test's own dir.
+    monkeypatch.setattr(tempfile, "tempdir", str(world_searchable_tmp))
+
+    with EmbeddedPostgres() as pg:
+        conn = await asyncpg.connect(pg.dsn, timeout=10)
+        try:
+            assert await conn.fetchval("select 1") == 1
+        finally:
+            await conn.close()
+        executable = Path(os.readlink(f"/proc/{_read_pid(pg)}/exe"))
+
+    caches = list(world_searchable_tmp.glob("notifyd-pg-*"))
+    assert len(caches) == 1 and caches[0].is_dir()
+    assert executable.is_relative_to(caches[0])
+    assert caches[0].stat().st_mode & 0o777 == 0o755
+    assert not list(world_searchable_tmp.glob(".notifyd-pg-*")), "staging dir left behind"
