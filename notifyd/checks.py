@@ -75,7 +75,8 @@ async def _listen_round_trip(dsn: str, db: Database) -> bool:
     try:
         await connection.add_listener(CHANNEL, on_notification)
         await db.notify(token)
-        await asyncio.wait_for(arrived.wait(), 5)
+        async with asyncio.timeout(5):
+            await arrived.wait()
         return True
     except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
         return False

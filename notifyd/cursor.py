@@ -28,8 +28,11 @@ from .exceptions import CursorError
 
 __all__ = ["Cursor", "Snapshot"]
 
-_SNAPSHOT_TEXT = re.compile(r"(\d+):(\d+):((?:\d+(?:,\d+)*)?)")
-_SNAPSHOT_TOKEN = re.compile(r"(\d+)-(\d+)((?:\.\d+)*)")
+# xid8 values have at most 20 decimal digits; ASCII digits only.
+_N = "[0-9]{1,20}"
+_SNAPSHOT_TEXT = re.compile(f"({_N}):({_N}):((?:{_N}(?:,{_N})*)?)")
+_SNAPSHOT_TOKEN = re.compile(f"({_N})-({_N})((?:\\.{_N})*)")
+_SEQ = re.compile(_N)
 _MAX_XIP = 10_000
 _MAX_CURSOR_CHARS = 200_000
 
@@ -154,7 +157,7 @@ class Cursor:
         parts = text.split("_")
         if len(parts) == 1:
             return cls(Snapshot._from_token(parts[0]))
-        if len(parts) == 3 and parts[2].isdigit() and parts[2].isascii():
+        if len(parts) == 3 and _SEQ.fullmatch(parts[2]):
             base = Snapshot._from_token(parts[0])
             end = Snapshot._from_token(parts[1])
             if not end.covers(base):

@@ -125,11 +125,12 @@ class Delivery:
                 logger.warning("delivery read failed (%s), retrying in %.1fs", _describe(exc), delay)
                 await asyncio.sleep(delay)
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can
+            # swallow a cancellation that races with the event being set,
+            # and this loop must stop when cancelled.
             try:
-                await asyncio.wait_for(
-                    self._wakeup.wait(),
-                    None if self.listening else self._poll_interval,
-                )
+                async with asyncio.timeout(None if self.listening else self._poll_interval):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()

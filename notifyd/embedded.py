@@ -50,7 +50,8 @@ SUPERUSER = "postgres"
 UNPRIVILEGED_ACCOUNT = "nobody"
 _REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 _NOT_FOUND = (
-    "no PostgreSQL binaries found: pip install 'notifyd[embedded]' or install PostgreSQL"
+    "no PostgreSQL binaries found: "
+    "pip install 'notifyd[embedded]' or install PostgreSQL"
 )
 _STOP_MODES = frozenset({"smart", "fast", "immediate"})
 # A unix socket path is limited to ~107 bytes and PostgreSQL appends
@@ -97,7 +98,9 @@ def find_postgres_bin_dir() -> Path:
         path = Path(override).expanduser()
         if _has_binaries(path):
             return path.resolve()
-        raise EmbeddedPostgresError(f"{_NOT_FOUND} ({BIN_ENV_VAR}={override} has no initdb/pg_ctl/postgres)")
+        raise EmbeddedPostgresError(
+            f"{_NOT_FOUND} ({BIN_ENV_VAR}={override} has no initdb/pg_ctl/postgres)"
+        )
     for candidate in _candidate_bin_dirs():
         if _has_binaries(candidate):
             return candidate.resolve()
@@ -140,8 +143,8 @@ def _candidate_bin_dirs() -> Iterator[Path]:
         # next to its target, not next to the link.
         yield Path(initdb).resolve().parent
 
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version_key, reverse=True)
-    yield from versions
+    installed = Path("/usr/lib/postgresql").glob("*/bin")
+    yield from sorted(installed, key=_version_key, reverse=True)
 
 
 def _version_key(bin_dir: Path) -> tuple[int, ...]:
@@ -157,7 +160,8 @@ def _has_binaries(bin_dir: Path) -> bool:
     Whether *bin_dir* holds executable ``initdb``, ``pg_ctl`` and ``postgres``.
     """
     return all(
-        (bin_dir / name).is_file() and os.access(bin_dir / name, os.X_OK) for name in _REQUIRED_BINARIES
+        (bin_dir / name).is_file() and os.access(bin_dir / name, os.X_OK)
+        for name in _REQUIRED_BINARIES
     )
 
 
@@ -173,7 +177,8 @@ def _unprivileged_account() -> _Account | None:
         entry = pwd.getpwnam(UNPRIVILEGED_ACCOUNT)
     except KeyError:
         raise EmbeddedPostgresError(
-            f"running as root, but there is no '{UNPRIVILEGED_ACCOUNT}' account to run PostgreSQL as"
+            f"running as root, but there is no '{UNPRIVILEGED_ACCOUNT}' account "
+            "to run PostgreSQL as"
         ) from None
     return _Account(UNPRIVILEGED_ACCOUNT, entry.pw_uid, entry.pw_gid)
 
@@ -194,7 +199,9 @@ def _ancestors_traversable(path: Path, account: _Account) -> bool:
     """
     Whether *account* can reach *path* (every existing ancestor is searchable).
     """
-    return all(_can_traverse(parent, account) for parent in path.parents if parent.exists())
+    return all(
+        _can_traverse(parent, account) for parent in path.parents if parent.exists()
+    )
 
 
 def _tree_world_readable(root: Path) -> bool:
@@ -294,14 +301,19 @@ def _shared_install(bin_dir: Path) -> Path:
     """
     root = bin_dir.parent
     anchor = root.parent.parent
-    digest = hashlib.sha256(f"{root}\0{_postgres_version(bin_dir)}".encode()).hexdigest()[:12]
+    fingerprint = f"{root}\0{_postgres_version(bin_dir)}"
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
     base = Path(tempfile.gettempdir())
     target = base / f"notifyd-pg-{digest}"
     copied_bin = target / root.relative_to(anchor) / "bin"
     if not target.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
         try:
-            logger.info("copying PostgreSQL binaries to %s so that %s can run them", target, UNPRIVILEGED_ACCOUNT)
+            logger.info(
+                "copying PostgreSQL binaries to %s so that %s can run them",
+                target,
+                UNPRIVILEGED_ACCOUNT,
+            )
             for tree in _install_trees(bin_dir):
                 shutil.copytree(tree, staging / tree.relative_to(anchor), symlinks=True)
             _make_world_readable(staging)
@@ -317,9 +329,10 @@ def _shared_install(bin_dir: Path) -> Path:
                 stdin=subprocess.DEVNULL,
             )
             if check.returncode != 0:
+                why = _one_line(check.stderr + check.stdout)
                 raise EmbeddedPostgresError(
-                    f"a copy of {root} does not run ({_one_line(check.stderr + check.stdout)}); "
-                    f"make {root} readable by '{UNPRIVILEGED_ACCOUNT}' or set {BIN_ENV_VAR}"
+                    f"a copy of {root} does not run ({why}); make {root} "
+                    f"readable by '{UNPRIVILEGED_ACCOUNT}' or set {BIN_ENV_VAR}"
                 )
             try:
                 os.rename(staging, target)
@@ -328,7 +341,9 @@ def _shared_install(bin_dir: Path) -> Path:
                 if not target.exists():
                     raise
         except (OSError, subprocess.SubprocessError) as exc:
-            raise EmbeddedPostgresError(f"cannot copy PostgreSQL binaries to {target}: {exc}") from exc
+            raise EmbeddedPostgresError(
+                f"cannot copy PostgreSQL binaries to {target}: {exc}"
+            ) from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     # The temp dir is shared: binaries we are about to run must not be
@@ -336,7 +351,8 @@ def _shared_install(bin_dir: Path) -> Path:
     st = os.lstat(target)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise EmbeddedPostgresError(
-            f"refusing to use {target}: not a directory owned by uid {os.geteuid()} and writable only by it"
+            f"refusing to use {target}: not a directory owned by uid "
+            f"{os.geteuid()} and writable only by it"
         )
     if not _has_binaries(copied_bin):
         raise EmbeddedPostgresError(f"{target} is incomplete; remove it and retry")
@@ -427,9 +443,10 @@ class EmbeddedPostgres:
         self._settings = extra
         self._port = port if port is not None else _free_port()
         self._owns_data_dir = data_dir is None
-        raw_dir = Path(tempfile.mkdtemp(prefix="notifyd-pgdata-")) if data_dir is None else Path(data_dir)
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="notifyd-pgdata-"))
         # Commands run with cwd="/", so the path must not be relative.
-        self._data_dir = Path(os.path.abspath(raw_dir.expanduser()))
+        self._data_dir = Path(os.path.abspath(Path(data_dir).expanduser()))
         self._socket_dir: Path | None = None
         self._owns_socket_dir = False
         self._bin_dir: Path | None = None
@@ -469,7 +486,7 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 30.0) -> None:
         """
-        Initialise the cluster if needed, start it, and wait until it accepts connections.
+        Initialise the cluster if needed, start it, wait until it accepts connections.
 
         Idempotent when already running. *timeout* bounds initdb plus
         startup. Raises :exc:`EmbeddedPostgresError` on any failure, with
@@ -477,7 +494,9 @@ class EmbeddedPostgres:
         spawned but did not become ready is killed rather than leaked.
         """
         if self._discarded:
-            raise EmbeddedPostgresError(f"{self!r} was cleaned up; create a new instance")
+            raise EmbeddedPostgresError(
+                f"{self!r} was cleaned up; create a new instance"
+            )
         if self.is_running():
             return
         deadline = time.monotonic() + timeout
@@ -520,9 +539,14 @@ class EmbeddedPostgres:
             self._kill_postmaster()
             detail = self._log_tail() or _one_line(output)
             raise EmbeddedPostgresError(
-                f"PostgreSQL did not start on 127.0.0.1:{self._port} (data dir {self._data_dir}): {detail}"
+                f"PostgreSQL did not start on 127.0.0.1:{self._port} "
+                f"(data dir {self._data_dir}): {detail}"
             )
-        logger.info("PostgreSQL started on 127.0.0.1:%d (data dir %s)", self._port, self._data_dir)
+        logger.info(
+            "PostgreSQL started on 127.0.0.1:%d (data dir %s)",
+            self._port,
+            self._data_dir,
+        )
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
         """
@@ -533,7 +557,9 @@ class EmbeddedPostgres:
         the server is still up.
         """
         if mode not in _STOP_MODES:
-            raise ValueError(f"invalid stop mode {mode!r}; expected one of {sorted(_STOP_MODES)}")
+            raise ValueError(
+                f"invalid stop mode {mode!r}; expected one of {sorted(_STOP_MODES)}"
+            )
         pid = self._postmaster_pid()
         if pid is None or not self._is_our_postmaster(pid):
             return
@@ -555,7 +581,8 @@ class EmbeddedPostgres:
         )
         if code != 0 and self.is_running():
             raise EmbeddedPostgresError(
-                f"pg_ctl stop -m {mode} failed (data dir {self._data_dir}): {_one_line(output)}"
+                f"pg_ctl stop -m {mode} failed (data dir {self._data_dir}): "
+                f"{_one_line(output)}"
             )
         # pg_ctl returns once postmaster.pid is gone, a moment before the
         # process itself exits. A zombie counts as exited: reaping is up to
@@ -587,7 +614,9 @@ class EmbeddedPostgres:
                 try:
                     self.stop("immediate", timeout=10.0)
                 except EmbeddedPostgresError as exc2:
-                    logger.warning("immediate stop failed, killing the postmaster: %s", exc2)
+                    logger.warning(
+                        "immediate stop failed, killing the postmaster: %s", exc2
+                    )
         finally:
             # Runs even on KeyboardInterrupt during pg_ctl: kill what is left.
             self._kill_postmaster()
@@ -632,7 +661,9 @@ class EmbeddedPostgres:
         if self._bin_dir is None:
             account = _unprivileged_account()
             bin_dir = find_postgres_bin_dir()
-            if account is not None and not all(_tree_world_readable(t) for t in _install_trees(bin_dir)):
+            if account is not None and not all(
+                _tree_world_readable(tree) for tree in _install_trees(bin_dir)
+            ):
                 bin_dir = _shared_install(bin_dir)
             self._bin_dir, self._account = bin_dir, account
         return self._bin_dir, self._account
@@ -646,12 +677,15 @@ class EmbeddedPostgres:
         try:
             self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise EmbeddedPostgresError(f"cannot create data dir {self._data_dir}: {exc}") from exc
+            raise EmbeddedPostgresError(
+                f"cannot create data dir {self._data_dir}: {exc}"
+            ) from exc
         if account is not None:
             if not _ancestors_traversable(self._data_dir, account):
                 raise EmbeddedPostgresError(
-                    f"data dir {self._data_dir} is not reachable by '{account.name}', the account PostgreSQL "
-                    "runs as under root; use a directory under a world-searchable path such as /tmp"
+                    f"data dir {self._data_dir} is not reachable by '{account.name}', "
+                    "the account PostgreSQL runs as under root; use a directory "
+                    "under a world-searchable path such as /tmp"
                 )
             # initdb insists on owning the directory; only take over an empty one.
             if not any(self._data_dir.iterdir()):
@@ -674,7 +708,9 @@ class EmbeddedPostgres:
             timeout=max(1.0, deadline - time.monotonic()),
         )
         if code != 0:
-            raise EmbeddedPostgresError(f"initdb failed (data dir {self._data_dir}): {_one_line(output)}")
+            raise EmbeddedPostgresError(
+                f"initdb failed (data dir {self._data_dir}): {_one_line(output)}"
+            )
         logger.info(
             "initialised PostgreSQL cluster in %s (%.2fs, binaries %s)",
             self._data_dir,
@@ -709,7 +745,9 @@ class EmbeddedPostgres:
         if account is not None:
             identity = {"user": account.uid, "group": account.gid, "extra_groups": []}
         # PGDATA, PGPORT, ... from the caller's shell must not redirect the commands.
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+        env = {
+            key: value for key, value in os.environ.items() if not key.startswith("PG")
+        }
         with tempfile.TemporaryFile("w+") as output:
             try:
                 result = subprocess.run(
@@ -726,7 +764,8 @@ class EmbeddedPostgres:
                 )
             except subprocess.TimeoutExpired:
                 raise EmbeddedPostgresError(
-                    f"{Path(args[0]).name} did not finish within {timeout:.0f}s (data dir {self._data_dir})"
+                    f"{Path(args[0]).name} did not finish within {timeout:.0f}s "
+                    f"(data dir {self._data_dir})"
                 ) from None
             except OSError as exc:
                 raise EmbeddedPostgresError(f"cannot run {args[0]}: {exc}") from exc
@@ -738,8 +777,8 @@ class EmbeddedPostgres:
         The pid recorded in ``postmaster.pid``, or ``None``.
         """
         try:
-            first_line = (self._data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
-            pid = int(first_line.strip())
+            text = (self._data_dir / "postmaster.pid").read_text()
+            pid = int(text.split("\n", 1)[0].strip())
         except (OSError, ValueError):
             return None
         return pid if pid > 0 else None
@@ -765,7 +804,9 @@ class EmbeddedPostgres:
         pid = self._postmaster_pid()
         if pid is None or not self._is_our_postmaster(pid):
             return
-        logger.warning("killing PostgreSQL postmaster %d (data dir %s)", pid, self._data_dir)
+        logger.warning(
+            "killing PostgreSQL postmaster %d (data dir %s)", pid, self._data_dir
+        )
         try:
             # pg_ctl starts the postmaster in its own session, so its process
             # group is exactly the postmaster plus its backends.
@@ -782,10 +823,10 @@ class EmbeddedPostgres:
         The last lines of ``server.log`` joined into one line ("" if none).
         """
         try:
-            lines = (self._data_dir / "server.log").read_text(errors="replace").splitlines()
+            text = (self._data_dir / "server.log").read_text(errors="replace")
         except OSError:
             return ""
-        return " | ".join(line.strip() for line in lines[-_LOG_TAIL_LINES:] if line.strip())
+        return _one_line(text) if text.strip() else ""
 
 
 def _one_line(text: str) -> str:

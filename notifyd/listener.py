@@ -170,7 +170,8 @@ class Listener:
             if not await self._probe():
                 return
             try:
-                await asyncio.wait_for(self._lost.wait(), self._probe_interval)
+                async with asyncio.timeout(self._probe_interval):
+                    await self._lost.wait()
             except TimeoutError:
                 pass
 

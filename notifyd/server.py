@@ -206,7 +206,8 @@ class PushServer:
         Wait for ``{"action":"auth"}``; close with 4408 or 4401 on failure.
         """
         try:
-            data = await asyncio.wait_for(connection.recv(), self._settings.auth_timeout_s)
+            async with asyncio.timeout(self._settings.auth_timeout_s):
+                data = await connection.recv()
         except TimeoutError:
             await _close(connection, CloseCode.AUTH_TIMEOUT)
             return None

@@ -87,7 +87,8 @@ class Session:
                     await self._wakeup.wait()
                     continue
                 try:
-                    await asyncio.wait_for(connection.send(frame), self.send_timeout)
+                    async with asyncio.timeout(self.send_timeout):
+                        await connection.send(frame)
                 except TimeoutError:
                     logger.info("session %s too slow, closing", self.id)
                     self.close(CloseCode.TOO_SLOW)

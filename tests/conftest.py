@@ -206,7 +206,12 @@ async def start_daemon(dsn: str) -> AsyncIterator[Callable[..., Awaitable[Runnin
 
     yield start
     for daemon in running:
-        await daemon.stop()
+        try:
+            await asyncio.wait_for(daemon.stop(), 8)
+        except TimeoutError:
+            for task in asyncio.all_tasks():
+                task.print_stack()
+            raise
 
 
 @pytest.fixture

@@ -14,7 +14,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from notifyd.embedded import EmbeddedPostgres, EmbeddedPostgresError, find_postgres_bin_dir
+from notifyd.embedded import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    find_postgres_bin_dir,
+)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 HAS_PROC = Path("/proc/self/status").exists()
@@ -97,9 +101,11 @@ async def test_start_gives_dsn_that_asyncpg_can_query(pg: EmbeddedPostgres) -> N
         await conn.close()
 
 
-async def test_server_options_and_extra_settings_are_applied(pg: EmbeddedPostgres) -> None:
+async def test_server_options_and_extra_settings_are_applied(
+    pg: EmbeddedPostgres,
+) -> None:
     """
-    The fixed options (loopback only, 300 connections, UTF8) and caller settings are in effect.
+    Fixed options (loopback only, 300 connections, UTF8) and extra settings apply.
     """
     conn = await asyncpg.connect(pg.dsn, timeout=10)
     try:
@@ -130,12 +136,14 @@ def test_server_never_runs_as_root(pg: EmbeddedPostgres) -> None:
 
 async def test_stop_then_start_keeps_port_and_data(pg: EmbeddedPostgres) -> None:
     """
-    stop() then start() (and restart()) reuse the same port and DSN, and committed data survives.
+    stop() then start(), and restart(), keep the port, the DSN and committed data.
     """
     port, dsn = pg.port, pg.dsn
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        await conn.execute("create table kept (id int primary key); insert into kept values (42)")
+        await conn.execute(
+            "create table kept (id int primary key); insert into kept values (42)"
+        )
     finally:
         await conn.close()
 
@@ -160,7 +168,7 @@ async def test_stop_then_start_keeps_port_and_data(pg: EmbeddedPostgres) -> None
 
 def test_start_and_stop_are_idempotent(pg: EmbeddedPostgres) -> None:
     """
-    A second start() while running keeps the same postmaster; a second stop() is a no-op.
+    start() while running keeps the same postmaster; stop() when stopped is a no-op.
     """
     pid = _read_pid(pg)
     pg.start()
@@ -174,7 +182,7 @@ def test_start_and_stop_are_idempotent(pg: EmbeddedPostgres) -> None:
 
 def test_cleanup_removes_temp_dir_and_postmaster() -> None:
     """
-    cleanup() removes the temp data dir, leaves no postmaster process, and can be called again.
+    cleanup() removes the temp data dir and the postmaster, and may be repeated.
     """
     pg = EmbeddedPostgres()
     pg.start()
@@ -195,7 +203,7 @@ async def test_cleanup_kills_postmaster_and_backends_when_pg_ctl_stop_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
-    When every pg_ctl stop fails, cleanup() SIGKILLs the postmaster's process group, backends included.
+    If pg_ctl stop fails, cleanup() SIGKILLs the postmaster's group, backends too.
     """
     pg = EmbeddedPostgres()
     pg.start()
@@ -217,14 +225,17 @@ async def test_cleanup_kills_postmaster_and_backends_when_pg_ctl_stop_fails(
     assert _process_gone(backend_pid), f"backend {backend_pid} survived cleanup()"
 
 
-def test_empty_pg_bin_dir_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_empty_pg_bin_dir_gives_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """
-    NOTIFYD_PG_BIN pointing to a dir without binaries raises EmbeddedPostgresError saying what to install.
+    NOTIFYD_PG_BIN naming an empty dir raises an error that says what to install.
     """
     monkeypatch.setenv("NOTIFYD_PG_BIN", str(tmp_path))
     pg = EmbeddedPostgres()
     data_dir = pg.data_dir
-    with pytest.raises(EmbeddedPostgresError, match="no PostgreSQL binaries found") as excinfo:
+    expected = "no PostgreSQL binaries found"
+    with pytest.raises(EmbeddedPostgresError, match=expected) as excinfo:
         with pg:
             pass
     assert "pip install 'notifyd[embedded]' or install PostgreSQL" in str(excinfo.value)
@@ -234,7 +245,7 @@ def test_empty_pg_bin_dir_gives_clear_error(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_failed_start_reports_server_log_tail_in_one_line() -> None:
     """
-    A server that refuses to start raises EmbeddedPostgresError quoting server.log, on one line.
+    A server that refuses to start raises an error quoting server.log on one line.
     """
     pg = EmbeddedPostgres(settings={"shared_buffers": "not-a-size"})
     try:
@@ -250,15 +261,17 @@ def test_failed_start_reports_server_log_tail_in_one_line() -> None:
 
 def test_invalid_setting_name_is_rejected() -> None:
     """
-    A setting name that could smuggle shell or server options is refused at construction.
+    A setting name that could smuggle shell or server options is refused up front.
     """
     with pytest.raises(ValueError):
-        EmbeddedPostgres(data_dir=Path("/nonexistent"), settings={"fsync=off -c x": "1"})
+        EmbeddedPostgres(Path("/nonexistent"), settings={"fsync=off -c x": "1"})
 
 
-async def test_long_data_dir_gets_short_socket_dir_and_is_kept(world_searchable_tmp: Path) -> None:
+async def test_long_data_dir_gets_short_socket_dir_and_is_kept(
+    world_searchable_tmp: Path,
+) -> None:
     """
-    A data dir path too long for a unix socket uses a short socket dir; a caller's data dir survives cleanup().
+    A too-long data dir gets a short socket dir; a caller's data dir outlives cleanup().
     """
     data_dir = world_searchable_tmp / ("d" * 90)
     pg = EmbeddedPostgres(data_dir)
@@ -277,12 +290,14 @@ async def test_long_data_dir_gets_short_socket_dir_and_is_kept(world_searchable_
     assert not Path(socket_dir).exists()
 
 
-@pytest.mark.skipif(not IS_ROOT or not HAS_PROC, reason="the shared copy is only made when running as root")
+@pytest.mark.skipif(
+    not IS_ROOT or not HAS_PROC, reason="the shared copy is only made as root"
+)
 async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
     monkeypatch: pytest.MonkeyPatch, world_searchable_tmp: Path
 ) -> None:
     """
-    As root, binaries under a mode-700 dir are copied once to a world-readable cache and run from there.
+    As root, binaries under a mode-700 dir run from a world-readable cached copy.
     """
     source = find_postgres_bin_dir().parent
     if not (source / "share").is_dir():
@@ -292,7 +307,8 @@ async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
     # Same layout as site-packages: pgserver's binaries find their vendored
     # libpq through RPATH $ORIGIN/../../../pgserver.libs.
     copy = private / source.parent.name / source.name
-    shutil.copytree(source, copy, symlinks=True, ignore=shutil.ignore_patterns("include"))
+    skip_headers = shutil.ignore_patterns("include")
+    shutil.copytree(source, copy, symlinks=True, ignore=skip_headers)
     vendored = source.parent.parent / f"{source.parent.name}.libs"
     if vendored.is_dir():
         shutil.copytree(vendored, private / vendored.name, symlinks=True)
@@ -312,4 +328,5 @@ async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
     assert len(caches) == 1 and caches[0].is_dir()
     assert executable.is_relative_to(caches[0])
     assert caches[0].stat().st_mode & 0o777 == 0o755
-    assert not list(world_searchable_tmp.glob(".notifyd-pg-*")), "staging dir left behind"
+    staging = list(world_searchable_tmp.glob(".notifyd-pg-*"))
+    assert not staging, f"staging dir left behind: {staging}"

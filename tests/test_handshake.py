@@ -1,0 +1,171 @@
+"""
+Who may open a session: tokens in the handshake, first-frame auth, paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import urllib.request
+
+import jwt
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .conftest import SECRET, TIMEOUT, insert
+
+
+async def _status_of(url: str, **kwargs) -> int:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url, open_timeout=TIMEOUT, **kwargs):
+            pass
+    return info.value.response.status_code
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["expired", "bad-signature", "alg-none", "garbage", "no-exp", "wrong-claim-type"],
+)
+async def test_invalid_token_in_handshake_is_refused_with_401(daemon, case):
+    """Every kind of bad token is answered 401 before the upgrade."""
+    now = int(time.time())
+    token = {
+        "expired": jwt.encode({"sub": "alice", "exp": now - 3600}, SECRET, "HS256"),
+        "bad-signature": jwt.encode({"sub": "alice", "exp": now + 3600}, "other-" + SECRET, "HS256"),
+        "alg-none": _b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"sub": "alice", "exp": now + 3600}) + ".",
+        "garbage": "not.a.token",
+        "no-exp": jwt.encode({"sub": "alice"}, SECRET, "HS256"),
+        "wrong-claim-type": jwt.encode({"sub": ["alice"], "exp": now + 3600}, SECRET, "HS256"),
+    }[case]
+    assert await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/message?token={token}") == 401
+
+
+async def test_unauthorized_response_reveals_nothing_about_the_reason(daemon):
+    """The 401 body is the same for an expired and a forged token."""
+    bodies = set()
+    for token in (
+        jwt.encode({"sub": "a", "exp": int(time.time()) - 10}, SECRET, "HS256"),
+        jwt.encode({"sub": "a", "exp": int(time.time()) + 99}, "forged-" + SECRET, "HS256"),
+    ):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(f"ws://127.0.0.1:{daemon.port}/ws/message?token={token}"):
+                pass
+        bodies.add(bytes(info.value.response.body))
+    assert len(bodies) == 1
+
+
+async def test_path_naming_another_user_is_refused_with_403(daemon):
+    """/ws/message/{userId} must name the token's user."""
+    url = f"ws://127.0.0.1:{daemon.port}/ws/message/bob?token={daemon.token('alice')}"
+    assert await _status_of(url) == 403
+
+
+async def test_path_naming_the_token_user_is_accepted(daemon, open_client, db):
+    """/ws/message/alice with alice's token works like /ws/message."""
+    client = await open_client(daemon.url("alice", path="/ws/message/alice"))
+    await insert(db, "alice", "hello")
+    assert [m["title"] for m in await client.messages_until("hello")] == ["hello"]
+
+
+async def test_unknown_path_is_404(daemon):
+    """Only the message endpoints upgrade."""
+    assert await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/other?token={daemon.token('a')}") == 404
+
+
+async def test_token_in_authorization_header_is_accepted(daemon, open_client):
+    """Authorization: Bearer authenticates the handshake."""
+    client = await open_client(
+        f"ws://127.0.0.1:{daemon.port}/ws/message",
+        additional_headers={"Authorization": f"Bearer {daemon.token('alice')}"},
+    )
+    assert client.frames[0]["user"] == "alice"
+
+
+async def test_token_in_cookie_is_accepted(daemon, open_client):
+    """The configured cookie authenticates the handshake."""
+    client = await open_client(
+        f"ws://127.0.0.1:{daemon.port}/ws/message",
+        additional_headers={"Cookie": f"theme=dark; notifyd_token={daemon.token('alice')}"},
+    )
+    assert client.frames[0]["user"] == "alice"
+
+
+async def test_first_frame_auth_opens_the_session(daemon, open_client, db):
+    """With no credential in the handshake, an auth frame authenticates."""
+    client = await open_client(f"ws://127.0.0.1:{daemon.port}/ws/message", hello=False)
+    await client.send({"action": "auth", "token": daemon.token("alice")})
+    hello = await client.recv_event("hello")
+    assert hello["user"] == "alice"
+    await insert(db, "alice", "after-auth")
+    assert [m["title"] for m in await client.messages_until("after-auth")] == ["after-auth"]
+
+
+async def test_server_sends_nothing_before_first_frame_auth(daemon, open_client, db):
+    """An unauthenticated connection receives nothing, even for a message addressed to anyone."""
+    client = await open_client(f"ws://127.0.0.1:{daemon.port}/ws/message", hello=False)
+    await insert(db, "alice", "not-for-you")
+    await client.send({"action": "auth", "token": daemon.token("bob")})
+    assert (await client.recv())["event"] == "hello"
+    await insert(db, "bob", "bob-sentinel")
+    assert [m["title"] for m in await client.messages_until("bob-sentinel")] == ["bob-sentinel"]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"action": "auth", "token": "forged"},
+        {"action": "ping"},
+        "not json",
+    ],
+)
+async def test_bad_first_frame_closes_with_4401(daemon, open_client, frame):
+    """A bad token or any other first frame closes the session with 4401."""
+    client = await open_client(f"ws://127.0.0.1:{daemon.port}/ws/message", hello=False)
+    await client.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+    with pytest.raises(ConnectionClosed):
+        await client.recv()
+    assert client.ws.close_code == 4401
+
+
+async def test_first_frame_auth_for_another_users_path_closes_with_4401(daemon, open_client):
+    """The path's user must match a first-frame token too."""
+    client = await open_client(f"ws://127.0.0.1:{daemon.port}/ws/message/bob", hello=False)
+    await client.send({"action": "auth", "token": daemon.token("alice")})
+    with pytest.raises(ConnectionClosed):
+        await client.recv()
+    assert client.ws.close_code == 4401
+
+
+async def test_no_auth_within_the_deadline_closes_with_4408(start_daemon, open_client):
+    """A connection that never authenticates is closed with 4408."""
+    daemon = await start_daemon(auth_timeout_s=0.3)
+    client = await open_client(f"ws://127.0.0.1:{daemon.port}/ws/message", hello=False)
+    with pytest.raises(ConnectionClosed):
+        await client.recv()
+    assert client.ws.close_code == 4408
+
+
+async def test_healthz_reports_ok_once_the_listen_path_is_proven(daemon):
+    """GET /healthz answers 200 with the listener's figures once a probe returned."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            response = await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{daemon.port}/healthz", timeout=TIMEOUT
+            )
+            break
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            assert time.monotonic() < deadline, "health never became ok"
+            await asyncio.sleep(0.05)
+    body = json.loads(response.read())
+    assert response.status == 200
+    assert body["status"] == "ok" and body["listener"]["connected"] is True
+    assert body["listener"]["probe_rtt_ms"] is not None
