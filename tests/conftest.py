@@ -263,6 +263,14 @@ class Client:
     async def close(self) -> None:
         await self.ws.close()
 
+    async def drop(self) -> None:
+        """
+        Cut the TCP connection without a closing handshake, as a lost
+        network or a killed browser would.
+        """
+        self.ws.transport.abort()
+        await self.ws.wait_closed()
+
 
 @pytest.fixture
 async def open_client() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
