@@ -39,7 +39,7 @@ async def run_checks(settings: Settings, say: Callable[[str], object]) -> bool:
         return False
     try:
         db = await connect_database(settings, wait=False)
-    except DatabaseError as exc:
+    except (ConfigError, DatabaseError) as exc:
         say(f"problem: {exc}")
         return False
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import secrets
 import shlex
@@ -170,18 +171,14 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     if args.port is not None:
         overrides["port"] = args.port
     embedded = None
-    if not settings.dsn:
-        from .embedded import EmbeddedPostgres, EmbeddedPostgresError
-
-        embedded = EmbeddedPostgres()
-        try:
-            await asyncio.to_thread(embedded.start)
-        except EmbeddedPostgresError as exc:
-            await asyncio.to_thread(embedded.cleanup)
-            raise DatabaseError(str(exc)) from None
-        overrides["dsn"] = embedded.dsn
-    settings = settings.model_copy(update=overrides)
     try:
+        if not settings.dsn:
+            from .embedded import EmbeddedPostgres
+
+            embedded = EmbeddedPostgres()
+            overrides["dsn"] = embedded.dsn
+            await _start_embedded(embedded)
+        settings = settings.model_copy(update=overrides)
         db = await connect_database(settings, wait=False)
         try:
             await db.apply_schema()
@@ -198,6 +195,25 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.cleanup)
+
+
+async def _start_embedded(embedded: Any) -> None:
+    """
+    Start the embedded cluster in a thread. If the demo is interrupted
+    meanwhile, wait for the thread anyway, so cleanup never races a start
+    that would leave a server behind.
+    """
+    from .embedded import EmbeddedPostgresError
+
+    starting = asyncio.ensure_future(asyncio.to_thread(embedded.start))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await starting
+        raise
+    except EmbeddedPostgresError as exc:
+        raise DatabaseError(str(exc)) from None
 
 
 def _demo_banner(settings: Settings, port: int, token: str, user: str) -> str:

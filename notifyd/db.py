@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from .cursor import Cursor, Snapshot
-from .exceptions import DatabaseError, ReplicaError, SchemaError
+from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError
 
 __all__ = ["CHANNEL", "Database", "Row", "schema_sql"]
 
@@ -139,6 +139,8 @@ class Database:
             pool = await asyncpg.create_pool(
                 dsn, min_size=1, max_size=size, command_timeout=60
             )
+        except ValueError as exc:  # asyncpg's verdict on a malformed DSN
+            raise ConfigError(f"invalid NOTIFYD_DSN: {_describe(exc)}") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DatabaseError(f"cannot connect to the database: {_describe(exc)}") from None
         database = cls(pool)
@@ -228,16 +230,24 @@ class Database:
         """
         Insert one message as an application would; returns its id.
         """
-        return await self._pool.fetchval(  # type: ignore[no-any-return]
-            _INSERT, to_user, title, content, type, skip_url, send_user
-        )
+        try:
+            return await self._pool.fetchval(  # type: ignore[no-any-return]
+                _INSERT, to_user, title, content, type, skip_url, send_user
+            )
+        except asyncpg.UndefinedTableError:
+            raise SchemaError(f"table {TABLE} does not exist: run `notifyd init-db`") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DatabaseError(f"insert failed: {_describe(exc)}") from None
 
     async def apply_schema(self) -> None:
         """
         Run ``schema.sql`` in one transaction (it is idempotent).
         """
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(schema_sql())
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute(schema_sql())
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DatabaseError(f"applying the schema failed: {_describe(exc)}") from None
 
     async def schema_problems(self) -> list[str]:
         """
@@ -282,10 +292,3 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
-
-def check_ready(problems: list[str]) -> None:
-    """
-    Raise :class:`SchemaError` naming the first problem, if any.
-    """
-    if problems:
-        raise SchemaError(problems[0])

@@ -289,7 +289,7 @@ async def open_client() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
 
     yield open_
     for client in clients:
-        await client.ws.close()
+        await client.drop()
 
 
 async def insert(
