@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[EmbeddedPostgres | None]:
     """
@@ -52,6 +57,8 @@ def cluster() -> Iterator[EmbeddedPostgres | None]:
     if os.environ.get("NOTIFYD_TEST_DSN"):
         yield None
         return
+    # A run stopped with SIGTERM (a CI timeout) still tears the cluster down.
+    signal.signal(signal.SIGTERM, _interrupt)
     server = EmbeddedPostgres(settings={"fsync": "off", "synchronous_commit": "off"})
     server.start()
     try:
