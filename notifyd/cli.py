@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import shlex
 import shutil
@@ -224,11 +225,14 @@ def _demo_banner(settings: Settings, port: int, token: str, user: str) -> str:
         f"NOTIFYD_DSN={shlex.quote(settings.dsn)} {shlex.quote(sys.executable)} -m notifyd send "
         f"--to {shlex.quote(user)} --title Hello --content 'Your first message'"
     )
-    psql = shutil.which("psql") or "psql"
+    psql = _psql_command()
+    # Double quotes read best here; the user id is quoted for both SQL and the shell.
+    sql_user = user.replace("'", "''")
     sql = (
         "INSERT INTO t_message_real_time (to_user, title, content) "
-        f"VALUES ('{user}', 'Hi', 'Sent with plain SQL')"
+        f"VALUES ('{sql_user}', 'Hi', 'Sent with plain SQL')"
     )
+    sql_arg = f'"{sql}"' if re.fullmatch(r"[^\\\"$`!]*", sql) else shlex.quote(sql)
     return "\n".join(
         [
             "notifyd demo is running. Press Ctrl-C to stop.",
@@ -242,10 +246,27 @@ def _demo_banner(settings: Settings, port: int, token: str, user: str) -> str:
             "Send a message as an application would:",
             f"  {send}",
             "or with plain SQL:",
-            f"  {psql} {shlex.quote(settings.dsn)} -c {shlex.quote(sql)}",
+            f"  {psql} {shlex.quote(settings.dsn)} -c {sql_arg}",
             "",
         ]
     )
+
+
+def _psql_command() -> str:
+    """
+    A psql to print in the demo banner: the one on PATH, else the one that
+    ships with the embedded PostgreSQL binaries.
+    """
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        from .embedded import find_postgres_bin_dir
+
+        candidate = find_postgres_bin_dir() / "psql"
+    except Exception:
+        return "psql"
+    return shlex.quote(str(candidate)) if candidate.exists() else "psql"
 
 
 async def _init_db(settings: Settings, args: argparse.Namespace) -> int:
