@@ -137,10 +137,15 @@ class Cursor:
             and self.end.visible(xact_id)
         )
 
-    def encode(self) -> str:
+    def encode(self, at_seq: int | None = None) -> str:
         """
         The opaque, URL-safe text clients store and send back.
+
+        ``at_seq`` is the seq of the message carrying the cursor: appended as
+        ``~<seq>`` so the same cursor also serves as ``before`` in history.
         """
+        if at_seq is not None:
+            return f"{self.encode()}~{at_seq}"
         if self.end is None:
             return self.base._token()
         return f"{self.base._token()}_{self.end._token()}_{self.seq}"
@@ -154,6 +159,8 @@ class Cursor:
         """
         if not isinstance(text, str) or not text or len(text) > _MAX_CURSOR_CHARS:
             raise CursorError("malformed cursor")
+        # A message cursor ends with "~<seq>", its position for history paging.
+        text = text.partition("~")[0]
         parts = text.split("_")
         if len(parts) == 1:
             return cls(Snapshot._from_token(parts[0]))

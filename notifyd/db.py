@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "notifyd"
 TABLE = "t_message_real_time"
+RECEIPTS = "t_message_receipt"
+EVENTS = "t_message_event"
 
 Row = asyncpg.Record
 
@@ -36,22 +39,64 @@ _COLUMNS = """
     is_read::text AS is_read
 """
 
+
+def _columns_for(user: str) -> str:
+    """
+    The message columns with ``is_read`` as ``user`` sees it: an
+    announcement is read when the user has a receipt for it.
+    """
+    return _COLUMNS.replace(
+        "is_read::text AS is_read",
+        f"""CASE WHEN to_user = '*' THEN
+            CASE WHEN EXISTS (SELECT 1 FROM {RECEIPTS} AS r
+                              WHERE r.user_id = {user} AND r.message_id = id::text)
+                 THEN '1' ELSE '0' END
+        ELSE is_read::text END AS is_read""",
+    )
+
+
 # Rows of transactions not visible in the previous snapshot ($1 = its xmax,
 # $2 = its in-progress list): an exact, index-backed "what is new", however
 # long another transaction holds the snapshot's xmin back.
 _NEW_SINCE = "(xact_id >= $1::text::xid8 OR xact_id = ANY($2::text[]::xid8[]))"
 
-# The first page also returns the statement's own snapshot: the rows read and
-# the snapshot are one consistent view.
+# A user's unread count: own unread rows plus announcements without a receipt.
+_UNREAD_OF = f"""
+    (SELECT count(*) FROM {TABLE} WHERE to_user = {{user}} AND is_read = '0')
+    + (SELECT count(*) FROM {TABLE} AS a
+       WHERE a.to_user = '*' AND NOT EXISTS (
+           SELECT 1 FROM {RECEIPTS} AS r
+           WHERE r.user_id = {{user}} AND r.message_id = a.id::text))
+"""
+
+# The first page is one statement, so one snapshot: the new rows, the
+# read/delete events, the unread counts of users with events (and of joining
+# sessions, $4) and the snapshot itself are one consistent view. Counts taken
+# here already include this window's rows and events.
 _WINDOW_FIRST = f"""
-SELECT s.snap, m.*
-FROM (SELECT pg_current_snapshot()::text AS snap) AS s
-LEFT JOIN LATERAL (
-    SELECT {_COLUMNS} FROM {TABLE}
+WITH ev AS (
+    SELECT xact_id::text AS xact_id, to_user, kind, ids, type, readers,
+           inserted::text AS inserted
+    FROM {EVENTS}
+    WHERE {_NEW_SINCE}
+), counted AS (
+    SELECT DISTINCT usr FROM (
+        SELECT to_user AS usr FROM ev WHERE to_user <> '*'
+        UNION ALL SELECT unnest($4::text[])
+    ) AS u
+)
+SELECT pg_current_snapshot()::text AS snap,
+       (SELECT json_agg(ev) FROM ev)::text AS events,
+       (SELECT json_object_agg(usr, {_UNREAD_OF.format(user="usr")}) FROM counted)::text AS counts,
+       NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
+       NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
+       NULL AS skip_url, NULL AS is_read
+UNION ALL (
+    SELECT NULL, NULL, NULL, {_COLUMNS} FROM {TABLE}
     WHERE {_NEW_SINCE}
     ORDER BY seq
     LIMIT $3
-) AS m ON true
+)
 """
 
 # Later pages of the same window: bounded by the first page's snapshot, so
@@ -72,8 +117,8 @@ SELECT b.i, m.*
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
      WITH ORDINALITY AS b(usr, base, fin, s0, i)
 CROSS JOIN LATERAL (
-    SELECT {_COLUMNS} FROM {TABLE}
-    WHERE to_user = b.usr
+    SELECT {_columns_for("b.usr")} FROM {TABLE}
+    WHERE to_user IN (b.usr, '*')
       AND xact_id >= pg_snapshot_xmin(b.base::pg_snapshot)
       AND NOT pg_visible_in_snapshot(xact_id, b.base::pg_snapshot)
       AND NOT (b.fin IS NOT NULL AND seq <= b.s0
@@ -84,11 +129,68 @@ CROSS JOIN LATERAL (
 ) AS m
 """
 
+# Marks the user's own messages and announcements read; ids of other users'
+# messages match nothing and so change and reveal nothing.
+_MARK_READ = f"""
+WITH own AS (
+    UPDATE {TABLE} SET is_read = '1'
+    WHERE to_user = $1 AND id::text = ANY($2::text[]) AND is_read = '0'
+    RETURNING 1
+), announcements AS (
+    INSERT INTO {RECEIPTS} (user_id, message_id)
+    SELECT $1, id::text FROM {TABLE}
+    WHERE to_user = '*' AND id::text = ANY($2::text[])
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
+"""
+
+_MARK_ALL_READ = f"""
+WITH own AS (
+    UPDATE {TABLE} SET is_read = '1'
+    WHERE to_user = $1 AND is_read = '0' AND ($2::text IS NULL OR type = $2)
+    RETURNING 1
+), announcements AS (
+    INSERT INTO {RECEIPTS} (user_id, message_id)
+    SELECT $1, id::text FROM {TABLE}
+    WHERE to_user = '*' AND ($2::text IS NULL OR type = $2)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
+"""
+
+# Newest first, the user's own rows and announcements merged by seq; one
+# extra row tells whether there is more.
+_HISTORY = f"""
+SELECT * FROM (
+    (SELECT {_columns_for("$1")} FROM {TABLE}
+     WHERE to_user = $1 AND seq < $2 AND ($3::text IS NULL OR type = $3)
+       AND (NOT $4 OR is_read = '0')
+     ORDER BY seq DESC LIMIT $5)
+    UNION ALL
+    (SELECT {_columns_for("$1")} FROM {TABLE} AS m
+     WHERE to_user = '*' AND seq < $2 AND ($3::text IS NULL OR type = $3)
+       AND (NOT $4 OR NOT EXISTS (SELECT 1 FROM {RECEIPTS} AS r
+                                  WHERE r.user_id = $1 AND r.message_id = m.id::text))
+     ORDER BY seq DESC LIMIT $5)
+) AS h
+ORDER BY seq DESC
+LIMIT $5
+"""
+
+_PRUNE_EVENTS = f"DELETE FROM {EVENTS} WHERE at < now() - make_interval(secs => $1)"
+
 _INSERT = f"""
 INSERT INTO {TABLE} (to_user, title, content, type, skip_url, send_user)
 VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING id::text
 """
+
+_REQUIRED_TRIGGERS = (
+    "notifyd_wake_on_insert", "notifyd_log_update", "notifyd_log_delete",
+)  # fmt: skip
 
 _REQUIRED_COLUMNS = (
     "id", "title", "send_user", "to_user", "type", "content",
@@ -105,17 +207,37 @@ def schema_sql() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """
+    A committed read-state change or deletion (from ``t_message_event``).
+
+    ``ids`` None means "all" (of ``type`` when set).
+    """
+
+    xact_id: int
+    user: str
+    kind: str
+    ids: list[str] | None
+    type: str | None
+    readers: list[str] | None
+    inserted: int | None  # a deleted announcement's inserting transaction
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
     """
     One page of newly committed rows, in ``seq`` order.
 
     ``end`` is the snapshot that bounds the window; ``complete`` is true on
-    its last page.
+    its last page. The first page also carries the window's events and the
+    unread counts taken at ``end``.
     """
 
     rows: list[Row]
     end: Snapshot
     complete: bool
+    events: list[Event] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 class Database:
@@ -171,19 +293,36 @@ class Database:
         return Snapshot.from_pg(await self._pool.fetchval("SELECT pg_current_snapshot()::text"))
 
     async def window(
-        self, since: Snapshot, *, limit: int, end: Snapshot | None = None, after_seq: int = 0
+        self,
+        since: Snapshot,
+        *,
+        limit: int,
+        end: Snapshot | None = None,
+        after_seq: int = 0,
+        count_users: Sequence[str] = (),
     ) -> Window:
         """
         Rows committed after ``since``, in ``seq`` order, ``limit`` at a time.
 
-        The first call (``end`` None) fixes the window's end snapshot; pass it
-        back with the last ``seq`` read to get the next page.
+        The first call (``end`` None) fixes the window's end snapshot and also
+        returns the window's events and the unread counts of the users with
+        events and of ``count_users``; pass ``end`` back with the last ``seq``
+        read to get the next page.
         """
         xip = [str(x) for x in since.xip]
         if end is None:
-            records = await self._pool.fetch(_WINDOW_FIRST, str(since.xmax), xip, limit)
-            end = Snapshot.from_pg(records[0]["snap"])
-            rows = [r for r in records if r["seq"] is not None]
+            records = await self._pool.fetch(
+                _WINDOW_FIRST, str(since.xmax), xip, limit, list(count_users)
+            )
+            head = next(r for r in records if r["snap"] is not None)
+            rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
+            return Window(
+                rows,
+                Snapshot.from_pg(head["snap"]),
+                complete=len(rows) < limit,
+                events=[_event(e) for e in json.loads(head["events"] or "[]")],
+                counts=json.loads(head["counts"] or "{}"),
+            )
         else:
             rows = await self._pool.fetch(
                 _WINDOW_PAGE, str(since.xmax), xip, after_seq, end.to_pg(), limit
@@ -210,6 +349,54 @@ class Database:
         for record in records:
             result[record["i"] - 1].append(record)
         return result
+
+    async def mark_read(self, user: str, ids: Sequence[str]) -> int:
+        """
+        Mark the user's messages (and announcements) with these ids read;
+        returns how many changed. The triggers tell every session.
+        """
+        return await self._pool.fetchval(_MARK_READ, user, list(ids))  # type: ignore[no-any-return]
+
+    async def mark_all_read(self, user: str, type: str | None) -> int:
+        """
+        Mark all of the user's unread messages read (of one ``type`` when
+        given); the event says "all" instead of listing ids.
+        """
+        async with self._pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
+            )
+            return await connection.fetchval(_MARK_ALL_READ, user, type)  # type: ignore[no-any-return]
+
+    async def history(
+        self,
+        user: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        type: str | None,
+        unread_only: bool,
+    ) -> tuple[list[Row], bool]:
+        """
+        Up to ``limit`` of the user's messages older than ``before_seq``,
+        newest first, and whether there are more.
+        """
+        rows = await self._pool.fetch(
+            _HISTORY,
+            user,
+            before_seq if before_seq is not None else 2**63 - 1,
+            type,
+            unread_only,
+            limit + 1,
+        )
+        return rows[:limit], len(rows) > limit
+
+    async def prune_events(self, older_than_s: float) -> int:
+        """
+        Delete read/delete events older than ``older_than_s`` seconds.
+        """
+        status = await self._pool.execute(_PRUNE_EVENTS, older_than_s)
+        return int(status.split()[-1])
 
     async def notify(self, payload: str) -> None:
         """
@@ -268,17 +455,21 @@ class Database:
             for name in _REQUIRED_COLUMNS
             if name not in columns
         ]
-        triggers = await self._pool.fetchval(
-            "SELECT count(*) FROM pg_trigger "
-            "WHERE tgrelid = $1::regclass AND tgname = 'notifyd_wake_on_insert' "
-            "AND tgenabled <> 'D'",
-            TABLE,
-        )
-        if not triggers:
-            problems.append(
-                f"trigger notifyd_wake_on_insert on {TABLE} is missing or disabled: "
-                "run `notifyd init-db`"
+        enabled = {
+            r["tgname"]
+            for r in await self._pool.fetch(
+                "SELECT tgname FROM pg_trigger WHERE tgrelid = $1::regclass AND tgenabled <> 'D'",
+                TABLE,
             )
+        }
+        problems += [
+            f"trigger {name} on {TABLE} is missing or disabled: run `notifyd init-db`"
+            for name in _REQUIRED_TRIGGERS
+            if name not in enabled
+        ]
+        for table in (RECEIPTS, EVENTS):
+            if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+                problems.append(f"table {table} does not exist: run `notifyd init-db`")
         return problems
 
     async def fetchval(self, query: str, *args: Any) -> Any:
@@ -286,6 +477,19 @@ class Database:
         Run a one-value query (for ``notifyd check`` and tests).
         """
         return await self._pool.fetchval(query, *args)
+
+
+def _event(data: dict[str, Any]) -> Event:
+    inserted = data["inserted"]
+    return Event(
+        int(data["xact_id"]),
+        data["to_user"],
+        data["kind"],
+        data["ids"],
+        data["type"],
+        data["readers"],
+        None if inserted is None else int(inserted),
+    )
 
 
 def _describe(exc: BaseException) -> str:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol
 from .cursor import Cursor, Snapshot
-from .db import Database, Row, Window
+from .db import Database, Event, Row, Window
 from .exceptions import CursorError
 from .hub import Hub
 from .session import Session
@@ -61,6 +62,7 @@ class Delivery:
         fetch_batch: int,
         replay_limit: int,
         poll_interval: float,
+        event_retention: float = 3600.0,
         retry_max: float = 5.0,
     ) -> None:
         self._db = database
@@ -72,7 +74,10 @@ class Delivery:
         self._wakeup = asyncio.Event()
         self._pending: list[_Join] = []
         self.watermark: Snapshot | None = None
-        self._unfinished: tuple[Snapshot, int] | None = None
+        self._unfinished: tuple[Snapshot, int, _WindowAccount] | None = None
+        self._prune_every = 60.0
+        self._event_retention = event_retention
+        self.unsafe_urls = 0
         self.listening = False
         self.ready = asyncio.Event()
         self.delivered = 0
@@ -108,18 +113,31 @@ class Delivery:
         nothing is skipped while retrying.
         """
         attempt = 0
+        last_prune = time.monotonic()
         while True:
+            joining, self._pending = self._pending, []
             try:
                 if self.watermark is None:
                     self.watermark = await self._db.snapshot()
                     self.ready.set()
-                await self._read_new()
-                await self._admit_pending()
+                counts = await self._read_new([j.session.user for j in joining])
+                if counts is None:
+                    # A retried window has no counts for them: next round.
+                    self._requeue(joining)
+                    self._wakeup.set()
+                else:
+                    await self._admit_all(joining, counts)
+                if time.monotonic() - last_prune > self._prune_every:
+                    last_prune = time.monotonic()
+                    await self._db.prune_events(self._event_retention)
                 attempt = 0
             except asyncio.CancelledError:
-                self._cancel_pending()
+                for request in joining + self._pending:
+                    request.admitted.cancel()
+                self._pending.clear()
                 raise
             except Exception as exc:
+                self._requeue(joining)
                 attempt += 1
                 delay = min(self._retry_max, 0.1 * 2 ** (attempt - 1))
                 logger.warning("delivery read failed (%s), retrying in %.1fs", _describe(exc), delay)
@@ -135,64 +153,130 @@ class Delivery:
                 pass
             self._wakeup.clear()
 
-    def _cancel_pending(self) -> None:
-        for request in self._pending:
-            request.admitted.cancel()
-        self._pending.clear()
+    def _requeue(self, requests: list[_Join]) -> None:
+        self._pending[:0] = [r for r in requests if not r.admitted.done()]
 
-    async def _read_new(self) -> None:
+    async def _read_new(self, count_users: list[str]) -> dict[str, int] | None:
+        """
+        Read and route everything committed since the watermark, then
+        advance it. Returns the unread counts of ``count_users`` as of the new
+        watermark, or None when this call finished a window that an earlier,
+        failed call had started (its counts are gone).
+        """
         assert self.watermark is not None
         base = self.watermark
         # A page that failed is retried from where the window stopped, so
         # rows already routed are not routed twice.
         if self._unfinished is None:
-            window = await self._db.window(base, limit=self._fetch_batch)
-            self._route(window, base)
+            window = await self._db.window(base, limit=self._fetch_batch, count_users=count_users)
+            account = _WindowAccount(window.counts, window.events)
+            self._route(window, base, account)
+            counts: dict[str, int] | None = window.counts
         else:
-            end, after_seq = self._unfinished
+            end, after_seq, account = self._unfinished
             window = Window([], end, complete=False)
+            counts = None
         while not window.complete:
             after_seq = window.rows[-1]["seq"] if window.rows else after_seq
-            self._unfinished = (window.end, after_seq)
+            self._unfinished = (window.end, after_seq, account)
             window = await self._db.window(
                 base, limit=self._fetch_batch, end=window.end, after_seq=after_seq
             )
-            self._route(window, base)
+            self._route(window, base, account)
         self._unfinished = None
         self.watermark = window.end
+        self._settle(account, base)
+        return counts
 
-    def _route(self, window: Window, base: Snapshot) -> None:
+    def _route(self, window: Window, base: Snapshot, account: _WindowAccount) -> None:
         """
-        Queue a window's rows for their users' sessions, in seq order.
+        Queue a window's rows for their users' sessions, in seq order, and
+        note what they do to unread counts.
         """
         hub = self._hub
+        rows = window.rows
         last_seq: dict[str, int] = {}
-        end_cursor = ""
         if window.complete:
-            for row in window.rows:
+            for row in rows:
                 last_seq[row["to_user"]] = row["seq"]
-            end_cursor = Cursor(window.end).encode()
-        for row in window.rows:
-            sessions = hub.sessions_of(row["to_user"])
-            if not sessions:
-                continue
-            if window.complete and last_seq[row["to_user"]] == row["seq"]:
-                cursor = end_cursor
+        # Past an announcement, no user's own row is their last in the window.
+        star_seq = last_seq.get("*", -1)
+        final_seq = rows[-1]["seq"] if window.complete and rows else None
+        for row in rows:
+            user = row["to_user"]
+            seq = row["seq"]
+            if user == "*":
+                sessions: Iterable[Session] = list(hub)
+                account.new_announcements += 1
+                is_last = seq == final_seq
             else:
-                cursor = Cursor(base, window.end, row["seq"]).encode()
+                own = hub.sessions_of(user)
+                if not own:
+                    continue
+                sessions = own
+                if row["is_read"] == "0":
+                    account.new_unread[user] = account.new_unread.get(user, 0) + 1
+                is_last = last_seq.get(user) == seq and seq > star_seq
+            if is_last:
+                cursor = Cursor(window.end).encode(at_seq=seq)
+            else:
+                cursor = Cursor(base, window.end, seq).encode(at_seq=seq)
+            if row["skip_url"] is not None and protocol.safe_url(row["skip_url"]) is None:
+                self.unsafe_urls += 1
             frame = protocol.encode_message(row, cursor)
+            count = 0
             for session in sessions:
                 session.push(frame, cursor)
-            self.delivered += len(sessions)
+                count += 1
+            self.delivered += count
 
-    async def _admit_pending(self) -> None:
+    def _settle(self, account: _WindowAccount, base: Snapshot) -> None:
+        """
+        After a whole window: push its read/delete events, then every unread
+        count it changed.
+        """
+        hub = self._hub
+        for event in account.events:
+            if event.kind == "deleted":
+                frame = protocol.encode_deleted(event.ids or [])
+            else:
+                frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
+            targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
+            for session in targets:
+                session.push(frame)
+        # Announcements deleted in this window that had been counted before it.
+        counted_deletes = [
+            set(event.readers or ())
+            for event in account.events
+            if event.user == "*" and event.kind == "deleted"
+            and event.inserted is not None and base.visible(event.inserted)
+        ]
+        everyone = account.new_announcements or counted_deletes
+        users = list(hub.unread) if everyone else [
+            u for u in {*account.recounted, *account.new_unread} if u in hub.unread
+        ]
+        for user in users:
+            old = hub.unread[user]
+            if user in account.recounted:
+                new = account.recounted[user]
+            else:
+                new = old + account.new_unread.get(user, 0) + account.new_announcements
+                new -= sum(1 for readers in counted_deletes if user not in readers)
+            if new != old:
+                hub.unread[user] = new
+                frame = protocol.encode_unread(new)
+                for session in hub.sessions_of(user) or ():
+                    session.push(frame)
+
+    async def _admit_all(self, requests: list[_Join], counts: dict[str, int]) -> None:
         assert self.watermark is not None
         end = self.watermark
-        requests, self._pending = self._pending, []
         resumes: list[tuple[_Join, Cursor]] = []
         for request in requests:
+            unread = counts.get(request.session.user, 0)
             if request.since is None:
-                self._admit(request, protocol.encode_hello(request.session.user, Cursor(end).encode(), None))
+                hello = protocol.encode_hello(request.session.user, Cursor(end).encode(), None, unread)
+                self._admit(request, hello, unread)
                 continue
             try:
                 cursor = Cursor.decode(request.since)
@@ -200,7 +284,7 @@ class Delivery:
                     raise CursorError("cursor is ahead of this database")
             except CursorError as exc:
                 logger.debug("session %s: unusable cursor (%s)", request.session.id, exc)
-                self._admit_unrecoverable(request, end)
+                self._admit_unrecoverable(request, end, unread)
                 continue
             resumes.append((request, cursor))
         for start in range(0, len(resumes), _CATCH_UP_BATCH):
@@ -211,27 +295,38 @@ class Delivery:
                 limit=self._replay_limit + 1,
             )
             for (request, cursor), rows in zip(chunk, results):
-                self._admit_resumed(request, cursor, rows, end)
+                unread = counts.get(request.session.user, 0)
+                self._admit_resumed(request, cursor, rows, end, unread)
 
-    def _admit(self, request: _Join, hello: str, replay: Sequence[tuple[str, str]] = ()) -> None:
+    def _admit(
+        self,
+        request: _Join,
+        hello: str,
+        unread: int,
+        replay: Sequence[tuple[str, str]] = (),
+    ) -> None:
         session = request.session
         if not session.closing:
             session.push(hello)
             for frame, cursor in replay:
                 session.push(frame, cursor)
             self._hub.add(session)
+            self._hub.unread[session.user] = unread
         if not request.admitted.done():
             request.admitted.set_result(None)
 
-    def _admit_unrecoverable(self, request: _Join, end: Snapshot) -> None:
+    def _admit_unrecoverable(self, request: _Join, end: Snapshot, unread: int) -> None:
         position = Cursor(end).encode()
         self._admit(
             request,
-            protocol.encode_hello(request.session.user, position, False),
+            protocol.encode_hello(request.session.user, position, False, unread),
+            unread,
             [(protocol.encode_resync(position), position)],
         )
 
-    def _admit_resumed(self, request: _Join, since: Cursor, newest_first: list[Row], end: Snapshot) -> None:
+    def _admit_resumed(
+        self, request: _Join, since: Cursor, newest_first: list[Row], end: Snapshot, unread: int
+    ) -> None:
         """
         Queue hello and the replay from ``since`` up to ``end``.
 
@@ -246,10 +341,13 @@ class Delivery:
             # Too much to replay: the newest part, with no claim of progress,
             # then resync to make the client reload from history.
             kept = newest_first[: self._replay_limit][::-1]
-            replay = [(protocol.encode_message(row, since_text), since_text) for row in kept]
+            replay = [
+                (protocol.encode_message(row, f"{since_text}~{row['seq']}"), since_text)
+                for row in kept
+            ]
             position = Cursor(end).encode()
             replay.append((protocol.encode_resync(position), position))
-            self._admit(request, protocol.encode_hello(user, since_text, False), replay)
+            self._admit(request, protocol.encode_hello(user, since_text, False, unread), unread, replay)
             return
         rows = newest_first[::-1]
         if since.end is not None:
@@ -268,9 +366,26 @@ class Delivery:
             hello_cursor = Cursor(end).encode()
         replay = []
         for row, cursor in zip(ordered, cursors):
-            text = cursor.encode()
+            text = cursor.encode(at_seq=row["seq"])
             replay.append((protocol.encode_message(row, text), text))
-        self._admit(request, protocol.encode_hello(user, hello_cursor, True), replay)
+        hello = protocol.encode_hello(user, hello_cursor, True, unread)
+        self._admit(request, hello, unread, replay)
+
+
+@dataclass(eq=False)
+class _WindowAccount:
+    """
+    What one window (all its pages) does to unread counts.
+
+    ``recounted`` are exact counts taken at the window's end snapshot (users
+    with read/delete events, and joining users); for everyone else the
+    window's new rows are added to the count they had.
+    """
+
+    recounted: dict[str, int]
+    events: list[Event]
+    new_unread: dict[str, int] = field(default_factory=dict)
+    new_announcements: int = 0
 
 
 def _describe(exc: BaseException) -> str:

@@ -78,10 +78,11 @@ class ProtocolError(NotifydError):
     A client frame could not be understood.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: object = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.request_id = request_id
 
 
 class CursorError(NotifydError):

@@ -24,6 +24,8 @@ class Hub:
         self.max_sessions_per_user = max_sessions_per_user
         self._by_user: dict[str, list[Session]] = {}
         self._count = 0
+        # Unread count of each user with live sessions, kept by delivery.
+        self.unread: dict[str, int] = {}
 
     def add(self, session: Session) -> None:
         """
@@ -49,6 +51,7 @@ class Hub:
         self._count -= 1
         if not sessions:
             del self._by_user[session.user]
+            self.unread.pop(session.user, None)
 
     def sessions_of(self, user: str) -> list[Session] | None:
         """

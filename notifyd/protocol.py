@@ -9,6 +9,7 @@ close codes and error codes are defined (see ``docs/protocol.md``).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,32 +89,76 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-def encode_message(row: Mapping[str, Any], cursor: str) -> str:
+_SAFE_ABSOLUTE = re.compile(r"https?://[^\s/?#\\]+(?:[/?#][^\s]*)?", re.IGNORECASE)
+_SAFE_PATH = re.compile(r"/(?:[^/\\\s][^\s]*)?")
+
+
+def safe_url(url: str | None) -> str | None:
     """
-    The ``message`` frame for one row: the row in camelCase, as the seed's
-    Jackson serialisation wrote it, plus ``event`` and ``cursor``.
+    ``url`` if a browser can follow it without running code: an absolute
+    http(s) URL or a path starting with a single ``/``; None otherwise
+    (``javascript:``, ``data:``, ``//host``, leading spaces, ...).
+    """
+    if url is None:
+        return None
+    if _SAFE_ABSOLUTE.fullmatch(url) or _SAFE_PATH.fullmatch(url):
+        return url
+    return None
+
+
+def message_frame(row: Mapping[str, Any], cursor: str) -> dict[str, Any]:
+    """
+    A row as the ``message`` frame shows it: camelCase, as the seed's Jackson
+    serialisation wrote it, plus ``event`` and ``cursor``.
 
     ``sendTime`` is ISO 8601 with the UTC offset when the column has a time
-    zone, without one when it has not.
+    zone, without one when it has not. ``skipUrl`` passes :func:`safe_url`.
     """
-    return encode(
-        {
-            "event": "message",
-            "cursor": cursor,
-            "id": _text(row["id"]),
-            "title": row["title"],
-            "content": row["content"],
-            "type": row["type"],
-            "sendUser": row["send_user"],
-            "toUser": row["to_user"],
-            "sendTime": _iso(row["send_time"]),
-            "skipUrl": row["skip_url"],
-            "isRead": _text(row["is_read"]),
-        }
-    )
+    return {
+        "event": "message",
+        "cursor": cursor,
+        "id": _text(row["id"]),
+        "title": row["title"],
+        "content": row["content"],
+        "type": row["type"],
+        "sendUser": row["send_user"],
+        "toUser": row["to_user"],
+        "sendTime": _iso(row["send_time"]),
+        "skipUrl": safe_url(row["skip_url"]),
+        "isRead": _text(row["is_read"]),
+    }
 
 
-def encode_hello(user: str, cursor: str, recovered: bool | None) -> str:
+def encode_message(row: Mapping[str, Any], cursor: str) -> str:
+    """
+    The ``message`` frame for one row; see :func:`message_frame`.
+    """
+    return encode(message_frame(row, cursor))
+
+
+def history_cursor(seq: int) -> str:
+    """
+    The cursor of a message listed by history: good for paging with
+    ``before``, not a resume position.
+    """
+    return f"~{seq}"
+
+
+def seq_of_cursor(cursor: str) -> int | None:
+    """
+    The message position a message cursor ends with (``...~<seq>``), for
+    ``before`` in history; None when it has none.
+    """
+    _, tilde, seq = cursor.rpartition("~")
+    if tilde and _DIGITS.fullmatch(seq):
+        return int(seq)
+    return None
+
+
+_DIGITS = re.compile("[0-9]{1,19}")
+
+
+def encode_hello(user: str, cursor: str, recovered: bool | None, unread: int) -> str:
     """
     The first frame of every session.
 
@@ -125,9 +170,53 @@ def encode_hello(user: str, cursor: str, recovered: bool | None) -> str:
         "version": PROTOCOL_VERSION,
         "user": user,
         "cursor": cursor,
+        "unread": unread,
     }
     if recovered is not None:
         frame["recovered"] = recovered
+    return encode(frame)
+
+
+def encode_unread(count: int) -> str:
+    """
+    The user's unread count changed.
+    """
+    return encode({"event": "unread", "count": count})
+
+
+def encode_read(ids: list[str] | None, type: str | None, *, read: bool = True) -> str:
+    """
+    Messages were marked read (or unread again, ``read=False``); ``ids``
+    None means all of the user's messages (of ``type`` when given).
+    """
+    frame: dict[str, Any] = {"event": "read"}
+    if ids is None:
+        frame.update(all=True, type=type)
+    else:
+        frame["ids"] = ids
+    if not read:
+        frame["isRead"] = "0"
+    return encode(frame)
+
+
+def encode_deleted(ids: list[str]) -> str:
+    """
+    Messages were retracted: remove them from lists.
+    """
+    return encode({"event": "deleted", "ids": ids})
+
+
+def encode_history(
+    request_id: object, rows: list[Mapping[str, Any]], more: bool
+) -> str:
+    """
+    The answer to a ``history`` action, newest first.
+    """
+    frame: dict[str, Any] = {"event": "history"}
+    if request_id is not None:
+        frame["id"] = request_id
+    frame["messages"] = [message_frame(row, history_cursor(row["seq"])) for row in rows]
+    frame["more"] = more
     return encode(frame)
 
 
@@ -169,7 +258,67 @@ class Auth:
     since: str | None
 
 
-ClientAction = Ping | Auth
+@dataclass(frozen=True, slots=True)
+class Read:
+    """
+    ``{"action":"read","ids":[...]}``: mark these messages read.
+    """
+
+    ids: list[str]
+    request_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAll:
+    """
+    ``{"action":"read_all","type":null}``: mark all (of a type) read.
+    """
+
+    type: str | None
+    request_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """
+    ``{"action":"history","before":<cursor|null>,"limit":20,...}``.
+    """
+
+    before_seq: int | None
+    limit: int
+    type: str | None
+    unread_only: bool
+    request_id: object = None
+
+
+ClientAction = Ping | Auth | Read | ReadAll | History
+
+MAX_READ_IDS = 1000
+MAX_HISTORY_LIMIT = 100
+DEFAULT_HISTORY_LIMIT = 20
+_MAX_TEXT = 255
+_MAX_REQUEST_ID = 64
+
+
+def _request_id(frame: Mapping[str, Any]) -> object:
+    """
+    The client's ``id`` to echo: a short string or an integer, else None.
+    """
+    value = frame.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and len(value) <= _MAX_REQUEST_ID):
+        return value
+    return None
+
+
+def _optional_text(frame: Mapping[str, Any], key: str) -> str | None:
+    value = frame.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > _MAX_TEXT:
+        raise ProtocolError("invalid", f"{key} must be a short string or null")
+    return value
 
 def parse_client_frame(data: str | bytes) -> ClientAction:
     """
@@ -187,6 +336,14 @@ def parse_client_frame(data: str | bytes) -> ClientAction:
         raise ProtocolError("malformed", "frame is not valid JSON") from None
     if not isinstance(frame, dict):
         raise ProtocolError("malformed", "frame must be a JSON object")
+    try:
+        return _parse_action(frame)
+    except ProtocolError as exc:
+        exc.request_id = _request_id(frame)
+        raise
+
+
+def _parse_action(frame: dict[str, Any]) -> ClientAction:
     action = frame.get("action")
     if not isinstance(action, str):
         raise ProtocolError("malformed", "frame has no action")
@@ -200,5 +357,41 @@ def parse_client_frame(data: str | bytes) -> ClientAction:
         if since is not None and not isinstance(since, str):
             raise ProtocolError("invalid", "since must be a cursor string")
         return Auth(token, since)
+    if action == "read":
+        ids = frame.get("ids")
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or len(ids) > MAX_READ_IDS
+            or not all(isinstance(i, str) and 0 < len(i) <= _MAX_TEXT for i in ids)
+        ):
+            raise ProtocolError(
+                "invalid", f"ids must be 1 to {MAX_READ_IDS} message id strings"
+            )
+        return Read(ids, _request_id(frame))
+    if action == "read_all":
+        return ReadAll(_optional_text(frame, "type"), _request_id(frame))
+    if action == "history":
+        before = frame.get("before")
+        before_seq = None
+        if before is not None:
+            before_seq = seq_of_cursor(before) if isinstance(before, str) else None
+            if before_seq is None:
+                raise ProtocolError("invalid", "before must be a message cursor or null")
+        limit = frame.get("limit", DEFAULT_HISTORY_LIMIT)
+        if limit is None:
+            limit = DEFAULT_HISTORY_LIMIT
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ProtocolError("invalid", "limit must be a positive integer")
+        unread_only = frame.get("unread_only", False)
+        if not isinstance(unread_only, bool):
+            raise ProtocolError("invalid", "unread_only must be true or false")
+        return History(
+            before_seq,
+            min(limit, MAX_HISTORY_LIMIT),
+            _optional_text(frame, "type"),
+            unread_only,
+            _request_id(frame),
+        )
     raise ProtocolError("unknown_action", "unknown action")
 

@@ -93,3 +93,129 @@ $$;
 CREATE OR REPLACE TRIGGER notifyd_wake_on_insert
     AFTER INSERT ON t_message_real_time
     FOR EACH STATEMENT EXECUTE FUNCTION notifyd_wake_on_insert();
+
+-- ---------------------------------------------------------------------------
+-- The inbox: read state, deletions and announcements.
+--
+-- Rows addressed to '*' are announcements for every user; whether a user has
+-- read one is a receipt row, not the shared is_read column.
+CREATE TABLE IF NOT EXISTS t_message_receipt (
+    user_id    text NOT NULL,
+    message_id text NOT NULL,
+    read_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, message_id)
+);
+
+CREATE INDEX IF NOT EXISTS t_message_real_time_announcements
+    ON t_message_real_time (seq DESC) WHERE to_user = '*';
+
+-- Read-state changes and deletions, one row per statement and user, written
+-- by triggers so that a plain UPDATE or DELETE from the application reaches
+-- every session too. notifyd reads them exactly like new messages (by the
+-- writing transaction) and prunes them after a while. ids NULL means "all"
+-- (a read-all, or more ids than fit in one event).
+CREATE TABLE IF NOT EXISTS t_message_event (
+    xact_id  xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    at       timestamptz NOT NULL DEFAULT now(),
+    to_user  text NOT NULL,
+    kind     text NOT NULL CHECK (kind IN ('read', 'unread', 'deleted')),
+    ids      text[],
+    type     text,
+    readers  text[],
+    -- For a deleted announcement: the transaction that had inserted it.
+    inserted xid8
+);
+
+CREATE INDEX IF NOT EXISTS t_message_event_xact ON t_message_event (xact_id);
+CREATE INDEX IF NOT EXISTS t_message_event_at ON t_message_event (at);
+
+-- notifyd's read_all sets this for its own UPDATE, so the event says "all"
+-- (of a type) instead of listing thousands of ids.
+CREATE OR REPLACE FUNCTION notifyd_read_all_type() RETURNS text
+    LANGUAGE sql STABLE AS $$
+    SELECT nullif(current_setting('notifyd.read_all', true), '')
+$$;
+
+CREATE OR REPLACE FUNCTION notifyd_log_update() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+DECLARE
+    read_all text := notifyd_read_all_type();
+BEGIN
+    INSERT INTO t_message_event (to_user, kind, ids, type)
+    SELECT n.to_user::text,
+           CASE WHEN n.is_read::text = '0' THEN 'unread' ELSE 'read' END,
+           CASE WHEN read_all IS NOT NULL OR count(*) > 1000 THEN NULL
+                ELSE array_agg(n.id::text ORDER BY n.seq) END,
+           CASE WHEN read_all IS NOT NULL AND read_all <> '*' THEN read_all END
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE o.is_read IS DISTINCT FROM n.is_read AND n.to_user <> '*'
+    GROUP BY n.to_user, n.is_read::text = '0';
+    IF FOUND THEN
+        PERFORM pg_notify('notifyd', 'e');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION notifyd_log_delete() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    -- Announcement receipts go with their announcement; the event records
+    -- who had read it, so unread counts stay exact without a recount.
+    WITH gone AS (
+        DELETE FROM t_message_receipt r
+        USING old_rows o
+        WHERE o.to_user = '*' AND r.message_id = o.id::text
+        RETURNING r.message_id, r.user_id
+    )
+    INSERT INTO t_message_event (to_user, kind, ids, readers, inserted)
+    SELECT '*', 'deleted', ARRAY[o.id::text],
+           coalesce((SELECT array_agg(g.user_id) FROM gone g WHERE g.message_id = o.id::text), '{}'),
+           o.xact_id
+    FROM old_rows o
+    WHERE o.to_user = '*';
+
+    INSERT INTO t_message_event (to_user, kind, ids)
+    SELECT o.to_user::text, 'deleted', array_agg(o.id::text ORDER BY o.seq)
+    FROM old_rows o
+    WHERE o.to_user <> '*'
+    GROUP BY o.to_user;
+    PERFORM pg_notify('notifyd', 'e');
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION notifyd_log_receipt() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+DECLARE
+    read_all text := notifyd_read_all_type();
+BEGIN
+    INSERT INTO t_message_event (to_user, kind, ids, type)
+    SELECT r.user_id,
+           'read',
+           CASE WHEN read_all IS NOT NULL OR count(*) > 1000 THEN NULL
+                ELSE array_agg(r.message_id) END,
+           CASE WHEN read_all IS NOT NULL AND read_all <> '*' THEN read_all END
+    FROM new_rows r
+    GROUP BY r.user_id;
+    IF FOUND THEN
+        PERFORM pg_notify('notifyd', 'e');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER notifyd_log_update
+    AFTER UPDATE ON t_message_real_time
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_update();
+
+CREATE OR REPLACE TRIGGER notifyd_log_delete
+    AFTER DELETE ON t_message_real_time
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_delete();
+
+CREATE OR REPLACE TRIGGER notifyd_log_receipt
+    AFTER INSERT ON t_message_receipt
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_receipt();

@@ -216,7 +216,9 @@ async def test_daemon_killed_and_restarted_clients_resume_without_loss(daemon, d
             for i in range(20):
                 await insert(db, "alice", f"before-{i}")
             while len(received) < 20:
-                received.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+                frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                if frame["event"] == "message":
+                    received.append(frame)
             process.send_signal(signal.SIGKILL)
             await process.wait()
         for i in range(20):
@@ -227,7 +229,9 @@ async def test_daemon_killed_and_restarted_clients_resume_without_loss(daemon, d
             hello = json.loads(await ws.recv())
             assert hello["event"] == "hello" and hello["recovered"] is True
             while received[-1]["title"] != "during-19":
-                received.append(json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
+                frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                if frame["event"] == "message":
+                    received.append(frame)
     finally:
         if process.returncode is None:
             process.terminate()

@@ -129,18 +129,20 @@ def test_encode_message_sends_id_as_string_and_nulls_as_null() -> None:
 
 
 def test_encode_hello_without_recovered_omits_the_key() -> None:
-    """A hello for a fresh session has event, version, user and cursor only."""
-    text = encode_hello("bob", "5-5", None)
-    assert text == f'{{"event":"hello","version":{PROTOCOL_VERSION},"user":"bob","cursor":"5-5"}}'
+    """A hello for a fresh session has event, version, user, cursor and unread only."""
+    text = encode_hello("bob", "5-5", None, 3)
+    assert text == f'{{"event":"hello","version":{PROTOCOL_VERSION},"user":"bob","cursor":"5-5","unread":3}}'
     assert "recovered" not in json.loads(text)
 
 
 @pytest.mark.parametrize("recovered", [True, False])
 def test_encode_hello_includes_recovered_when_given(recovered: bool) -> None:
     """recovered is present, as a JSON boolean, when the client asked to resume."""
-    frame = json.loads(encode_hello("bob", "5-5", recovered))
-    assert frame == {"event": "hello", "version": 1, "user": "bob", "cursor": "5-5", "recovered": recovered}
-    assert list(frame) == ["event", "version", "user", "cursor", "recovered"]
+    frame = json.loads(encode_hello("bob", "5-5", recovered, 0))
+    assert frame == {
+        "event": "hello", "version": 1, "user": "bob", "cursor": "5-5", "unread": 0, "recovered": recovered
+    }
+    assert list(frame) == ["event", "version", "user", "cursor", "unread", "recovered"]
 
 
 def test_encode_resync_carries_the_cursor() -> None:
