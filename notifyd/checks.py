@@ -50,17 +50,18 @@ async def run_checks(settings: Settings, say: Callable[[str], object]) -> bool:
         if not problems:
             say("ok: table, columns and trigger present")
         ok = ok and not problems
-        listen_ok = await _listen_round_trip(settings.listen_dsn or settings.dsn, db)
-        say("ok: LISTEN/NOTIFY round trip works" if listen_ok else
-            "problem: a NOTIFY did not reach a LISTEN connection within 5 s "
-            "(is NOTIFYD_DSN/NOTIFYD_LISTEN_DSN going through a transaction-mode pooler?)")
-        ok = ok and listen_ok
+        listen_problem = await _listen_round_trip(settings.listen_dsn or settings.dsn, db)
+        say(f"problem: {listen_problem}" if listen_problem else "ok: LISTEN/NOTIFY round trip works")
+        ok = ok and listen_problem is None
     finally:
         await db.close()
     return ok
 
 
-async def _listen_round_trip(dsn: str, db: Database) -> bool:
+async def _listen_round_trip(dsn: str, db: Database) -> str | None:
+    """
+    None when a NOTIFY reaches a LISTEN connection on ``dsn``; else what is wrong.
+    """
     token = "check:" + secrets.token_hex(8)
     arrived = asyncio.Event()
 
@@ -70,15 +71,22 @@ async def _listen_round_trip(dsn: str, db: Database) -> bool:
 
     try:
         connection = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-        return False
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        return f"the LISTEN connection cannot connect: {exc}"
     try:
+        if await connection.fetchval("SELECT pg_is_in_recovery()"):
+            return "the LISTEN connection reaches a hot standby (in recovery), where LISTEN cannot work"
         await connection.add_listener(CHANNEL, on_notification)
         await db.notify(token)
         async with asyncio.timeout(5):
             await arrived.wait()
-        return True
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-        return False
+        return None
+    except TimeoutError:
+        return (
+            "a NOTIFY did not reach a LISTEN connection within 5 s (is NOTIFYD_DSN or "
+            "NOTIFYD_LISTEN_DSN going through a transaction-mode pooler?)"
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return f"LISTEN failed: {exc}"
     finally:
         await connection.close()

@@ -142,10 +142,19 @@ async def _run_daemon(daemon: Daemon, on_ready: Callable[[], None] | None = None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await daemon.start()
+        # A stop while still waiting for the database ends the wait.
+        starting = asyncio.ensure_future(daemon.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            stopped.cancel()
+            return EXIT_OK
+        starting.result()
         if on_ready is not None:
             on_ready()
-        stopped = asyncio.ensure_future(stop.wait())
         failed = asyncio.ensure_future(daemon.wait_failed())
         await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()

@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any
 
+import asyncpg
+
 from .auth import TokenVerifier
 from .db import Database
 from .delivery import Delivery
@@ -50,6 +52,25 @@ async def connect_database(settings: Settings, *, wait: bool) -> Database:
             delay = backoff_delay(attempt, initial=0.5, maximum=settings.reconnect_max_s)
             logger.warning("%s; retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
+
+
+async def _refuse_standby(dsn: str) -> None:
+    """
+    Raise :class:`ReplicaError` when ``dsn`` (the LISTEN DSN) is a hot
+    standby; connection trouble is left to the listener's retries.
+    """
+    try:
+        connection = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        return
+    try:
+        if await connection.fetchval("SELECT pg_is_in_recovery()"):
+            raise ReplicaError(
+                "NOTIFYD_LISTEN_DSN is a hot standby (in recovery), where LISTEN cannot "
+                "work; point it at the primary"
+            )
+    finally:
+        await connection.close()
 
 
 class Daemon:
@@ -91,12 +112,15 @@ class Daemon:
             problems = await db.schema_problems()
             if problems:
                 raise SchemaError(problems[0])
+            if settings.listen_dsn:
+                await _refuse_standby(settings.listen_dsn)
             self.delivery = delivery = Delivery(
                 db,
                 self.hub,
                 fetch_batch=settings.fetch_batch,
                 replay_limit=settings.replay_limit,
                 poll_interval=settings.poll_interval_s,
+                event_retention=settings.event_retention_s,
             )
             self.listener = listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
@@ -110,7 +134,7 @@ class Daemon:
             self._spawn(delivery.run(), "delivery")
             self._spawn(listener.run(), "listener")
             await self._until_ready(delivery.ready.wait())
-            self.server = PushServer(settings, self.verifier, self.hub, delivery, self.health)
+            self.server = PushServer(settings, self.verifier, self.hub, delivery, db, self.health)
             await self.server.start()
         except BaseException:
             await self._shutdown_tasks()

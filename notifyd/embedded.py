@@ -15,6 +15,10 @@ as the ``nobody`` account; when that account cannot read the binaries (say a
 venv under ``/root``), the install tree is copied once into a world-readable
 cache directory in the temp dir.
 
+:meth:`EmbeddedPostgres.standby_of` makes a hot standby of a running cluster
+with ``pg_basebackup -R -X stream`` (same binaries, same account), for tests
+that need a database in recovery.
+
 Nothing global is registered here: whoever creates an instance owns calling
 :meth:`EmbeddedPostgres.cleanup` (or uses it as a context manager).
 """
@@ -49,6 +53,7 @@ BIN_ENV_VAR = "NOTIFYD_PG_BIN"
 SUPERUSER = "postgres"
 UNPRIVILEGED_ACCOUNT = "nobody"
 _REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
+_BASE_BACKUP = "pg_basebackup"
 _NOT_FOUND = (
     "no PostgreSQL binaries found: "
     "pip install 'notifyd[embedded]' or install PostgreSQL"
@@ -456,6 +461,49 @@ class EmbeddedPostgres:
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(data_dir={str(self._data_dir)!r}, port={self._port})"
 
+    @classmethod
+    def standby_of(
+        cls,
+        primary: EmbeddedPostgres,
+        data_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> EmbeddedPostgres:
+        """
+        Create (but do not start) a hot standby of the running *primary*.
+
+        Runs ``pg_basebackup -R -X stream`` against ``primary.dsn`` with the
+        primary's binaries, as the same (unprivileged) account, into
+        *data_dir* (``None``: a fresh temporary directory that
+        :meth:`cleanup` removes; otherwise it must be empty or absent).
+        ``-R`` writes ``standby.signal`` and ``primary_conninfo``, so
+        :meth:`start` brings the copy up in recovery, streaming from the
+        primary; ``pg_is_in_recovery()`` is true there. The replication
+        connection relies on the ``host replication all 127.0.0.1/32 trust``
+        line that ``initdb --auth=trust`` writes.
+
+        The standby gets the primary's extra *settings* (a hot standby
+        refuses to start with, say, a lower ``max_locks_per_transaction``),
+        updated with *settings*. *port* ``None`` picks a free port.
+        *timeout* bounds the base backup. Raises
+        :exc:`EmbeddedPostgresError` when the primary is not running or the
+        backup fails; a temporary data dir is removed then, a caller's kept.
+        """
+        if not primary.is_running():
+            raise EmbeddedPostgresError(
+                f"{primary!r} is not running; start it before making a standby of it"
+            )
+        inherited = {**primary._settings, **(settings or {})}
+        standby = cls(data_dir, port=port, settings=inherited)
+        try:
+            standby._base_backup(primary, timeout)
+        except BaseException:
+            standby.cleanup()
+            raise
+        return standby
+
     @property
     def dsn(self) -> str:
         """
@@ -674,22 +722,7 @@ class EmbeddedPostgres:
         """
         if (self._data_dir / "PG_VERSION").exists():
             return
-        try:
-            self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise EmbeddedPostgresError(
-                f"cannot create data dir {self._data_dir}: {exc}"
-            ) from exc
-        if account is not None:
-            if not _ancestors_traversable(self._data_dir, account):
-                raise EmbeddedPostgresError(
-                    f"data dir {self._data_dir} is not reachable by '{account.name}', "
-                    "the account PostgreSQL runs as under root; use a directory "
-                    "under a world-searchable path such as /tmp"
-                )
-            # initdb insists on owning the directory; only take over an empty one.
-            if not any(self._data_dir.iterdir()):
-                os.chown(self._data_dir, account.uid, account.gid)
+        self._create_data_dir(account)
         started = time.monotonic()
         code, output = self._run(
             [
@@ -716,6 +749,82 @@ class EmbeddedPostgres:
             self._data_dir,
             time.monotonic() - started,
             bin_dir,
+        )
+
+    def _create_data_dir(self, account: _Account | None) -> None:
+        """
+        Create the data dir (mode 700) and, under root, hand it to *account*.
+        """
+        try:
+            self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmbeddedPostgresError(
+                f"cannot create data dir {self._data_dir}: {exc}"
+            ) from exc
+        if account is not None:
+            if not _ancestors_traversable(self._data_dir, account):
+                raise EmbeddedPostgresError(
+                    f"data dir {self._data_dir} is not reachable by '{account.name}', "
+                    "the account PostgreSQL runs as under root; use a directory "
+                    "under a world-searchable path such as /tmp"
+                )
+            # initdb and pg_basebackup insist on owning the directory; only
+            # take over an empty one.
+            if not any(self._data_dir.iterdir()):
+                os.chown(self._data_dir, account.uid, account.gid)
+
+    def _base_backup(self, primary: EmbeddedPostgres, timeout: float) -> None:
+        """
+        Fill the (new, empty) data dir with a standby copy of *primary*.
+        """
+        started = time.monotonic()
+        # The primary's binaries (a standby must run the same major version)
+        # and the same account, so both data dirs have one owner.
+        bin_dir, account = primary._prepare_binaries()
+        self._bin_dir, self._account = bin_dir, account
+        base_backup = bin_dir / _BASE_BACKUP
+        if not (base_backup.is_file() and os.access(base_backup, os.X_OK)):
+            raise EmbeddedPostgresError(
+                f"no {_BASE_BACKUP} in {bin_dir}: cannot make a standby"
+            )
+        if (self._data_dir / "PG_VERSION").exists():
+            raise EmbeddedPostgresError(
+                f"data dir {self._data_dir} already holds a cluster; "
+                "a standby needs an empty one"
+            )
+        self._create_data_dir(account)
+        code, output = self._run(
+            [
+                str(base_backup),
+                "-D",
+                str(self._data_dir),
+                "-d",
+                primary.dsn,
+                # standby.signal plus primary_conninfo in postgresql.auto.conf.
+                "-R",
+                "-X",
+                "stream",
+                # A spread checkpoint can take minutes even on an idle cluster.
+                "--checkpoint=fast",
+                "--no-sync",
+                "--no-password",
+            ],
+            timeout=max(1.0, timeout),
+        )
+        if code != 0:
+            raise EmbeddedPostgresError(
+                f"{_BASE_BACKUP} from 127.0.0.1:{primary.port} failed "
+                f"(data dir {self._data_dir}): {_one_line(output)}"
+            )
+        # Copied along but describing the primary's server, not this one.
+        for stale in ("server.log", f".s.PGSQL.{primary.port}.lock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self._data_dir / stale).unlink()
+        logger.info(
+            "copied PostgreSQL cluster 127.0.0.1:%d to standby data dir %s (%.2fs)",
+            primary.port,
+            self._data_dir,
+            time.monotonic() - started,
         )
 
     def _ensure_socket_dir(self, account: _Account | None) -> Path:

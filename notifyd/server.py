@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+import asyncpg
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import protocol
 from .auth import Identity, TokenVerifier, token_from_handshake, user_from_path
+from .db import Database
 from .delivery import Delivery
 from .exceptions import AuthError, ProtocolError
 from .hub import Hub
@@ -63,12 +65,14 @@ class PushServer:
         verifier: TokenVerifier | None,
         hub: Hub,
         delivery: Delivery,
+        database: Database,
         health: Callable[[], tuple[bool, dict[str, Any]]],
     ) -> None:
         self._settings = settings
         self.verifier = verifier
         self._hub = hub
         self._delivery = delivery
+        self._db = database
         self._health = health
         # Weak, so a handshake that fails after process_request leaks nothing.
         self._handshakes: weakref.WeakKeyDictionary[ServerConnection, _Handshake] = (
@@ -190,7 +194,7 @@ class PushServer:
         try:
             await self._delivery.join(session, since)
             async for data in connection:
-                self._answer(session, data)
+                await self._answer(session, data)
         except ConnectionClosed:
             pass
         finally:
@@ -231,16 +235,40 @@ class PushServer:
             return None
         return identity, action.since
 
-    def _answer(self, session: Session, data: str | bytes) -> None:
+    async def _answer(self, session: Session, data: str | bytes) -> None:
+        """
+        Act on one client frame. Read-state changes are not answered
+        directly: the triggers' events reach every session of the user,
+        this one included.
+        """
         try:
             action = protocol.parse_client_frame(data)
         except ProtocolError as exc:
-            session.push(protocol.encode_error(exc.code, exc.message))
+            session.push(protocol.encode_error(exc.code, exc.message, exc.request_id))
             return
-        if isinstance(action, protocol.Ping):
-            session.push(protocol.PONG)
-        else:
-            session.push(protocol.encode_error("invalid", "already authenticated"))
+        db = self._db
+        try:
+            if isinstance(action, protocol.Ping):
+                session.push(protocol.PONG)
+            elif isinstance(action, protocol.Read):
+                await db.mark_read(session.user, action.ids)
+            elif isinstance(action, protocol.ReadAll):
+                await db.mark_all_read(session.user, action.type)
+            elif isinstance(action, protocol.History):
+                rows, more = await db.history(
+                    session.user,
+                    before_seq=action.before_seq,
+                    limit=action.limit,
+                    type=action.type,
+                    unread_only=action.unread_only,
+                )
+                session.push(protocol.encode_history(action.request_id, rows, more))
+            else:
+                session.push(protocol.encode_error("invalid", "already authenticated"))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
+            request_id = getattr(action, "request_id", None)
+            session.push(protocol.encode_error("unavailable", "try again later", request_id))
 
 
 async def _close(connection: ServerConnection, code: CloseCode) -> None:

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     slow_client_timeout_s: float = Field(default=30.0, gt=0)
     replay_limit: int = Field(default=1000, ge=1)
     fetch_batch: int = Field(default=1000, ge=1)
+    event_retention_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How long read/delete events are kept in t_message_event.",
+    )
 
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)

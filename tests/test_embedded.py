@@ -4,6 +4,7 @@ Tests for :mod:`notifyd.embedded`, against real PostgreSQL binaries.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -330,3 +331,94 @@ async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
     assert caches[0].stat().st_mode & 0o777 == 0o755
     staging = list(world_searchable_tmp.glob(".notifyd-pg-*"))
     assert not staging, f"staging dir left behind: {staging}"
+
+
+async def _wait_for_table(conn: asyncpg.Connection, name: str, timeout: float) -> bool:
+    """
+    Poll until *name* resolves to a relation on *conn*, or *timeout* passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if await conn.fetchval("select to_regclass($1) is not null", name):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+async def test_standby_of_is_in_recovery_and_replays_tables_created_on_primary(
+    pg: EmbeddedPostgres,
+) -> None:
+    """
+    standby_of() copies the primary, starts in recovery and streams later changes.
+    """
+    conn = await asyncpg.connect(pg.dsn, timeout=10)
+    try:
+        await conn.execute("create table copied (id int); insert into copied values (1)")
+    finally:
+        await conn.close()
+
+    standby = EmbeddedPostgres.standby_of(pg)
+    try:
+        assert (standby.data_dir / "standby.signal").is_file()
+        assert standby.port != pg.port and standby.data_dir != pg.data_dir
+        assert not standby.is_running()
+        standby.start()
+        assert standby.is_running()
+        if HAS_PROC:
+            assert _process_uid(_read_pid(standby)) == _process_uid(_read_pid(pg))
+
+        conn = await asyncpg.connect(pg.dsn, timeout=10)
+        try:
+            await conn.execute(
+                "create table streamed (id int); insert into streamed values (2)"
+            )
+        finally:
+            await conn.close()
+
+        replica = await asyncpg.connect(standby.dsn, timeout=10)
+        try:
+            assert await replica.fetchval("select pg_is_in_recovery()") is True
+            # The primary's extra settings carry over to the standby.
+            assert await replica.fetchval("show work_mem") == "7MB"
+            assert await replica.fetchval("select id from copied") == 1
+            assert await _wait_for_table(replica, "streamed", timeout=10.0), (
+                "table created on the primary never reached the standby"
+            )
+            assert await replica.fetchval("select id from streamed") == 2
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await replica.execute("create table refused (id int)")
+        finally:
+            await replica.close()
+    finally:
+        standby.cleanup()
+    assert not standby.data_dir.exists()
+    assert pg.is_running()
+
+
+def test_standby_of_stopped_primary_is_refused() -> None:
+    """
+    standby_of() a primary that is not running raises a one-line error.
+    """
+    primary = EmbeddedPostgres()
+    try:
+        with pytest.raises(EmbeddedPostgresError, match="not running"):
+            EmbeddedPostgres.standby_of(primary)
+    finally:
+        primary.cleanup()
+
+
+def test_standby_of_into_non_empty_dir_fails_and_keeps_callers_dir(
+    pg: EmbeddedPostgres, world_searchable_tmp: Path
+) -> None:
+    """
+    A failed base backup raises with pg_basebackup's reason; a caller's dir is kept.
+    """
+    occupied = world_searchable_tmp / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(EmbeddedPostgresError, match="pg_basebackup from 127.0.0.1") as excinfo:
+        EmbeddedPostgres.standby_of(pg, occupied)
+    assert "\n" not in str(excinfo.value)
+    assert (occupied / "keep.txt").read_text() == "mine"
+    assert pg.is_running()
