@@ -307,3 +307,28 @@ async def test_hello_is_exact_for_a_user_with_a_hundred_thousand_messages(daemon
     assert [m["title"] for m in page["messages"]] == ["m100000", "m99999", "m99998"]
     await insert(db, "big", "one more")
     assert (await _next(client, "unread"))["count"] == 50_001
+
+
+async def test_resume_replays_announcements_missed_while_away(daemon, open_client, db):
+    """An announcement committed while a client was away is part of its replay."""
+    client = await open_client(daemon.url("alice"), hello=False)
+    cursor = (await client.recv_event("hello"))["cursor"]
+    await client.close()
+    announcement = await insert(db, "*", "while-away")
+    await insert(db, "bob", "not-for-alice")
+    resumed = await open_client(daemon.url("alice", since=cursor), hello=False)
+    hello = await resumed.recv_event("hello")
+    assert hello["recovered"] is True and hello["unread"] == 1
+    frame = await resumed.recv_event("message")
+    assert (frame["id"], frame["toUser"]) == (announcement, "*")
+
+
+async def test_old_read_events_are_pruned(daemon, db):
+    """Events older than the retention are deleted; recent ones stay."""
+    message = await insert(db, "alice", "m")
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+    await db.execute("UPDATE t_message_event SET at = now() - interval '2 hours'")
+    await db.execute("UPDATE t_message_real_time SET is_read = '0' WHERE id = $1", message)
+    assert await db.fetchval("SELECT count(*) FROM t_message_event") == 2
+    assert await daemon.daemon.db.prune_events(3600) == 1
+    assert await db.fetchval("SELECT kind FROM t_message_event") == "unread"
