@@ -198,6 +198,16 @@ _REQUIRED_COLUMNS = (
 )  # fmt: skip
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """
+    Pool reset hook that does nothing.
+
+    notifyd's queries leave no session state behind (no LISTEN, SET or
+    cursors outside their transaction), so asyncpg's default reset query, an
+    extra round trip on every release, is skipped.
+    """
+
+
 def schema_sql() -> str:
     """
     The schema shipped inside the package (the same file as the top-level
@@ -259,7 +269,7 @@ class Database:
         """
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=size, command_timeout=60
+                dsn, min_size=1, max_size=size, command_timeout=60, reset=_keep_session
             )
         except ValueError as exc:  # asyncpg's verdict on a malformed DSN
             raise ConfigError(f"invalid NOTIFYD_DSN: {_describe(exc)}") from None

@@ -226,9 +226,11 @@ class Delivery:
             frame = protocol.encode_message(row, cursor)
             count = 0
             for session in sessions:
-                session.push(frame, cursor)
+                if session.push(frame, cursor, flush=False):
+                    account.unflushed.add(session)
                 count += 1
             self.delivered += count
+        account.flush()
 
     def _settle(self, account: _WindowAccount, base: Snapshot) -> None:
         """
@@ -243,7 +245,8 @@ class Delivery:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
             targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
             for session in targets:
-                session.push(frame)
+                if session.push(frame, flush=False):
+                    account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [
             set(event.readers or ())
@@ -266,7 +269,9 @@ class Delivery:
                 hub.unread[user] = new
                 frame = protocol.encode_unread(new)
                 for session in hub.sessions_of(user) or ():
-                    session.push(frame)
+                    if session.push(frame, flush=False):
+                        account.unflushed.add(session)
+        account.flush()
 
     async def _admit_all(self, requests: list[_Join], counts: dict[str, int]) -> None:
         assert self.watermark is not None
@@ -386,6 +391,15 @@ class _WindowAccount:
     events: list[Event]
     new_unread: dict[str, int] = field(default_factory=dict)
     new_announcements: int = 0
+    unflushed: set[Session] = field(default_factory=set)
+
+    def flush(self) -> None:
+        """
+        One write per session for what a page (or the settling) queued.
+        """
+        for session in self.unflushed:
+            session.flush()
+        self.unflushed.clear()
 
 
 def _describe(exc: BaseException) -> str:

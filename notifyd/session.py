@@ -14,6 +14,7 @@ import logging
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason
@@ -23,6 +24,10 @@ __all__ = ["Session"]
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+
+# Frames are written straight to the socket while less than this is
+# waiting in the transport's buffer; past it they queue in the outbox.
+_DIRECT_WRITE_LIMIT = 64 * 1024
 
 
 class Session:
@@ -56,13 +61,53 @@ class Session:
         """
         return self.close_code is not None
 
-    def push(self, frame: str, cursor: str | None = None) -> None:
+    def push(self, frame: str, cursor: str | None = None, *, flush: bool = True) -> bool:
         """
-        Queue a frame for the client. Never awaits, never raises.
+        Send a frame to the client, or queue it. Never awaits, never raises.
+
+        While nothing is queued and the connection's write buffer is below
+        ``_DIRECT_WRITE_LIMIT``, the frame is handed to the connection at
+        once, like ``websockets.broadcast``: no task switch per message.
+        Otherwise it waits in the bounded outbox for the writer task, which
+        is what makes a slow client visible (resync, then 4429).
+
+        With ``flush=False`` a direct write stays in the connection's buffer
+        until :meth:`flush`, so a batch of frames costs one system call.
+        Returns whether the frame was written directly (and so may need a
+        flush).
         """
-        if self.close_code is None:
-            self.outbox.put(frame, cursor)
-            self._wakeup.set()
+        if self.close_code is not None:
+            return False
+        if not self.outbox:
+            connection = self.connection
+            transport = connection.transport
+            if (
+                connection.protocol.state is State.OPEN
+                and transport is not None
+                and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
+            ):
+                try:
+                    connection.protocol.send_text(frame.encode())
+                    if flush:
+                        connection.send_data()
+                    return True
+                except Exception:  # a broken connection: its handler cleans up
+                    logger.debug("session %s: direct write failed", self.id, exc_info=True)
+                    self.close(CloseCode.NORMAL)
+                    return False
+        self.outbox.put(frame, cursor)
+        self._wakeup.set()
+        return False
+
+    def flush(self) -> None:
+        """
+        Write what direct pushes left in the connection's buffer. Never raises.
+        """
+        try:
+            self.connection.send_data()
+        except Exception:
+            logger.debug("session %s: flush failed", self.id, exc_info=True)
+            self.close(CloseCode.NORMAL)
 
     def close(self, code: CloseCode) -> None:
         """
