@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol
-from .cursor import Cursor, Snapshot
+from .cursor import Cursor, Snapshot, WindowCursors
 from .db import Database, Event, Row, Window
 from .exceptions import CursorError
 from .hub import Hub
@@ -202,6 +202,7 @@ class Delivery:
         # Past an announcement, no user's own row is their last in the window.
         star_seq = last_seq.get("*", -1)
         final_seq = rows[-1]["seq"] if window.complete and rows else None
+        cursors = WindowCursors(base, window.end)
         for row in rows:
             user = row["to_user"]
             seq = row["seq"]
@@ -217,10 +218,7 @@ class Delivery:
                 if row["is_read"] == "0":
                     account.new_unread[user] = account.new_unread.get(user, 0) + 1
                 is_last = last_seq.get(user) == seq and seq > star_seq
-            if is_last:
-                cursor = Cursor(window.end).encode(at_seq=seq)
-            else:
-                cursor = Cursor(base, window.end, seq).encode(at_seq=seq)
+            cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
             if row["skip_url"] is not None and protocol.safe_url(row["skip_url"]) is None:
                 self.unsafe_urls += 1
             frame = protocol.encode_message(row, cursor)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+
+import orjson
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,7 +78,7 @@ def encode(frame: Mapping[str, Any]) -> str:
     """
     Serialize one server frame as compact JSON, keeping non-ASCII text as is.
     """
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(frame).decode()
 
 
 def _iso(value: object) -> object:

@@ -465,3 +465,21 @@ def test_cursor_covers_matches_its_definition_on_random_cursors() -> None:
                     and pg_visible_in_snapshot(xid, end)
                 )
                 assert cursor.covers(xid, seq) == expected, (cursor, xid, seq)
+
+
+def test_window_cursors_encode_exactly_like_cursor() -> None:
+    """The per-window fast encoder yields the same strings as Cursor.encode."""
+    import random
+
+    from notifyd.cursor import WindowCursors
+
+    rng = random.Random(7)
+    for _ in range(500):
+        xmin = rng.randrange(1, 10_000)
+        base = Snapshot(xmin, xmin + 5, frozenset(x for x in range(xmin, xmin + 5) if rng.random() < 0.3))
+        end = Snapshot(xmin + 3, xmin + 9, frozenset(x for x in range(xmin + 5, xmin + 9) if rng.random() < 0.3))
+        seq = rng.randrange(1, 10**9)
+        fast = WindowCursors(base, end)
+        assert fast.within(seq) == Cursor(base, end, seq).encode(at_seq=seq)
+        assert fast.at_end(seq) == Cursor(end).encode(at_seq=seq)
+        assert Cursor.decode(fast.within(seq)) == Cursor(base, end, seq)
