@@ -202,6 +202,8 @@ class Daemon:
             },
             "sessions": self.hub.session_count,
             "users": self.hub.user_count,
+            "delivered": self.delivery.delivered if self.delivery else 0,
+            "unsafe_skip_urls": self.delivery.unsafe_urls if self.delivery else 0,
         }
 
     async def stop(self, code: CloseCode = CloseCode.SERVICE_RESTART) -> None:

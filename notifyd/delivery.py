@@ -222,9 +222,10 @@ class Delivery:
             if row["skip_url"] is not None and protocol.safe_url(row["skip_url"]) is None:
                 self.unsafe_urls += 1
             frame = protocol.encode_message(row, cursor)
+            data = frame.encode()
             count = 0
             for session in sessions:
-                if session.push(frame, cursor, flush=False):
+                if session.push(frame, cursor, flush=False, data=data):
                     account.unflushed.add(session)
                 count += 1
             self.delivered += count
@@ -241,9 +242,10 @@ class Delivery:
                 frame = protocol.encode_deleted(event.ids or [])
             else:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
+            data = frame.encode()
             targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
             for session in targets:
-                if session.push(frame, flush=False):
+                if session.push(frame, flush=False, data=data):
                     account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [

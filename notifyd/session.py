@@ -61,7 +61,14 @@ class Session:
         """
         return self.close_code is not None
 
-    def push(self, frame: str, cursor: str | None = None, *, flush: bool = True) -> bool:
+    def push(
+        self,
+        frame: str,
+        cursor: str | None = None,
+        *,
+        flush: bool = True,
+        data: bytes | None = None,
+    ) -> bool:
         """
         Send a frame to the client, or queue it. Never awaits, never raises.
 
@@ -74,7 +81,8 @@ class Session:
         With ``flush=False`` a direct write stays in the connection's buffer
         until :meth:`flush`, so a batch of frames costs one system call.
         Returns whether the frame was written directly (and so may need a
-        flush).
+        flush). ``data`` is ``frame`` already UTF-8 encoded, so a frame fanned
+        out to many sessions is encoded once.
         """
         if self.close_code is not None:
             return False
@@ -87,7 +95,7 @@ class Session:
                 and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
             ):
                 try:
-                    connection.protocol.send_text(frame.encode())
+                    connection.protocol.send_text(frame.encode() if data is None else data)
                     if flush:
                         connection.send_data()
                     return True
