@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from .auth import TokenVerifier
 from .daemon import Daemon, connect_database
 from .exceptions import ConfigError, DatabaseError, NotifydError
 from .settings import Settings, load_settings
+from .systemd import SystemdNotifier, supervise
 
 __all__ = ["main"]
 
@@ -133,14 +135,26 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
     return verifier
 
 
-async def _run_daemon(daemon: Daemon, on_ready: Callable[[], None] | None = None) -> int:
+async def _run_daemon(
+    daemon: Daemon,
+    on_ready: Callable[[], None] | None = None,
+    reload: Callable[[], TokenVerifier | None] | None = None,
+) -> int:
     """
     Start the daemon and serve until SIGTERM/SIGINT or a fatal task error.
+
+    SIGHUP calls ``reload`` for a new token verifier (key rotation) and
+    swaps it in; sessions stay open. systemd is told READY, WATCHDOG,
+    STATUS, RELOADING and STOPPING when it started us with NOTIFY_SOCKET.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    notifier = SystemdNotifier.from_environment()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, daemon, reload, notifier)
+    supervisor: asyncio.Task[None] | None = None
     try:
         # A stop while still waiting for the database ends the wait.
         starting = asyncio.ensure_future(daemon.start())
@@ -153,6 +167,7 @@ async def _run_daemon(daemon: Daemon, on_ready: Callable[[], None] | None = None
             stopped.cancel()
             return EXIT_OK
         starting.result()
+        supervisor = asyncio.create_task(supervise(daemon, notifier), name="systemd")
         if on_ready is not None:
             on_ready()
         failed = asyncio.ensure_future(daemon.wait_failed())
@@ -160,18 +175,43 @@ async def _run_daemon(daemon: Daemon, on_ready: Callable[[], None] | None = None
         stopped.cancel()
         failed.cancel()
         logger.info("shutting down")
+        notifier.notify("STOPPING=1")
+        supervisor.cancel()
         await daemon.stop()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        if supervisor is not None:
+            supervisor.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
+        notifier.close()
     return EXIT_FAILURE if daemon.failed else EXIT_OK
+
+
+def _reload(
+    daemon: Daemon, reload: Callable[[], TokenVerifier | None], notifier: SystemdNotifier
+) -> None:
+    """
+    SIGHUP: re-read the JWT keys. A bad new configuration keeps the old keys.
+    """
+    monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+    try:
+        daemon.set_verifier(reload())
+        logger.info("reloaded the JWT keys")
+    except NotifydError as exc:
+        logger.error("reload failed, keeping the current keys: %s", exc)
+    notifier.notify("READY=1")
 
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.dsn:
         raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
     daemon = Daemon(settings, _verifier(settings))
-    return await _run_daemon(daemon)
+
+    def reload() -> TokenVerifier | None:
+        return _verifier(load_settings(args.env_file))
+
+    return await _run_daemon(daemon, reload=reload)
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:

@@ -141,6 +141,14 @@ class Daemon:
             await db.close()
             raise
 
+    def set_verifier(self, verifier: TokenVerifier | None) -> None:
+        """
+        Use new JWT keys for sessions opened from now on (key rotation).
+        """
+        self.verifier = verifier
+        if self.server is not None:
+            self.server.verifier = verifier
+
     async def _until_ready(self, ready: Any) -> None:
         waiter = asyncio.ensure_future(ready)
         failed = asyncio.ensure_future(self._failed.wait())
