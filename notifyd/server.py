@@ -16,6 +16,7 @@ import asyncio
 import http
 import json
 import logging
+import random
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class PushServer:
         Close every session with ``code`` and wait (bounded) until they are.
         """
         for session in list(self._sessions):
-            session.close(code)
+            session.close(code, _restart_reason(code))
         if self._server is not None:
             try:
                 async with asyncio.timeout(timeout):
@@ -190,7 +191,6 @@ class PushServer:
             send_timeout=settings.slow_client_timeout_s,
         )
         self._sessions.add(session)
-        writer = asyncio.create_task(session.run_writer(), name=f"writer-{session.id}")
         try:
             await self._delivery.join(session, since)
             async for data in connection:
@@ -201,7 +201,7 @@ class PushServer:
             self._hub.discard(session)
             self._sessions.discard(session)
             session.close(CloseCode.NORMAL)
-            await writer
+            await session.finished()
 
     async def _first_frame_auth(
         self, connection: ServerConnection, handshake: _Handshake
@@ -269,6 +269,16 @@ class PushServer:
             logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))
+
+
+def _restart_reason(code: CloseCode) -> str | None:
+    """
+    For 1012, a random reconnect delay hint (up to 5 s), so thousands of
+    clients do not all come back in the same millisecond.
+    """
+    if code is not CloseCode.SERVICE_RESTART:
+        return None
+    return f"{close_reason(code)}; retry_ms={random.randint(0, 5000)}"
 
 
 async def _close(connection: ServerConnection, code: CloseCode) -> None:

@@ -49,7 +49,10 @@ class Session:
         self.outbox = outbox
         self.send_timeout = send_timeout
         self.close_code: CloseCode | None = None
-        self._wakeup = asyncio.Event()
+        self.close_reason: str | None = None
+        # Started only while frames are queued or a close is pending: an
+        # idle session costs no task.
+        self._writer: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.user!r}>"
@@ -104,7 +107,7 @@ class Session:
                     self.close(CloseCode.NORMAL)
                     return False
         self.outbox.put(frame, cursor)
-        self._wakeup.set()
+        self._start_writer()
         return False
 
     def flush(self) -> None:
@@ -117,35 +120,48 @@ class Session:
             logger.debug("session %s: flush failed", self.id, exc_info=True)
             self.close(CloseCode.NORMAL)
 
-    def close(self, code: CloseCode) -> None:
+    def close(self, code: CloseCode, reason: str | None = None) -> None:
         """
-        Ask the writer to close the connection with ``code``; idempotent.
+        Ask the writer to close the connection with ``code`` once what is
+        queued is sent; idempotent (the first code wins).
         """
         if self.close_code is None:
             self.close_code = code
-            self._wakeup.set()
+            self.close_reason = reason
+            self._start_writer()
 
-    async def run_writer(self) -> None:
+    async def finished(self) -> None:
         """
-        Drain the outbox to the client until the session closes.
+        Wait until the writer is done (queued frames sent, close performed).
+        """
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
 
-        Returns when the connection is closed; never raises ConnectionClosed.
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._drain(), name=f"session-{self.id}"
+            )
+
+    async def _drain(self) -> None:
+        """
+        Send queued frames, then close if asked; exits when there is nothing
+        left to do. Never raises ConnectionClosed.
         """
         connection = self.connection
         try:
-            while self.close_code is None:
-                frame = self.outbox.get()
-                if frame is None:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
+            while (frame := self.outbox.get()) is not None:
                 try:
                     async with asyncio.timeout(self.send_timeout):
                         await connection.send(frame)
                 except TimeoutError:
                     logger.info("session %s too slow, closing", self.id)
-                    self.close(CloseCode.TOO_SLOW)
-            code = self.close_code
-            await connection.close(code, close_reason(code))
+                    self.close_code = self.close_code or CloseCode.TOO_SLOW
+                    break
+            if self.close_code is not None:
+                code = self.close_code
+                await connection.close(code, self.close_reason or close_reason(code))
         except ConnectionClosed:
-            self.close(CloseCode.NORMAL)
+            self.close_code = self.close_code or CloseCode.NORMAL
+        finally:
+            self._writer = None

@@ -235,6 +235,8 @@ async def test_session_is_closed_by_server_restart_code_and_resumes(start_daemon
     except ConnectionClosed:
         pass
     assert client.ws.close_code == 1012
+    hint = int(client.ws.close_reason.rpartition("retry_ms=")[2])
+    assert 0 <= hint <= 5000
     await insert(db, "alice", "while-down")
     second = await start_daemon()
     resumed = await open_client(second.url("alice", since=quote(cursor)), hello=False)
