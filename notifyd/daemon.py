@@ -24,6 +24,7 @@ from .listener import Listener, backoff_delay
 from .protocol import CloseCode
 from .server import PushServer
 from .settings import Settings
+from .stats import Stats
 
 __all__ = ["Daemon", "connect_database"]
 
@@ -82,6 +83,7 @@ class Daemon:
         self.settings = settings
         self.verifier = verifier
         self.hub = Hub(settings.max_sessions_per_user)
+        self.stats = Stats()
         self.db: Database | None = None
         self.delivery: Delivery | None = None
         self.listener: Listener | None = None
@@ -121,6 +123,7 @@ class Daemon:
                 replay_limit=settings.replay_limit,
                 poll_interval=settings.poll_interval_s,
                 event_retention=settings.event_retention_s,
+                stats=self.stats,
             )
             self.listener = listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
@@ -130,6 +133,7 @@ class Daemon:
                 probe_interval=settings.probe_interval_s,
                 probe_timeout=settings.probe_timeout_s,
                 reconnect_max=settings.reconnect_max_s,
+                stats=self.stats,
             )
             self._spawn(delivery.run(), "delivery")
             self._spawn(listener.run(), "listener")
@@ -210,8 +214,7 @@ class Daemon:
             },
             "sessions": self.hub.session_count,
             "users": self.hub.user_count,
-            "delivered": self.delivery.delivered if self.delivery else 0,
-            "unsafe_skip_urls": self.delivery.unsafe_urls if self.delivery else 0,
+            "delivered": self.stats.delivered,
         }
 
     async def stop(self, code: CloseCode = CloseCode.SERVICE_RESTART) -> None:

@@ -408,11 +408,16 @@ class Database:
         status = await self._pool.execute(_PRUNE_EVENTS, older_than_s)
         return int(status.split()[-1])
 
-    async def notify(self, payload: str) -> None:
+    async def notify(self, payload: str) -> float:
         """
-        Send a notification on notifyd's channel (the listener's probe).
+        Send a notification on notifyd's channel (the listener's probe);
+        returns ``pg_notification_queue_usage()`` (0..1) as seen before it.
         """
-        await self._pool.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+        return await self._pool.fetchval(  # type: ignore[no-any-return]
+            "SELECT pg_notification_queue_usage() FROM (SELECT pg_notify($1, $2)) AS sent",
+            CHANNEL,
+            payload,
+        )
 
     async def insert_message(
         self,

@@ -32,6 +32,7 @@ from .db import Database, Event, Row, Window
 from .exceptions import CursorError
 from .hub import Hub
 from .session import Session
+from .stats import Stats
 
 __all__ = ["Delivery"]
 
@@ -64,6 +65,7 @@ class Delivery:
         poll_interval: float,
         event_retention: float = 3600.0,
         retry_max: float = 5.0,
+        stats: Stats | None = None,
     ) -> None:
         self._db = database
         self._hub = hub
@@ -77,10 +79,10 @@ class Delivery:
         self._unfinished: tuple[Snapshot, int, _WindowAccount] | None = None
         self._prune_every = 60.0
         self._event_retention = event_retention
-        self.unsafe_urls = 0
+        self.stats = stats if stats is not None else Stats()
+        self._repairing = False
         self.listening = False
         self.ready = asyncio.Event()
-        self.delivered = 0
 
     def wake(self) -> None:
         """
@@ -94,6 +96,9 @@ class Delivery:
         Tell delivery whether NOTIFY wake-ups are arriving; while they are
         not, it polls every ``poll_interval`` seconds.
         """
+        if listening and not self.listening and self.watermark is not None:
+            # The first read after LISTEN is back repairs the outage's gap.
+            self._repairing = True
         self.listening = listening
         self._wakeup.set()
 
@@ -184,6 +189,7 @@ class Delivery:
             )
             self._route(window, base, account)
         self._unfinished = None
+        self._repairing = False
         self.watermark = window.end
         self._settle(account, base)
         return counts
@@ -203,6 +209,8 @@ class Delivery:
         star_seq = last_seq.get("*", -1)
         final_seq = rows[-1]["seq"] if window.complete and rows else None
         cursors = WindowCursors(base, window.end)
+        stats = self.stats
+        now = time.time()
         for row in rows:
             user = row["to_user"]
             seq = row["seq"]
@@ -220,7 +228,12 @@ class Delivery:
                 is_last = last_seq.get(user) == seq and seq > star_seq
             cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
             if row["skip_url"] is not None and protocol.safe_url(row["skip_url"]) is None:
-                self.unsafe_urls += 1
+                stats.unsafe_skip_urls += 1
+            sent_at = row["send_time"]
+            if sent_at.tzinfo is not None:
+                stats.latency.observe(now - sent_at.timestamp())
+            if self._repairing:
+                stats.repair_rows += 1
             frame = protocol.encode_message(row, cursor)
             data = frame.encode()
             count = 0
@@ -228,7 +241,7 @@ class Delivery:
                 if session.push(frame, cursor, flush=False, data=data):
                     account.unflushed.add(session)
                 count += 1
-            self.delivered += count
+            stats.delivered += count
         account.flush()
 
     def _settle(self, account: _WindowAccount, base: Snapshot) -> None:
@@ -321,6 +334,7 @@ class Delivery:
             request.admitted.set_result(None)
 
     def _admit_unrecoverable(self, request: _Join, end: Snapshot, unread: int) -> None:
+        self.stats.resyncs += 1
         position = Cursor(end).encode()
         self._admit(
             request,
@@ -352,6 +366,7 @@ class Delivery:
             ]
             position = Cursor(end).encode()
             replay.append((protocol.encode_resync(position), position))
+            self.stats.resyncs += 1
             self._admit(request, protocol.encode_hello(user, since_text, False, unread), unread, replay)
             return
         rows = newest_first[::-1]

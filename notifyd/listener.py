@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from .db import CHANNEL, Database
+from .stats import Stats
 
 __all__ = ["Listener", "ListenerHealth", "backoff_delay"]
 
@@ -79,6 +80,7 @@ class Listener:
         probe_interval: float,
         probe_timeout: float,
         reconnect_max: float,
+        stats: Stats | None = None,
     ) -> None:
         self._dsn = dsn
         self._db = database
@@ -92,6 +94,7 @@ class Listener:
         self._lost = asyncio.Event()
         self._connection: asyncpg.Connection | None = None
         self.health = ListenerHealth()
+        self._stats = stats
         self.proven = asyncio.Event()
 
     async def run(self) -> None:
@@ -184,7 +187,7 @@ class Listener:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._probe_timeout):
-                await self._db.notify(_PROBE_PREFIX + self._probe_token)
+                usage = await self._db.notify(_PROBE_PREFIX + self._probe_token)
                 await self._probe_returned.wait()
         except TimeoutError:
             logger.warning(
@@ -197,6 +200,8 @@ class Listener:
         now = time.monotonic()
         self.health.last_probe_ok = now
         self.health.last_probe_rtt = now - started
+        if self._stats is not None:
+            self._stats.notification_queue_usage = usage
         self.proven.set()
         # The probe also serves as a periodic safety-net read.
         self._on_wake()

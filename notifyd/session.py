@@ -18,6 +18,7 @@ from websockets.protocol import State
 
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason
+from .stats import Stats
 
 __all__ = ["Session"]
 
@@ -42,6 +43,7 @@ class Session:
         outbox: Outbox,
         *,
         send_timeout: float,
+        stats: Stats | None = None,
     ) -> None:
         self.id = next(_ids)
         self.connection = connection
@@ -50,6 +52,7 @@ class Session:
         self.send_timeout = send_timeout
         self.close_code: CloseCode | None = None
         self.close_reason: str | None = None
+        self._stats = stats if stats is not None else Stats()
         # Started only while frames are queued or a close is pending: an
         # idle session costs no task.
         self._writer: asyncio.Task[None] | None = None
@@ -106,7 +109,8 @@ class Session:
                     logger.debug("session %s: direct write failed", self.id, exc_info=True)
                     self.close(CloseCode.NORMAL)
                     return False
-        self.outbox.put(frame, cursor)
+        if not self.outbox.put(frame, cursor):
+            self._stats.resyncs += 1
         self._start_writer()
         return False
 
@@ -156,6 +160,7 @@ class Session:
                         await connection.send(frame)
                 except TimeoutError:
                     logger.info("session %s too slow, closing", self.id)
+                    self._stats.slow_client_closes += 1
                     self.close_code = self.close_code or CloseCode.TOO_SLOW
                     break
             if self.close_code is not None:

@@ -284,11 +284,11 @@ async def test_bad_history_requests_get_an_error_with_the_request_id(daemon, ope
 async def test_skip_url_is_passed_only_when_safe(daemon, open_client, db, url, expected):
     """Only http(s) and single-slash paths pass; the rest become null and are counted."""
     client = await open_client(daemon.url("alice"))
-    before = daemon.daemon.delivery.unsafe_urls
+    before = daemon.daemon.stats.unsafe_skip_urls
     await insert(db, "alice", "link", skip_url=url)
     frame = (await client.messages_until("link"))[-1]
     assert frame["skipUrl"] == expected
-    assert daemon.daemon.delivery.unsafe_urls - before == (0 if expected else 1)
+    assert daemon.daemon.stats.unsafe_skip_urls - before == (0 if expected else 1)
     await client.send({"action": "history"})
     assert (await _next(client, "history"))["messages"][0]["skipUrl"] == expected
 

@@ -1,0 +1,65 @@
+"""
+Counters the daemon keeps for health and metrics, without I/O.
+
+Plain attributes and one fixed-bucket histogram, so the hot path pays an
+integer increment, not a metrics library call; :mod:`notifyd.metrics` reads
+them when scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "Stats"]
+
+# Seconds; the last bucket is +Inf.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class LatencyHistogram:
+    """
+    Cumulative-ready histogram over :data:`LATENCY_BUCKETS`.
+    """
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    observations: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """
+        Record one value; negative values (clock skew) count as zero.
+        """
+        seconds = max(0.0, seconds)
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.observations += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """
+        (upper bound, cumulative count) pairs, ending with ``+Inf``.
+        """
+        result = []
+        running = 0
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts):
+            running += count
+            result.append((bound, running))
+        return result
+
+
+@dataclass
+class Stats:
+    """
+    Everything counted since start.
+    """
+
+    delivered: int = 0
+    unsafe_skip_urls: int = 0
+    resyncs: int = 0
+    slow_client_closes: int = 0
+    repair_rows: int = 0
+    auth_failures: Counter[str] = field(default_factory=Counter)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    notification_queue_usage: float | None = None
