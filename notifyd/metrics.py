@@ -1,0 +1,110 @@
+"""
+Prometheus metrics, read from the daemon's counters at scrape time.
+
+A custom collector over :class:`~notifyd.stats.Stats`, the hub and the
+listener's health: nothing is updated on the delivery path beyond the plain
+counters, and each daemon has its own registry (tests run several).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["CONTENT_TYPE", "render_metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _DaemonCollector:
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        daemon = self._daemon
+        stats = daemon.stats
+        hub = daemon.hub
+        yield GaugeMetricFamily("notifyd_sessions", "Open WebSocket sessions", value=hub.session_count)
+        yield GaugeMetricFamily("notifyd_users_online", "Users with at least one session", value=hub.user_count)
+        yield CounterMetricFamily(
+            "notifyd_messages_delivered", "Message frames handed to sessions", value=stats.delivered
+        )
+        histogram = stats.latency
+        yield HistogramMetricFamily(
+            "notifyd_delivery_latency_seconds",
+            "From the row's send_time (its transaction's start, by default) to the send",
+            buckets=[(bound, float(count)) for bound, count in histogram.cumulative()],
+            sum_value=histogram.total,
+        )
+        yield CounterMetricFamily(
+            "notifyd_gap_repair_rows", "Rows delivered by the first read after LISTEN came back",
+            value=stats.repair_rows,
+        )
+        yield CounterMetricFamily(
+            "notifyd_resyncs", "resync events sent (queue overflow, replay limit, unusable cursor)",
+            value=stats.resyncs,
+        )
+        yield CounterMetricFamily(
+            "notifyd_slow_client_closes", "Sessions closed with 4429", value=stats.slow_client_closes
+        )
+        yield CounterMetricFamily(
+            "notifyd_unsafe_skip_urls", "skip_url values replaced by null", value=stats.unsafe_skip_urls
+        )
+        failures = CounterMetricFamily(
+            "notifyd_auth_failures", "Rejected authentications by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.auth_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+        listener = daemon.listener
+        if listener is not None:
+            health = listener.health
+            yield GaugeMetricFamily(
+                "notifyd_listen_connected", "1 when the LISTEN connection is up",
+                value=1.0 if health.connected else 0.0,
+            )
+            yield CounterMetricFamily(
+                "notifyd_listener_reconnects", "LISTEN connections lost", value=health.reconnects
+            )
+            if health.last_probe_rtt is not None:
+                yield GaugeMetricFamily(
+                    "notifyd_probe_rtt_seconds", "Last self-NOTIFY round trip", value=health.last_probe_rtt
+                )
+            age = health.probe_age()
+            if age is not None:
+                yield GaugeMetricFamily(
+                    "notifyd_probe_age_seconds", "Since the LISTEN path last proved itself", value=age
+                )
+        if stats.notification_queue_usage is not None:
+            yield GaugeMetricFamily(
+                "notifyd_pg_notification_queue_usage",
+                "pg_notification_queue_usage() at the last probe (0..1)",
+                value=stats.notification_queue_usage,
+            )
+
+
+def registry_for(daemon: Daemon) -> CollectorRegistry:
+    """
+    A registry holding this daemon's metrics only.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_DaemonCollector(daemon))  # type: ignore[arg-type]
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """
+    The Prometheus text exposition of ``registry``.
+    """
+    return generate_latest(registry)
