@@ -58,7 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--user", default="demo-user", help="user the printed token is for")
     demo.add_argument("--port", type=int, help="port to serve on (default NOTIFYD_PORT or 8080)")
 
-    commands.add_parser("init-db", help="create or upgrade the table, indexes and trigger")
+    init_db = commands.add_parser("init-db", help="create or upgrade the table, indexes and triggers")
+    init_db.add_argument(
+        "--role",
+        action="store_true",
+        help="also create the least-privilege role notifyd_daemon (needs CREATEROLE)",
+    )
 
     send = commands.add_parser("send", help="insert one message, as an application would")
     send.add_argument("--to", required=True, dest="to_user", help="addressee user id")
@@ -321,10 +326,10 @@ def _psql_command() -> str:
 async def _init_db(settings: Settings, args: argparse.Namespace) -> int:
     db = await connect_database(settings, wait=False)
     try:
-        await db.apply_schema()
+        await db.apply_schema(role=args.role)
     finally:
         await db.close()
-    print("schema applied")
+    print("schema and role applied" if args.role else "schema applied")
     return EXIT_OK
 
 

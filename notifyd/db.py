@@ -208,6 +208,25 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+def role_sql() -> str:
+    """
+    The least-privilege role for the daemon (``role.sql``).
+    """
+    return resources.files("notifyd").joinpath("role.sql").read_text("utf-8")
+
+
+# What the daemon's own role must be allowed to do.
+_PRIVILEGES = f"""
+SELECT
+    has_table_privilege('{TABLE}', 'SELECT') AS read_messages,
+    has_column_privilege('{TABLE}', 'is_read', 'UPDATE') AS update_is_read,
+    has_table_privilege('{RECEIPTS}', 'SELECT') AND has_table_privilege('{RECEIPTS}', 'INSERT')
+        AS receipts,
+    has_table_privilege('{EVENTS}', 'SELECT') AND has_table_privilege('{EVENTS}', 'DELETE')
+        AS events
+"""
+
+
 def schema_sql() -> str:
     """
     The schema shipped inside the package (the same file as the top-level
@@ -441,13 +460,16 @@ class Database:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DatabaseError(f"insert failed: {_describe(exc)}") from None
 
-    async def apply_schema(self) -> None:
+    async def apply_schema(self, *, role: bool = False) -> None:
         """
-        Run ``schema.sql`` in one transaction (it is idempotent).
+        Run ``schema.sql`` (and ``role.sql`` with ``role``) in one
+        transaction; both are idempotent.
         """
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(schema_sql())
+                if role:
+                    await connection.execute(role_sql())
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DatabaseError(f"applying the schema failed: {_describe(exc)}") from None
 
@@ -455,11 +477,13 @@ class Database:
         """
         What is missing for delivery, in plain words; empty when all is well.
         """
+        # The catalogs, not information_schema: the latter hides columns the
+        # role has no rights on, which would read as "missing".
         columns = {
-            r["column_name"]
+            r["attname"]
             for r in await self._pool.fetch(
-                "SELECT column_name FROM information_schema.columns "
-                "WHERE table_name = $1 AND table_schema = current_schema()",
+                "SELECT attname FROM pg_attribute "
+                "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
                 TABLE,
             )
         }
@@ -485,6 +509,20 @@ class Database:
         for table in (RECEIPTS, EVENTS):
             if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                 problems.append(f"table {table} does not exist: run `notifyd init-db`")
+        if problems:
+            return problems
+        allowed = await self._pool.fetchrow(_PRIVILEGES)
+        missing = {
+            "read_messages": f"SELECT on {TABLE}",
+            "update_is_read": f"UPDATE (is_read) on {TABLE}",
+            "receipts": f"SELECT and INSERT on {RECEIPTS}",
+            "events": f"SELECT and DELETE on {EVENTS}",
+        }
+        problems += [
+            f"the database role lacks {what}: apply role.sql (`notifyd init-db --role`)"
+            for key, what in missing.items()
+            if not allowed[key]
+        ]
         return problems
 
     async def fetchval(self, query: str, *args: Any) -> Any:

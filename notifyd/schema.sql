@@ -78,12 +78,16 @@ CREATE INDEX IF NOT EXISTS t_message_real_time_user_xact
 CREATE INDEX IF NOT EXISTS t_message_real_time_xact
     ON t_message_real_time (xact_id);
 
+-- The trigger functions run as the schema's owner (SECURITY DEFINER, with
+-- the search_path of installation), so neither the applications' roles nor
+-- notifyd's own role need any right on notifyd's bookkeeping tables.
+
 -- One constant wake-up per inserting statement. The payload is tiny and fixed
 -- so it can never hit the 8000-byte NOTIFY limit, whatever the row size, and
 -- identical wake-ups of one transaction fold into one. The daemon fetches the
 -- rows itself, after commit, in batches.
 CREATE OR REPLACE FUNCTION notifyd_wake_on_insert() RETURNS trigger
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     PERFORM pg_notify('notifyd', 'm');
     RETURN NULL;
@@ -137,7 +141,7 @@ CREATE OR REPLACE FUNCTION notifyd_read_all_type() RETURNS text
 $$;
 
 CREATE OR REPLACE FUNCTION notifyd_log_update() RETURNS trigger
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     read_all text := notifyd_read_all_type();
 BEGIN
@@ -158,7 +162,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION notifyd_log_delete() RETURNS trigger
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     -- Announcement receipts go with their announcement; the event records
     -- who had read it, so unread counts stay exact without a recount.
@@ -186,7 +190,7 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION notifyd_log_receipt() RETURNS trigger
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     read_all text := notifyd_read_all_type();
 BEGIN

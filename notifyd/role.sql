@@ -1,0 +1,28 @@
+-- A least-privilege role for the notifyd daemon (run as a superuser or a
+-- role with CREATEROLE, after schema.sql; idempotent).
+--
+-- notifyd_daemon can read messages, change nothing but is_read, add read
+-- receipts for announcements, and prune its own event log. It cannot insert,
+-- delete or rewrite messages. Give the daemon a login role in it:
+--
+--   CREATE ROLE notifyd LOGIN PASSWORD '...' IN ROLE notifyd_daemon;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'notifyd_daemon') THEN
+        CREATE ROLE notifyd_daemon NOLOGIN;
+    END IF;
+END
+$$;
+
+DO $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO notifyd_daemon', current_schema());
+END
+$$;
+
+REVOKE ALL ON t_message_real_time, t_message_receipt, t_message_event FROM notifyd_daemon;
+GRANT SELECT ON t_message_real_time TO notifyd_daemon;
+GRANT UPDATE (is_read) ON t_message_real_time TO notifyd_daemon;
+GRANT SELECT, INSERT ON t_message_receipt TO notifyd_daemon;
+GRANT SELECT, DELETE ON t_message_event TO notifyd_daemon;

@@ -1,0 +1,120 @@
+"""
+Least privilege: the daemon's role reads messages and changes only is_read;
+an application's role needs rights on the message table alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from notifyd.db import Database, role_sql
+
+from .conftest import insert
+
+_names = itertools.count(1)
+
+
+def _as_user(dsn: str, user: str) -> str:
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+@pytest.fixture
+async def login_role(db, dsn):
+    """
+    Create login roles for the test; all are dropped after it.
+    """
+    created: list[str] = []
+
+    async def create(grants: str) -> str:
+        name = f"notifyd_test_{os.getpid()}_{next(_names)}"
+        await db.execute(f"CREATE ROLE {name} LOGIN {grants}")
+        created.append(name)
+        return _as_user(dsn, name)
+
+    yield create
+    for name in created:
+        await db.execute(f"DROP OWNED BY {name}")
+        await db.execute(f"DROP ROLE {name}")
+
+
+async def test_daemon_works_under_the_least_privilege_role(db, login_role, start_daemon, open_client):
+    """Deliveries, reads, history and counts all work as notifyd_daemon."""
+    await db.execute(role_sql())
+    daemon_dsn = await login_role("IN ROLE notifyd_daemon")
+    daemon = await start_daemon(dsn=daemon_dsn)
+    client = await open_client(daemon.url("alice"))
+    message = await insert(db, "alice", "hello")
+    announcement = await insert(db, "*", "to all")
+    await client.messages_until("to all")
+    await client.send({"action": "read", "ids": [message, announcement]})
+    await client.send({"action": "history"})
+    frames = []
+    while not any(f["event"] == "history" for f in frames):
+        frames.append(await client.recv())
+    history = next(f for f in frames if f["event"] == "history")
+    assert {m["title"] for m in history["messages"]} == {"hello", "to all"}
+    assert await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id = $1", message) == "1"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO t_message_real_time (to_user, title) VALUES ('x', 'forged')",
+        "UPDATE t_message_real_time SET title = 'rewritten'",
+        "UPDATE t_message_real_time SET to_user = 'someone else'",
+        "DELETE FROM t_message_real_time",
+        "INSERT INTO t_message_event (to_user, kind) VALUES ('x', 'read')",
+        "DROP TABLE t_message_real_time",
+    ],
+)
+async def test_daemon_role_cannot_write_anything_but_is_read(db, login_role, statement):
+    """notifyd_daemon is refused every write except is_read (and receipts)."""
+    await db.execute(role_sql())
+    await insert(db, "alice", "original")
+    connection = await asyncpg.connect(await login_role("IN ROLE notifyd_daemon"))
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await connection.execute(statement)
+        await connection.execute("UPDATE t_message_real_time SET is_read = '1'")
+    finally:
+        await connection.close()
+    assert await db.fetchval("SELECT title FROM t_message_real_time") == "original"
+
+
+async def test_application_role_needs_rights_on_the_message_table_only(db, login_role, start_daemon, open_client):
+    """An app role with plain DML on t_message_real_time can insert, mark read and recall."""
+    app_dsn = await login_role("")
+    role = urlsplit(app_dsn).netloc.partition("@")[0]
+    await db.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON t_message_real_time TO {role}")
+    daemon = await start_daemon()
+    client = await open_client(daemon.url("alice"))
+    app = await asyncpg.connect(app_dsn)
+    try:
+        message = await insert(app, "alice", "from the app")
+        await client.messages_until("from the app")
+        await app.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+        await app.execute("DELETE FROM t_message_real_time WHERE id = $1", message)
+    finally:
+        await app.close()
+    events = []
+    while "deleted" not in events:
+        events.append((await client.recv())["event"])
+    assert "read" in events
+
+
+async def test_a_role_without_the_rights_is_named_at_startup(db, login_role):
+    """schema_problems says which privilege the daemon's role lacks."""
+    bare = await login_role("")
+    database = await Database.connect(bare)
+    try:
+        problems = await database.schema_problems()
+    finally:
+        await database.close()
+    assert problems and "lacks SELECT on t_message_real_time" in problems[0]
