@@ -9,6 +9,7 @@ databases), otherwise a throwaway cluster started in a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -94,23 +95,36 @@ async def template(admin_dsn: str) -> str:
     return TEMPLATE
 
 
+@contextlib.asynccontextmanager
+async def _throwaway_database(admin_dsn: str, prefix: str, template: str | None) -> AsyncIterator[str]:
+    """
+    Create a database (from ``template`` when given) and drop it after.
+    """
+    name = f"{prefix}_{os.getpid()}_{next(_database_names)}"
+    clause = f" TEMPLATE {template}" if template else ""
+    connection = await asyncpg.connect(admin_dsn)
+    try:
+        await connection.execute(f"CREATE DATABASE {name}{clause}")
+    finally:
+        await connection.close()
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        # The cluster may just have been restarted by the test: retry.
+        connection = await _connect_with_retry(admin_dsn)
+        try:
+            await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await connection.close()
+
+
 @pytest.fixture
 async def dsn(admin_dsn: str, template: str) -> AsyncIterator[str]:
     """
     A fresh database with the schema, dropped after the test.
     """
-    name = f"notifyd_test_{os.getpid()}_{next(_database_names)}"
-    connection = await asyncpg.connect(admin_dsn)
-    try:
-        await connection.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    finally:
-        await connection.close()
-    yield with_database(admin_dsn, name)
-    connection = await _connect_with_retry(admin_dsn)
-    try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await connection.close()
+    async with _throwaway_database(admin_dsn, "notifyd_test", template) as url:
+        yield url
 
 
 @pytest.fixture
@@ -118,18 +132,8 @@ async def empty_dsn(admin_dsn: str) -> AsyncIterator[str]:
     """
     A fresh database without notifyd's schema.
     """
-    name = f"notifyd_empty_{os.getpid()}_{next(_database_names)}"
-    connection = await asyncpg.connect(admin_dsn)
-    try:
-        await connection.execute(f"CREATE DATABASE {name}")
-    finally:
-        await connection.close()
-    yield with_database(admin_dsn, name)
-    connection = await _connect_with_retry(admin_dsn)
-    try:
-        await connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await connection.close()
+    async with _throwaway_database(admin_dsn, "notifyd_empty", None) as url:
+        yield url
 
 
 async def _connect_with_retry(dsn: str) -> asyncpg.Connection:
