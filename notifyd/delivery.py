@@ -242,7 +242,10 @@ class Delivery:
                     account.unflushed.add(session)
                 count += 1
             stats.delivered += count
-        account.flush()
+        if not window.complete:
+            # Later pages follow; the last one is flushed with the window's
+            # events and unread counts, in one write per session.
+            account.flush()
 
     def _settle(self, account: _WindowAccount, base: Snapshot) -> None:
         """

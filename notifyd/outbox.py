@@ -23,8 +23,12 @@ class Outbox:
     FIFO of encoded frames with a message and a byte bound.
     """
 
+    __slots__ = ("_chars", "_frames", "_newest_cursor", "max_bytes", "max_messages", "overflows")
+
     def __init__(self, max_messages: int, max_bytes: int) -> None:
-        self._frames: deque[str] = deque()
+        # Created on first use: most sessions never queue anything, and an
+        # empty deque costs over half a kilobyte.
+        self._frames: deque[str] | None = None
         self._chars = 0
         self._newest_cursor: str | None = None
         self.max_messages = max_messages
@@ -32,7 +36,7 @@ class Outbox:
         self.overflows = 0
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return 0 if self._frames is None else len(self._frames)
 
     @property
     def queued_chars(self) -> int:
@@ -53,11 +57,11 @@ class Outbox:
         if cursor is not None:
             self._newest_cursor = cursor
         size = len(frame)
-        if len(self._frames) < self.max_messages and self._chars + size <= self.max_bytes:
+        if len(self) < self.max_messages and self._chars + size <= self.max_bytes:
             self._append(frame)
             return True
         self.overflows += 1
-        self._frames.clear()
+        self._frames = None
         self._chars = 0
         if self._newest_cursor is not None:
             self._append(protocol.encode_resync(self._newest_cursor))
@@ -76,5 +80,7 @@ class Outbox:
         return frame
 
     def _append(self, frame: str) -> None:
+        if self._frames is None:
+            self._frames = deque()
         self._frames.append(frame)
         self._chars += len(frame)

@@ -36,6 +36,11 @@ class Session:
     A user's connection as delivery sees it.
     """
 
+    __slots__ = (
+        "_stats", "_writer", "close_code", "close_reason", "connection", "id", "outbox",
+        "send_timeout", "user",
+    )  # fmt: skip
+
     def __init__(
         self,
         connection: ServerConnection,
