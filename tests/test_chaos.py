@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import time
 from collections import Counter
 from urllib.parse import quote
@@ -23,6 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .conftest import TIMEOUT, RunningDaemon
+from .processes import free_port
 
 USERS = [f"user{i:02d}" for i in range(50)]
 WRITERS = 4
@@ -116,12 +116,6 @@ class _Rollback(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_user(
     cluster, start_daemon, dsn, admin_dsn
 ):
@@ -129,7 +123,7 @@ async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_us
     if cluster is None:
         pytest.skip("needs the embedded cluster to restart it")
     rng = random.Random(SEED)
-    port = _free_port()
+    port = free_port()
     running: RunningDaemon = await start_daemon(port=port, probe_interval_s=0.5, probe_timeout_s=1.0)
     clients = [ResumingClient(user, running.token(user), port) for user in USERS]
     client_tasks = [asyncio.create_task(c.run()) for c in clients]

@@ -9,97 +9,35 @@ variable, plus what the test sets.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shlex
 import shutil
 import signal
-import socket
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import IO
 from urllib.parse import urlsplit
 
 import jwt
 import pytest
 
-from notifyd.auth import TokenVerifier
 from notifyd.db import Database
-from notifyd.settings import Settings
 
 from .conftest import SECRET, TIMEOUT, insert
-
-# Interpreter start-up plus a database round trip; generous on purpose.
-CLI_TIMEOUT = 3 * TIMEOUT
-
-
-def clean_env(**variables: str) -> dict[str, str]:
-    """
-    os.environ without NOTIFYD_* variables, plus ``variables``.
-    """
-    env = {key: value for key, value in os.environ.items() if not key.startswith("NOTIFYD_")}
-    env.update(variables)
-    return env
-
-
-def free_port() -> int:
-    """
-    A TCP port on 127.0.0.1 that nothing listens on (bound, then released).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from .processes import (
+    CLI_TIMEOUT,
+    CliResult,
+    clean_env,
+    free_port,
+    mint,
+    run_cli,
+    run_command,
+    running_notifyd,
+    serve_env,
+    wait_until_healthy,
+    wait_until_refused,
+)
 
 
-@dataclass
-class Result:
-    """
-    A finished CLI run.
-    """
-
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-    @property
-    def stdout_lines(self) -> list[str]:
-        return [line for line in self.stdout.splitlines() if line.strip()]
-
-
-async def run_cli(*args: str, env: dict[str, str], timeout: float = CLI_TIMEOUT) -> Result:
-    """
-    Run ``python -m notifyd ARGS`` to completion (killed and failed on timeout).
-    """
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "notifyd",
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        pytest.fail(f"notifyd {' '.join(args)} did not finish within {timeout}s")
-    assert process.returncode is not None
-    return Result(process.returncode, stdout.decode(), stderr.decode())
-
-
-def assert_one_line_error(result: Result, *must_contain: str) -> None:
+def assert_one_line_error(result: CliResult, *must_contain: str) -> None:
     """
     Exactly one non-empty stderr line, no traceback, containing each string.
     """
@@ -107,105 +45,6 @@ def assert_one_line_error(result: Result, *must_contain: str) -> None:
     assert len(result.stderr_lines) == 1, result.stderr
     for text in must_contain:
         assert text in result.stderr_lines[0], result.stderr
-
-
-@dataclass
-class Background:
-    """
-    A long-running CLI process; stderr goes to a file (read it on failure).
-    """
-
-    process: asyncio.subprocess.Process
-    stderr_file: IO[bytes]
-
-    def stderr(self) -> str:
-        # pread: the child shares this file's offset, so never seek it.
-        fd = self.stderr_file.fileno()
-        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
-
-
-@pytest.fixture
-async def background() -> AsyncIterator[Callable[..., Awaitable[Background]]]:
-    """
-    Start long-running ``python -m notifyd`` processes; any still running
-    at the end get SIGINT, then SIGKILL if they do not exit in time.
-    """
-    started: list[Background] = []
-
-    async def start(*args: str, env: dict[str, str], stdout: int | None = None) -> Background:
-        stderr_file = tempfile.TemporaryFile()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "notifyd",
-            *args,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=stdout if stdout is not None else asyncio.subprocess.DEVNULL,
-            stderr=stderr_file,
-        )
-        item = Background(process, stderr_file)
-        started.append(item)
-        return item
-
-    yield start
-    for item in started:
-        if item.process.returncode is None:
-            # SIGINT first so a demo can stop its embedded PostgreSQL.
-            item.process.send_signal(signal.SIGINT)
-            try:
-                await asyncio.wait_for(item.process.wait(), 2 * TIMEOUT)
-            except TimeoutError:
-                item.process.kill()
-                await item.process.wait()
-        item.stderr_file.close()
-
-
-async def wait_until_healthy(port: int, background: Background) -> None:
-    """
-    Poll GET /healthz until it answers 200 (deadline 3*TIMEOUT).
-    """
-
-    def get() -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
-                return int(reply.status)
-        except urllib.error.HTTPError as exc:
-            return int(exc.code)
-        except OSError:
-            return 0
-
-    deadline = time.monotonic() + 3 * TIMEOUT
-    while True:
-        status = await asyncio.to_thread(get)
-        if status == 200:
-            return
-        assert background.process.returncode is None, background.stderr()
-        assert time.monotonic() < deadline, f"/healthz never answered 200 (last {status})"
-        await asyncio.sleep(0.05)
-
-
-async def wait_until_refused(port: int, timeout: float) -> None:
-    """
-    Poll until nothing accepts TCP connections on 127.0.0.1:port.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
-        except (ConnectionRefusedError, TimeoutError):
-            return
-        writer.close()
-        await writer.wait_closed()
-        assert time.monotonic() < deadline, f"something still listens on port {port}"
-        await asyncio.sleep(0.05)
-
-
-def mint(user: str) -> str:
-    """
-    A token for ``user`` signed with the test SECRET.
-    """
-    return TokenVerifier.from_settings(Settings(jwt_secret=SECRET)).mint(user)
 
 
 # -- send, token ------------------------------------------------------------
@@ -350,89 +189,80 @@ async def test_init_db_on_an_empty_database_exits_0_and_leaves_no_schema_problem
 
 
 async def test_serve_delivers_and_on_sigterm_closes_sessions_with_1012_and_exits_0(
-    dsn, db, background, open_client
+    dsn, db, open_client
 ):
     """`notifyd serve` pushes an inserted row; SIGTERM closes the client with 1012 and exits 0."""
     port = free_port()
-    env = clean_env(
-        NOTIFYD_DSN=dsn,
+    env = serve_env(
+        dsn,
+        port,
         NOTIFYD_HOST="127.0.0.1",
-        NOTIFYD_PORT=str(port),
         NOTIFYD_JWT_SECRET=SECRET,
         NOTIFYD_PROBE_INTERVAL_S="1",
         NOTIFYD_SHUTDOWN_TIMEOUT_S="5",
     )
-    server = await background("serve", env=env)
-    await wait_until_healthy(port, server)
-    client = await open_client(f"ws://127.0.0.1:{port}/ws/message?token={mint('alice')}")
-    message_id = await insert(db, "alice", "via-serve", "hello")
-    frame = (await client.messages_until("via-serve"))[-1]
-    assert frame["id"] == message_id
+    async with running_notifyd("serve", env=env, stop_signal=signal.SIGINT) as server:
+        await wait_until_healthy(port, server)
+        client = await open_client(f"ws://127.0.0.1:{port}/ws/message?token={mint('alice')}")
+        message_id = await insert(db, "alice", "via-serve", "hello")
+        frame = (await client.messages_until("via-serve"))[-1]
+        assert frame["id"] == message_id
 
-    server.process.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(client.ws.wait_closed(), TIMEOUT)
-    assert client.ws.close_code == 1012
-    code = await asyncio.wait_for(server.process.wait(), TIMEOUT)
-    assert code == 0, server.stderr()
-    assert "Traceback" not in server.stderr()
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(client.ws.wait_closed(), TIMEOUT)
+        assert client.ws.close_code == 1012
+        code = await asyncio.wait_for(server.process.wait(), TIMEOUT)
+        assert code == 0, server.stderr()
+        assert "Traceback" not in server.stderr()
 
 
 async def test_demo_runs_embedded_postgres_delivers_printed_send_and_stops_it_on_sigint(
-    background, open_client
+    open_client,
 ):
     """`notifyd demo`: printed URL and send line work; SIGINT exits 0 and the embedded postmaster is gone."""
     port = free_port()
     env = clean_env(NOTIFYD_LOG_LEVEL="WARNING")
-    demo = await background(
-        "demo", "--port", str(port), env=env, stdout=asyncio.subprocess.PIPE
-    )
-    assert demo.process.stdout is not None
-    lines: dict[str, str] = {}
-    deadline = time.monotonic() + 6 * TIMEOUT
-    while "send" not in lines:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"demo printed no send line in time: {lines}\n{demo.stderr()}"
-        try:
-            raw = await asyncio.wait_for(demo.process.stdout.readline(), remaining)
-        except TimeoutError:
-            pytest.fail(f"demo printed no send line in time: {lines}\n{demo.stderr()}")
-        assert raw, f"demo stdout closed early: {lines}\n{demo.stderr()}"
-        line = raw.decode().strip()
-        if line.startswith("token for demo-user:"):
-            lines["token"] = line.split(":", 1)[1].strip()
-        elif line.startswith("WebSocket URL:"):
-            lines["url"] = line.split(":", 1)[1].strip()
-        elif line.startswith("database DSN:"):
-            lines["dsn"] = line.split(":", 1)[1].strip()
-        elif " -m notifyd send " in line:
-            lines["send"] = line
-    assert lines.keys() == {"token", "url", "dsn", "send"}, lines
-    assert lines["url"] == f"ws://127.0.0.1:{port}/ws/message?token={lines['token']}"
-    pg_port = urlsplit(lines["dsn"]).port
-    assert pg_port is not None and pg_port != port
+    # SIGINT on the way out too, so the demo stops its embedded PostgreSQL.
+    async with running_notifyd(
+        "demo", "--port", str(port), env=env, stdout=asyncio.subprocess.PIPE, stop_signal=signal.SIGINT
+    ) as demo:
+        assert demo.process.stdout is not None
+        lines: dict[str, str] = {}
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while "send" not in lines:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"demo printed no send line in time: {lines}\n{demo.stderr()}"
+            try:
+                raw = await asyncio.wait_for(demo.process.stdout.readline(), remaining)
+            except TimeoutError:
+                pytest.fail(f"demo printed no send line in time: {lines}\n{demo.stderr()}")
+            assert raw, f"demo stdout closed early: {lines}\n{demo.stderr()}"
+            line = raw.decode().strip()
+            if line.startswith("token for demo-user:"):
+                lines["token"] = line.split(":", 1)[1].strip()
+            elif line.startswith("WebSocket URL:"):
+                lines["url"] = line.split(":", 1)[1].strip()
+            elif line.startswith("database DSN:"):
+                lines["dsn"] = line.split(":", 1)[1].strip()
+            elif " -m notifyd send " in line:
+                lines["send"] = line
+        assert lines.keys() == {"token", "url", "dsn", "send"}, lines
+        assert lines["url"] == f"ws://127.0.0.1:{port}/ws/message?token={lines['token']}"
+        pg_port = urlsplit(lines["dsn"]).port
+        assert pg_port is not None and pg_port != port
 
-    client = await open_client(lines["url"])
-    sender = await asyncio.create_subprocess_exec(
-        "bash",
-        "-c",
-        lines["send"],
-        env=clean_env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(sender.communicate(), CLI_TIMEOUT)
-    assert sender.returncode == 0, (shlex.split(lines["send"]), err.decode())
-    frame = (await client.messages_until("Hello"))[-1]
-    assert frame["id"] == out.decode().strip()
-    assert (frame["toUser"], frame["content"]) == ("demo-user", "Your first message")
+        client = await open_client(lines["url"])
+        sent = await run_command("bash", "-c", lines["send"], env=clean_env(), timeout=CLI_TIMEOUT)
+        assert sent.code == 0, (shlex.split(lines["send"]), sent.stderr)
+        frame = (await client.messages_until("Hello"))[-1]
+        assert frame["id"] == sent.stdout.strip()
+        assert (frame["toUser"], frame["content"]) == ("demo-user", "Your first message")
 
-    demo.process.send_signal(signal.SIGINT)
-    code = await asyncio.wait_for(demo.process.wait(), 2 * TIMEOUT)
-    assert code == 0, demo.stderr()
-    assert "Traceback" not in demo.stderr()
-    await wait_until_refused(pg_port, TIMEOUT)
-
+        demo.process.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(demo.process.wait(), 2 * TIMEOUT)
+        assert code == 0, demo.stderr()
+        assert "Traceback" not in demo.stderr()
+        await wait_until_refused(pg_port, TIMEOUT)
 
 
 # -- error paths that once produced tracebacks or leftovers ------------------
@@ -460,39 +290,34 @@ async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmas
     """SIGINT to `notifyd demo` between initdb and pg_ctl start still leaves no PostgreSQL running."""
     from notifyd.embedded import EmbeddedPostgres
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "notifyd",
-        "demo",
-        "--port",
-        str(free_port()),
-        env=clean_env(NOTIFYD_LOG_LEVEL="INFO"),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
     data_dir: str | None = None
     try:
-        deadline = time.monotonic() + 6 * TIMEOUT
-        while data_dir is None:
-            raw = await asyncio.wait_for(
-                process.stderr.readline(), max(0.01, deadline - time.monotonic())
-            )
-            assert raw, "demo exited before initialising its cluster"
-            found = re.search(r"initialised PostgreSQL cluster in (\S+)", raw.decode())
-            if found:
-                data_dir = found.group(1)
-        # initdb is done and pg_ctl start is about to run in a worker thread.
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.communicate(), 2 * TIMEOUT)
-        cluster = EmbeddedPostgres(data_dir=data_dir)
-        assert not cluster.is_running(), f"postmaster of {data_dir} is still running"
+        # stderr is a pipe, read line by line: SIGINT must land right after initdb.
+        async with running_notifyd(
+            "demo",
+            "--port",
+            str(free_port()),
+            env=clean_env(NOTIFYD_LOG_LEVEL="INFO"),
+            stderr_pipe=True,
+            stop_signal=signal.SIGKILL,
+        ) as demo:
+            process = demo.process
+            assert process.stderr is not None
+            deadline = time.monotonic() + 6 * TIMEOUT
+            while data_dir is None:
+                raw = await asyncio.wait_for(
+                    process.stderr.readline(), max(0.01, deadline - time.monotonic())
+                )
+                assert raw, "demo exited before initialising its cluster"
+                found = re.search(r"initialised PostgreSQL cluster in (\S+)", raw.decode())
+                if found:
+                    data_dir = found.group(1)
+            # initdb is done and pg_ctl start is about to run in a worker thread.
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.communicate(), 2 * TIMEOUT)
+            cluster = EmbeddedPostgres(data_dir=data_dir)
+            assert not cluster.is_running(), f"postmaster of {data_dir} is still running"
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
         if data_dir is not None:
             # Stop (by the pid in postmaster.pid) and remove what the demo left.
             leftover = EmbeddedPostgres(data_dir=data_dir)

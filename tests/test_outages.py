@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import sys
 import time
 from urllib.parse import quote
 
@@ -20,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import SECRET, TIMEOUT, insert
+from .processes import free_port, running_notifyd, serve_env, wait_until_listening
 
 _LISTENER_QUERY = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()"
 
@@ -174,43 +172,15 @@ async def _connect_retry(dsn: str):
             await asyncio.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def _start_serve(dsn: str, port: int) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NOTIFYD_")}
-    env.update(
-        NOTIFYD_DSN=dsn,
-        NOTIFYD_PORT=str(port),
-        NOTIFYD_JWT_SECRET=SECRET,
-        NOTIFYD_LOG_LEVEL="WARNING",
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "notifyd", "serve", env=env, stdin=asyncio.subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return process
-        except OSError:
-            assert process.returncode is None, "notifyd serve exited"
-            assert time.monotonic() < deadline, "notifyd serve did not start"
-            await asyncio.sleep(0.05)
-
-
 async def test_daemon_killed_and_restarted_clients_resume_without_loss(daemon, dsn, db):
     """SIGKILL notifyd while rows are committed; clients resuming with their cursor miss nothing."""
-    port = _free_port()
+    port = free_port()
     token = daemon.token("alice")
     url = f"ws://127.0.0.1:{port}/ws/message?token={token}"
-    process = await _start_serve(dsn, port)
+    env = serve_env(dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_LEVEL="WARNING")
     received: list[dict] = []
-    try:
+    async with running_notifyd("serve", env=env) as first:
+        await wait_until_listening(port, first)
         async with connect(url, open_timeout=TIMEOUT) as ws:
             assert json.loads(await ws.recv())["event"] == "hello"
             for i in range(20):
@@ -219,11 +189,12 @@ async def test_daemon_killed_and_restarted_clients_resume_without_loss(daemon, d
                 frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
                 if frame["event"] == "message":
                     received.append(frame)
-            process.send_signal(signal.SIGKILL)
-            await process.wait()
-        for i in range(20):
-            await insert(db, "alice", f"during-{i}")
-        process = await _start_serve(dsn, port)
+            first.process.send_signal(signal.SIGKILL)
+            await first.process.wait()
+    for i in range(20):
+        await insert(db, "alice", f"during-{i}")
+    async with running_notifyd("serve", env=env) as second:
+        await wait_until_listening(port, second)
         cursor = received[-1]["cursor"]
         async with connect(url + f"&since={quote(cursor)}", open_timeout=TIMEOUT) as ws:
             hello = json.loads(await ws.recv())
@@ -232,10 +203,6 @@ async def test_daemon_killed_and_restarted_clients_resume_without_loss(daemon, d
                 frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
                 if frame["event"] == "message":
                     received.append(frame)
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
     titles = [m["title"] for m in received]
     assert titles == [f"before-{i}" for i in range(20)] + [f"during-{i}" for i in range(20)]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -22,18 +21,17 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from notifyd.auth import TokenVerifier
-from notifyd.settings import Settings
-
 from .conftest import SECRET, TIMEOUT, insert
+from .processes import (
+    SYSTEMD_PREFIXES,
+    free_port,
+    mint,
+    running_notifyd,
+    serve_env,
+    wait_until_listening,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class NotifySocket:
@@ -77,34 +75,17 @@ class NotifySocket:
             assert field not in data.decode().split("\n"), f"{field} while it should stop"
 
 
-def _serve_env(dsn: str, port: int, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFYD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
-    env.update(NOTIFYD_DSN=dsn, NOTIFYD_PORT=str(port), NOTIFYD_LOG_LEVEL="WARNING", **extra)
-    return env
-
-
-async def _wait_port(port: int, process: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            assert process.returncode is None, "notifyd serve exited"
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-
-
 async def test_sd_notify_ready_after_probe_watchdog_only_while_listening_then_stopping(
     tmp_path, dsn, admin_dsn
 ):
     """READY=1 once proven; WATCHDOG=1 stops while LISTEN is down and resumes; RELOADING; STOPPING."""
     notify = NotifySocket(tmp_path / "notify.sock")
-    port = _free_port()
-    env = _serve_env(
+    port = free_port()
+    env = serve_env(
         dsn,
         port,
+        strip=SYSTEMD_PREFIXES,
+        NOTIFYD_LOG_LEVEL="WARNING",
         NOTIFYD_JWT_SECRET=SECRET,
         NOTIFYD_PROBE_INTERVAL_S="0.2",
         NOTIFYD_PROBE_TIMEOUT_S="0.5",
@@ -112,43 +93,42 @@ async def test_sd_notify_ready_after_probe_watchdog_only_while_listening_then_st
         NOTIFY_SOCKET=str(notify.path),
         WATCHDOG_USEC="200000",
     )
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "notifyd", "serve", env=env)
-    env["WATCHDOG_PID"] = str(process.pid)
     database = dsn.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(admin_dsn)
     try:
-        messages = await notify.until("READY=1")
-        assert not any("WATCHDOG=1" in m for m in messages), "watchdog before ready"
-        assert any(m.startswith("READY=1") and "STATUS=" in m for m in messages)
-        await notify.until("WATCHDOG=1")
-        await notify.until("WATCHDOG=1")
+        async with running_notifyd("serve", env=env, stop_signal=signal.SIGKILL) as server:
+            process = server.process
+            admin = await asyncpg.connect(admin_dsn)
+            try:
+                messages = await notify.until("READY=1")
+                assert not any("WATCHDOG=1" in m for m in messages), "watchdog before ready"
+                assert any(m.startswith("READY=1") and "STATUS=" in m for m in messages)
+                await notify.until("WATCHDOG=1")
+                await notify.until("WATCHDOG=1")
 
-        # Take the LISTEN path away and keep it away.
-        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND query ILIKE 'LISTEN%'",
-            database,
-        )
-        await notify.quiet_for("WATCHDOG=1", 0.3)  # in-flight datagrams drain
-        await notify.quiet_for("WATCHDOG=1", 1.0)
+                # Take the LISTEN path away and keep it away.
+                await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND query ILIKE 'LISTEN%'",
+                    database,
+                )
+                await notify.quiet_for("WATCHDOG=1", 0.3)  # in-flight datagrams drain
+                await notify.quiet_for("WATCHDOG=1", 1.0)
 
-        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-        await notify.until("WATCHDOG=1")
+                await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+                await notify.until("WATCHDOG=1")
 
-        process.send_signal(signal.SIGHUP)
-        messages = await notify.until("RELOADING=1")
-        await notify.until("READY=1")
+                process.send_signal(signal.SIGHUP)
+                messages = await notify.until("RELOADING=1")
+                await notify.until("READY=1")
 
-        process.send_signal(signal.SIGTERM)
-        await notify.until("STOPPING=1")
-        assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+                process.send_signal(signal.SIGTERM)
+                await notify.until("STOPPING=1")
+                assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+            finally:
+                await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+                await admin.close()
     finally:
-        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
-        await admin.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
         notify.sock.close()
 
 
@@ -157,41 +137,40 @@ async def test_sighup_rotates_jwt_keys_without_dropping_sessions(tmp_path, dsn, 
     old, new = "old-secret-" + "a" * 32, "new-secret-" + "b" * 32
     env_file = tmp_path / "notifyd.env"
     env_file.write_text(f"NOTIFYD_JWT_SECRET={old}\n")
-    port = _free_port()
-    env = _serve_env(dsn, port)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "notifyd", "--env-file", str(env_file), "serve", env=env
-    )
-    try:
-        await _wait_port(port, process)
-        old_token = TokenVerifier.from_settings(Settings(jwt_secret=old)).mint("alice")
-        new_token = TokenVerifier.from_settings(Settings(jwt_secret=new)).mint("alice")
-        async with connect(f"ws://127.0.0.1:{port}/ws/message?token={old_token}") as session:
-            assert json.loads(await session.recv())["event"] == "hello"
-            env_file.write_text(f"NOTIFYD_JWT_SECRET={new}\n")
-            process.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + TIMEOUT
-            while True:  # the reload is asynchronous: poll until the new key works
-                try:
-                    async with connect(f"ws://127.0.0.1:{port}/ws/message?token={new_token}") as fresh:
-                        assert json.loads(await fresh.recv())["event"] == "hello"
-                    break
-                except InvalidStatus:
-                    assert time.monotonic() < deadline, "new key never accepted"
-                    await asyncio.sleep(0.05)
-            with pytest.raises(InvalidStatus) as info:
-                async with connect(f"ws://127.0.0.1:{port}/ws/message?token={old_token}"):
-                    pass
-            assert info.value.response.status_code == 401
-            await insert(db, "alice", "after-rotation")
-            while True:
-                frame = json.loads(await asyncio.wait_for(session.recv(), TIMEOUT))
-                if frame["event"] == "message":
-                    assert frame["title"] == "after-rotation"
-                    break
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
+    port = free_port()
+    env = serve_env(dsn, port, strip=SYSTEMD_PREFIXES, NOTIFYD_LOG_LEVEL="WARNING")
+    async with running_notifyd("--env-file", str(env_file), "serve", env=env) as server:
+        process = server.process
+        try:
+            await wait_until_listening(port, server)
+            old_token = mint("alice", old)
+            new_token = mint("alice", new)
+            async with connect(f"ws://127.0.0.1:{port}/ws/message?token={old_token}") as session:
+                assert json.loads(await session.recv())["event"] == "hello"
+                env_file.write_text(f"NOTIFYD_JWT_SECRET={new}\n")
+                process.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + TIMEOUT
+                while True:  # the reload is asynchronous: poll until the new key works
+                    try:
+                        async with connect(f"ws://127.0.0.1:{port}/ws/message?token={new_token}") as fresh:
+                            assert json.loads(await fresh.recv())["event"] == "hello"
+                        break
+                    except InvalidStatus:
+                        assert time.monotonic() < deadline, "new key never accepted"
+                        await asyncio.sleep(0.05)
+                with pytest.raises(InvalidStatus) as info:
+                    async with connect(f"ws://127.0.0.1:{port}/ws/message?token={old_token}"):
+                        pass
+                assert info.value.response.status_code == 401
+                await insert(db, "alice", "after-rotation")
+                while True:
+                    frame = json.loads(await asyncio.wait_for(session.recv(), TIMEOUT))
+                    if frame["event"] == "message":
+                        assert frame["title"] == "after-rotation"
+                        break
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), TIMEOUT) == 0
 
 
 def _unit_for_this_machine(tmp_path: Path) -> Path:
