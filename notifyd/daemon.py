@@ -21,6 +21,7 @@ from .delivery import Delivery
 from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError
 from .hub import Hub
 from .listener import Listener, backoff_delay
+from .metrics import registry_for
 from .protocol import CloseCode
 from .server import PushServer
 from .settings import Settings
@@ -138,7 +139,16 @@ class Daemon:
             self._spawn(delivery.run(), "delivery")
             self._spawn(listener.run(), "listener")
             await self._until_ready(delivery.ready.wait())
-            self.server = PushServer(settings, self.verifier, self.hub, delivery, db, self.health)
+            self.server = PushServer(
+                settings,
+                self.verifier,
+                self.hub,
+                delivery,
+                db,
+                self.health,
+                registry_for(self) if settings.metrics else None,
+                self.stats,
+            )
             await self.server.start()
         except BaseException:
             await self._shutdown_tasks()
@@ -196,14 +206,17 @@ class Daemon:
         assert listener is not None
         state = listener.health
         age = state.probe_age()
+        # Ready: listening, and the last round trip younger than two probe
+        # intervals (plus the time one probe may take).
         healthy = (
             not self.failed
             and state.connected
             and age is not None
-            and age < self.settings.probe_interval_s + 2 * self.settings.probe_timeout_s
+            and age < 2 * self.settings.probe_interval_s + self.settings.probe_timeout_s
         )
         return healthy, {
             "status": "ok" if healthy else "unavailable",
+            "alive": not self.failed,
             "listener": {
                 "connected": state.connected,
                 "probe_age_s": None if age is None else round(age, 3),

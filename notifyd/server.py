@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import http
+import ipaddress
 import json
 import logging
 import random
@@ -24,19 +25,24 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import asyncpg
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from . import protocol
+from . import protocol, static
 from .auth import Identity, TokenVerifier, token_from_handshake, user_from_path
 from .db import Database
 from .delivery import Delivery
 from .exceptions import AuthError, ProtocolError
 from .hub import Hub
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render_metrics
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason
 from .session import Session
+from .stats import Stats
 from .settings import Settings
 
 __all__ = ["PushServer"]
@@ -68,6 +74,8 @@ class PushServer:
         delivery: Delivery,
         database: Database,
         health: Callable[[], tuple[bool, dict[str, Any]]],
+        metrics: CollectorRegistry | None = None,
+        stats: Stats | None = None,
     ) -> None:
         self._settings = settings
         self.verifier = verifier
@@ -75,6 +83,8 @@ class PushServer:
         self._delivery = delivery
         self._db = database
         self._health = health
+        self._metrics = metrics
+        self._stats = stats if stats is not None else Stats()
         # Weak, so a handshake that fails after process_request leaks nothing.
         self._handshakes: weakref.WeakKeyDictionary[ServerConnection, _Handshake] = (
             weakref.WeakKeyDictionary()
@@ -136,8 +146,19 @@ class PushServer:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path, _, query_string = request.path.partition("?")
+        if static.handles(path):
+            return static.serve(request, path, self._settings)
+        if getattr(request, "method", "GET") != "GET":
+            # Before any token is looked at: only GET upgrades or reads.
+            response = connection.respond(http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+            response.headers["Allow"] = "GET"
+            return response
         if path == "/healthz":
-            return self._respond_health(connection)
+            return self._respond_health(connection, ready=False)
+        if path == "/readyz":
+            return self._respond_health(connection, ready=True)
+        if path == "/metrics":
+            return self._respond_metrics(connection)
         route = user_from_path(path)
         if route is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
@@ -154,22 +175,32 @@ class PushServer:
             try:
                 identity = self.verifier.verify(token)
             except AuthError as exc:
-                logger.info("handshake token rejected: %s", exc.reason)
+                self._auth_failed(connection, exc.reason)
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "Unauthorized\n")
             if path_user is not None and path_user != identity.user:
+                self._auth_failed(connection, "path names another user")
                 return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
         elif self._settings.dev_insecure_user_from_path and path_user is not None:
             identity = Identity(path_user, float("inf"))
         self._handshakes[connection] = _Handshake(identity, path_user, since)
         return None
 
-    def _respond_health(self, connection: ServerConnection) -> Response:
-        healthy, details = self._health()
-        status = http.HTTPStatus.OK if healthy else http.HTTPStatus.SERVICE_UNAVAILABLE
-        response = connection.respond(status, json.dumps(details) + "\n")
-        response.headers["Content-Type"] = "application/json"
-        response.headers["Cache-Control"] = "no-store"
-        return response
+    def _respond_health(self, connection: ServerConnection, *, ready: bool) -> Response:
+        """
+        ``/healthz``: the process is up (200 unless a task died).
+        ``/readyz``: the LISTEN path is proven (200) or not (503).
+        """
+        able, details = self._health()
+        ok = able if ready else details["alive"]
+        status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
+        return _response(status, json.dumps(details) + "\n", "application/json")
+
+    def _respond_metrics(self, connection: ServerConnection) -> Response:
+        if self._metrics is None:
+            return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
+        if self._settings.metrics_loopback_only and not _is_loopback(connection.remote_address):
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
+        return _response(http.HTTPStatus.OK, render_metrics(self._metrics), METRICS_CONTENT_TYPE)
 
     # -- sessions ----------------------------------------------------------
 
@@ -189,6 +220,7 @@ class PushServer:
             identity.user,
             Outbox(settings.session_queue_messages, settings.session_queue_bytes),
             send_timeout=settings.slow_client_timeout_s,
+            stats=self._stats,
         )
         self._sessions.add(session)
         try:
@@ -213,6 +245,7 @@ class PushServer:
             async with asyncio.timeout(self._settings.auth_timeout_s):
                 data = await connection.recv()
         except TimeoutError:
+            self._auth_failed(connection, "no auth in time")
             await _close(connection, CloseCode.AUTH_TIMEOUT)
             return None
         except ConnectionClosed:
@@ -222,18 +255,27 @@ class PushServer:
         except ProtocolError:
             action = None
         if not isinstance(action, protocol.Auth) or self.verifier is None:
+            self._auth_failed(connection, "first frame is not auth")
             await _close(connection, CloseCode.UNAUTHORIZED)
             return None
         try:
             identity = self.verifier.verify(action.token)
         except AuthError as exc:
-            logger.info("first-frame token rejected: %s", exc.reason)
+            self._auth_failed(connection, exc.reason)
             await _close(connection, CloseCode.UNAUTHORIZED)
             return None
         if handshake.path_user is not None and handshake.path_user != identity.user:
+            self._auth_failed(connection, "path names another user")
             await _close(connection, CloseCode.UNAUTHORIZED)
             return None
         return identity, action.since
+
+    def _auth_failed(self, connection: ServerConnection, reason: str) -> None:
+        """
+        Count and log a rejected authentication; never the token itself.
+        """
+        self._stats.auth_failures[reason] += 1
+        logger.info("auth failed: reason=%s remote=%s", reason, _address(connection))
 
     async def _answer(self, session: Session, data: str | bytes) -> None:
         """
@@ -269,6 +311,36 @@ class PushServer:
             logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))
+
+
+def _response(status: http.HTTPStatus, body: str | bytes, content_type: str) -> Response:
+    """
+    A plain HTTP response that is never cached.
+    """
+    data = body.encode() if isinstance(body, str) else body
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, data)
+
+
+def _address(connection: ServerConnection) -> str:
+    try:
+        return str(connection.remote_address[0])
+    except (TypeError, IndexError):
+        return "?"
+
+
+def _is_loopback(address: Any) -> bool:
+    try:
+        return ipaddress.ip_address(address[0]).is_loopback
+    except (TypeError, ValueError, IndexError):
+        return False
 
 
 def _restart_reason(code: CloseCode) -> str | None:

@@ -54,6 +54,15 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     token_cookie: str = "notifyd_token"
+    serve_static: bool = Field(
+        default=True,
+        description="Serve the browser client (/notifyd.js, /notifyd.d.ts) and the demo page (/demo).",
+    )
+    allowed_origins: CommaList = Field(
+        default_factory=list,
+        description="Origins (https://app.example.com) allowed by CORS to load the static "
+        "files; empty: all.",
+    )
     auth_timeout_s: float = Field(default=10.0, gt=0)
     dev_insecure_user_from_path: bool = False
 
@@ -84,9 +93,14 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     pool_size: int = Field(default=4, ge=2)
 
+    metrics: bool = Field(default=True, description="Serve /metrics (Prometheus).")
+    metrics_loopback_only: bool = Field(
+        default=False, description="Answer /metrics only to clients on this machine."
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("jwt_algorithms", mode="before")
+    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

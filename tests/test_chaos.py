@@ -127,6 +127,12 @@ async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_us
     running: RunningDaemon = await start_daemon(port=port, probe_interval_s=0.5, probe_timeout_s=1.0)
     clients = [ResumingClient(user, running.token(user), port) for user in USERS]
     client_tasks = [asyncio.create_task(c.run()) for c in clients]
+    # Rows committed before a client's first hello are not its to receive:
+    # start writing only once every client has a position.
+    ready_by = time.monotonic() + 3 * TIMEOUT
+    while not all(c.cursor is not None for c in clients):
+        assert time.monotonic() < ready_by, "clients did not connect"
+        await asyncio.sleep(0.02)
     stop_writing = asyncio.Event()
     writer_tasks = [
         asyncio.create_task(_writer(dsn, random.Random(rng.random()), stop_writing, n))

@@ -152,14 +152,17 @@ async def test_no_auth_within_the_deadline_closes_with_4408(start_daemon, open_c
     assert client.ws.close_code == 4408
 
 
-async def test_healthz_reports_ok_once_the_listen_path_is_proven(daemon):
-    """GET /healthz answers 200 with the listener's figures once a probe returned."""
+async def _get(url: str, method: str = "GET"):
+    request = urllib.request.Request(url, method=method)
+    return await asyncio.to_thread(urllib.request.urlopen, request, timeout=TIMEOUT)
+
+
+async def test_readyz_reports_ok_once_the_listen_path_is_proven(daemon):
+    """GET /readyz answers 200 with the listener's figures once a probe returned."""
     deadline = time.monotonic() + TIMEOUT
     while True:
         try:
-            response = await asyncio.to_thread(
-                urllib.request.urlopen, f"http://127.0.0.1:{daemon.port}/healthz", timeout=TIMEOUT
-            )
+            response = await _get(f"http://127.0.0.1:{daemon.port}/readyz")
             break
         except urllib.error.HTTPError as exc:
             assert exc.code == 503
@@ -169,3 +172,57 @@ async def test_healthz_reports_ok_once_the_listen_path_is_proven(daemon):
     assert response.status == 200
     assert body["status"] == "ok" and body["listener"]["connected"] is True
     assert body["listener"]["probe_rtt_ms"] is not None
+
+
+async def test_readyz_is_503_and_healthz_200_while_listen_is_down(daemon, db):
+    """Liveness stays up while the LISTEN path is down; readiness does not."""
+    daemon.daemon.listener._dsn = "postgresql://nobody@127.0.0.1:1/none"  # cannot reconnect
+    await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
+    )
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            await _get(f"http://127.0.0.1:{daemon.port}/readyz")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503
+            break
+        assert time.monotonic() < deadline, "readyz never went 503"
+        await asyncio.sleep(0.05)
+    response = await _get(f"http://127.0.0.1:{daemon.port}/healthz")
+    assert response.status == 200 and json.loads(response.read())["alive"] is True
+
+
+async def test_metrics_exposes_sessions_deliveries_latency_and_auth_failures(daemon, open_client, db):
+    """GET /metrics is Prometheus text with the daemon's figures."""
+    client = await open_client(daemon.url("alice"))
+    await insert(db, "alice", "counted")
+    await client.messages_until("counted")
+    with pytest.raises(InvalidStatus):
+        async with connect(f"ws://127.0.0.1:{daemon.port}/ws/message?token=forged"):
+            pass
+    response = await _get(f"http://127.0.0.1:{daemon.port}/metrics")
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = response.read().decode()
+    assert "notifyd_sessions 1.0" in text
+    assert "notifyd_messages_delivered_total 1.0" in text
+    assert 'notifyd_delivery_latency_seconds_bucket{le="+Inf"} 1.0' in text
+    assert 'notifyd_auth_failures_total{reason="malformed"} 1.0' in text
+    assert "notifyd_listen_connected 1.0" in text
+
+
+async def test_metrics_can_be_restricted_to_loopback(start_daemon):
+    """metrics_loopback_only still answers 127.0.0.1 (the only address tests can use)."""
+    daemon = await start_daemon(metrics_loopback_only=True)
+    response = await _get(f"http://127.0.0.1:{daemon.port}/metrics")
+    assert response.status == 200
+
+
+@pytest.mark.parametrize("path", ["/ws/message", "/healthz", "/metrics"])
+async def test_non_get_requests_are_refused_with_405_before_any_token_check(daemon, path):
+    """POST and friends never reach token verification or the health data."""
+    token = daemon.token("alice")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        await _get(f"http://127.0.0.1:{daemon.port}{path}?token={token}", method="POST")
+    assert info.value.code == 405

@@ -1,0 +1,601 @@
+"""
+The browser side, for real: notifyd.js and the demo page in headless
+Chromium, against in-process daemons and the test PostgreSQL.
+
+Pages that import the client are served by a tiny local http server on
+another port (the "app"), so the module is imported cross-origin, as an app
+would, and the app serves the token at ``/notifyd-token``. Waits are on
+page-side state (``wait_for_function``) or on the database and the hub, each
+with a deadline; never a fixed sleep.
+
+The browser tests skip when no Chromium binary is found (Debian package
+``chromium``; ``NOTIFYD_TEST_CHROMIUM`` names another) or Playwright is not
+installed. The static-file tests need neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+
+from notifyd import static
+
+from .conftest import TIMEOUT, RunningDaemon, insert
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = (
+    os.environ.get("NOTIFYD_TEST_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = TIMEOUT * 1000
+
+StartDaemon = Callable[..., Awaitable[RunningDaemon]]
+
+
+# -- plumbing ---------------------------------------------------------------
+
+
+async def http_get(
+    port: int, path: str, headers: dict[str, str] | None = None, *, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """
+    One raw HTTP/1.1 request; the server closes the connection after answering.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), parsed, body
+
+
+class AppServer:
+    """
+    The app's origin: serves test pages and the signed-in user's token.
+    """
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+        self.token = ""
+        self.token_requests = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await reader.readline()
+            while (await reader.readline()).strip():
+                pass
+            path = request_line.decode().split()[1].partition("?")[0]
+            if path == "/notifyd-token":
+                self.token_requests += 1
+                status, content_type, body = "200 OK", "text/plain", self.token.encode()
+            elif path in self.pages:
+                status, content_type, body = "200 OK", "text/html; charset=utf-8", self.pages[path].encode()
+            else:
+                status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (OSError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = TIMEOUT
+) -> None:
+    """
+    Poll server-side state (the database, the hub) until ``check`` holds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def is_read(db: asyncpg.Connection, message_id: str) -> bool:
+    return await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id = $1", message_id) == "1"
+
+
+def sessions(running: RunningDaemon, user: str) -> int:
+    return len(running.daemon.hub.sessions_of(user) or ())
+
+
+# A page that records what the client does, for the tests to wait on.
+HARNESS = """<!doctype html>
+<meta charset="utf-8">
+<title>harness</title>
+<script type="module">
+  import { createClient } from "MODULE_URL";
+  const options = JSON.parse(new URLSearchParams(location.search).get("options") || "{}");
+  const t = (window.t = { ids: [], titles: [], states: [], hellos: [], resyncs: 0, unread: null });
+  const client = (window.client = createClient({
+    token: () => fetch("/notifyd-token").then((response) => response.text()),
+    initialDelayMs: 100,
+    maxDelayMs: 1000,
+    restartDelayMs: 200,
+    ...options,
+  }));
+  client.on("message", (message) => {
+    t.ids.push(message.id);
+    t.titles.push(message.title);
+  });
+  client.on("state", ({ state }) => t.states.push(state));
+  client.on("hello", (hello) => t.hellos.push(hello));
+  client.on("resync", () => (t.resyncs += 1));
+  client.on("unread", ({ count }) => (t.unread = count));
+</script>
+"""
+
+# The seed's own frontend snippet, unchanged but for the URL.
+SEED_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>seed</title>
+<script>
+  var ws = new WebSocket("WS_URL");
+  ws.onmessage = function (event) {
+    var data = JSON.parse(event.data);
+    if (data.title && data.content) {
+      document.body.dataset.got = data.title + "|" + data.content;
+    }
+  };
+</script>
+"""
+
+
+def docs_example() -> str:
+    """
+    The fenced html example of docs/client.md, as written.
+    """
+    text = (ROOT / "docs" / "client.md").read_text()
+    blocks = re.findall(r"^```html\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1, "docs/client.md must have exactly one ```html example"
+    return blocks[0]
+
+
+# -- fixtures ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """
+    Headless Chromium (Debian's), driven by Playwright, for this module's
+    tests only; skipped without them.
+    """
+    if CHROMIUM is None:
+        pytest.skip("no Chromium found: apt-get install chromium (or set NOTIFYD_TEST_CHROMIUM)")
+    try:
+        from playwright.async_api import async_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[test]'")
+    playwright = await async_playwright().start()
+    try:
+        chromium = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+    except BaseException:
+        await playwright.stop()
+        raise
+    yield chromium
+    await chromium.close()
+    await playwright.stop()
+
+
+@pytest.fixture
+async def context(browser: Any) -> AsyncIterator[Any]:
+    """
+    A fresh browser profile (storage, locks, channels) for one test. Console
+    output is printed, so a failure shows it; an uncaught exception in a page
+    fails the test.
+    """
+    ctx = await browser.new_context()
+    ctx.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+
+    def watch(page: Any) -> None:
+        page.on("console", lambda message: print(f"[console {message.type}] {message.text}"))
+        page.on("pageerror", lambda error: errors.append(f"{page.url}: {error}"))
+
+    ctx.on("page", watch)
+    yield ctx
+    await ctx.close()
+    assert not errors, f"uncaught errors in pages: {errors}"
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[AppServer]:
+    """
+    The app's own origin, on another port than notifyd.
+    """
+    server = AppServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def harness_url(app: AppServer, **options: Any) -> str:
+    return f"{app.origin}/harness?options={quote(json.dumps(options))}"
+
+
+async def open_harness(
+    context: Any, app: AppServer, running: RunningDaemon, user: str, **options: Any
+) -> Any:
+    """
+    A harness page for ``user`` whose client is open.
+    """
+    app.token = running.token(user)
+    app.pages["/harness"] = HARNESS.replace("MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js")
+    page = await context.new_page()
+    await page.goto(harness_url(app, **options))
+    await wait_open(page)
+    return page
+
+
+# The client drops a repeated message id as a second line of defence; the
+# resume tests turn that off, so exactly-once is the cursors' doing.
+NO_DEDUPE = {"dedupeSize": 0}
+
+
+async def wait_open(page: Any) -> None:
+    await page.wait_for_function("() => window.client && window.client.state === 'open'", timeout=WAIT_MS)
+
+
+async def wait_ids(page: Any, count: int) -> list[str]:
+    await page.wait_for_function("(n) => window.t.ids.length >= n", arg=count, timeout=WAIT_MS)
+    return await page.evaluate("() => window.t.ids")
+
+
+# -- serving the files (no browser needed) ---------------------------------
+
+
+async def test_client_module_is_served_with_js_type_cors_etag_and_a_switch(
+    start_daemon: StartDaemon,
+) -> None:
+    """/notifyd.js: JS content type, CORS for allowed origins only, 304 on ETag, 404 when turned off."""
+    running = await start_daemon(allowed_origins=["https://app.example.com"])
+    status, headers, body = await http_get(running.port, "/notifyd.js", {"Origin": "https://app.example.com"})
+    assert status == 200
+    assert headers["content-type"] == "text/javascript; charset=utf-8"
+    assert headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "Origin" in headers["vary"]
+    assert headers["cache-control"] == "no-cache"
+    assert int(headers["content-length"]) == len(body)
+    assert b"export function createClient" in body
+    etag = headers["etag"]
+
+    status, headers, _ = await http_get(running.port, "/notifyd.js", {"Origin": "https://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+
+    status, headers, body = await http_get(running.port, "/notifyd.js?v=2", {"If-None-Match": etag})
+    assert (status, body, headers["etag"]) == (304, b"", etag)
+    status, _, _ = await http_get(running.port, "/notifyd.js", {"If-None-Match": '"other"'})
+    assert status == 200
+
+    status, headers, _ = await http_get(running.port, "/notifyd.d.ts")
+    assert status == 200 and headers["content-type"].startswith("application/typescript")
+    for path in ("/demo", "/demo.html"):
+        status, headers, body = await http_get(running.port, path)
+        assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+        assert b"demo.js" in body and "content-security-policy" in headers
+    status, headers, body = await http_get(running.port, "/notifyd.js", method="HEAD")
+    assert (status, body, headers["etag"]) == (200, b"", etag)
+    status, headers, _ = await http_get(running.port, "/notifyd.js", method="DELETE")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    status, _, _ = await http_get(running.port, "/healthz")
+    assert status in (200, 503)
+
+    everyone = await start_daemon()
+    _, headers, _ = await http_get(everyone.port, "/notifyd.js", {"Origin": "https://anyone.example"})
+    assert headers["access-control-allow-origin"] == "*"
+
+    off = await start_daemon(serve_static=False)
+    for path in ("/notifyd.js", "/notifyd.d.ts", "/demo"):
+        status, _, _ = await http_get(off.port, path)
+        assert status == 404
+
+
+def test_static_responses_follow_http_rules() -> None:
+    """HEAD has headers and no body, other methods get 405, W/ ETags and normalised origins match."""
+    ok = static.respond("GET", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    assert ok is not None and ok.status == 200
+    etag = dict(ok.headers)["ETag"]
+    head = static.respond("HEAD", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    assert head is not None and head.body == b"" and dict(head.headers)["Content-Length"] == str(len(ok.body))
+    post = static.respond("POST", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    assert post is not None and post.status == 405 and dict(post.headers)["Allow"] == "GET, HEAD"
+    demo = static.respond("GET", "/demo", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    assert demo is not None
+    demo_etag = dict(demo.headers)["ETag"]
+    weak = static.respond(
+        "GET", "/demo", origin=None, if_none_match=f'"x", W/{demo_etag}', enabled=True, allowed_origins=[]
+    )
+    assert weak is not None and weak.status == 304
+    assert static.respond("GET", "/nope", origin=None, if_none_match=None, enabled=True, allowed_origins=[]) is None
+    cors = static.respond(
+        "GET", "/notifyd.js", origin="https://app.example.com", if_none_match=etag,
+        enabled=True, allowed_origins=["HTTPS://App.Example.com:443/"],
+    )
+    assert cors is not None and cors.status == 304
+    assert dict(cors.headers)["Access-Control-Allow-Origin"] == "https://app.example.com"
+
+
+# -- the client in the browser ----------------------------------------------
+
+
+async def test_docs_example_runs_cross_origin_receives_and_marks_read(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """The docs/client.md example, verbatim, imports the module cross-origin, gets a pushed row and marks it read."""
+    example = docs_example()
+    assert example.count("http://localhost:8080/notifyd.js") == 1
+    app.pages["/"] = example.replace("http://localhost:8080", f"http://127.0.0.1:{daemon.port}")
+    app.token = daemon.token("u1")
+    page = await context.new_page()
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    await page.goto(app.origin + "/")
+    await page.wait_for_function("() => document.querySelector('#status').textContent === 'open'")
+    # First-frame auth: the token is in no URL.
+    assert sockets == [f"ws://127.0.0.1:{daemon.port}/ws/message"]
+
+    message_id = await insert(db, "u1", "Your order shipped", "Parcel 1Z999 is on its way")
+    item = page.locator(f'#messages li[data-id="{message_id}"]')
+    await item.wait_for()
+    assert await item.text_content() == "Your order shipped: Parcel 1Z999 is on its way"
+    await page.wait_for_function("() => document.title === '(1) My app'")
+
+    await item.click()
+    await eventually(lambda: is_read(db, message_id), "is_read = '1' in the database")
+    await page.wait_for_function(f"() => document.querySelector('li[data-id=\"{message_id}\"]').classList.contains('read')")
+    await page.wait_for_function("() => document.title === 'My app'")
+
+
+async def test_seed_snippet_receives_a_pushed_message(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """The seed's own frontend snippet (token in the URL) still gets the pushed row."""
+    app.pages["/seed"] = SEED_PAGE.replace("WS_URL", daemon.url("u1"))
+    page = await context.new_page()
+    await page.goto(app.origin + "/seed")
+    await eventually(lambda: sessions(daemon, "u1") == 1, "the seed page's session")
+    await insert(db, "u1", "Hello", "from the seed")
+    await page.wait_for_function("() => document.body.dataset.got === 'Hello|from the seed'")
+
+
+async def test_client_resumes_after_daemon_restart_each_message_once(
+    start_daemon: StartDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """Messages sent while notifyd is down arrive once each after it comes back on the same port."""
+    first = await start_daemon()
+    port = first.port
+    page = await open_harness(context, app, first, "u1", **NO_DEDUPE)
+    before = await insert(db, "u1", "before")
+    await wait_ids(page, 1)
+
+    await first.daemon.stop()
+    await page.wait_for_function("() => window.client.state !== 'open'")
+    missed = [await insert(db, "u1", f"missed {i}") for i in range(3)]
+    second = await start_daemon(port=port)
+
+    await wait_ids(page, 4)
+    after = await insert(db, "u1", "after")
+    ids = await wait_ids(page, 5)
+    assert ids == [before, *missed, after]
+    hellos = await page.evaluate("() => window.t.hellos")
+    assert len(hellos) == 2 and hellos[1]["recovered"] is True
+    assert sessions(second, "u1") == 1
+
+
+async def test_cursor_survives_page_reload(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """After a reload the page gets what it missed and what is new, nothing it had already."""
+    page = await open_harness(context, app, daemon, "u1", **NO_DEDUPE)
+    seen = await insert(db, "u1", "seen")
+    await wait_ids(page, 1)
+    cursor = await page.evaluate("() => window.client.cursor")
+    assert cursor and await page.evaluate("(key) => sessionStorage.getItem(key)", f"notifyd.cursor:ws://127.0.0.1:{daemon.port}/ws/message") == cursor
+
+    await page.goto("about:blank")
+    await eventually(lambda: sessions(daemon, "u1") == 0, "the session to end")
+    missed = await insert(db, "u1", "missed while reloading")
+    await page.goto(harness_url(app, **NO_DEDUPE))
+    await wait_open(page)
+    new = await insert(db, "u1", "new")
+    ids = await wait_ids(page, 2)
+    assert ids == [missed, new], (seen, ids)
+    assert (await page.evaluate("() => window.t.hellos"))[0]["recovered"] is True
+
+
+async def test_two_tabs_share_one_socket_and_hand_over(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """Two tabs: one server session, both get messages, a follower's actions and reload work, closing the leader hands over."""
+    leader = await open_harness(context, app, daemon, "u1")
+    follower = await context.new_page()
+    await follower.goto(f"{app.origin}/harness")
+    await wait_open(follower)
+    assert await leader.evaluate("() => window.client.role") == "leader"
+    assert await follower.evaluate("() => window.client.role") == "follower"
+    assert sessions(daemon, "u1") == 1
+
+    first = await insert(db, "u1", "to both")
+    assert await wait_ids(leader, 1) == [first]
+    assert await wait_ids(follower, 1) == [first]
+    assert sessions(daemon, "u1") == 1
+
+    # The follower's actions go through the leader's socket.
+    page = await follower.evaluate("() => window.client.history({ limit: 5 })")
+    assert [m["id"] for m in page["messages"]] == [first]
+    await follower.evaluate("(id) => window.client.markRead([id])", first)
+    await eventually(lambda: is_read(db, first), "the follower's markRead in the database")
+    await follower.wait_for_function("() => window.t.unread === 0")
+
+    # A follower that reloads gets what it missed from the leader.
+    await follower.goto("about:blank")
+    missed = await insert(db, "u1", "missed by the follower")
+    await wait_ids(leader, 2)
+    await follower.goto(f"{app.origin}/harness")
+    assert await wait_ids(follower, 1) == [missed]
+    assert await follower.evaluate("() => window.client.role") == "follower"
+    assert sessions(daemon, "u1") == 1
+
+    await leader.close()
+    await follower.wait_for_function("() => window.client.role === 'leader' && window.client.state === 'open'")
+    second = await insert(db, "u1", "after the leader left")
+    assert await wait_ids(follower, 2) == [missed, second]
+    await eventually(lambda: sessions(daemon, "u1") == 1, "one session after the handover")
+
+
+async def test_resync_fires_once_when_replay_exceeds_limit(
+    start_daemon: StartDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """More missed messages than NOTIFYD_REPLAY_LIMIT: one resync event, the newest ones, then live."""
+    running = await start_daemon(replay_limit=3)
+    page = await open_harness(context, app, running, "u1", **NO_DEDUPE)
+    await insert(db, "u1", "seen")
+    await wait_ids(page, 1)
+
+    await page.goto("about:blank")
+    await eventually(lambda: sessions(running, "u1") == 0, "the session to end")
+    missed = [await insert(db, "u1", f"missed {i}") for i in range(5)]
+    await page.goto(harness_url(app, **NO_DEDUPE))
+    await page.wait_for_function("() => window.t.resyncs >= 1")
+    live = await insert(db, "u1", "live")
+    ids = await wait_ids(page, 4)
+    assert ids == [*missed[-3:], live]
+    assert await page.evaluate("() => window.t.resyncs") == 1
+    assert (await page.evaluate("() => window.t.hellos"))[0]["recovered"] is False
+
+
+async def test_demo_page_badge_counts_and_drops_on_read(
+    daemon: RunningDaemon, db: asyncpg.Connection, browser: Any, context: Any
+) -> None:
+    """The demo shows the unread badge, lists pushed rows with a toast, and a read in one window updates another."""
+    url = f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}"
+    page = await context.new_page()
+    await page.goto(url)
+    await page.locator('#status[data-state="open"]').wait_for()
+    other_context = await browser.new_context()  # another browser: its own connection
+    try:
+        other = await other_context.new_page()
+        await other.goto(url)
+        await other.locator('#status[data-state="open"]').wait_for()
+
+        first = await insert(db, "u1", "Welcome", "Glad you are here", skip_url="/inbox/1")
+        await insert(db, "u1", "Order shipped", "Parcel 1Z999")
+        for window in (page, other):
+            await window.wait_for_function("() => document.querySelector('#badge').textContent === '2'")
+            assert await window.locator("#list li").count() == 2
+        assert await page.get_attribute("#bell", "aria-label") == "Messages, 2 unread messages"
+        assert await page.locator("#login").is_hidden() and await page.locator("#more").is_hidden()
+        await page.locator(".toast", has_text="Order shipped").wait_for()
+        assert await page.get_attribute(f'li[data-id="{first}"] a', "href") == "/inbox/1"
+
+        await page.locator(f'li[data-id="{first}"] .msg-body').click()
+        await eventually(lambda: is_read(db, first), "the click's read in the database")
+        for window in (page, other):
+            await window.wait_for_function("() => document.querySelector('#badge').textContent === '1'")
+            await window.locator(f'li[data-id="{first}"]:not(.unread)').wait_for()
+
+        await other.locator("#mark-all").click()
+        await page.wait_for_function("() => document.querySelector('#badge').hidden")
+        assert await page.locator("#list li.unread").count() == 0
+    finally:
+        await other_context.close()
+
+
+async def test_demo_page_lists_history_and_loads_more(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """The demo lists the newest 20 messages from history on load, and "Load more" pages back to the rest."""
+    ids = [await insert(db, "u1", f"Old {i}") for i in range(22)]
+    page = await context.new_page()
+    await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
+    assert await page.locator("#badge").text_content() == "22"
+    listed = await page.eval_on_selector_all("#list li", "(items) => items.map((li) => li.dataset.id)")
+    assert listed == ids[::-1][:20]
+    await page.locator("#more").click()
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 22")
+    listed = await page.eval_on_selector_all("#list li", "(items) => items.map((li) => li.dataset.id)")
+    assert listed == ids[::-1]
+    assert await page.locator("#more").is_hidden()
+
+
+async def test_client_gives_up_after_repeated_4401_and_on_4409(
+    start_daemon: StartDaemon, context: Any, app: AppServer, open_client: Any
+) -> None:
+    """4401 asks for a new token each time and stops after 3 ("unauthorized"); 4409 stops at once ("replaced")."""
+    running = await start_daemon(max_sessions_per_user=1)
+    app.token = "not-a-token"
+    app.pages["/harness"] = HARNESS.replace("MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js")
+    page = await context.new_page()
+    await page.goto(f"{app.origin}/harness")
+    await page.wait_for_function("() => window.client.state === 'unauthorized'")
+    assert app.token_requests == 3
+    assert await page.evaluate("() => window.t.states.filter((s) => s === 'connecting').length") == 3
+
+    app.token = running.token("u1")
+    await page.evaluate("() => window.client.reconnect()")
+    await wait_open(page)
+
+    await open_client(running.url("u1"))  # a newer session of u1 takes the only place
+    await page.wait_for_function("() => window.client.state === 'replaced'")
+    error = await page.evaluate("() => window.client.history().then(() => null, (error) => error.code)")
+    assert error == "replaced"
+    assert sessions(running, "u1") == 1
