@@ -29,6 +29,7 @@ from .auth import TokenVerifier
 from .daemon import Daemon, connect_database
 from .exceptions import ConfigError, DatabaseError, NotifydError
 from .settings import Settings, load_settings
+from .logs import configure_logging
 from .systemd import SystemdNotifier, supervise
 
 __all__ = ["main"]
@@ -91,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
     command: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
         "serve": _serve,
         "demo": _demo,
@@ -240,11 +237,18 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await db.close()
         verifier = _verifier(settings)
-        daemon = Daemon(settings, verifier)
+        assert verifier is not None
+        # The message center's users (and --user's, for the raw WebSocket
+        # lines), with tokens good for the demo's lifetime. Only the demo
+        # passes demo_users: it turns on the page at / and demo_send.
+        demo_users = {
+            user: verifier.mint(user, ttl_s=7 * 24 * 3600)
+            for user in dict.fromkeys(("alice", "bob", args.user))
+        }
+        daemon = Daemon(settings, verifier, demo_users=demo_users)
 
         def announce() -> None:
-            assert verifier is not None
-            print(_demo_banner(settings, daemon.port, verifier.mint(args.user), args.user), flush=True)
+            print(_demo_banner(settings, daemon.port, demo_users, args.user), flush=True)
 
         return await _run_daemon(daemon, announce)
     finally:
@@ -271,9 +275,18 @@ async def _start_embedded(embedded: Any) -> None:
         raise DatabaseError(str(exc)) from None
 
 
-def _demo_banner(settings: Settings, port: int, token: str, user: str) -> str:
+def _demo_banner(settings: Settings, port: int, users: dict[str, str], user: str) -> str:
+    from urllib.parse import quote
+
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    if ":" in host:
+        host = f"[{host}]"
+    token = users[user]
     url = f"ws://{host}:{port}/ws/message?token={token}"
+    width = max(len(name) for name in users)
+    pages = [
+        f"  {name + ':':<{width + 1}}  http://{host}:{port}/?user={quote(name)}" for name in users
+    ]
     assert settings.dsn is not None
     send = (
         f"NOTIFYD_DSN={shlex.quote(settings.dsn)} {shlex.quote(sys.executable)} -m notifyd send "
@@ -290,6 +303,10 @@ def _demo_banner(settings: Settings, port: int, token: str, user: str) -> str:
     return "\n".join(
         [
             "notifyd demo is running. Press Ctrl-C to stop.",
+            "",
+            "Open the message center, one page per demo user (two windows of one",
+            "user, or one of each), and send messages between them:",
+            *pages,
             "",
             f"  token for {user}:  {token}",
             f"  WebSocket URL:     {url}",

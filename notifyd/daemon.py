@@ -80,8 +80,15 @@ class Daemon:
     One notifyd instance: query pool, LISTEN connection, delivery, server.
     """
 
-    def __init__(self, settings: Settings, verifier: TokenVerifier | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier | None,
+        *,
+        demo_users: dict[str, str] | None = None,
+    ) -> None:
         self.settings = settings
+        self.demo_users = demo_users  # notifyd demo only; see PushServer
         self.verifier = verifier
         self.hub = Hub(settings.max_sessions_per_user)
         self.stats = Stats()
@@ -148,6 +155,7 @@ class Daemon:
                 self.health,
                 registry_for(self) if settings.metrics else None,
                 self.stats,
+                demo_users=self.demo_users,
             )
             await self.server.start()
         except BaseException:

@@ -25,6 +25,7 @@ __all__ = [
     "Auth",
     "ClientAction",
     "CloseCode",
+    "DemoSend",
     "Ping",
     "close_reason",
     "encode",
@@ -293,13 +294,29 @@ class History:
     request_id: object = None
 
 
-ClientAction = Ping | Auth | Read | ReadAll | History
+@dataclass(frozen=True, slots=True)
+class DemoSend:
+    """
+    ``{"action":"demo_send","to":"bob","title":...,"content":...,"skipUrl":...}``:
+    insert a message for a demo user. Honoured by ``notifyd demo`` only;
+    any other server answers ``unknown_action``.
+    """
+
+    to: str
+    title: str | None
+    content: str | None
+    skip_url: str | None
+    request_id: object = None
+
+
+ClientAction = Ping | Auth | Read | ReadAll | History | DemoSend
 
 MAX_READ_IDS = 1000
 MAX_HISTORY_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 20
 _MAX_TEXT = 255
 _MAX_REQUEST_ID = 64
+_MAX_DEMO_CONTENT = 2000
 
 
 def _request_id(frame: Mapping[str, Any]) -> object:
@@ -393,6 +410,24 @@ def _parse_action(frame: dict[str, Any]) -> ClientAction:
             min(limit, MAX_HISTORY_LIMIT),
             _optional_text(frame, "type"),
             unread_only,
+            _request_id(frame),
+        )
+    if action == "demo_send":
+        to = frame.get("to")
+        if not isinstance(to, str) or not 0 < len(to) <= _MAX_TEXT:
+            raise ProtocolError("invalid", "to must be a demo user id")
+        content = frame.get("content")
+        if content is not None and (
+            not isinstance(content, str) or len(content) > _MAX_DEMO_CONTENT
+        ):
+            raise ProtocolError(
+                "invalid", f"content must be a string of at most {_MAX_DEMO_CONTENT} characters"
+            )
+        return DemoSend(
+            to,
+            _optional_text(frame, "title"),
+            content,
+            _optional_text(frame, "skipUrl") or None,
             _request_id(frame),
         )
     raise ProtocolError("unknown_action", "unknown action")

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import random
+import ssl
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from . import protocol, static
 from .auth import Identity, TokenVerifier, token_from_handshake, user_from_path
 from .db import Database
 from .delivery import Delivery
-from .exceptions import AuthError, ProtocolError
+from .exceptions import AuthError, ConfigError, DatabaseError, ProtocolError
 from .hub import Hub
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render_metrics
@@ -76,8 +77,12 @@ class PushServer:
         health: Callable[[], tuple[bool, dict[str, Any]]],
         metrics: CollectorRegistry | None = None,
         stats: Stats | None = None,
+        demo_users: dict[str, str] | None = None,
     ) -> None:
         self._settings = settings
+        # notifyd demo only: user -> token. Enables the message center at /
+        # and the demo_send action; None (serve) leaves both out entirely.
+        self._demo_users = dict(demo_users) if demo_users is not None else None
         self.verifier = verifier
         self._hub = hub
         self._delivery = delivery
@@ -109,6 +114,7 @@ class PushServer:
             self._handle,
             settings.host,
             settings.port,
+            ssl=tls_context(settings),
             process_request=self._process_request,
             compression=None,
             max_size=settings.max_frame_bytes,
@@ -117,7 +123,8 @@ class PushServer:
             close_timeout=5,
             server_header="notifyd",
         )
-        logger.info("listening on ws://%s:%d/ws/message", settings.host, self.port)
+        scheme = "wss" if settings.tls_cert_file else "ws"
+        logger.info("listening on %s://%s:%d/ws/message", scheme, settings.host, self.port)
 
     def stop_accepting(self) -> None:
         """
@@ -159,6 +166,10 @@ class PushServer:
             return self._respond_health(connection, ready=True)
         if path == "/metrics":
             return self._respond_metrics(connection)
+        if path == "/" and self._demo_users is not None:
+            chosen = parse_qs(query_string).get("user")
+            page = static.demo_page(self._demo_users, chosen[-1] if chosen else None)
+            return static.to_response(page)
         route = user_from_path(path)
         if route is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
@@ -305,12 +316,50 @@ class PushServer:
                     unread_only=action.unread_only,
                 )
                 session.push(protocol.encode_history(action.request_id, rows, more))
+            elif isinstance(action, protocol.DemoSend):
+                request_id = action.request_id
+                if self._demo_users is None:
+                    # As if the action did not exist: serve knows nothing of it.
+                    session.push(protocol.encode_error("unknown_action", "unknown action", request_id))
+                elif action.to not in self._demo_users:
+                    session.push(protocol.encode_error("invalid", "to must be a demo user", request_id))
+                else:
+                    # A plain INSERT: delivered by the usual commit path.
+                    await db.insert_message(
+                        to_user=action.to,
+                        title=action.title,
+                        content=action.content,
+                        skip_url=action.skip_url,
+                        send_user=session.user,
+                    )
             else:
                 session.push(protocol.encode_error("invalid", "already authenticated"))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseError) as exc:
             logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """
+    The server TLS context when a certificate is configured, else None.
+
+    Raises :class:`ConfigError` naming the setting when the files are
+    missing or do not match.
+    """
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ConfigError("set both NOTIFYD_TLS_CERT_FILE and NOTIFYD_TLS_KEY_FILE")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"NOTIFYD_TLS_CERT_FILE/NOTIFYD_TLS_KEY_FILE cannot be used: {exc}"
+        ) from None
+    return context
 
 
 def _response(status: http.HTTPStatus, body: str | bytes, content_type: str) -> Response:

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["kv", "json"] = "kv"
+    tls_cert_file: Path | None = Field(
+        default=None, description="Serve wss:// directly with this PEM certificate (chain)."
+    )
+    tls_key_file: Path | None = Field(default=None, description="The certificate's PEM private key.")
 
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod

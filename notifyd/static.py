@@ -1,7 +1,8 @@
 """
 The static files served next to the WebSocket endpoint: the browser client
 (``/notifyd.js`` and its ``/notifyd.d.ts``) and the demo message center
-(``/demo``).
+(``/demo``). ``notifyd demo`` also serves the message center at ``/``
+through :func:`demo_page`, with the token of a demo user in the page.
 
 :func:`respond` is the whole decision (status, headers, body) as a pure
 function of the request; the files are read from the package once, on first
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import html
 import http
+import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -35,7 +38,7 @@ from websockets.http11 import Request, Response
 
 from .settings import Settings
 
-__all__ = ["ROUTES", "StaticResponse", "handles", "respond", "serve"]
+__all__ = ["ROUTES", "StaticResponse", "demo_page", "handles", "respond", "serve", "to_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +193,47 @@ def respond(
     return StaticResponse(http.HTTPStatus.OK.value, headers, b"" if method == "HEAD" else file.body)
 
 
+def demo_page(users: Mapping[str, str], user: str | None) -> StaticResponse:
+    """
+    The demo message center for ``user`` (the first demo user when None),
+    with ``{"user", "token", "users"}`` in a ``<meta name="notifyd-demo">``
+    the page reads (the page's policy allows no inline script). 404 for a
+    user that is not a demo user. Never cached: it holds a token.
+    """
+    if user is None and users:
+        user = next(iter(users))
+    if user is None or user not in users:
+        return _plain(http.HTTPStatus.NOT_FOUND)
+    file = _load("demo.html")
+    if file is None:
+        return _plain(http.HTTPStatus.NOT_FOUND)
+    config = json.dumps({"user": user, "token": users[user], "users": list(users)})
+    meta = f'<meta name="notifyd-demo" content="{html.escape(config, quote=True)}">\n'
+    text = file.body.decode()
+    anchor = '<meta charset="utf-8">\n'
+    body = text.replace(anchor, anchor + "  " + meta, 1).encode()
+    headers = [
+        ("Cache-Control", "no-store"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Content-Security-Policy", _PAGE_POLICY),
+        ("Referrer-Policy", "no-referrer"),
+        ("Content-Type", _HTML),
+        ("Content-Length", str(len(body))),
+    ]
+    return StaticResponse(http.HTTPStatus.OK.value, headers, body)
+
+
+def to_response(answer: StaticResponse) -> Response:
+    """
+    A :class:`StaticResponse` as a ``websockets`` handshake response.
+    """
+    status = http.HTTPStatus(answer.status)
+    headers = Headers(
+        [("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"), *answer.headers]
+    )
+    return Response(status.value, status.phrase, headers, answer.body)
+
+
 def serve(request: Request, path: str, settings: Settings) -> Response | None:
     """
     :func:`respond` for a ``websockets`` handshake request. Recent websockets
@@ -207,8 +251,4 @@ def serve(request: Request, path: str, settings: Settings) -> Response | None:
     )
     if answer is None:
         return None
-    status = http.HTTPStatus(answer.status)
-    headers = Headers(
-        [("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"), *answer.headers]
-    )
-    return Response(status.value, status.phrase, headers, answer.body)
+    return to_response(answer)

@@ -31,10 +31,14 @@ import asyncpg
 import pytest
 
 from notifyd import static
+from notifyd.auth import TokenVerifier
+from notifyd.daemon import Daemon
 
-from .conftest import TIMEOUT, RunningDaemon, insert
+from .conftest import TIMEOUT, RunningDaemon, insert, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "demo.png"
+DEMO_USERS = ("alice", "bob")
 CHROMIUM = (
     os.environ.get("NOTIFYD_TEST_CHROMIUM")
     or shutil.which("chromium")
@@ -267,6 +271,20 @@ async def app() -> AsyncIterator[AppServer]:
     await server.stop()
 
 
+@pytest.fixture
+async def demo_daemon(dsn: str) -> AsyncIterator[RunningDaemon]:
+    """
+    A daemon as `notifyd demo` runs it: demo users alice and bob, so the
+    message center is at / and demo_send is allowed.
+    """
+    settings = make_settings(dsn)
+    verifier = TokenVerifier.from_settings(settings)
+    daemon = Daemon(settings, verifier, demo_users={user: verifier.mint(user) for user in DEMO_USERS})
+    await daemon.start()
+    yield RunningDaemon(daemon, verifier)
+    await asyncio.wait_for(daemon.stop(), 8)
+
+
 def harness_url(app: AppServer, **options: Any) -> str:
     return f"{app.origin}/harness?options={quote(json.dumps(options))}"
 
@@ -292,6 +310,25 @@ NO_DEDUPE = {"dedupeSize": 0}
 
 async def wait_open(page: Any) -> None:
     await page.wait_for_function("() => window.client && window.client.state === 'open'", timeout=WAIT_MS)
+
+
+async def open_demo(context: Any, running: RunningDaemon, user: str) -> Any:
+    """
+    ``user``'s message center at / (demo mode), live.
+    """
+    page = await context.new_page()
+    await page.goto(f"http://127.0.0.1:{running.port}/?user={user}")
+    await page.locator('#status[data-state="open"]').wait_for()
+    return page
+
+
+async def open_dropdown(page: Any) -> None:
+    await page.locator("#bell").click()
+    await page.locator("#panel").wait_for()
+
+
+async def wait_badge(page: Any, text: str) -> None:
+    await page.wait_for_function("(text) => document.querySelector('#badge').textContent === text", arg=text)
 
 
 async def wait_ids(page: Any, count: int) -> list[str]:
@@ -530,11 +567,13 @@ async def test_demo_page_badge_counts_and_drops_on_read(
     page = await context.new_page()
     await page.goto(url)
     await page.locator('#status[data-state="open"]').wait_for()
+    await open_dropdown(page)
     other_context = await browser.new_context()  # another browser: its own connection
     try:
         other = await other_context.new_page()
         await other.goto(url)
         await other.locator('#status[data-state="open"]').wait_for()
+        await open_dropdown(other)
 
         first = await insert(db, "u1", "Welcome", "Glad you are here", skip_url="/inbox/1")
         await insert(db, "u1", "Order shipped", "Parcel 1Z999")
@@ -568,6 +607,7 @@ async def test_demo_page_lists_history_and_loads_more(
     await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
     await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
     assert await page.locator("#badge").text_content() == "22"
+    await open_dropdown(page)
     listed = await page.eval_on_selector_all("#list li", "(items) => items.map((li) => li.dataset.id)")
     assert listed == ids[::-1][:20]
     await page.locator("#more").click()
@@ -599,3 +639,121 @@ async def test_client_gives_up_after_repeated_4401_and_on_4409(
     error = await page.evaluate("() => window.client.history().then(() => null, (error) => error.code)")
     assert error == "replaced"
     assert sessions(running, "u1") == 1
+
+
+# -- notifyd demo: the message center at / ----------------------------------
+
+
+async def test_demo_mode_alone_serves_the_page_at_root_and_takes_demo_send(
+    demo_daemon: RunningDaemon, daemon: RunningDaemon, db: asyncpg.Connection, open_client: Any
+) -> None:
+    """Only a demo-mode daemon serves / (with the demo user's token) and inserts for demo_send; a serve-style one says 404 and unknown_action."""
+    status, headers, body = await http_get(demo_daemon.port, "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["cache-control"] == "no-store" and "content-security-policy" in headers
+    assert b'name="notifyd-demo"' in body and b"&quot;user&quot;: &quot;alice&quot;" in body
+    status, _, body = await http_get(demo_daemon.port, "/?user=bob")
+    assert status == 200 and b"&quot;user&quot;: &quot;bob&quot;" in body
+    assert (await http_get(demo_daemon.port, "/?user=mallory"))[0] == 404
+    assert (await http_get(demo_daemon.port, "/demo"))[0] == 200
+
+    bob = await open_client(demo_daemon.url("bob"))
+    alice = await open_client(demo_daemon.url("alice"))
+    await alice.send({"action": "demo_send", "to": "bob", "title": "Hi Bob", "content": "from Alice", "skipUrl": "/x"})
+    frame = (await bob.messages_until("Hi Bob"))[-1]
+    assert (frame["sendUser"], frame["toUser"], frame["content"], frame["skipUrl"]) == ("alice", "bob", "from Alice", "/x")
+    await alice.send({"action": "demo_send", "to": "mallory", "title": "Hi", "id": "s1"})
+    error = await alice.recv_event("error")
+    assert (error["code"], error["id"]) == ("invalid", "s1")
+
+    # notifyd serve: no page at /, and demo_send does not exist.
+    assert (await http_get(daemon.port, "/"))[0] == 404
+    served = await open_client(daemon.url("alice"))
+    await served.send({"action": "demo_send", "to": "bob", "title": "Nope", "id": "s2"})
+    error = await served.recv_event("error")
+    assert (error["code"], error["id"]) == ("unknown_action", "s2")
+    assert await db.fetchval("SELECT count(*) FROM t_message_real_time WHERE title = 'Nope'") == 0
+
+
+async def test_demo_root_page_shows_toast_and_badge_for_a_sql_insert(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """The demo page at / says who it is, links the other user, and shows a toast and the badge for a row inserted with SQL."""
+    page = await open_demo(context, demo_daemon, "alice")
+    await page.locator("#who", has_text="alice").wait_for()
+    assert await page.get_attribute('#users a[href="?user=bob"]', "href") == "?user=bob"
+    assert await page.locator("#send").is_visible()
+
+    await insert(db, "alice", "Your order shipped", "Parcel 1Z999 is on its way", skip_url="https://example.com/orders/17")
+    toast = page.locator(".toast", has_text="Your order shipped")
+    await toast.wait_for()
+    assert await toast.locator("p").text_content() == "Parcel 1Z999 is on its way"
+    assert await toast.locator("a").get_attribute("href") == "https://example.com/orders/17"
+    await wait_badge(page, "1")
+    assert await page.locator("#badge").is_visible()
+    assert await page.get_attribute("#bell", "aria-label") == "Messages, 1 unread message"
+    assert await page.locator("#announce").text_content() == "1 unread message"
+
+
+async def test_demo_two_windows_of_one_user_mark_read_moves_the_badge(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """Two windows of alice's page: a read in one drops the badge in the other, and "mark all read" clears both."""
+    first = await open_demo(context, demo_daemon, "alice")
+    second = await open_demo(context, demo_daemon, "alice")
+    one = await insert(db, "alice", "One")
+    await insert(db, "alice", "Two")
+    for window in (first, second):
+        await wait_badge(window, "2")
+
+    await open_dropdown(first)
+    await first.locator(f'li[data-id="{one}"] .msg-body').click()
+    await eventually(lambda: is_read(db, one), "the click's read in the database")
+    await wait_badge(second, "1")
+    await open_dropdown(second)
+    await second.locator(f'li[data-id="{one}"]:not(.unread)').wait_for()
+
+    await second.locator("#mark-all").click()
+    await first.wait_for_function("() => document.querySelector('#badge').hidden")
+    await first.wait_for_function("() => document.querySelectorAll('#list li.unread').length === 0")
+
+
+async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
+) -> None:
+    """Alice's form sends to Bob, whose page gets the toast and the badge; Bob's page, dropdown open, is docs/demo.png."""
+    context = await browser.new_context(viewport={"width": 1000, "height": 700})
+    context.set_default_timeout(WAIT_MS)
+    try:
+        await insert(db, "bob", "Welcome to notifyd", "Messages arrive the moment they are committed")
+        read = await insert(db, "bob", "Invoice 2041 paid", "Thank you, we received 42.00 EUR")
+        await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", read)
+        await insert(db, "bob", "Your order shipped", "Parcel 1Z999 is on its way", skip_url="https://example.com/orders/17")
+        alice = await open_demo(context, demo_daemon, "alice")
+        bob = await open_demo(context, demo_daemon, "bob")
+        await wait_badge(bob, "2")
+
+        await alice.select_option("#send-to", "bob")
+        await alice.fill("#send-title", "Lunch at noon?")
+        await alice.fill("#send-content", "The usual place, table for two")
+        await alice.fill("#send-url", "/calendar/lunch")
+        await alice.locator("#send-button").click()
+        await alice.locator("#send-status", has_text="Sent to bob.").wait_for()
+
+        toast = bob.locator(".toast", has_text="Lunch at noon?")
+        await toast.wait_for()
+        assert await toast.locator("a").get_attribute("href") == "/calendar/lunch"
+        await wait_badge(bob, "3")
+        row = await db.fetchrow("SELECT send_user, content FROM t_message_real_time WHERE title = 'Lunch at noon?'")
+        assert (row["send_user"], row["content"]) == ("alice", "The usual place, table for two")
+
+        await open_dropdown(bob)
+        titles = await bob.eval_on_selector_all("#list .msg-title", "(items) => items.map((t) => t.textContent)")
+        assert [t.removeprefix("Unread: ") for t in titles] == [
+            "Lunch at noon?", "Your order shipped", "Invoice 2041 paid", "Welcome to notifyd",
+        ]
+        assert await bob.locator("#list li.unread").count() == 3
+        await bob.screenshot(path=str(SCREENSHOT), animations="disabled")
+        assert SCREENSHOT.stat().st_size > 10_000
+    finally:
+        await context.close()

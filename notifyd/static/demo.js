@@ -1,6 +1,8 @@
 // The demo message center: a bell with the unread count, the inbox (history
 // on load, live messages on top, "load more"), toasts, mark read. Everything
-// it knows comes from notifyd.js; open it as /demo#token=<JWT>.
+// it knows comes from notifyd.js. `notifyd demo` serves it at /?user=<name>
+// with that demo user's token in <meta name="notifyd-demo"> and a form that
+// sends to the demo users; elsewhere open it as /demo#token=<JWT>.
 import { createClient } from "./notifyd.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -10,11 +12,11 @@ const ICON_LINK = svg("M14 4h6v6M20 4l-9 9M18 14v5a1 1 0 0 1-1 1H5a1 1 0 0 1-1-1
 const ICON_CLOSE = svg("M6 6l12 12M18 6 6 18");
 
 const params = new URLSearchParams(location.hash.slice(1));
-const token = params.get("token");
+const demo = demoConfig();
+const token = demo?.token ?? params.get("token");
 
 if (!token) {
-  $("#panel").hidden = true;
-  $("#bell").hidden = true;
+  $(".bell-wrap").hidden = true;
   $("#status").hidden = true;
   $("#login").hidden = false;
   $("#login").addEventListener("submit", (event) => {
@@ -24,6 +26,18 @@ if (!token) {
   });
 } else {
   start(token);
+}
+
+// {user, token, users} when `notifyd demo` served this page, else null.
+function demoConfig() {
+  const meta = document.querySelector('meta[name="notifyd-demo"]');
+  if (!meta) return null;
+  try {
+    const config = JSON.parse(meta.content);
+    return typeof config.token === "string" && Array.isArray(config.users) ? config : null;
+  } catch {
+    return null;
+  }
 }
 
 // The token's user, for the header and to keep users apart between tabs
@@ -57,10 +71,24 @@ function start(jwt) {
   const badge = $("#badge");
   const bell = $("#bell");
 
-  bell.addEventListener("click", () => {
-    const open = $("#panel").hidden;
-    $("#panel").hidden = !open;
+  $("#intro").hidden = false;
+  if (demo) setUpDemo(client, user);
+
+  // The dropdown: the bell toggles it; Escape or a click elsewhere closes it.
+  const panel = $("#panel");
+  const setOpen = (open) => {
+    panel.hidden = !open;
     bell.setAttribute("aria-expanded", String(open));
+  };
+  bell.addEventListener("click", () => setOpen(panel.hidden));
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !panel.hidden) {
+      setOpen(false);
+      bell.focus();
+    }
+  });
+  document.addEventListener("click", (event) => {
+    if (!panel.hidden && !event.target.closest?.(".bell-wrap")) setOpen(false);
   });
   $("#mark-all").addEventListener("click", () => client.markAllRead().catch(showError));
   $("#more").addEventListener("click", () => loadMore());
@@ -80,6 +108,11 @@ function start(jwt) {
   });
   client.on("hello", ({ user: helloUser }) => {
     $("#who").textContent = helloUser ? `Signed in as ${helloUser}` : "";
+  });
+  // Errors that answer no request, e.g. a refused demo_send.
+  client.on("error", ({ code, message }) => {
+    if (demo) sendStatus(`Not sent: ${message} (${code})`, true);
+    showError(new Error(`${code}: ${message}`));
   });
   client.on("unread", ({ count }) => {
     badge.textContent = count > 99 ? "99+" : String(count);
@@ -229,4 +262,67 @@ function start(jwt) {
   function showError(error) {
     console.warn("notifyd demo:", error);
   }
+}
+
+// The demo's extras: who this page is, links to the other demo users' pages,
+// and a form that sends them a message (the demo-only demo_send action, a
+// plain INSERT on the server, delivered like any other row).
+function setUpDemo(client, user) {
+  const others = demo.users.filter((name) => name !== user);
+  document.title = `${demo.user} · My messages · notifyd demo`;
+  const nav = $("#users");
+  const you = document.createElement("p");
+  you.append("You are ");
+  const strong = document.createElement("strong");
+  strong.textContent = demo.user;
+  you.append(strong, ". Open the page of ");
+  others.forEach((name, index) => {
+    const link = document.createElement("a");
+    link.href = `?user=${encodeURIComponent(name)}`;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = name;
+    if (index) you.append(index === others.length - 1 ? " or " : ", ");
+    you.append(link);
+  });
+  you.append(" in another window, or ");
+  const again = document.createElement("a");
+  again.href = `?user=${encodeURIComponent(demo.user)}`;
+  again.target = "_blank";
+  again.rel = "noopener";
+  again.textContent = `${demo.user}'s again`;
+  you.append(again, ".");
+  nav.replaceChildren(you);
+  nav.hidden = false;
+
+  const form = $("#send");
+  const to = $("#send-to");
+  for (const name of [...others, demo.user]) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name === demo.user ? `${name} (you)` : name;
+    to.append(option);
+  }
+  form.hidden = false;
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const frame = {
+      action: "demo_send",
+      to: to.value,
+      title: $("#send-title").value.trim(),
+      content: $("#send-content").value.trim() || null,
+      skipUrl: $("#send-url").value.trim() || null,
+    };
+    sendStatus("Sending…");
+    client.send(frame).then(
+      () => sendStatus(`Sent to ${frame.to}.`),
+      (error) => sendStatus(`Not sent: ${error.message}`, true),
+    );
+  });
+}
+
+function sendStatus(text, failed = false) {
+  const status = $("#send-status");
+  status.textContent = text;
+  status.classList.toggle("failed", failed);
 }

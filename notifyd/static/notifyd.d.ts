@@ -192,6 +192,8 @@ export declare class NotifydClient {
   markAllRead(type?: string | null): Promise<void>;
   /** One page of the inbox, newest first. Rejects with NotifydError on an error answer, timeout or disconnect. */
   history(options?: HistoryOptions): Promise<HistoryPage>;
+  /** Send another client frame (`{ action, ... }`, e.g. the demo's `demo_send`); resolves when sent. Errors arrive as `error` events. */
+  send(frame: { action: string; [field: string]: unknown }): Promise<void>;
   /** Reconnect now (after "unauthorized", or to skip a backoff wait). */
   reconnect(): void;
   /** Close for good; with tab sharing, another tab takes the connection over. */

@@ -273,6 +273,19 @@ export class NotifydClient {
     }));
   }
 
+  /**
+   * Send a client frame the methods above do not cover (`{ action, ... }`), such
+   * as the demo's `demo_send`; resolves once sent. An error answer arrives as
+   * an `error` event.
+   */
+  send(frame) {
+    if (!frame || typeof frame !== "object" || typeof frame.action !== "string") {
+      return Promise.reject(new TypeError("notifyd: send() needs a frame with an action"));
+    }
+    const { id, ...rest } = frame; // replies to an id would find no request
+    return this.#request(rest, false);
+  }
+
   /** Connect again now: after "unauthorized" (say, once the user logged in again) or to skip a backoff wait. */
   reconnect() {
     if (this.#closed) return;

@@ -1,0 +1,98 @@
+"""
+Operations: wss:// served directly, and one-line structured logs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from notifyd.exceptions import ConfigError
+
+from .conftest import SECRET, TIMEOUT, insert
+from .processes import free_port, mint, running_notifyd, serve_env, wait_until_healthy
+
+
+def _self_signed(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file = tmp_path / "cert.pem"
+    key_file = tmp_path / "key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_wss_is_served_directly_with_a_configured_certificate(tmp_path, start_daemon, db):
+    """With a certificate and key, clients connect over wss:// and get their messages."""
+    cert_file, key_file = _self_signed(tmp_path)
+    daemon = await start_daemon(tls_cert_file=cert_file, tls_key_file=key_file)
+    client_context = ssl.create_default_context(cafile=str(cert_file))
+    url = f"wss://localhost:{daemon.port}/ws/message?token={daemon.token('alice')}"
+    async with connect(url, ssl=client_context, open_timeout=TIMEOUT) as ws:
+        assert json.loads(await ws.recv())["event"] == "hello"
+        await insert(db, "alice", "over tls")
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["event"] == "message":
+                assert frame["title"] == "over tls"
+                break
+
+
+async def test_a_certificate_without_its_key_is_a_config_error(tmp_path, start_daemon):
+    """Only one of the two TLS settings, or a key that does not match, stops the start."""
+    cert_file, _ = _self_signed(tmp_path)
+    with pytest.raises(ConfigError, match="NOTIFYD_TLS_CERT_FILE"):
+        await start_daemon(tls_cert_file=cert_file)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, mismatched = _self_signed(other)
+    with pytest.raises(ConfigError, match="cannot be used"):
+        await start_daemon(tls_cert_file=cert_file, tls_key_file=mismatched)
+
+
+async def test_json_logs_are_one_event_per_line_and_never_show_the_token(dsn):
+    """NOTIFYD_LOG_FORMAT=json: every stderr line is a JSON event; auth failures name the reason, not the token."""
+    port = free_port()
+    env = serve_env(dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_FORMAT="json", NOTIFYD_LOG_LEVEL="INFO")
+    forged = mint("alice", secret="another-secret-" + "z" * 32)
+    async with running_notifyd("serve", env=env) as server:
+        await wait_until_healthy(port, server)
+        with pytest.raises(InvalidStatus):
+            async with connect(f"ws://127.0.0.1:{port}/ws/message?token={forged}"):
+                pass
+        line = await server.wait_for_stderr("auth failed", timeout=TIMEOUT)
+        logs = server.stderr()
+    events = [json.loads(raw) for raw in logs.splitlines() if raw.strip()]
+    assert all({"level", "logger", "msg"} <= set(event) for event in events)
+    assert any("LISTEN connection established" in event["msg"] for event in events)
+    failure = json.loads(line)
+    assert "reason=bad signature" in failure["msg"] and "remote=127.0.0.1" in failure["msg"]
+    assert forged not in logs and forged.split(".")[2] not in logs
