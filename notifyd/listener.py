@@ -191,7 +191,10 @@ class Listener:
                 await self._probe_returned.wait()
         except TimeoutError:
             logger.warning(
-                "LISTEN probe did not return within %.1fs; reconnecting", self._probe_timeout
+                "LISTEN probe did not return within %.1fs; reconnecting (if this repeats, "
+                "the LISTEN connection may go through a transaction-mode pooler, which breaks "
+                "LISTEN: point NOTIFYD_LISTEN_DSN at PostgreSQL directly)",
+                self._probe_timeout,
             )
             return False
         except Exception as exc:
