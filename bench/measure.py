@@ -1,0 +1,199 @@
+"""
+Process statistics from /proc, percentiles, and a description of the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+__all__ = [
+    "busy_seconds",
+    "cpu_seconds",
+    "gc_pauses",
+    "loopback_send_cost",
+    "machine",
+    "percentiles",
+    "rss_kib",
+    "tree_cpu_seconds",
+    "wait_quiet",
+]
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    # Fields after the parenthesised command name (which may hold spaces):
+    # index 0 is field 3 (state), so utime (14) is 11, stime (15) is 12.
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text.rpartition(")")[2].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    User plus system CPU seconds the process has used.
+    """
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def busy_seconds() -> float:
+    """
+    CPU seconds the whole machine spent in user, system and steal time
+    (summed over CPUs), from /proc/stat.
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, steal = (int(fields[i]) for i in (1, 2, 3, 8))
+    return (user + nice + system + steal) / _TICKS
+
+
+def tree_cpu_seconds(parent: int) -> float:
+    """
+    CPU seconds of ``parent`` and its live children (a postmaster and its
+    backends). Backends that exited in between are not counted.
+    """
+    total = 0.0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(int(entry.name))
+        except (OSError, IndexError):
+            continue
+        if int(entry.name) == parent or int(fields[1]) == parent:
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
+
+
+def gc_pauses(log: Path | None, start: float, end: float) -> list[tuple[int, float]]:
+    """
+    (generation, ms) of the collector passes that ``bench/probe`` logged
+    for a server between unix times ``start`` and ``end``.
+    """
+    if log is None:
+        return []
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return []
+    pauses = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and start <= float(parts[0]) <= end:
+            pauses.append((int(parts[1]), float(parts[2])))
+    return pauses
+
+
+def rss_kib(pid: int) -> int:
+    """
+    Resident set size (VmRSS) in KiB.
+    """
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def percentiles(values: list[int]) -> dict[str, float | int | None]:
+    """
+    n, p50, p99, p999 and max of ``values`` (nearest rank); None when empty.
+    """
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "p999": None, "max": None}
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def rank(q: float) -> int:
+        return ordered[min(n - 1, max(0, int(q * n + 0.999999) - 1))]
+
+    return {"n": n, "p50": rank(0.50), "p99": rank(0.99), "p999": rank(0.999), "max": ordered[-1]}
+
+
+async def wait_quiet(pid: int, *, below: float = 0.10, window: float = 0.5, timeout: float = 20.0) -> bool:
+    """
+    Wait until process ``pid`` uses less than ``below`` of a CPU over a
+    ``window``; False if it is still busy after ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(window)
+        if cpu_seconds(pid) - before < below * window:
+            return True
+    return False
+
+
+def loopback_send_cost(frames: int = 20_000, size: int = 400) -> dict[str, float]:
+    """
+    The kernel's floor for one WebSocket frame here: sender CPU µs (and wall
+    µs) per ``send()`` of ``size`` bytes over loopback TCP to a process that
+    reads and discards. Call before any thread or event loop exists (forks).
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
+    pid = os.fork()
+    if pid == 0:  # the reader
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as reader:
+                while reader.recv(1 << 16):
+                    pass
+        finally:
+            os._exit(0)
+    try:
+        connection, _ = listener.accept()
+        with connection:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            payload = b"x" * size
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for _ in range(frames):
+                connection.sendall(payload)
+                time.sleep(0)  # let the reader run, as a client would
+            cpu1, wall1 = time.process_time(), time.perf_counter()
+    finally:
+        listener.close()
+        os.waitpid(pid, 0)
+    return {
+        "frame_bytes": size,
+        "cpu_us_per_send": (cpu1 - cpu0) / frames * 1e6,
+        "wall_us_per_send": (wall1 - wall0) / frames * 1e6,
+    }
+
+
+def machine() -> dict[str, object]:
+    """
+    What the figures were measured on.
+    """
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    try:
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kib = 0
+    return {
+        "nproc": usable,
+        "cpu_model": model,
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
