@@ -315,7 +315,7 @@ class Delivery:
                 end,
                 limit=self._replay_limit + 1,
             )
-            for (request, cursor), rows in zip(chunk, results):
+            for (request, cursor), rows in zip(chunk, results, strict=True):
                 unread = counts.get(request.session.user, 0)
                 self._admit_resumed(request, cursor, rows, end, unread)
 
@@ -388,7 +388,7 @@ class Delivery:
         else:
             hello_cursor = Cursor(end).encode()
         replay = []
-        for row, cursor in zip(ordered, cursors):
+        for row, cursor in zip(ordered, cursors, strict=True):
             text = cursor.encode(at_seq=row["seq"])
             replay.append((protocol.encode_message(row, text), text))
         hello = protocol.encode_hello(user, hello_cursor, True, unread)

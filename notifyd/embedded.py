@@ -215,7 +215,7 @@ def _tree_world_readable(root: Path) -> bool:
     """
     if not all(parent.stat().st_mode & stat.S_IXOTH for parent in root.parents):
         return False
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         dir_mode = os.stat(dirpath).st_mode
         if dir_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
             return False

@@ -43,7 +43,7 @@ class LatencyHistogram:
         """
         result = []
         running = 0
-        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts):
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
             running += count
             result.append((bound, running))
         return result

@@ -303,3 +303,30 @@ def test_every_close_code_has_a_short_reason(code: CloseCode) -> None:
     reason = close_reason(code)
     assert isinstance(reason, str) and reason
     assert len(reason.encode()) <= 123
+
+
+def test_demo_send_is_parsed_with_its_fields_and_request_id() -> None:
+    """demo_send carries to, title, content, skipUrl and the echoed id."""
+    from notifyd.protocol import DemoSend
+
+    action = parse_client_frame(
+        '{"action":"demo_send","to":"bob","title":"Hi","content":"Hello","skipUrl":"/x","id":4}'
+    )
+    assert action == DemoSend("bob", "Hi", "Hello", "/x", 4)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"action":"demo_send"}',
+        '{"action":"demo_send","to":""}',
+        '{"action":"demo_send","to":7}',
+        '{"action":"demo_send","to":"bob","content":' + '"' + "x" * 2001 + '"}',
+        '{"action":"demo_send","to":"bob","title":["x"]}',
+    ],
+)
+def test_demo_send_with_bad_fields_is_invalid(frame: str) -> None:
+    """A demo_send without a valid addressee, or with oversized or mistyped fields, is invalid."""
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(frame)
+    assert info.value.code == "invalid"
