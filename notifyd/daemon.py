@@ -131,6 +131,7 @@ class Daemon:
                 replay_limit=settings.replay_limit,
                 poll_interval=settings.poll_interval_s,
                 event_retention=settings.event_retention_s,
+                min_interval=settings.batch_interval_ms / 1000,
                 stats=self.stats,
             )
             self.listener = listener = Listener(

@@ -64,6 +64,7 @@ class Delivery:
         replay_limit: int,
         poll_interval: float,
         event_retention: float = 3600.0,
+        min_interval: float = 0.0,
         retry_max: float = 5.0,
         stats: Stats | None = None,
     ) -> None:
@@ -79,6 +80,7 @@ class Delivery:
         self._unfinished: tuple[Snapshot, int, _WindowAccount] | None = None
         self._prune_every = 60.0
         self._event_retention = event_retention
+        self._min_interval = min_interval
         self.stats = stats if stats is not None else Stats()
         self._repairing = False
         self.listening = False
@@ -118,7 +120,7 @@ class Delivery:
         nothing is skipped while retrying.
         """
         attempt = 0
-        last_prune = time.monotonic()
+        last_prune = last_read = time.monotonic()
         while True:
             joining, self._pending = self._pending, []
             try:
@@ -156,6 +158,13 @@ class Delivery:
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
+            # Under load, start reads at most every ``min_interval`` seconds,
+            # so one query serves the commits of that interval instead of one
+            # query per commit; an isolated commit is read at once.
+            delay = last_read + self._min_interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            last_read = time.monotonic()
             self._wakeup.clear()
 
     def _requeue(self, requests: list[_Join]) -> None:

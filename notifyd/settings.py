@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     slow_client_timeout_s: float = Field(default=30.0, gt=0)
     replay_limit: int = Field(default=1000, ge=1)
     fetch_batch: int = Field(default=1000, ge=1)
+    batch_interval_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="Under load, the shortest time between two reads of new rows, so one "
+        "query serves several commits; 0 reads once per wake-up.",
+    )
     event_retention_s: float = Field(
         default=3600.0,
         gt=0,
