@@ -35,6 +35,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from notifyd.auth import TokenVerifier
 from notifyd.settings import Settings
 
+from .control import serve_commands
+
 _CONTENT = '"content":'
 _OPEN_TIMEOUT = 60.0
 
@@ -224,24 +226,9 @@ class Clients:
 
 
 async def _main(config: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 26)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     clients = Clients(config["kind"], config["url"], config.get("secret", ""))
     try:
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            request = json.loads(line)
-            try:
-                reply = await clients.handle(request)
-            except Exception as exc:
-                reply = {"error": repr(exc)}
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
-            if request["cmd"] == "quit":
-                break
+        await serve_commands(clients.handle)
     finally:
         await clients.close()
 

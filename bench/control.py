@@ -13,7 +13,9 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,28 @@ async def wait_healthy(child: Child, port: int, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{child.name} not healthy within {timeout:.0f}s: {child.log_tail()}")
         await asyncio.sleep(0.05)
+
+
+async def serve_commands(handle: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+    """
+    Answer JSON-line commands from stdin on stdout until EOF or ``quit``.
+
+    The protocol between the orchestrator and its client and writer
+    processes; a failing command answers ``{"error": ...}``.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        request = json.loads(line)
+        try:
+            reply = await handle(request)
+        except Exception as exc:
+            reply = {"error": repr(exc)}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if request["cmd"] == "quit":
+            break

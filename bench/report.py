@@ -202,7 +202,7 @@ def _targets(r: Results) -> list[tuple[str, str, str]]:
     good = nd["single"]["last_good"]
     full_size = sessions >= 10_000
     out.append((
-        f"Keep up with ~5,000 single-row commits/s, 10,000 sessions connected, p99 < 20 ms",
+        "Keep up with ~5,000 single-row commits/s, 10,000 sessions connected, p99 < 20 ms",
         f"sustained {_sustained(nd['single'])} commits/s with {_n(sessions)} sessions",
         verdict(good is not None and good >= 5000 if full_size else None,
                 "" if full_size else f"(only {_n(sessions)} sessions in this run)"),

@@ -35,6 +35,8 @@ from typing import Any
 
 import asyncpg
 
+from .control import serve_commands
+
 _TABLE = re.compile(r"[a-z_][a-z0-9_]*")
 _ONE = "INSERT INTO {table} (to_user, title, content, type, send_user) VALUES ($1, 'Bench message', $2, 'bench', 'bench-writer')"
 _MANY = (
@@ -157,28 +159,12 @@ class Writers:
 
 
 async def _main(config: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 26)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     settings = {"synchronous_commit": config.get("synchronous_commit", "on")}
     connections = await asyncio.gather(
         *(asyncpg.connect(config["dsn"], server_settings=settings) for _ in range(config["conns"]))
     )
     try:
-        writers = Writers(list(connections))
-        while True:
-            line = await reader.readline()
-            if not line:
-                break
-            request = json.loads(line)
-            try:
-                reply = await writers.handle(request)
-            except Exception as exc:
-                reply = {"error": repr(exc)}
-            sys.stdout.write(json.dumps(reply) + "\n")
-            sys.stdout.flush()
-            if request["cmd"] == "quit":
-                break
+        await serve_commands(Writers(list(connections)).handle)
     finally:
         await asyncio.gather(*(c.close(timeout=5) for c in connections), return_exceptions=True)
 
