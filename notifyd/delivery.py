@@ -236,14 +236,15 @@ class Delivery:
                     account.new_unread[user] = account.new_unread.get(user, 0) + 1
                 is_last = last_seq.get(user) == seq and seq > star_seq
             cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
-            if row["skip_url"] is not None and protocol.safe_url(row["skip_url"]) is None:
+            fields = protocol.message_frame(row, cursor)
+            if fields["skipUrl"] is None and row["skip_url"] is not None:
                 stats.unsafe_skip_urls += 1
             sent_at = row["send_time"]
             if sent_at.tzinfo is not None:
                 stats.latency.observe(now - sent_at.timestamp())
             if self._repairing:
                 stats.repair_rows += 1
-            frame = protocol.encode_message(row, cursor)
+            frame = protocol.encode(fields)
             data = frame.encode()
             count = 0
             for session in sessions:

@@ -209,7 +209,7 @@ class PushServer:
     def _respond_metrics(self, connection: ServerConnection) -> Response:
         if self._metrics is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
-        if self._settings.metrics_loopback_only and not _is_loopback(connection.remote_address):
+        if self._settings.metrics_loopback_only and not is_loopback_address(connection.remote_address):
             return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
         return _response(http.HTTPStatus.OK, render_metrics(self._metrics), METRICS_CONTENT_TYPE)
 
@@ -385,7 +385,10 @@ def _address(connection: ServerConnection) -> str:
         return "?"
 
 
-def _is_loopback(address: Any) -> bool:
+def is_loopback_address(address: Any) -> bool:
+    """
+    Whether a peer address tuple comes from this machine (for /metrics).
+    """
     try:
         return ipaddress.ip_address(address[0]).is_loopback
     except (TypeError, ValueError, IndexError):

@@ -219,6 +219,24 @@ async def test_metrics_can_be_restricted_to_loopback(start_daemon):
     assert response.status == 200
 
 
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        (("127.0.0.1", 5000), True),
+        (("::1", 5000, 0, 0), True),
+        (("10.1.2.3", 5000), False),
+        (("2001:db8::1", 5000, 0, 0), False),
+        (None, False),
+        (("not an address", 1), False),
+    ],
+)
+def test_metrics_restriction_tells_loopback_peers_from_others(address, loopback):
+    """The /metrics loopback check refuses every address not on this machine."""
+    from notifyd.server import is_loopback_address
+
+    assert is_loopback_address(address) is loopback
+
+
 @pytest.mark.parametrize("path", ["/ws/message", "/healthz", "/metrics"])
 async def test_non_get_requests_are_refused_with_405_before_any_token_check(daemon, path):
     """POST and friends never reach token verification or the health data."""
