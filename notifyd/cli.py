@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    configure_logging(settings.log_level, settings.log_format)
+    # Daemons log to stdout (the service's output); one-shot commands keep
+    # stdout for their results.
+    log_stream = sys.stdout if args.command in ("serve", "demo") else sys.stderr
+    configure_logging(settings.log_level, settings.log_format, log_stream)
     command: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
         "serve": _serve,
         "demo": _demo,
@@ -186,6 +189,8 @@ async def _run_daemon(
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         notifier.close()
+    if daemon.failure is not None:
+        _error(str(daemon.failure))
     return EXIT_FAILURE if daemon.failed else EXIT_OK
 
 

@@ -18,7 +18,7 @@ import asyncpg
 from .auth import TokenVerifier
 from .db import Database
 from .delivery import Delivery
-from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError
+from .exceptions import ConfigError, DatabaseError, NotifydError, ReplicaError, SchemaError
 from .hub import Hub
 from .listener import Listener, backoff_delay
 from .metrics import registry_for
@@ -98,6 +98,8 @@ class Daemon:
         self.server: PushServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._failed = asyncio.Event()
+        # Why a background task stopped when the cause is the setup, not a bug.
+        self.failure: NotifydError | None = None
         self.started_at = time.monotonic()
 
     @property
@@ -179,7 +181,7 @@ class Daemon:
         failed.cancel()
         if not waiter.done():
             waiter.cancel()
-            raise DatabaseError("delivery could not start")
+            raise self.failure or DatabaseError("delivery could not start")
 
     def _spawn(self, coroutine: Any, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -191,7 +193,12 @@ class Daemon:
         if task.cancelled():
             return
         exc = task.exception()
-        logger.error("background task %s stopped: %r", task.get_name(), exc, exc_info=exc)
+        if isinstance(exc, NotifydError):
+            # A configuration problem found at run time: one line, no traceback.
+            self.failure = exc
+            logger.error("%s stopped: %s", task.get_name(), exc)
+        else:
+            logger.error("background task %s stopped: %r", task.get_name(), exc, exc_info=exc)
         self._failed.set()
 
     async def wait_failed(self) -> None:

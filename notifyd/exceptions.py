@@ -11,6 +11,8 @@ error codes).
         * :exc:`ReplicaError` — the database is a hot standby; LISTEN cannot
           work there.
         * :exc:`SchemaError` — the table or its triggers are missing.
+        * :exc:`ListenPathError` — NOTIFYs never reach the LISTEN
+          connection (a transaction-mode pooler in the way).
     * :exc:`AuthError` — a token was rejected; ``reason`` is for the log only.
     * :exc:`ProtocolError` — a client frame is malformed; ``code`` is the
       error code sent back.
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigError",
     "CursorError",
     "DatabaseError",
+    "ListenPathError",
     "NotifydError",
     "ProtocolError",
     "ReplicaError",
@@ -58,6 +61,13 @@ class ReplicaError(DatabaseError):
 class SchemaError(DatabaseError):
     """
     The message table, its columns or its triggers are missing.
+    """
+
+
+class ListenPathError(DatabaseError):
+    """
+    NOTIFYs are sent but never reach the LISTEN connection: something
+    between it and Postgres (a transaction-mode pooler) breaks LISTEN.
     """
 
 

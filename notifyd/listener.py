@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from .db import CHANNEL, Database
+from .exceptions import ListenPathError
 from .stats import Stats
 
 __all__ = ["Listener", "ListenerHealth", "backoff_delay"]
@@ -34,6 +35,10 @@ __all__ = ["Listener", "ListenerHealth", "backoff_delay"]
 logger = logging.getLogger(__name__)
 
 _PROBE_PREFIX = "probe:"
+# Probes in a row that were sent but never came back, before the path was
+# ever proven, after which the configuration is declared broken: a working
+# path answers the first probe, a transaction-mode pooler never does.
+STARTUP_PROBE_ATTEMPTS = 3
 
 
 def backoff_delay(attempt: int, *, initial: float = 0.1, maximum: float = 10.0) -> float:
@@ -96,10 +101,15 @@ class Listener:
         self.health = ListenerHealth()
         self._stats = stats
         self.proven = asyncio.Event()
+        self._unanswered_before_proven = 0
 
     async def run(self) -> None:
         """
         Listen until cancelled, reconnecting after any failure.
+
+        Raises :class:`ListenPathError` when, from start-up on, every one of
+        :data:`STARTUP_PROBE_ATTEMPTS` probes was sent but none came back:
+        retrying cannot fix a pooler in the way.
         """
         attempt = 0
         while True:
@@ -185,11 +195,22 @@ class Listener:
         self._probe_token = secrets.token_hex(8)
         self._probe_returned.clear()
         started = time.monotonic()
+        sent = False
         try:
             async with asyncio.timeout(self._probe_timeout):
                 usage = await self._db.notify(_PROBE_PREFIX + self._probe_token)
+                sent = True
                 await self._probe_returned.wait()
         except TimeoutError:
+            if sent and not self.proven.is_set():
+                self._unanswered_before_proven += 1
+                if self._unanswered_before_proven >= STARTUP_PROBE_ATTEMPTS:
+                    raise ListenPathError(
+                        f"{STARTUP_PROBE_ATTEMPTS} NOTIFYs sent through NOTIFYD_DSN never reached "
+                        "the LISTEN connection: NOTIFYD_LISTEN_DSN (or NOTIFYD_DSN) goes through "
+                        "a transaction-mode pooler or another database; point "
+                        "NOTIFYD_LISTEN_DSN at PostgreSQL directly (or a session-mode pooler)"
+                    ) from None
             logger.warning(
                 "LISTEN probe did not return within %.1fs; reconnecting (if this repeats, "
                 "the LISTEN connection may go through a transaction-mode pooler, which breaks "

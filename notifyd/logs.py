@@ -1,20 +1,26 @@
 """
-Logging set up once, by the CLI: one event per line on stderr.
+Logging set up once, by the CLI: one event per line.
 
 journald (or the container runtime) adds the timestamp, so lines carry the
 level, the logger and the message, as ``key=value`` pairs or as JSON
-(``NOTIFYD_LOG_FORMAT``). stderr, not stdout: commands print their results
-on stdout (``$(notifyd token u1)``), and journald captures both. Library
-code only ever calls ``logging.getLogger(__name__)``.
+(``NOTIFYD_LOG_FORMAT``). The long-running commands (``serve``, ``demo``)
+log to stdout, the stream journald and container runtimes collect as the
+service's output. One-shot commands log to stderr, because their results
+are their stdout (``$(notifyd token u1)``). Library code only ever calls
+``logging.getLogger(__name__)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
+from typing import TextIO
 
-__all__ = ["JsonFormatter", "KeyValueFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "KeyValueFormatter", "configure_logging", "remote_of"]
+
+# websockets' own per-connection lines; notifyd logs "session opened" and
+# "session closed" with the user and the close code in their place.
+_REPLACED_LINES = frozenset({"connection open", "connection closed"})
 
 
 def _quote(value: str) -> str:
@@ -23,9 +29,32 @@ def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def remote_of(record: logging.LogRecord) -> str | None:
+    """
+    The peer ``host:port`` of the WebSocket connection a record is about.
+
+    websockets' connection loggers, and notifyd's calls with
+    ``extra={"websocket": connection}``, attach the connection to the record.
+    """
+    connection = getattr(record, "websocket", None)
+    if connection is None:
+        return None
+    try:
+        host, port = connection.remote_address[:2]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class _ReplacedLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("websockets") and record.msg in _REPLACED_LINES)
+
+
 class KeyValueFormatter(logging.Formatter):
     """
-    ``level=INFO logger=notifyd.listener msg="LISTEN connection established"``.
+    ``level=INFO logger=notifyd.listener msg="LISTEN connection established"``,
+    plus ``remote=`` for a record about a WebSocket connection.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -33,6 +62,9 @@ class KeyValueFormatter(logging.Formatter):
             f"level={record.levelname} logger={record.name} "
             f"msg={_quote(record.getMessage())}"
         )
+        remote = remote_of(record)
+        if remote is not None:
+            line += f" remote={_quote(remote)}"
         if record.exc_info:
             line += f" exc={_quote(self.formatException(record.exc_info))}"
         return line
@@ -45,17 +77,21 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         event = {"level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        remote = remote_of(record)
+        if remote is not None:
+            event["remote"] = remote
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
         return json.dumps(event, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def configure_logging(level: str, fmt: str, stream: TextIO) -> None:
     """
-    Send every log event to stderr, one line each, in ``fmt`` ("kv" or "json").
+    Send every log event to ``stream``, one line each, in ``fmt`` ("kv" or "json").
     """
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(_ReplacedLines())
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

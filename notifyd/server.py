@@ -234,6 +234,9 @@ class PushServer:
             stats=self._stats,
         )
         self._sessions.add(session)
+        logger.info(
+            "session %s opened: user=%s", session.id, identity.user, extra={"websocket": connection}
+        )
         try:
             await self._delivery.join(session, since)
             async for data in connection:
@@ -245,6 +248,13 @@ class PushServer:
             self._sessions.discard(session)
             session.close(CloseCode.NORMAL)
             await session.finished()
+            logger.info(
+                "session %s closed: user=%s code=%s",
+                session.id,
+                identity.user,
+                connection.close_code,
+                extra={"websocket": connection},
+            )
 
     async def _first_frame_auth(
         self, connection: ServerConnection, handshake: _Handshake
@@ -286,7 +296,7 @@ class PushServer:
         Count and log a rejected authentication; never the token itself.
         """
         self._stats.auth_failures[reason] += 1
-        logger.info("auth failed: reason=%s remote=%s", reason, _address(connection))
+        logger.info("auth failed: reason=%s", reason, extra={"websocket": connection})
 
     async def _answer(self, session: Session, data: str | bytes) -> None:
         """
@@ -376,13 +386,6 @@ def _response(status: http.HTTPStatus, body: str | bytes, content_type: str) -> 
         ]
     )
     return Response(status.value, status.phrase, headers, data)
-
-
-def _address(connection: ServerConnection) -> str:
-    try:
-        return str(connection.remote_address[0])
-    except (TypeError, IndexError):
-        return "?"
 
 
 def is_loopback_address(address: Any) -> bool:

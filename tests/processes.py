@@ -146,39 +146,38 @@ async def run_cli(*args: str, env: Mapping[str, str], timeout: float = CLI_TIMEO
 @dataclass
 class NotifydProcess:
     """
-    A long-running ``python -m notifyd ARGS``. Its stderr goes to a file that
-    can be read at any time, or to ``process.stderr`` when started with
-    ``stderr_pipe=True``.
+    A long-running ``python -m notifyd ARGS``. Its log (stdout) and its
+    stderr go to one file that can be read at any time; started with
+    ``stdout_pipe=True``, stdout is ``process.stdout`` instead.
     """
 
     args: tuple[str, ...]
     process: asyncio.subprocess.Process
-    stderr_file: IO[bytes] | None = None
+    output_file: IO[bytes]
 
-    def stderr(self) -> str:
+    def output(self) -> str:
         """
-        Everything written to stderr so far.
+        Everything written to the file so far: the log and stderr, or only
+        stderr when stdout is a pipe.
         """
-        if self.stderr_file is None:
-            return "<stderr is a pipe: read process.stderr>"
         # pread: the child shares this file's offset, so never seek it.
-        fd = self.stderr_file.fileno()
+        fd = self.output_file.fileno()
         return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
-    async def wait_for_stderr(self, *fragments: str, timeout: float) -> str:
+    async def wait_for_output(self, *fragments: str, timeout: float) -> str:
         """
-        Poll until one stderr line contains every fragment; return that line.
+        Poll until one output line contains every fragment; return that line.
         """
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.stderr().splitlines():
+            for line in self.output().splitlines():
                 if all(fragment in line for fragment in fragments):
                     return line
             assert self.process.returncode is None, (
-                f"notifyd {' '.join(self.args)} exited ({self.process.returncode}): {self.stderr()}"
+                f"notifyd {' '.join(self.args)} exited ({self.process.returncode}): {self.output()}"
             )
             assert time.monotonic() < deadline, (
-                f"no stderr line with {fragments} within {timeout}s: {self.stderr()}"
+                f"no output line with {fragments} within {timeout}s: {self.output()}"
             )
             await asyncio.sleep(_POLL_S)
 
@@ -193,7 +192,7 @@ class NotifydProcess:
         except TimeoutError:
             await _kill(self.process)
             pytest.fail(
-                f"notifyd {' '.join(self.args)} ignored signal {signum} for {timeout}s: {self.stderr()}"
+                f"notifyd {' '.join(self.args)} ignored signal {signum} for {timeout}s: {self.output()}"
             )
 
 
@@ -201,18 +200,17 @@ class NotifydProcess:
 async def running_notifyd(
     *args: str,
     env: Mapping[str, str],
-    stdout: int = asyncio.subprocess.DEVNULL,
-    stderr_pipe: bool = False,
+    stdout_pipe: bool = False,
     stop_signal: int = signal.SIGTERM,
     grace: float = 2 * TIMEOUT,
 ) -> AsyncIterator[NotifydProcess]:
     """
-    Start ``python -m notifyd ARGS`` in the background (stdin closed, stdout
-    to ``stdout``, stderr to a temporary file or, with ``stderr_pipe``, a
-    pipe). On exit, if it still runs, it gets ``stop_signal``, then SIGKILL
+    Start ``python -m notifyd ARGS`` in the background (stdin closed; stdout,
+    where ``serve`` and ``demo`` log, and stderr to one temporary file, or
+    stdout to a pipe with ``stdout_pipe``). On exit, if it still runs, it gets ``stop_signal``, then SIGKILL
     if it has not exited within ``grace`` seconds.
     """
-    stderr_file = None if stderr_pipe else tempfile.TemporaryFile()
+    output_file = tempfile.TemporaryFile()
     try:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -221,16 +219,15 @@ async def running_notifyd(
             *args,
             env=dict(env),
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=asyncio.subprocess.PIPE if stderr_file is None else stderr_file,
+            stdout=asyncio.subprocess.PIPE if stdout_pipe else output_file,
+            stderr=output_file,
         )
         try:
-            yield NotifydProcess(args, process, stderr_file)
+            yield NotifydProcess(args, process, output_file)
         finally:
             await _stop(process, stop_signal, grace)
     finally:
-        if stderr_file is not None:
-            stderr_file.close()
+        output_file.close()
 
 
 async def _stop(process: asyncio.subprocess.Process, signum: int, grace: float) -> None:
@@ -285,9 +282,9 @@ async def wait_until_listening(port: int, server: NotifydProcess, timeout: float
     """
     deadline = time.monotonic() + timeout
     while not await _accepts(port, refused=(OSError,)):
-        assert server.process.returncode is None, f"notifyd serve exited: {server.stderr()}"
+        assert server.process.returncode is None, f"notifyd serve exited: {server.output()}"
         assert time.monotonic() < deadline, (
-            f"notifyd serve did not listen on {port} within {timeout}s: {server.stderr()}"
+            f"notifyd serve did not listen on {port} within {timeout}s: {server.output()}"
         )
         await asyncio.sleep(_POLL_S)
 
@@ -302,15 +299,17 @@ async def wait_until_refused(port: int, timeout: float) -> None:
         await asyncio.sleep(_POLL_S)
 
 
-async def wait_until_healthy(port: int, server: NotifydProcess, timeout: float = 3 * TIMEOUT) -> None:
+async def wait_until_healthy(
+    port: int, server: NotifydProcess, timeout: float = 3 * TIMEOUT, path: str = "/healthz"
+) -> None:
     """
-    Poll GET /healthz on 127.0.0.1:port until it answers 200; fail if
-    ``server`` exits first or ``timeout`` passes.
+    Poll GET ``path`` (/healthz, or /readyz) on 127.0.0.1:port until it
+    answers 200; fail if ``server`` exits first or ``timeout`` passes.
     """
 
     def get() -> int:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as reply:
                 return int(reply.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
@@ -322,8 +321,8 @@ async def wait_until_healthy(port: int, server: NotifydProcess, timeout: float =
         status = await asyncio.to_thread(get)
         if status == 200:
             return
-        assert server.process.returncode is None, server.stderr()
+        assert server.process.returncode is None, server.output()
         assert time.monotonic() < deadline, (
-            f"/healthz never answered 200 within {timeout}s (last {status}): {server.stderr()}"
+            f"{path} never answered 200 within {timeout}s (last {status}): {server.output()}"
         )
         await asyncio.sleep(_POLL_S)

@@ -212,8 +212,8 @@ async def test_serve_delivers_and_on_sigterm_closes_sessions_with_1012_and_exits
         await asyncio.wait_for(client.ws.wait_closed(), TIMEOUT)
         assert client.ws.close_code == 1012
         code = await asyncio.wait_for(server.process.wait(), TIMEOUT)
-        assert code == 0, server.stderr()
-        assert "Traceback" not in server.stderr()
+        assert code == 0, server.output()
+        assert "Traceback" not in server.output()
 
 
 async def test_demo_runs_embedded_postgres_delivers_printed_send_and_stops_it_on_sigint(
@@ -224,19 +224,19 @@ async def test_demo_runs_embedded_postgres_delivers_printed_send_and_stops_it_on
     env = clean_env(NOTIFYD_LOG_LEVEL="WARNING")
     # SIGINT on the way out too, so the demo stops its embedded PostgreSQL.
     async with running_notifyd(
-        "demo", "--port", str(port), env=env, stdout=asyncio.subprocess.PIPE, stop_signal=signal.SIGINT
+        "demo", "--port", str(port), env=env, stdout_pipe=True, stop_signal=signal.SIGINT
     ) as demo:
         assert demo.process.stdout is not None
         lines: dict[str, str] = {}
         deadline = time.monotonic() + 6 * TIMEOUT
         while "send" not in lines:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"demo printed no send line in time: {lines}\n{demo.stderr()}"
+            assert remaining > 0, f"demo printed no send line in time: {lines}\n{demo.output()}"
             try:
                 raw = await asyncio.wait_for(demo.process.stdout.readline(), remaining)
             except TimeoutError:
-                pytest.fail(f"demo printed no send line in time: {lines}\n{demo.stderr()}")
-            assert raw, f"demo stdout closed early: {lines}\n{demo.stderr()}"
+                pytest.fail(f"demo printed no send line in time: {lines}\n{demo.output()}")
+            assert raw, f"demo stdout closed early: {lines}\n{demo.output()}"
             line = raw.decode().strip()
             if line.startswith("token for demo-user:"):
                 lines["token"] = line.split(":", 1)[1].strip()
@@ -260,8 +260,8 @@ async def test_demo_runs_embedded_postgres_delivers_printed_send_and_stops_it_on
 
         demo.process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(demo.process.wait(), 2 * TIMEOUT)
-        assert code == 0, demo.stderr()
-        assert "Traceback" not in demo.stderr()
+        assert code == 0, demo.output()
+        assert "Traceback" not in demo.output()
         await wait_until_refused(pg_port, TIMEOUT)
 
 
@@ -292,21 +292,21 @@ async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmas
 
     data_dir: str | None = None
     try:
-        # stderr is a pipe, read line by line: SIGINT must land right after initdb.
+        # The log (stdout) is a pipe, read line by line: SIGINT must land right after initdb.
         async with running_notifyd(
             "demo",
             "--port",
             str(free_port()),
             env=clean_env(NOTIFYD_LOG_LEVEL="INFO"),
-            stderr_pipe=True,
+            stdout_pipe=True,
             stop_signal=signal.SIGKILL,
         ) as demo:
             process = demo.process
-            assert process.stderr is not None
+            assert process.stdout is not None
             deadline = time.monotonic() + 6 * TIMEOUT
             while data_dir is None:
                 raw = await asyncio.wait_for(
-                    process.stderr.readline(), max(0.01, deadline - time.monotonic())
+                    process.stdout.readline(), max(0.01, deadline - time.monotonic())
                 )
                 assert raw, "demo exited before initialising its cluster"
                 found = re.search(r"initialised PostgreSQL cluster in (\S+)", raw.decode())

@@ -23,6 +23,7 @@ from notifyd.db import schema_sql
 from notifyd.embedded import EmbeddedPostgres
 
 from .conftest import SECRET, TIMEOUT, insert
+from .pgproxy import notification_dropping_proxy
 from .processes import (
     free_port,
     mint,
@@ -118,14 +119,14 @@ async def test_serve_waiting_for_database_exits_0_on_sigterm() -> None:
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     env = serve_env(unreachable, free_port(), **_SERVE_SETTINGS)
     async with running_notifyd("serve", env=env, stop_signal=signal.SIGKILL) as serving:
-        await serving.wait_for_stderr("cannot connect", "retrying", timeout=TIMEOUT)
+        await serving.wait_for_output("cannot connect", "retrying", timeout=TIMEOUT)
         serving.process.send_signal(signal.SIGTERM)
         try:
             code = await asyncio.wait_for(serving.process.wait(), TIMEOUT)
         except TimeoutError:
             pytest.fail(f"serve ignored SIGTERM for {TIMEOUT}s while waiting for the database")
-        assert code == 0, serving.stderr()
-        assert "Traceback" not in serving.stderr(), serving.stderr()
+        assert code == 0, serving.output()
+        assert "Traceback" not in serving.output(), serving.output()
 
 
 async def test_check_with_listen_dsn_on_hot_standby_names_the_standby(
@@ -157,15 +158,15 @@ async def test_serve_started_before_database_retries_then_delivers_once_it_is_up
         port = free_port()
         env = serve_env(pg.dsn, port, **_SERVE_SETTINGS)
         async with running_notifyd("serve", env=env, stop_signal=signal.SIGKILL) as serving:
-            line = await serving.wait_for_stderr("cannot connect", "retrying", timeout=TIMEOUT)
+            line = await serving.wait_for_output("cannot connect", "retrying", timeout=TIMEOUT)
             assert "WARNING" in line, line
             # Still waiting, not given up: a second attempt is logged too.
             deadline = time.monotonic() + TIMEOUT
-            while serving.stderr().count("retrying") < 2:
-                assert serving.process.returncode is None, serving.stderr()
-                assert time.monotonic() < deadline, serving.stderr()
+            while serving.output().count("retrying") < 2:
+                assert serving.process.returncode is None, serving.output()
+                assert time.monotonic() < deadline, serving.output()
                 await asyncio.sleep(0.05)
-            assert "Traceback" not in serving.stderr(), serving.stderr()
+            assert "Traceback" not in serving.output(), serving.output()
 
             await asyncio.to_thread(pg.start)
             await wait_until_healthy(port, serving, timeout=3 * TIMEOUT)
@@ -190,7 +191,40 @@ async def test_serve_started_before_database_retries_then_delivers_once_it_is_up
                 assert frame["title"] == "after-outage" and frame["id"] == message_id, frame
 
             code = await serving.stop()
-            assert code == 0, serving.stderr()
-            assert "Traceback" not in serving.stderr(), serving.stderr()
+            assert code == 0, serving.output()
+            assert "Traceback" not in serving.output(), serving.output()
     finally:
         await asyncio.to_thread(pg.cleanup)
+
+
+async def test_serve_exits_1_in_one_line_when_notifies_never_reach_its_listen_connection(dsn):
+    """A LISTEN DSN that swallows notifications (a transaction-mode pooler) stops `serve` with exit 1 and one line naming the setting."""
+    port = free_port()
+    async with notification_dropping_proxy(dsn) as listen_dsn:
+        env = serve_env(
+            dsn,
+            port,
+            NOTIFYD_LISTEN_DSN=listen_dsn,
+            NOTIFYD_PROBE_INTERVAL_S="0.2",
+            NOTIFYD_PROBE_TIMEOUT_S="0.5",
+            **_SERVE_SETTINGS,
+        )
+        async with running_notifyd("serve", env=env, stdout_pipe=True) as serving:
+            code = await asyncio.wait_for(serving.process.wait(), 6 * TIMEOUT)
+            errors = serving.output()
+    assert code == 1, errors
+    assert len(errors.splitlines()) == 1, errors
+    assert "NOTIFYD_LISTEN_DSN" in errors and "pooler" in errors, errors
+
+
+async def test_serve_through_a_forwarding_proxy_stays_up_and_delivers(dsn, open_client, db):
+    """The same proxy passing notifications through: `serve` proves its path and delivers, so the exit above is the pooler's doing."""
+    port = free_port()
+    async with notification_dropping_proxy(dsn, drop=False) as listen_dsn:
+        env = serve_env(dsn, port, NOTIFYD_LISTEN_DSN=listen_dsn, **_SERVE_SETTINGS)
+        async with running_notifyd("serve", env=env) as serving:
+            await wait_until_healthy(port, serving, path="/readyz")
+            client = await open_client(f"ws://127.0.0.1:{port}/ws/message?token={mint('alice')}")
+            await insert(db, "alice", "through the proxy")
+            frames = await client.messages_until("through the proxy")
+            assert frames[-1]["toUser"] == "alice"

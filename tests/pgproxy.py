@@ -1,0 +1,76 @@
+"""
+A TCP proxy in front of PostgreSQL that forwards everything except
+notifications: what a LISTEN connection sees through a transaction-mode
+pooler, where its NOTIFYs are delivered to some other server connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+# Backend message type of NotificationResponse (PostgreSQL protocol 3.0).
+_NOTIFICATION = b"A"
+
+
+async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def _forward_dropping_notifications(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    # Backend messages are framed (type byte, int32 length including itself)
+    # from the first byte on, because clients here never ask for SSL.
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while True:
+            header = await reader.readexactly(5)
+            (length,) = struct.unpack("!i", header[1:])
+            body = await reader.readexactly(length - 4)
+            if header[:1] != _NOTIFICATION:
+                writer.write(header + body)
+                await writer.drain()
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def notification_dropping_proxy(dsn: str, *, drop: bool = True) -> AsyncIterator[str]:
+    """
+    Serve a proxy to ``dsn``'s server on 127.0.0.1; yield a DSN through it
+    (with ``sslmode=disable``, so the stream is plain protocol messages).
+    With ``drop=False`` it forwards notifications too (the control case).
+    """
+    target = urlsplit(dsn)
+    host, port = target.hostname or "127.0.0.1", target.port or 5432
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def accept(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(host, port)
+        for pump in (
+            _forward(client_reader, server_writer),
+            (_forward_dropping_notifications if drop else _forward)(server_reader, client_writer),
+        ):
+            task = asyncio.create_task(pump)
+            pumps.add(task)
+            task.add_done_callback(pumps.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    proxy_port = server.sockets[0].getsockname()[1]
+    query = "&".join(part for part in (target.query, "sslmode=disable") if part)
+    userinfo, _, _ = target.netloc.rpartition("@")
+    netloc = f"{userinfo}@127.0.0.1:{proxy_port}" if userinfo else f"127.0.0.1:{proxy_port}"
+    try:
+        yield urlunsplit(target._replace(netloc=netloc, query=query))
+    finally:
+        server.close()
+        for task in list(pumps):
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await server.wait_closed()
