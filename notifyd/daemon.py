@@ -25,6 +25,7 @@ from .metrics import registry_for
 from .protocol import CloseCode
 from .server import PushServer
 from .settings import Settings
+from .sinks.manager import SinkManager
 from .stats import Stats
 
 __all__ = ["Daemon", "connect_database"]
@@ -96,6 +97,7 @@ class Daemon:
         self.delivery: Delivery | None = None
         self.listener: Listener | None = None
         self.server: PushServer | None = None
+        self.sinks: SinkManager | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._failed = asyncio.Event()
         self.started_at = time.monotonic()
@@ -117,11 +119,15 @@ class Daemon:
         database cannot be used.
         """
         settings = self.settings
+        # Sink settings are checked before waiting for the database.
+        sinks = self.sinks = SinkManager(settings, self.stats) if settings.sinks else None
         self.db = db = await connect_database(settings, wait=wait_for_database)
         try:
             problems = await db.schema_problems()
             if problems:
                 raise SchemaError(problems[0])
+            if sinks is not None:
+                await sinks.start(db)
             if settings.listen_dsn:
                 await _refuse_standby(settings.listen_dsn)
             self.delivery = delivery = Delivery(
@@ -133,6 +139,7 @@ class Daemon:
                 event_retention=settings.event_retention_s,
                 min_interval=settings.batch_interval_ms / 1000,
                 stats=self.stats,
+                on_routed=sinks.offer if sinks is not None else None,
             )
             self.listener = listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
@@ -146,6 +153,8 @@ class Daemon:
             )
             self._spawn(delivery.run(), "delivery")
             self._spawn(listener.run(), "listener")
+            if sinks is not None:
+                self._spawn(sinks.run(), "sinks")
             await self._until_ready(delivery.ready.wait())
             self.server = PushServer(
                 settings,
@@ -161,6 +170,8 @@ class Daemon:
             await self.server.start()
         except BaseException:
             await self._shutdown_tasks()
+            if sinks is not None:
+                await sinks.aclose()
             await db.close()
             raise
 
@@ -248,6 +259,9 @@ class Daemon:
             self.server.stop_accepting()
             await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
         await self._shutdown_tasks()
+        if self.sinks is not None:
+            sinks, self.sinks = self.sinks, None
+            await sinks.aclose()
         if self.db is not None:
             db, self.db = self.db, None
             await db.close()
