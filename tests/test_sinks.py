@@ -527,3 +527,59 @@ async def test_serve_with_a_bad_sink_configuration_exits_2_with_one_line(dsn, va
     assert result.code == 2, result
     lines = result.stderr_lines
     assert len(lines) == 1 and fragment in lines[0], lines
+
+
+def test_the_example_email_sink_package_loads_by_its_entry_point_and_checks_its_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """docs/example-sink works as documented: found as 'email', options checked, mail built."""
+    from notifyd.settings import Settings
+    from notifyd.sinks.manager import SinkManager
+    from notifyd.stats import Stats
+
+    example = Path(__file__).parent.parent / "docs" / "example-sink"
+    dist = tmp_path / "notifyd_email_sink-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: notifyd-email-sink\nVersion: 0.1.0\n")
+    entry = example / "pyproject.toml"
+    line = next(l for l in entry.read_text().splitlines() if l.startswith("email = "))
+    (dist / "entry_points.txt").write_text(f"[notifyd.sinks]\n{line.replace(chr(34), '')}\n")
+    monkeypatch.syspath_prepend(str(example))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(ConfigError, match="needs NOTIFYD_SINK_OPTIONS"):
+        SinkManager(Settings(sinks=["email"]), Stats())
+    options = {"email": {"address": "{user}@example.com", "sender": "noreply@example.com"}}
+    manager = SinkManager(Settings(sinks=["email"], sink_options=options), Stats())
+    assert manager.names == ["email"]
+
+    from datetime import UTC, datetime
+
+    import notifyd_email_sink
+    from notifyd.sinks import SinkMessage
+
+    message = SinkMessage(
+        "m1", 1, "u42", "Order shipped", "On its way", "order", "shop",
+        datetime.now(UTC), "javascript:alert(1)", "0",
+    )  # fmt: skip
+    mail = notifyd_email_sink.build_mail(message, address="{user}@example.com", sender="noreply@example.com")
+    assert (mail["To"], mail["Subject"]) == ("u42@example.com", "Order shipped")
+    assert "javascript" not in mail.get_content()
+
+
+async def test_check_reports_the_configured_sinks_and_a_bad_one(dsn):
+    """notifyd check says the sinks load (and the dispatch tables exist), or names the problem."""
+    base = {"NOTIFYD_DSN": dsn, "NOTIFYD_JWT_SECRET": "s" * 32}
+    good = await run_cli(
+        "check",
+        env=clean_env(
+            **base, NOTIFYD_SINKS="webhook", NOTIFYD_WEBHOOK_URL="http://127.0.0.1:9/",
+            NOTIFYD_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        ),
+    )  # fmt: skip
+    assert good.code == 0, good
+    assert "ok: sinks configured: webhook" in good.stdout
+    assert "ok: webhook dispatch tables present" in good.stdout
+    bad = await run_cli("check", env=clean_env(**base, NOTIFYD_SINKS="nope"))
+    assert bad.code == 1
+    assert "problem: unknown sink 'nope'" in bad.stdout
