@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -49,6 +50,9 @@ _MIN_SECRET_BYTES = 16
 _PRUNE_EVERY_S = 60.0
 # A lease covers the claimed batch's POSTs plus this much.
 _LEASE_MARGIN_S = 5.0
+# Seen marks waiting for the database; past this the oldest are forgotten
+# (they only save a POST).
+_MAX_UNRECORDED_SEEN = 100_000
 
 
 def create(context: SinkContext) -> WebhookSink:
@@ -90,9 +94,11 @@ class WebhookSink:
         self._max_age = settings.webhook_max_age_s
         self._batch = settings.webhook_batch
         self._poll = settings.webhook_poll_s
+        self._ssl = ssl.create_default_context() if self._target.tls else None
         self._store: DispatchStore | None = None
         self._wake = asyncio.Event()
         self._seen: list[str] = []
+        self._seen_added = asyncio.Event()
 
     async def start(self) -> None:
         """
@@ -112,14 +118,42 @@ class WebhookSink:
         if self._offline and online and message.to_user != "*":
             if type_allowed(message.type, self._types):
                 self._seen.append(message.id)
+                self._seen_added.set()
         self._wake.set()
 
     async def run(self) -> None:
         """
-        Fill, claim and send until cancelled; database trouble is waited out.
+        Record seen marks, and fill, claim and send, until cancelled.
         """
         store = self._store
         assert store is not None
+        async with asyncio.TaskGroup() as tasks:
+            if self._offline:
+                # Apart from sending: a slow receiver must not hold back the
+                # marks other instances' claims depend on.
+                tasks.create_task(self._record_seen(store))
+            tasks.create_task(self._send_loop(store))
+
+    async def _record_seen(self, store: DispatchStore) -> None:
+        failures = 0
+        while True:
+            await self._seen_added.wait()
+            self._seen_added.clear()
+            try:
+                await self._flush_seen(store)
+                failures = 0
+            except DATABASE_ERRORS as exc:
+                failures += 1
+                delay = retry_delay(failures, initial=0.1, maximum=self._poll)
+                logger.warning("webhook: cannot record seen messages (%s); retrying in %.1fs",
+                               _describe(exc), delay)
+                self._seen_added.set()
+                await asyncio.sleep(delay)
+
+    async def _send_loop(self, store: DispatchStore) -> None:
+        """
+        Fill, claim and send until cancelled; database trouble is waited out.
+        """
         last_prune = 0.0
         failures = 0
         while True:
@@ -162,6 +196,7 @@ class WebhookSink:
             await store.mark_seen(seen)
         except BaseException:
             self._seen[:0] = seen
+            del self._seen[:-_MAX_UNRECORDED_SEEN]
             raise
 
     async def _send_due(self, store: DispatchStore) -> bool:
@@ -216,7 +251,9 @@ class WebhookSink:
         status: int | None = None
         retry_after: float | None = None
         try:
-            answer = await post(self._target, body, headers, timeout=self._timeout)
+            answer = await post(
+                self._target, body, headers, timeout=self._timeout, ssl_context=self._ssl
+            )
             status = answer.status
             retry_after = parse_retry_after(answer.headers.get("retry-after"), maximum=self._retry_max)
             error = f"HTTP {status}"
