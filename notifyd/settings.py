@@ -140,6 +140,11 @@ class Settings(BaseSettings):
     webhook_types: CommaList = Field(
         default_factory=list, description="Only messages of these types; empty: all."
     )
+    webhook_ca_file: Path | None = Field(
+        default=None,
+        description="PEM certificates to trust for an https:// webhook with a private CA "
+        "(default: the system's).",
+    )
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="Per POST, connect to status line.")
     webhook_retry_initial_s: float = Field(default=1.0, gt=0)
     webhook_retry_max_s: float = Field(default=300.0, gt=0)

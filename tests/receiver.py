@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -42,8 +43,9 @@ class Receiver:
     Records every POST; answers ``status`` (settable while running).
     """
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, tls: ssl.SSLContext | None = None) -> None:
         self.secret = secret
+        self.tls = tls
         self.status = 200
         self.posts: list[Post] = []
         self._lock = threading.Lock()
@@ -53,6 +55,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"https://localhost:{self.port}/hooks/notifyd?src=test"
         return f"http://127.0.0.1:{self.port}/hooks/notifyd?src=test"
 
     def start(self) -> None:
@@ -85,6 +89,8 @@ class Receiver:
 
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 import textwrap
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from notifyd.sinks.policy import (
 from .conftest import TIMEOUT, insert
 from .processes import clean_env, run_cli
 from .receiver import Receiver, until, until_async
+from .test_ops import _self_signed
 from .test_privileges import login_role  # noqa: F401 - fixture
 
 WEBHOOK_SECRET = "whsec-" + "k" * 26
@@ -191,6 +193,40 @@ async def test_webhook_posts_each_message_signed_with_its_id_as_idempotency_key(
 async def _all_in_state(db: asyncpg.Connection, ids: list[str], state: str) -> bool:
     states = await dispatch_states(db)
     return all(states.get(message_id) == state for message_id in ids)
+
+
+async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(db, start_daemon, tmp_path):
+    """https:// with NOTIFYD_WEBHOOK_CA_FILE: the POST goes over TLS to a receiver that CA vouches for."""
+    cert_file, key_file = _self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert_file, key_file)
+    receiver = Receiver(WEBHOOK_SECRET.encode(), tls=server_context)
+    receiver.start()
+    try:
+        await start_daemon(**webhook_settings(receiver, webhook_ca_file=cert_file))
+        message = await insert(db, "alice", "over tls")
+        posts = await receiver.wait_for(lambda posts: len(posts) >= 1)
+        assert posts[0].message["id"] == message and posts[0].verified
+        assert posts[0].headers["Host"] == f"localhost:{receiver.port}"
+    finally:
+        receiver.stop()
+
+
+async def test_https_webhook_refuses_a_receiver_it_cannot_verify(db, start_daemon, tmp_path):
+    """Without the CA, the self-signed receiver is not trusted: nothing is posted, the attempt fails."""
+    cert_file, key_file = _self_signed(tmp_path)
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert_file, key_file)
+    receiver = Receiver(WEBHOOK_SECRET.encode(), tls=server_context)
+    receiver.start()
+    try:
+        daemon = await start_daemon(**webhook_settings(receiver))
+        await insert(db, "alice", "not over untrusted tls")
+        stats = daemon.daemon.stats.sinks["webhook"]
+        await until(lambda: stats.failed >= 1, what="a failed attempt")
+        assert receiver.ids() == [] and stats.sent == 0
+    finally:
+        receiver.stop()
 
 
 async def test_webhook_type_filter_posts_only_the_listed_types(db, start_daemon, receiver):

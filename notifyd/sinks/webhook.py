@@ -24,6 +24,7 @@ import asyncio
 import logging
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -62,6 +63,18 @@ def create(context: SinkContext) -> WebhookSink:
     return WebhookSink(context)
 
 
+def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """
+    Verifying TLS: the system's trust store, or ``ca_file`` instead.
+    """
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"NOTIFYD_WEBHOOK_CA_FILE {str(ca_file)!r} cannot be used: {_describe(exc)}"
+        ) from None
+
+
 class WebhookSink:
     """
     Sends messages to ``NOTIFYD_WEBHOOK_URL`` through the dispatch table.
@@ -94,7 +107,7 @@ class WebhookSink:
         self._max_age = settings.webhook_max_age_s
         self._batch = settings.webhook_batch
         self._poll = settings.webhook_poll_s
-        self._ssl = ssl.create_default_context() if self._target.tls else None
+        self._ssl = _tls_context(settings.webhook_ca_file) if self._target.tls else None
         self._store: DispatchStore | None = None
         self._wake = asyncio.Event()
         self._seen: list[str] = []
