@@ -9,6 +9,7 @@ signatures with its own HMAC code.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -321,6 +322,32 @@ async def test_5xx_is_retried_until_it_succeeds(db, start_daemon, receiver):
     await until_async(lambda: _all_in_state(db, [message], "sent"), what="sent after retries")
     ids = receiver.ids()
     assert set(ids) == {message} and len(ids) >= 3
+
+
+async def test_a_receiver_that_never_answers_is_timed_out_and_retried(db, start_daemon):
+    """A POST without an answer within NOTIFYD_WEBHOOK_TIMEOUT_S counts as failed and is tried again."""
+    connections: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.read()  # until notifyd gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        daemon = await start_daemon(
+            sinks=["webhook"], webhook_url=f"http://127.0.0.1:{port}/", webhook_secret=WEBHOOK_SECRET,
+            webhook_timeout_s=0.2, webhook_retry_initial_s=0.05, webhook_retry_max_s=0.1,
+        )  # fmt: skip
+        message = await insert(db, "alice", "into the void")
+        stats = daemon.daemon.stats.sinks["webhook"]
+        await until(lambda: stats.failed >= 2 and len(connections) >= 2, what="two timed-out attempts")
+        assert all(b"Idempotency-Key: " + message.encode() in head for head in connections)
+        error = await db.fetchval("SELECT last_error FROM t_message_dispatch WHERE message_id = $1", message)
+        assert error == "no answer within 0.2s"
+    finally:
+        server.close()
 
 
 async def test_4xx_rejects_the_message_for_good_and_the_next_one_goes_on(db, start_daemon, receiver):

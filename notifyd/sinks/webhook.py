@@ -25,10 +25,10 @@ import logging
 import ssl
 import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 
+from ..db import Row
 from ..dispatch import DATABASE_ERRORS, DispatchStore
 from ..exceptions import ConfigError, SchemaError
 from . import SinkContext, SinkMessage, _describe
@@ -240,7 +240,7 @@ class WebhookSink:
             raise
         return len(rows) == self._batch
 
-    async def _send_one(self, store: DispatchStore, row: Any) -> bool:
+    async def _send_one(self, store: DispatchStore, row: Row) -> bool:
         """
         Send or settle one claimed row; False when it must be retried later.
         """
