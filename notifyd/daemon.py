@@ -121,7 +121,12 @@ class Daemon:
         settings = self.settings
         # Sink settings are checked before waiting for the database.
         sinks = self.sinks = SinkManager(settings, self.stats) if settings.sinks else None
-        self.db = db = await connect_database(settings, wait=wait_for_database)
+        try:
+            self.db = db = await connect_database(settings, wait=wait_for_database)
+        except BaseException:
+            if sinks is not None:
+                await sinks.aclose()
+            raise
         try:
             problems = await db.schema_problems()
             if problems:
