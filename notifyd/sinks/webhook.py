@@ -276,7 +276,9 @@ class WebhookSink:
             error = str(exc)
         outcome = classify_status(status)
         if outcome is Outcome.SENT:
-            await store.finish([message_id], "sent")
+            # Delivered: a shutdown arriving now must not leave it pending
+            # (to be sent again by the next instance).
+            await asyncio.shield(store.finish([message_id], "sent"))
             self._stats.sent += 1
             return True
         self._stats.failed += 1
