@@ -10,6 +10,7 @@ names the offending variable in one line.
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -123,7 +124,7 @@ class Settings(BaseSettings):
     sink_timeout_s: float = Field(
         default=30.0, gt=0, description="A sink call taking longer is cancelled and counted failed."
     )
-    sink_options: dict[str, dict[str, Any]] = Field(
+    sink_options: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(
         default_factory=dict,
         description='Options of third-party sinks, as JSON: {"name": {"key": value}}.',
     )
@@ -169,6 +170,18 @@ class Settings(BaseSettings):
     def _split_sink_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("sink_options", mode="before")
+    @classmethod
+    def _parse_sink_options(cls, value: object) -> object:
+        # Parsed here, not by the settings source, so bad JSON is a one-line
+        # ConfigError rather than a traceback.
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
         return value
 
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")

@@ -596,6 +596,8 @@ async def test_bad_sink_names_and_factories_are_config_errors(start_daemon, plug
             "NOTIFYD_WEBHOOK_SECRET",
         ),
         ({"NOTIFYD_SINKS": "log", "NOTIFYD_LOG_SINK_PATH": "/nonexistent/dir/a.log"}, "NOTIFYD_LOG_SINK_PATH"),
+        ({"NOTIFYD_SINKS": "log", "NOTIFYD_SINK_OPTIONS": "{bad"}, "NOTIFYD_SINK_OPTIONS: Value error, not valid JSON"),
+        ({"NOTIFYD_SINKS": "log", "NOTIFYD_SINK_OPTIONS": '{"log": 1}'}, "NOTIFYD_SINK_OPTIONS"),
     ],
 )
 async def test_serve_with_a_bad_sink_configuration_exits_2_with_one_line(dsn, variables, fragment):
