@@ -50,12 +50,40 @@ async def run_checks(settings: Settings, say: Callable[[str], object]) -> bool:
         if not problems:
             say("ok: table, columns and trigger present")
         ok = ok and not problems
+        if settings.sinks:
+            ok = await _check_sinks(settings, db, say) and ok
         listen_problem = await _listen_round_trip(settings.listen_dsn or settings.dsn, db)
         say(f"problem: {listen_problem}" if listen_problem else "ok: LISTEN/NOTIFY round trip works")
         ok = ok and listen_problem is None
     finally:
         await db.close()
     return ok
+
+
+async def _check_sinks(settings: Settings, db: Database, say: Callable[[str], object]) -> bool:
+    """
+    Whether every sink in ``NOTIFYD_SINKS`` loads with its settings, and the
+    webhook's dispatch tables and rights are there.
+    """
+    from .dispatch import DispatchStore
+    from .sinks.manager import SinkManager
+    from .stats import Stats
+
+    try:
+        manager = SinkManager(settings, Stats())
+    except ConfigError as exc:
+        say(f"problem: {exc}")
+        return False
+    await manager.aclose()
+    say(f"ok: sinks configured: {', '.join(manager.names)}")
+    if "webhook" not in manager.names:
+        return True
+    problems = await DispatchStore(db, "webhook").problems()
+    for problem in problems:
+        say(f"problem: {problem}")
+    if not problems:
+        say("ok: webhook dispatch tables present")
+    return not problems
 
 
 async def _listen_round_trip(dsn: str, db: Database) -> str | None:

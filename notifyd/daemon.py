@@ -25,6 +25,7 @@ from .metrics import registry_for
 from .protocol import CloseCode
 from .server import PushServer
 from .settings import Settings
+from .sinks.manager import SinkManager
 from .stats import Stats
 
 __all__ = ["Daemon", "connect_database"]
@@ -96,6 +97,7 @@ class Daemon:
         self.delivery: Delivery | None = None
         self.listener: Listener | None = None
         self.server: PushServer | None = None
+        self.sinks: SinkManager | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._failed = asyncio.Event()
         # Why a background task stopped when the cause is the setup, not a bug.
@@ -119,11 +121,20 @@ class Daemon:
         database cannot be used.
         """
         settings = self.settings
-        self.db = db = await connect_database(settings, wait=wait_for_database)
+        # Sink settings are checked before waiting for the database.
+        sinks = self.sinks = SinkManager(settings, self.stats) if settings.sinks else None
+        try:
+            self.db = db = await connect_database(settings, wait=wait_for_database)
+        except BaseException:
+            if sinks is not None:
+                await sinks.aclose()
+            raise
         try:
             problems = await db.schema_problems()
             if problems:
                 raise SchemaError(problems[0])
+            if sinks is not None:
+                await sinks.start(db)
             if settings.listen_dsn:
                 await _refuse_standby(settings.listen_dsn)
             self.delivery = delivery = Delivery(
@@ -135,6 +146,7 @@ class Daemon:
                 event_retention=settings.event_retention_s,
                 min_interval=settings.batch_interval_ms / 1000,
                 stats=self.stats,
+                on_routed=sinks.offer if sinks is not None else None,
             )
             self.listener = listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
@@ -148,6 +160,8 @@ class Daemon:
             )
             self._spawn(delivery.run(), "delivery")
             self._spawn(listener.run(), "listener")
+            if sinks is not None:
+                self._spawn(sinks.run(), "sinks")
             await self._until_ready(delivery.ready.wait())
             self.server = PushServer(
                 settings,
@@ -163,6 +177,8 @@ class Daemon:
             await self.server.start()
         except BaseException:
             await self._shutdown_tasks()
+            if sinks is not None:
+                await sinks.aclose()
             await db.close()
             raise
 
@@ -255,6 +271,9 @@ class Daemon:
             self.server.stop_accepting()
             await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
         await self._shutdown_tasks()
+        if self.sinks is not None:
+            sinks, self.sinks = self.sinks, None
+            await sinks.aclose()
         if self.db is not None:
             db, self.db = self.db, None
             await db.close()

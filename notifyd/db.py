@@ -306,6 +306,14 @@ class Database:
             raise
         return database
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """
+        The pool, for modules that keep their own statements
+        (:mod:`notifyd.dispatch`).
+        """
+        return self._pool
+
     async def close(self) -> None:
         """
         Close the pool, aborting connections that do not close in time.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol
@@ -67,7 +67,12 @@ class Delivery:
         min_interval: float = 0.0,
         retry_max: float = 5.0,
         stats: Stats | None = None,
+        on_routed: Callable[[list[Row], list[bool]], None] | None = None,
     ) -> None:
+        """
+        ``on_routed`` (the sinks) gets each routed page of rows and, per
+        row, whether it reached a live session here; it must not block.
+        """
         self._db = database
         self._hub = hub
         self._fetch_batch = fetch_batch
@@ -85,6 +90,7 @@ class Delivery:
         self._repairing = False
         self.listening = False
         self.ready = asyncio.Event()
+        self._on_routed = on_routed
 
     def wake(self) -> None:
         """
@@ -220,6 +226,7 @@ class Delivery:
         cursors = WindowCursors(base, window.end)
         stats = self.stats
         now = time.time()
+        online: list[bool] | None = [] if self._on_routed is not None else None
         for row in rows:
             user = row["to_user"]
             seq = row["seq"]
@@ -230,6 +237,8 @@ class Delivery:
             else:
                 own = hub.sessions_of(user)
                 if not own:
+                    if online is not None:
+                        online.append(False)
                     continue
                 sessions = own
                 if row["is_read"] == "0":
@@ -252,10 +261,14 @@ class Delivery:
                     account.unflushed.add(session)
                 count += 1
             stats.delivered += count
+            if online is not None:
+                online.append(count > 0)
         if not window.complete:
             # Later pages follow; the last one is flushed with the window's
             # events and unread counts, in one write per session.
             account.flush()
+        if online is not None and self._on_routed is not None:
+            self._on_routed(rows, online)
 
     def _settle(self, account: _WindowAccount, base: Snapshot) -> None:
         """

@@ -21,6 +21,7 @@ from prometheus_client.core import (
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .stats import Stats
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
 
@@ -86,12 +87,37 @@ class _DaemonCollector:
                 yield GaugeMetricFamily(
                     "notifyd_probe_age_seconds", "Since the LISTEN path last proved itself", value=age
                 )
+        if stats.sinks:
+            yield from _sink_metrics(stats)
         if stats.notification_queue_usage is not None:
             yield GaugeMetricFamily(
                 "notifyd_pg_notification_queue_usage",
                 "pg_notification_queue_usage() at the last probe (0..1)",
                 value=stats.notification_queue_usage,
             )
+
+
+def _sink_metrics(stats: Stats) -> Iterator[Metric]:
+    """
+    Per-sink counters (:mod:`notifyd.sinks`), labelled by sink name.
+    """
+    counters = {
+        "sent": "Messages a sink delivered",
+        "failed": "Failed sink calls or webhook attempts",
+        "retries": "Repeated webhook attempts",
+        "dropped": "Messages dropped because the sink's queue was full",
+        "skipped": "Messages not sent on purpose (type filter, seen in time, deleted)",
+        "expired": "Webhook messages given up at the max age",
+    }
+    for key, text in counters.items():
+        family = CounterMetricFamily(f"notifyd_sink_{key}", text, labels=["sink"])
+        for name, sink in sorted(stats.sinks.items()):
+            family.add_metric([name], getattr(sink, key))
+        yield family
+    depth = GaugeMetricFamily("notifyd_sink_queue_depth", "Messages waiting in a sink's queue", labels=["sink"])
+    for name, sink in sorted(stats.sinks.items()):
+        depth.add_metric([name], sink.queue_depth)
+    yield depth
 
 
 def registry_for(daemon: Daemon) -> CollectorRegistry:

@@ -2,8 +2,9 @@
 -- role with CREATEROLE, after schema.sql; idempotent).
 --
 -- notifyd_daemon can read messages, change nothing but is_read, add read
--- receipts for announcements, and prune its own event log. It cannot insert,
--- delete or rewrite messages. Give the daemon a login role in it:
+-- receipts for announcements, prune its own event log and keep the webhook's
+-- dispatch tables. It cannot insert, delete or rewrite messages. Give the
+-- daemon a login role in it:
 --
 --   CREATE ROLE notifyd LOGIN PASSWORD '...' IN ROLE notifyd_daemon;
 
@@ -26,3 +27,9 @@ GRANT SELECT ON t_message_real_time TO notifyd_daemon;
 GRANT UPDATE (is_read) ON t_message_real_time TO notifyd_daemon;
 GRANT SELECT, INSERT ON t_message_receipt TO notifyd_daemon;
 GRANT SELECT, DELETE ON t_message_event TO notifyd_daemon;
+
+-- Sinks: the webhook's dispatch bookkeeping (schema.sql, last section).
+REVOKE ALL ON t_message_dispatch, t_message_dispatch_state, t_message_seen FROM notifyd_daemon;
+GRANT SELECT, INSERT, UPDATE, DELETE ON t_message_dispatch TO notifyd_daemon;
+GRANT SELECT, INSERT, UPDATE ON t_message_dispatch_state TO notifyd_daemon;
+GRANT SELECT, INSERT, DELETE ON t_message_seen TO notifyd_daemon;

@@ -223,3 +223,49 @@ CREATE OR REPLACE TRIGGER notifyd_log_receipt
     AFTER INSERT ON t_message_receipt
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_receipt();
+
+-- ---------------------------------------------------------------------------
+-- Sinks: what the webhook still owes, shared by every instance
+-- (notifyd/dispatch.py, docs/sinks.md). Only used when the webhook sink is
+-- enabled; the daemon fills, claims and prunes these itself.
+
+-- One row per sink and message: pending until sent (2xx), seen (offline
+-- fallback: a session had it in time), rejected (4xx), expired (max age) or
+-- gone (the message was deleted first).
+CREATE TABLE IF NOT EXISTS t_message_dispatch (
+    sink       text NOT NULL,
+    message_id text NOT NULL,
+    seq        bigint NOT NULL,
+    state      text NOT NULL DEFAULT 'pending'
+               CHECK (state IN ('pending', 'sent', 'seen', 'rejected', 'expired', 'gone')),
+    attempts   integer NOT NULL DEFAULT 0,
+    next_at    timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    done_at    timestamptz,
+    last_error text,
+    PRIMARY KEY (sink, message_id)
+);
+
+-- The claim: a sink's pending rows, oldest first.
+CREATE INDEX IF NOT EXISTS t_message_dispatch_pending
+    ON t_message_dispatch (sink, seq) WHERE state = 'pending';
+
+CREATE INDEX IF NOT EXISTS t_message_dispatch_done
+    ON t_message_dispatch (done_at) WHERE state <> 'pending';
+
+-- Per sink, the snapshot up to which committed messages have been added to
+-- t_message_dispatch (delivery's watermark rule, kept in the database so a
+-- restart or another instance goes on from it).
+CREATE TABLE IF NOT EXISTS t_message_dispatch_state (
+    sink      text PRIMARY KEY,
+    snap      pg_snapshot NOT NULL,
+    filled_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Messages some instance pushed to at least one live session.
+CREATE TABLE IF NOT EXISTS t_message_seen (
+    message_id text PRIMARY KEY,
+    seen_at    timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS t_message_seen_at ON t_message_seen (seen_at);

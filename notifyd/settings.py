@@ -10,10 +10,11 @@ names the offending variable in one line.
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .exceptions import ConfigError
@@ -110,6 +111,78 @@ class Settings(BaseSettings):
         default=None, description="Serve wss:// directly with this PEM certificate (chain)."
     )
     tls_key_file: Path | None = Field(default=None, description="The certificate's PEM private key.")
+
+    # -- Sinks: channels besides the WebSocket (docs/sinks.md) ---------------
+    sinks: CommaList = Field(
+        default_factory=list,
+        description="Sinks to run, by name in the notifyd.sinks entry point group "
+        "(built in: log, webhook).",
+    )
+    sink_queue_size: int = Field(
+        default=10_000, ge=1, description="Messages waiting per sink; more are dropped and counted."
+    )
+    sink_timeout_s: float = Field(
+        default=30.0, gt=0, description="A sink call taking longer is cancelled and counted failed."
+    )
+    sink_options: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(
+        default_factory=dict,
+        description='Options of third-party sinks, as JSON: {"name": {"key": value}}.',
+    )
+    webhook_url: str | None = Field(default=None, description="http(s) URL the webhook sink POSTs to.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key the webhook signs with (at least 16 bytes)."
+    )
+    webhook_mode: Literal["all", "offline"] = Field(
+        default="all",
+        description="all: every message; offline: only messages no session saw within "
+        "NOTIFYD_WEBHOOK_OFFLINE_AFTER_S.",
+    )
+    webhook_offline_after_s: float = Field(default=60.0, ge=0)
+    webhook_types: CommaList = Field(
+        default_factory=list, description="Only messages of these types; empty: all."
+    )
+    webhook_ca_file: Path | None = Field(
+        default=None,
+        description="PEM certificates to trust for an https:// webhook with a private CA "
+        "(default: the system's).",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Per POST, connect to status line.")
+    webhook_retry_initial_s: float = Field(default=1.0, gt=0)
+    webhook_retry_max_s: float = Field(default=300.0, gt=0)
+    webhook_max_age_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="A message not delivered this long after it was committed is given up.",
+    )
+    webhook_batch: int = Field(default=10, ge=1, description="Messages claimed at a time.")
+    webhook_poll_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest wait between looks at the dispatch table without a wake-up.",
+    )
+    log_sink_path: str = Field(default="-", description="File the log sink appends to; - is stdout.")
+    log_sink_types: CommaList = Field(
+        default_factory=list, description="Only messages of these types; empty: all."
+    )
+
+    @field_validator("sinks", "webhook_types", "log_sink_types", mode="before")
+    @classmethod
+    def _split_sink_lists(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("sink_options", mode="before")
+    @classmethod
+    def _parse_sink_options(cls, value: object) -> object:
+        # Parsed here, not by the settings source, so bad JSON is a one-line
+        # ConfigError rather than a traceback.
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+        return value
 
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod

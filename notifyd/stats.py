@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "Stats"]
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "SinkStats", "Stats"]
 
 # Seconds; the last bucket is +Inf.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -63,3 +63,23 @@ class Stats:
     auth_failures: Counter[str] = field(default_factory=Counter)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     notification_queue_usage: float | None = None
+    sinks: dict[str, SinkStats] = field(default_factory=dict)
+
+
+@dataclass
+class SinkStats:
+    """
+    One sink's counters (see :mod:`notifyd.sinks`).
+
+    ``sent`` and ``failed`` count messages; ``retries`` repeated attempts;
+    ``dropped`` messages its full queue refused; ``skipped`` messages not
+    sent on purpose (seen in time, expired); ``queue_depth`` is read live.
+    """
+
+    sent: int = 0
+    failed: int = 0
+    retries: int = 0
+    dropped: int = 0
+    skipped: int = 0
+    expired: int = 0
+    queue_depth: int = 0
