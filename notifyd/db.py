@@ -542,9 +542,9 @@ class Database:
         try:
             async with self._pool.acquire() as connection:
                 statement = await connection.prepare(query)
+                arity = len(statement.get_parameters())
         except asyncpg.PostgresError as exc:
             raise ConfigError(f"NOTIFYD_REVOCATION_SQL is not usable: {_describe(exc)}") from None
-        arity = len(statement.get_parameters())
         if arity not in (1, 2):
             raise ConfigError(
                 "NOTIFYD_REVOCATION_SQL must take $1 (the user id) and optionally $2 "

@@ -322,6 +322,11 @@ class PushServer:
                 if not frames.take(time.monotonic()):
                     self._limit_tripped("frame_rate", _address(connection))
                     session.close(CloseCode.POLICY_VIOLATION)
+                    # Drop what is still coming so the client's close frame
+                    # is read and the close completes now, not after the
+                    # close timeout (websockets aborts by then anyway).
+                    async for _ in connection:
+                        pass
                     break
                 await self._answer(session, data)
                 if session.closing:
