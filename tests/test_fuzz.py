@@ -169,6 +169,30 @@ def test_echoed_request_ids_always_encode(request_id):
     protocol.encode_refreshed(result.request_id, 1e9)
 
 
+@LIVE
+@given(
+    token=st.one_of(
+        st.from_regex(r"[0-9]{1,21}-[0-9]{1,21}(\.[0-9]{1,21}){0,3}", fullmatch=True),
+        st.builds(
+            lambda a, b, xs: f"{a}-{b}" + "".join(f".{x}" for x in xs),
+            st.integers(0, 2**64 + 1),
+            st.integers(0, 2**64 + 1),
+            st.lists(st.integers(0, 2**64 + 1), max_size=3),
+        ),
+    )
+)
+async def test_every_cursor_that_decodes_is_a_snapshot_postgres_accepts(db, token):
+    """What Cursor.decode lets through never makes delivery's query fail."""
+    from notifyd.cursor import Cursor
+    from notifyd.exceptions import CursorError
+
+    try:
+        cursor = Cursor.decode(token)
+    except CursorError:
+        return
+    assert await db.fetchval("SELECT $1::text::pg_snapshot::text", cursor.base.to_pg()) is not None
+
+
 # -- the action handlers, live ----------------------------------------------------------------
 
 
