@@ -151,6 +151,19 @@ async def test_client_offering_only_notifyd_v1_uses_first_frame_auth(daemon, ope
 # -- token lifetime ------------------------------------------------------------------
 
 
+def test_jwt_leeway_setting_reaches_the_verifier():
+    """NOTIFYD_JWT_LEEWAY_S decides how long past exp a token still passes."""
+    from notifyd.auth import TokenVerifier
+    from notifyd.exceptions import AuthError
+
+    strict = TokenVerifier.from_settings(Settings(jwt_secret=SECRET, jwt_leeway_s=0))
+    lenient = TokenVerifier.from_settings(Settings(jwt_secret=SECRET, jwt_leeway_s=30))
+    token = strict.mint("alice", ttl_s=1, now=time.time() - 10)
+    with pytest.raises(AuthError, match="expired"):
+        strict.verify(token)
+    assert lenient.verify(token).user == "alice"
+
+
 async def test_session_is_closed_with_4401_when_its_token_expires(start_daemon, open_client):
     """A 1 s token: the session ends with 4401 soon after exp, and the metric counts it."""
     daemon = await start_daemon(jwt_leeway_s=0)
