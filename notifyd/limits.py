@@ -10,9 +10,17 @@ thousands of users share one address).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
-__all__ = ["AddressCounter", "AddressRateLimiter", "BURST_SECONDS", "LIMIT_NAMES", "TokenBucket"]
+__all__ = [
+    "AddressCounter",
+    "AddressRateLimiter",
+    "BURST_SECONDS",
+    "LIMIT_NAMES",
+    "TokenBucket",
+    "address_key",
+]
 
 # The ``limit`` label values of ``notifyd_limit_trips``, one per setting.
 LIMIT_NAMES = (
@@ -28,6 +36,24 @@ LIMIT_NAMES = (
 # A bucket holds this many seconds' worth of its rate: room for a page
 # reload that opens several tabs, or a client catching up after a stall.
 BURST_SECONDS = 4.0
+
+
+def address_key(address: str) -> str:
+    """
+    The key a client address is limited under: an IPv4 address as is, an
+    IPv6 address by its /64, since one host usually holds a whole /64 and
+    could otherwise rotate through it. IPv4-mapped IPv6 counts as IPv4.
+    Anything unparsable is its own key. Never raises.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @dataclass(slots=True)

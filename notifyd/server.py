@@ -56,7 +56,7 @@ from .db import Database
 from .delivery import Delivery
 from .exceptions import AuthError, ConfigError, DatabaseError, ProtocolError
 from .hub import Hub
-from .limits import AddressCounter, AddressRateLimiter, TokenBucket
+from .limits import AddressCounter, AddressRateLimiter, TokenBucket, address_key
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render_metrics
 from .origin import OriginPolicy
@@ -213,7 +213,7 @@ class PushServer:
         if route is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         _, path_user = route
-        address = _address(connection)
+        address = address_key(_address(connection))
         refused = self._admit(connection, request, address)
         if refused is not None:
             return refused

@@ -9,7 +9,7 @@ import pytest
 from websockets.datastructures import Headers
 
 from notifyd.auth import bearer_subprotocol, offered_subprotocols, token_from_handshake
-from notifyd.limits import BURST_SECONDS, AddressCounter, AddressRateLimiter, TokenBucket
+from notifyd.limits import BURST_SECONDS, AddressCounter, AddressRateLimiter, TokenBucket, address_key
 from notifyd.origin import OriginPolicy, origin_warning
 from notifyd.settings import Settings
 
@@ -33,6 +33,21 @@ def test_bucket_with_rate_zero_allows_everything():
     """0 means the limit is off."""
     bucket = TokenBucket.per_second(0, now=0.0)
     assert all(bucket.take(0.0) for _ in range(100_000))
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("?", "?"),
+    ],
+)
+def test_addresses_are_limited_per_ipv4_address_and_per_ipv6_64(address, key):
+    """A host rotating through its IPv6 /64 stays one key."""
+    assert address_key(address) == key
 
 
 def test_rate_limiter_keeps_addresses_apart():
