@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import jwt
 import pytest
@@ -24,8 +27,11 @@ from websockets.frames import Frame, Opcode
 
 from notifyd.auth import TokenVerifier
 from notifyd.daemon import Daemon
+from notifyd.db import role_sql
 
 from .conftest import SECRET, TIMEOUT, insert, make_settings
+
+_roles = itertools.count(1)
 
 HOSTILE = [
     "'; DROP TABLE t_message_real_time; --",
@@ -93,14 +99,35 @@ async def _bob_state(db: Any) -> list[tuple[str, str, str]]:
     return [tuple(row) for row in rows]
 
 
-async def test_hostile_strings_in_every_frame_field_change_nothing_of_another_user(start_daemon, db, caplog):
+@pytest.fixture(params=["owner", "notifyd_daemon"])
+async def daemon_dsn(request, db, dsn) -> AsyncIterator[str]:
     """
-    Every action, every field, every hostile string: alice gets only errors or
-    her own data, bob's rows stay exactly as they were, the table survives,
-    and alice's session still answers.
+    The daemon's DSN: the schema owner's, and a login role with only
+    role.sql's rights (least privilege, as deployed).
+    """
+    if request.param == "owner":
+        yield dsn
+        return
+    await db.execute(role_sql())
+    name = f"notifyd_hostile_{os.getpid()}_{next(_roles)}"
+    await db.execute(f"CREATE ROLE {name} LOGIN IN ROLE notifyd_daemon")
+    parts = urlsplit(dsn)
+    yield urlunsplit(parts._replace(netloc=f"{name}@{parts.netloc.rpartition('@')[2]}"))
+    await db.execute(f"DROP OWNED BY {name}")
+    await db.execute(f"DROP ROLE {name}")
+
+
+async def test_hostile_strings_in_every_frame_field_change_nothing_of_another_user(
+    daemon_dsn, start_daemon, db, caplog
+):
+    """
+    Every action, every field, every hostile string, as the schema owner and
+    as the least-privilege role: alice gets only errors or her own data,
+    bob's rows stay exactly as they were, the table survives, and alice's
+    session still answers.
     """
     caplog.set_level(logging.INFO)
-    daemon = await start_daemon(client_frames_per_s=0, max_frame_bytes=1024 * 1024)
+    daemon = await start_daemon(dsn=daemon_dsn, client_frames_per_s=0, max_frame_bytes=1024 * 1024)
     bob_id = await insert(db, "bob", "bob-secret", "for bob only")
     await insert(db, "alice", "alice-own")
     before = await _bob_state(db)
