@@ -21,7 +21,7 @@ import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -46,11 +46,14 @@ __all__ = [
     "MAX_LEEWAY_S",
     "MAX_TOKEN_CHARS",
     "MAX_USER_CHARS",
+    "SUBPROTOCOL",
     "ROUTE_MESSAGE",
     "ROUTE_MESSAGE_USER",
     "HeaderLookup",
     "Identity",
     "TokenVerifier",
+    "bearer_subprotocol",
+    "offered_subprotocols",
     "token_from_handshake",
     "user_from_path",
 ]
@@ -66,6 +69,11 @@ MIN_SECRET_BYTES = 32
 # A PEM public key is a few KiB at most; the cap stops a misconfigured path
 # such as /dev/zero from eating memory at start-up.
 MAX_KEY_FILE_BYTES = 64 * 1024
+
+# The WebSocket subprotocol a client offers next to a ``bearer.<token>``
+# entry; the server selects it, so the token is never echoed back.
+SUBPROTOCOL = "notifyd.v1"
+BEARER_PREFIX = "bearer."
 
 ROUTE_MESSAGE = "/ws/message"
 ROUTE_MESSAGE_USER = "/ws/message/{userId}"
@@ -100,11 +108,13 @@ class Identity:
     """
     Who a verified token speaks for, and until when.
 
-    ``expires_at`` is the token's ``exp`` claim in unix seconds.
+    ``expires_at`` is the token's ``exp`` claim in unix seconds; ``claims``
+    the verified payload (for the revocation check; never logged).
     """
 
     user: str
     expires_at: float
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class TokenVerifier:
@@ -190,7 +200,7 @@ class TokenVerifier:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, leeway_s: float = DEFAULT_LEEWAY_S
+        cls, settings: Settings, *, leeway_s: float | None = None
     ) -> TokenVerifier:
         """
         Build a verifier from the ``NOTIFYD_JWT_*`` settings.
@@ -199,7 +209,8 @@ class TokenVerifier:
         Raises :class:`ConfigError` (one line, naming the variable) when no
         key is configured, the key file is unreadable or not a supported PEM
         public key, or ``jwt_algorithms`` lists an algorithm the keys cannot
-        verify; raises :class:`ValueError` for an out-of-range ``leeway_s``.
+        verify; raises :class:`ValueError` for an out-of-range ``leeway_s``
+        (default: ``jwt_leeway_s``).
         """
         public_key = None
         if settings.jwt_public_key_file is not None:
@@ -211,7 +222,7 @@ class TokenVerifier:
             user_claim=settings.jwt_user_claim,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
-            leeway_s=leeway_s,
+            leeway_s=settings.jwt_leeway_s if leeway_s is None else leeway_s,
         )
 
     def verify(self, token: str, *, now: float | None = None) -> Identity:
@@ -228,6 +239,10 @@ class TokenVerifier:
             raise AuthError("malformed")
         if len(token) > MAX_TOKEN_CHARS:
             raise AuthError("token too long")
+        if not token.isascii():
+            # A JWT is base64url and dots; PyJWT would fail to even encode a
+            # lone surrogate and raise something other than a PyJWTError.
+            raise AuthError("malformed")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -310,7 +325,7 @@ class TokenVerifier:
             raw_user = str(raw_user)
         if not isinstance(raw_user, str) or not _valid_user(raw_user):
             raise AuthError(f"invalid claim {self.user_claim}")
-        return Identity(user=raw_user, expires_at=exp)
+        return Identity(user=raw_user, expires_at=exp, claims=payload)
 
     def mint(
         self,
@@ -382,7 +397,8 @@ def token_from_handshake(
     Find the token a WebSocket handshake carries.
 
     Looks, in order, at the ``token`` query parameter, an ``Authorization:
-    Bearer <token>`` header (scheme case-insensitive) and the cookie named
+    Bearer <token>`` header (scheme case-insensitive), a ``bearer.<token>``
+    entry of ``Sec-WebSocket-Protocol`` and the cookie named
     ``cookie_name``; the first non-empty one wins. Returns ``None`` when
     there is none. Never raises on malformed headers or cookies: garbage
     counts as absent.
@@ -397,9 +413,43 @@ def token_from_handshake(
         if len(parts) == 2 and parts[0].lower() == "bearer":
             return parts[1]
 
+    from_subprotocol = bearer_subprotocol(offered_subprotocols(headers))
+    if from_subprotocol is not None:
+        return from_subprotocol
+
     cookie_header = _cookie_header(headers)
     if cookie_header:
         return _cookie_value(cookie_header, cookie_name)
+    return None
+
+
+def offered_subprotocols(headers: HeaderLookup) -> list[str]:
+    """
+    The entries of every ``Sec-WebSocket-Protocol`` header, in order.
+
+    Never raises: a malformed header yields whatever splits cleanly.
+    """
+    get_all = getattr(headers, "get_all", None)
+    if callable(get_all):
+        try:
+            values = [value for value in get_all("Sec-WebSocket-Protocol") if isinstance(value, str)]
+        except LookupError:
+            values = []
+    else:
+        single = _header(headers, "Sec-WebSocket-Protocol")
+        values = [single] if single is not None else []
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def bearer_subprotocol(offered: list[str]) -> str | None:
+    """
+    The token of the first ``bearer.<token>`` entry (prefix case-
+    insensitive), or None. A JWT is base64url and dots, all legal in a
+    subprotocol name, so it is carried as is. Never raises.
+    """
+    for item in offered:
+        if item[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX and len(item) > len(BEARER_PREFIX):
+            return item[len(BEARER_PREFIX) :]
     return None
 
 

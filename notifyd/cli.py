@@ -30,6 +30,7 @@ from .daemon import Daemon, connect_database
 from .exceptions import ConfigError, DatabaseError, NotifydError
 from .settings import Settings, load_settings
 from .logs import configure_logging
+from .origin import origin_warning
 from .systemd import SystemdNotifier, supervise
 
 __all__ = ["main"]
@@ -214,6 +215,9 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.dsn:
         raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
     daemon = Daemon(settings, _verifier(settings))
+    warning = origin_warning(allowed_origins=settings.allowed_origins, is_loopback=settings.is_loopback)
+    if warning is not None:
+        logger.warning("%s", warning)
 
     def reload() -> TokenVerifier | None:
         return _verifier(load_settings(args.env_file))

@@ -34,6 +34,10 @@ _SNAPSHOT_TEXT = re.compile(f"({_N}):({_N}):((?:{_N}(?:,{_N})*)?)")
 _SNAPSHOT_TOKEN = re.compile(f"({_N})-({_N})((?:\\.{_N})*)")
 _SEQ = re.compile(_N)
 _MAX_XIP = 10_000
+# Postgres refuses a pg_snapshot with xid 0 (invalid) or past the xid8 range;
+# such a cursor must fail here, not in delivery's query for every session.
+_MIN_XID = 1
+_MAX_XID = 2**63 - 1
 _MAX_CURSOR_CHARS = 200_000
 
 
@@ -66,7 +70,7 @@ class Snapshot:
 
     @classmethod
     def _checked(cls, xmin: int, xmax: int, xip: frozenset[int]) -> Snapshot:
-        if not xmin <= xmax or len(xip) > _MAX_XIP:
+        if not _MIN_XID <= xmin <= xmax <= _MAX_XID or len(xip) > _MAX_XIP:
             raise CursorError("inconsistent snapshot")
         if any(not xmin <= x < xmax for x in xip):
             raise CursorError("inconsistent snapshot")

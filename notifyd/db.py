@@ -8,7 +8,7 @@ The LISTEN connection is not here: it is a dedicated connection owned by
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -538,6 +538,41 @@ class Database:
         Run a one-value query (for ``notifyd check`` and tests).
         """
         return await self._pool.fetchval(query, *args)
+
+    async def revocation_arity(self, query: str) -> int:
+        """
+        How many parameters the operator's revocation query takes (1 or 2);
+        preparing it at start turns a typo into a start-up error.
+
+        Raises :class:`ConfigError` naming NOTIFYD_REVOCATION_SQL when
+        Postgres refuses the query or it takes other parameters.
+        """
+        try:
+            async with self._pool.acquire() as connection:
+                # In a transaction of its own: asyncpg's prepare leaves the
+                # implicit one open, and with it a lock on the app's table
+                # that would block the app's DDL until the next query.
+                async with connection.transaction(readonly=True):
+                    statement = await connection.prepare(query)
+                    arity = len(statement.get_parameters())
+        except asyncpg.PostgresError as exc:
+            raise ConfigError(f"NOTIFYD_REVOCATION_SQL is not usable: {_describe(exc)}") from None
+        if arity not in (1, 2):
+            raise ConfigError(
+                "NOTIFYD_REVOCATION_SQL must take $1 (the user id) and optionally $2 "
+                f"(the token's claims as jsonb); it takes {arity} parameters"
+            )
+        return arity
+
+    async def session_allowed(
+        self, query: str, arity: int, user: str, claims: Mapping[str, Any]
+    ) -> bool:
+        """
+        Run the revocation query: only a first column that is true allows
+        the session (no row, NULL or false refuse it).
+        """
+        args: list[Any] = [user, json.dumps(claims, default=str)][:arity]
+        return await self._pool.fetchval(query, *args) is True
 
 
 def _event(data: dict[str, Any]) -> Event:

@@ -86,13 +86,19 @@ class AuthError(NotifydError):
 class ProtocolError(NotifydError):
     """
     A client frame could not be understood.
+
+    ``limit`` names the configured limit the frame went over, if that is
+    why (for the metric); the client sees ``code`` either way.
     """
 
-    def __init__(self, code: str, message: str, request_id: object = None) -> None:
+    def __init__(
+        self, code: str, message: str, request_id: object = None, *, limit: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        self.limit = limit
 
 
 class CursorError(NotifydError):

@@ -24,6 +24,8 @@ class Hub:
         self.max_sessions_per_user = max_sessions_per_user
         self._by_user: dict[str, list[Session]] = {}
         self._count = 0
+        # Sessions closed because their user went over the limit.
+        self.replaced = 0
         # Unread count of each user with live sessions, kept by delivery.
         self.unread: dict[str, int] = {}
 
@@ -38,6 +40,7 @@ class Hub:
         while len(sessions) > self.max_sessions_per_user:
             oldest = sessions.pop(0)
             self._count -= 1
+            self.replaced += 1
             oldest.close(CloseCode.REPLACED)
 
     def discard(self, session: Session) -> None:

@@ -19,6 +19,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .limits import LIMIT_NAMES
+
 if TYPE_CHECKING:
     from .daemon import Daemon
     from .stats import Stats
@@ -68,6 +70,20 @@ class _DaemonCollector:
         for reason, count in sorted(stats.auth_failures.items()):
             failures.add_metric([reason], count)
         yield failures
+        trips = CounterMetricFamily(
+            "notifyd_limit_trips", "Hostile-client limits that refused or closed something",
+            labels=["limit"],
+        )
+        # Every limit appears from the start, so a rate() over it works at once.
+        counts = dict.fromkeys(LIMIT_NAMES, 0) | dict(stats.limit_trips)
+        counts["sessions_per_user"] = hub.replaced
+        for limit, count in sorted(counts.items()):
+            trips.add_metric([limit], count)
+        yield trips
+        yield CounterMetricFamily(
+            "notifyd_sessions_expired", "Sessions closed with 4401 when their token expired",
+            value=stats.expired_sessions,
+        )
         listener = daemon.listener
         if listener is not None:
             health = listener.health

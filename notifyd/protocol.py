@@ -27,11 +27,13 @@ __all__ = [
     "CloseCode",
     "DemoSend",
     "Ping",
+    "Refresh",
     "close_reason",
     "encode",
     "encode_error",
     "encode_hello",
     "encode_message",
+    "encode_refreshed",
     "encode_resync",
     "parse_client_frame",
 ]
@@ -244,6 +246,18 @@ def encode_error(code: str, message: str, request_id: object = None) -> str:
 PONG = encode({"event": "pong"})
 
 
+def encode_refreshed(request_id: object, expires_at: float) -> str:
+    """
+    The answer to an accepted ``refresh``: the session now lasts until
+    ``expires`` (the new token's ``exp``, unix seconds).
+    """
+    frame: dict[str, Any] = {"event": "refreshed"}
+    if request_id is not None:
+        frame["id"] = request_id
+    frame["expires"] = int(expires_at)
+    return encode(frame)
+
+
 @dataclass(frozen=True, slots=True)
 class Ping:
     """
@@ -259,6 +273,17 @@ class Auth:
 
     token: str
     since: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """
+    ``{"action":"refresh","token":"..."}``: extend the session with a new
+    token of the same user before the current one expires.
+    """
+
+    token: str
+    request_id: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +334,7 @@ class DemoSend:
     request_id: object = None
 
 
-ClientAction = Ping | Auth | Read | ReadAll | History | DemoSend
+ClientAction = Ping | Auth | Refresh | Read | ReadAll | History | DemoSend
 
 MAX_READ_IDS = 1000
 MAX_HISTORY_LIMIT = 100
@@ -317,16 +342,36 @@ DEFAULT_HISTORY_LIMIT = 20
 _MAX_TEXT = 255
 _MAX_REQUEST_ID = 64
 _MAX_DEMO_CONTENT = 2000
+# An echoed integer id must survive orjson (64-bit) and JavaScript (2**53).
+_MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def clean_text(value: str) -> bool:
+    """
+    Whether a client string can reach Postgres and the encoder: no NUL
+    (text columns refuse it) and no lone surrogate (JSON's ``"\\ud800"``
+    decodes to one; UTF-8 cannot encode it). Never raises.
+    """
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _request_id(frame: Mapping[str, Any]) -> object:
     """
-    The client's ``id`` to echo: a short string or an integer, else None.
+    The client's ``id`` to echo: a short clean string or a JSON-safe
+    integer, else None.
     """
     value = frame.get("id")
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) or (isinstance(value, str) and len(value) <= _MAX_REQUEST_ID):
+    if isinstance(value, int):
+        return value if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER else None
+    if isinstance(value, str) and len(value) <= _MAX_REQUEST_ID and clean_text(value):
         return value
     return None
 
@@ -335,17 +380,19 @@ def _optional_text(frame: Mapping[str, Any], key: str) -> str | None:
     value = frame.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > _MAX_TEXT:
+    if not isinstance(value, str) or len(value) > _MAX_TEXT or not clean_text(value):
         raise ProtocolError("invalid", f"{key} must be a short string or null")
     return value
 
-def parse_client_frame(data: str | bytes) -> ClientAction:
+
+def parse_client_frame(data: str | bytes, *, max_read_ids: int = MAX_READ_IDS) -> ClientAction:
     """
     Decode one client frame.
 
     Raises :class:`ProtocolError` with an error code (``malformed``,
     ``unknown_action``, ``invalid``) for anything that is not a valid action;
-    never raises anything else.
+    never raises anything else. Every string that can reach the database is
+    :func:`clean_text`.
     """
     if isinstance(data, bytes):
         raise ProtocolError("malformed", "frames must be JSON text")
@@ -356,13 +403,13 @@ def parse_client_frame(data: str | bytes) -> ClientAction:
     if not isinstance(frame, dict):
         raise ProtocolError("malformed", "frame must be a JSON object")
     try:
-        return _parse_action(frame)
+        return _parse_action(frame, max_read_ids)
     except ProtocolError as exc:
         exc.request_id = _request_id(frame)
         raise
 
 
-def _parse_action(frame: dict[str, Any]) -> ClientAction:
+def _parse_action(frame: dict[str, Any], max_read_ids: int) -> ClientAction:
     action = frame.get("action")
     if not isinstance(action, str):
         raise ProtocolError("malformed", "frame has no action")
@@ -376,17 +423,22 @@ def _parse_action(frame: dict[str, Any]) -> ClientAction:
         if since is not None and not isinstance(since, str):
             raise ProtocolError("invalid", "since must be a cursor string")
         return Auth(token, since)
+    if action == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("invalid", "refresh needs a token")
+        return Refresh(token, _request_id(frame))
     if action == "read":
         ids = frame.get("ids")
+        message = f"ids must be 1 to {max_read_ids} message id strings"
+        if isinstance(ids, list) and len(ids) > max_read_ids:
+            raise ProtocolError("invalid", message, limit="read_ids")
         if (
             not isinstance(ids, list)
             or not ids
-            or len(ids) > MAX_READ_IDS
-            or not all(isinstance(i, str) and 0 < len(i) <= _MAX_TEXT for i in ids)
+            or not all(isinstance(i, str) and 0 < len(i) <= _MAX_TEXT and clean_text(i) for i in ids)
         ):
-            raise ProtocolError(
-                "invalid", f"ids must be 1 to {MAX_READ_IDS} message id strings"
-            )
+            raise ProtocolError("invalid", message)
         return Read(ids, _request_id(frame))
     if action == "read_all":
         return ReadAll(_optional_text(frame, "type"), _request_id(frame))
@@ -414,11 +466,11 @@ def _parse_action(frame: dict[str, Any]) -> ClientAction:
         )
     if action == "demo_send":
         to = frame.get("to")
-        if not isinstance(to, str) or not 0 < len(to) <= _MAX_TEXT:
+        if not isinstance(to, str) or not 0 < len(to) <= _MAX_TEXT or not clean_text(to):
             raise ProtocolError("invalid", "to must be a demo user id")
         content = frame.get("content")
         if content is not None and (
-            not isinstance(content, str) or len(content) > _MAX_DEMO_CONTENT
+            not isinstance(content, str) or len(content) > _MAX_DEMO_CONTENT or not clean_text(content)
         ):
             raise ProtocolError(
                 "invalid", f"content must be a string of at most {_MAX_DEMO_CONTENT} characters"

@@ -4,10 +4,17 @@ The WebSocket endpoints and the handshake decisions, on one port.
 * ``/ws/message`` and ``/ws/message/{userId}``: the push endpoint;
 * ``/healthz``: a plain GET health check.
 
-A token in the handshake (``?token=``, ``Authorization: Bearer``, or the
-configured cookie) is checked before the upgrade: 401 when invalid, 403 when
-the path names another user. Without one, the connection is upgraded and the
-first frame must be ``{"action":"auth",...}`` within ``auth_timeout_s``.
+Before the upgrade, a handshake must pass the per-address limits (429) and
+the origin allow-list (403). A token in the handshake (``?token=``,
+``Authorization: Bearer``, a ``bearer.<token>`` subprotocol entry, or the
+configured cookie) is checked then: 401 when invalid, 403 when the path names
+another user. Without one, the connection is upgraded and the first frame
+must be ``{"action":"auth",...}`` within ``auth_timeout_s``.
+
+Once open, a session is closed with 4401 when its token expires (unless a
+``refresh`` frame brought a new one), with 1008 when it sends frames faster
+than ``client_frames_per_s``, and with 1009 for a frame over
+``max_frame_bytes``; see ``docs/security.md``.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import http
 import ipaddress
 import json
 import logging
+import math
 import random
 import ssl
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,15 +40,26 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from . import protocol, static
-from .auth import Identity, TokenVerifier, token_from_handshake, user_from_path
+from .auth import (
+    SUBPROTOCOL,
+    Identity,
+    TokenVerifier,
+    bearer_subprotocol,
+    offered_subprotocols,
+    token_from_handshake,
+    user_from_path,
+)
 from .db import Database
 from .delivery import Delivery
 from .exceptions import AuthError, ConfigError, DatabaseError, ProtocolError
 from .hub import Hub
+from .limits import AddressCounter, AddressRateLimiter, TokenBucket, address_key
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render_metrics
+from .origin import OriginPolicy
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason
 from .session import Session
@@ -49,6 +69,13 @@ from .settings import Settings
 __all__ = ["PushServer"]
 
 logger = logging.getLogger(__name__)
+
+# How long a history request waits for one of the max_concurrent_history
+# slots before it is answered "busy": long enough to ride out a burst of
+# page loads, short enough that the client's own retry is not delayed.
+_HISTORY_WAIT_S = 2.0
+# A limit that keeps tripping (a flood) is logged at most this often.
+_TRIP_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(slots=True)
@@ -96,6 +123,15 @@ class PushServer:
         )
         self._server: Server | None = None
         self._sessions: set[Session] = set()
+        self._origins = OriginPolicy.from_list(
+            settings.allowed_origins, require=settings.require_origin
+        )
+        self._handshake_rate = AddressRateLimiter(settings.handshakes_per_s_per_address)
+        self._per_address = AddressCounter(settings.max_connections_per_address)
+        self._history_slots = asyncio.Semaphore(settings.max_concurrent_history)
+        self._expiries: dict[Session, asyncio.TimerHandle] = {}
+        self._revocation_arity = 0
+        self._trip_logged: dict[str, float] = {}
 
     @property
     def port(self) -> int:
@@ -110,12 +146,15 @@ class PushServer:
         Bind and start accepting connections.
         """
         settings = self._settings
+        if settings.revocation_sql:
+            self._revocation_arity = await self._db.revocation_arity(settings.revocation_sql)
         self._server = await serve(
             self._handle,
             settings.host,
             settings.port,
             ssl=tls_context(settings),
             process_request=self._process_request,
+            select_subprotocol=_select_subprotocol,
             compression=None,
             max_size=settings.max_frame_bytes,
             ping_interval=settings.ping_interval_s,
@@ -174,6 +213,10 @@ class PushServer:
         if route is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         _, path_user = route
+        address = address_key(_address(connection))
+        refused = self._admit(connection, request, address)
+        if refused is not None:
+            return refused
         query = {key: values[-1] for key, values in parse_qs(query_string).items()}
         since = query.get("since") or None
         token = token_from_handshake(
@@ -193,7 +236,40 @@ class PushServer:
                 return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
         elif self._settings.dev_insecure_user_from_path and path_user is not None:
             identity = Identity(path_user, float("inf"))
+        if not self._per_address.acquire(address):
+            self._limit_tripped("connections_per_address", address)
+            return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests\n")
+        if self._per_address.limit > 0:
+            # Released when the TCP connection is gone, whatever happens to
+            # the handshake from here on.
+            connection.connection_lost_waiter.add_done_callback(
+                lambda _: self._per_address.release(address)
+            )
         self._handshakes[connection] = _Handshake(identity, path_user, since)
+        return None
+
+    def _admit(
+        self, connection: ServerConnection, request: Request, address: str
+    ) -> Response | None:
+        """
+        The checks before any token is looked at: handshake rate, origin,
+        subprotocol form. A refusal response, or None to go on.
+        """
+        if not self._handshake_rate.allow(address, time.monotonic()):
+            self._limit_tripped("handshake_rate", address)
+            return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "Too Many Requests\n")
+        refusal = self._origins.refusal(request.headers.get_all("Origin"))
+        if refusal is not None:
+            self._auth_failed(connection, refusal)
+            return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
+        offered = offered_subprotocols(request.headers)
+        if bearer_subprotocol(offered) is not None and SUBPROTOCOL not in offered:
+            # The browser would fail the handshake anyway (no protocol it
+            # offered is selected); say why instead of upgrading.
+            self._auth_failed(connection, "bearer subprotocol without notifyd.v1")
+            return connection.respond(
+                http.HTTPStatus.BAD_REQUEST, f"Offer {SUBPROTOCOL} with the bearer entry\n"
+            )
         return None
 
     def _respond_health(self, connection: ServerConnection, *, ready: bool) -> Response:
@@ -225,6 +301,10 @@ class PushServer:
                 return
             identity, first_since = authenticated
             since = first_since or since
+        refused = await self._revoked(connection, identity)
+        if refused is not None:
+            await _close(connection, refused)
+            return
         settings = self._settings
         session = Session(
             connection,
@@ -237,13 +317,29 @@ class PushServer:
         logger.info(
             "session %s opened: user=%s", session.id, identity.user, extra={"websocket": connection}
         )
+        self._arm_expiry(session, identity.expires_at)
+        frames = TokenBucket.per_second(settings.client_frames_per_s, time.monotonic())
         try:
             await self._delivery.join(session, since)
             async for data in connection:
+                if not frames.take(time.monotonic()):
+                    self._limit_tripped("frame_rate", _address(connection))
+                    session.close(CloseCode.POLICY_VIOLATION)
+                    # Drop what is still coming so the client's close frame
+                    # is read and the close completes now, not after the
+                    # close timeout (websockets aborts by then anyway).
+                    async for _ in connection:
+                        pass
+                    break
                 await self._answer(session, data)
-        except ConnectionClosed:
-            pass
+                if session.closing:
+                    break
+        except ConnectionClosed as exc:
+            self._count_oversized(exc, connection)
         finally:
+            expiry = self._expiries.pop(session, None)
+            if expiry is not None:
+                expiry.cancel()
             self._hub.discard(session)
             self._sessions.discard(session)
             session.close(CloseCode.NORMAL)
@@ -269,7 +365,8 @@ class PushServer:
             self._auth_failed(connection, "no auth in time")
             await _close(connection, CloseCode.AUTH_TIMEOUT)
             return None
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            self._count_oversized(exc, connection)
             return None
         try:
             action = protocol.parse_client_frame(data)
@@ -298,6 +395,103 @@ class PushServer:
         self._stats.auth_failures[reason] += 1
         logger.info("auth failed: reason=%s", reason, extra={"websocket": connection})
 
+    def _limit_tripped(self, limit: str, address: str) -> None:
+        """
+        Count a limit that said no; log it, at most once per interval per
+        limit, so a flood cannot flood the log too.
+        """
+        self._stats.limit_trips[limit] += 1
+        now = time.monotonic()
+        if now - self._trip_logged.get(limit, -math.inf) >= _TRIP_LOG_INTERVAL_S:
+            self._trip_logged[limit] = now
+            logger.warning(
+                "limit %s reached: remote=%s (%d times so far)",
+                limit, address, self._stats.limit_trips[limit],
+            )  # fmt: skip
+
+    def _count_oversized(self, exc: ConnectionClosed, connection: ServerConnection) -> None:
+        """
+        websockets closes a connection whose frame is over ``max_size`` with
+        1009 by itself; count that as the frame size limit.
+        """
+        if exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            self._limit_tripped("frame_size", _address(connection))
+
+    async def _revoked(self, connection: ServerConnection, identity: Identity) -> CloseCode | None:
+        """
+        Run ``revocation_sql`` for a freshly verified token: None when the
+        session may go on, 4401 when the query says no, 1011 when it cannot
+        be run (a revocation that cannot be checked is not waved through).
+        """
+        query = self._settings.revocation_sql
+        if not query:
+            return None
+        try:
+            allowed = await self._db.session_allowed(
+                query, self._revocation_arity, identity.user, identity.claims
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseError) as exc:
+            # The type only: a message could quote the claims.
+            logger.warning("revocation check failed: %s", type(exc).__name__)
+            return CloseCode.INTERNAL_ERROR
+        if allowed:
+            return None
+        self._auth_failed(connection, "revoked")
+        return CloseCode.UNAUTHORIZED
+
+    def _arm_expiry(self, session: Session, expires_at: float) -> None:
+        """
+        Close the session with 4401 when its token expires (plus the JWT
+        leeway, as for a new token); replaces an earlier timer.
+        """
+        previous = self._expiries.pop(session, None)
+        if previous is not None:
+            previous.cancel()
+        if not math.isfinite(expires_at):
+            return  # development mode: no token
+        leeway = self.verifier.leeway_s if self.verifier is not None else 0.0
+        # exp is wall-clock time; the timer runs on the loop's monotonic clock.
+        delay = max(0.0, expires_at + leeway - time.time())
+        self._expiries[session] = asyncio.get_running_loop().call_later(
+            delay, self._expire, session
+        )
+
+    def _expire(self, session: Session) -> None:
+        self._expiries.pop(session, None)
+        if not session.closing:
+            self._stats.expired_sessions += 1
+            logger.info("session %s: token expired", session.id)
+            session.close(CloseCode.UNAUTHORIZED)
+
+    async def _refresh(self, session: Session, action: protocol.Refresh) -> None:
+        """
+        A new token for the session: same user, valid, not revoked; else
+        the session is closed with 4401 at once.
+        """
+        verifier = self.verifier
+        if verifier is None:
+            session.push(
+                protocol.encode_error("invalid", "this server takes no tokens", action.request_id)
+            )
+            return
+        connection = session.connection
+        try:
+            identity = verifier.verify(action.token)
+        except AuthError as exc:
+            self._auth_failed(connection, exc.reason)
+            session.close(CloseCode.UNAUTHORIZED)
+            return
+        if identity.user != session.user:
+            self._auth_failed(connection, "refresh names another user")
+            session.close(CloseCode.UNAUTHORIZED)
+            return
+        refused = await self._revoked(connection, identity)
+        if refused is not None:
+            session.close(refused)
+            return
+        self._arm_expiry(session, identity.expires_at)
+        session.push(protocol.encode_refreshed(action.request_id, identity.expires_at))
+
     async def _answer(self, session: Session, data: str | bytes) -> None:
         """
         Act on one client frame. Read-state changes are not answered
@@ -305,8 +499,10 @@ class PushServer:
         this one included.
         """
         try:
-            action = protocol.parse_client_frame(data)
+            action = protocol.parse_client_frame(data, max_read_ids=self._settings.max_read_ids)
         except ProtocolError as exc:
+            if exc.limit is not None:
+                self._limit_tripped(exc.limit, _address(session.connection))
             session.push(protocol.encode_error(exc.code, exc.message, exc.request_id))
             return
         db = self._db
@@ -317,15 +513,10 @@ class PushServer:
                 await db.mark_read(session.user, action.ids)
             elif isinstance(action, protocol.ReadAll):
                 await db.mark_all_read(session.user, action.type)
+            elif isinstance(action, protocol.Refresh):
+                await self._refresh(session, action)
             elif isinstance(action, protocol.History):
-                rows, more = await db.history(
-                    session.user,
-                    before_seq=action.before_seq,
-                    limit=action.limit,
-                    type=action.type,
-                    unread_only=action.unread_only,
-                )
-                session.push(protocol.encode_history(action.request_id, rows, more))
+                await self._history(session, action)
             elif isinstance(action, protocol.DemoSend):
                 request_id = action.request_id
                 if self._demo_users is None:
@@ -348,6 +539,43 @@ class PushServer:
             logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))
+
+
+    async def _history(self, session: Session, action: protocol.History) -> None:
+        """
+        Answer ``history`` within ``max_concurrent_history`` queries at once,
+        so history readers cannot take the pool from delivery; a request
+        that finds no slot in time is answered ``busy``.
+        """
+        try:
+            async with asyncio.timeout(_HISTORY_WAIT_S):
+                await self._history_slots.acquire()
+        except TimeoutError:
+            self._limit_tripped("history_concurrency", _address(session.connection))
+            session.push(protocol.encode_error("busy", "too many history requests; try again", action.request_id))
+            return
+        try:
+            rows, more = await self._db.history(
+                session.user,
+                before_seq=action.before_seq,
+                limit=action.limit,
+                type=action.type,
+                unread_only=action.unread_only,
+            )
+        finally:
+            self._history_slots.release()
+        session.push(protocol.encode_history(action.request_id, rows, more))
+
+
+def _select_subprotocol(
+    connection: ServerConnection, subprotocols: list[Subprotocol]
+) -> Subprotocol | None:
+    """
+    Select ``notifyd.v1`` when offered, never anything else: a
+    ``bearer.<token>`` entry is read by the handshake, not echoed back.
+    Clients that offer nothing get no subprotocol, as before.
+    """
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in subprotocols else None
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -386,6 +614,13 @@ def _response(status: http.HTTPStatus, body: str | bytes, content_type: str) -> 
         ]
     )
     return Response(status.value, status.phrase, headers, data)
+
+
+def _address(connection: ServerConnection) -> str:
+    try:
+        return str(connection.remote_address[0])
+    except (TypeError, IndexError):
+        return "?"
 
 
 def is_loopback_address(address: Any) -> bool:

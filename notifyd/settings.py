@@ -61,8 +61,9 @@ class Settings(BaseSettings):
     )
     allowed_origins: CommaList = Field(
         default_factory=list,
-        description="Origins (https://app.example.com) allowed by CORS to load the static "
-        "files; empty: all.",
+        description="Origins (https://app.example.com) whose pages may open WebSocket "
+        "sessions (others get 403 before the upgrade) and load the static files by CORS; "
+        "empty: all.",
     )
     auth_timeout_s: float = Field(default=10.0, gt=0)
     dev_insecure_user_from_path: bool = False
@@ -111,6 +112,42 @@ class Settings(BaseSettings):
         default=None, description="Serve wss:// directly with this PEM certificate (chain)."
     )
     tls_key_file: Path | None = Field(default=None, description="The certificate's PEM private key.")
+
+    # Hostile clients (docs/security.md). Per-address limits are off by
+    # default: behind a load balancer or NAT every client has one address.
+    require_origin: bool = Field(
+        default=False,
+        description="Refuse WebSocket handshakes without an Origin header (non-browser "
+        "clients) with 403.",
+    )
+    jwt_leeway_s: float = Field(
+        default=5.0, ge=0, le=30, description="Clock skew tolerated on exp/nbf/iat."
+    )
+    revocation_sql: str | None = Field(
+        default=None,
+        description="A query run when a session authenticates or refreshes, with $1 the "
+        "user id and (optionally) $2 the token's claims as jsonb; the session is refused "
+        "with 4401 unless its first column is true.",
+    )
+    max_connections_per_address: int = Field(
+        default=0, ge=0, description="Open WebSocket connections per client IP; 0: no limit."
+    )
+    handshakes_per_s_per_address: float = Field(
+        default=0.0,
+        ge=0,
+        description="WebSocket handshakes per second per client IP (bursts of 4 s worth); "
+        "0: no limit.",
+    )
+    client_frames_per_s: float = Field(
+        default=50.0,
+        ge=0,
+        description="Frames per second a session may send (bursts of 4 s worth); past "
+        "it the session is closed with 1008. 0: no limit.",
+    )
+    max_read_ids: int = Field(default=1000, ge=1, le=100_000)
+    max_concurrent_history: int = Field(
+        default=2, ge=1, description="history queries running at once, all sessions together."
+    )
 
     # -- Sinks: channels besides the WebSocket (docs/sinks.md) ---------------
     sinks: CommaList = Field(

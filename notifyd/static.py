@@ -31,11 +31,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from urllib.parse import urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from .origin import normalise_origin
 from .settings import Settings
 
 __all__ = ["ROUTES", "StaticResponse", "demo_page", "handles", "respond", "serve", "to_response"]
@@ -60,8 +60,6 @@ _PAGE_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,25 +94,6 @@ def _load(name: str) -> _File | None:
         logger.error("static file %s missing from the package: %s", name, exc)
         return None
     return _File(body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
-
-
-def normalise_origin(origin: str) -> str:
-    """
-    An origin as browsers send it: lower case, no trailing slash, no default
-    port (``https://App.example.com:443/`` -> ``https://app.example.com``).
-    """
-    text = origin.strip().rstrip("/").lower()
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError:
-        return text
-    if not parts.scheme or not parts.hostname:
-        return text
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
-        host = f"{host}:{port}"
-    return f"{parts.scheme}://{host}"
 
 
 def _cors(origin: str | None, allowed_origins: Iterable[str]) -> list[tuple[str, str]]:

@@ -61,6 +61,9 @@ class Stats:
     slow_client_closes: int = 0
     repair_rows: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
+    # Hostile-client limits that said no, by limit name (docs/security.md).
+    limit_trips: Counter[str] = field(default_factory=Counter)
+    expired_sessions: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     notification_queue_usage: float | None = None
     sinks: dict[str, SinkStats] = field(default_factory=dict)

@@ -757,3 +757,54 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
         assert SCREENSHOT.stat().st_size > 10_000
     finally:
         await context.close()
+
+
+# -- hostile origins and token lifetime ------------------------------------
+
+
+async def test_page_on_an_unlisted_origin_cannot_open_a_session_and_a_listed_one_can(
+    start_daemon: StartDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """The browser's own Origin header decides: unlisted gets 403 (no session), listed gets its messages."""
+    refusing = await start_daemon(allowed_origins=["https://app.example.com"])
+    app.pages["/seed"] = SEED_PAGE.replace("WS_URL", refusing.url("u1"))
+    page = await context.new_page()
+    await page.goto(app.origin + "/seed")
+    await eventually(
+        lambda: refusing.daemon.stats.auth_failures["origin not allowed"] >= 1, "the refused handshake"
+    )
+    assert sessions(refusing, "u1") == 0
+
+    accepting = await start_daemon(allowed_origins=[app.origin])
+    app.pages["/seed"] = SEED_PAGE.replace("WS_URL", accepting.url("u1"))
+    await page.goto(app.origin + "/seed")
+    await eventually(lambda: sessions(accepting, "u1") == 1, "the listed origin's session")
+    await insert(db, "u1", "Hello", "from a listed origin")
+    await page.wait_for_function("() => document.body.dataset.got === 'Hello|from a listed origin'")
+
+
+async def test_client_refreshes_its_token_in_place_before_it_expires(
+    start_daemon: StartDaemon, db: asyncpg.Connection, context: Any, app: AppServer, open_client: Any
+) -> None:
+    """
+    A 4 s token: the client asks for a new one and sends `refresh`; a twin
+    session with the same token is closed with 4401 at exp, the browser's
+    session stays open on the same socket and still receives.
+    """
+    running = await start_daemon(jwt_leeway_s=0)
+    short = running.token("u1", ttl_s=4)
+    app.token = short
+    app.pages["/harness"] = HARNESS.replace("MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js")
+    page = await context.new_page()
+    await page.goto(harness_url(app))
+    await eventually(lambda: app.token_requests >= 1, "the first token request")
+    app.token = running.token("u1")
+    await wait_open(page)
+    twin = await open_client(running.url("u1", token=short))
+    await eventually(lambda: app.token_requests >= 2, "the refresh asking for a token")
+    await asyncio.wait_for(twin.ws.wait_closed(), TIMEOUT)
+    assert twin.ws.close_code == 4401
+    assert await page.evaluate("() => window.t.states") == ["connecting", "open"]
+    await insert(db, "u1", "after-refresh")
+    await page.wait_for_function("() => window.t.titles.includes('after-refresh')")
+    assert await page.evaluate("() => window.t.states") == ["connecting", "open"]

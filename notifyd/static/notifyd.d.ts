@@ -140,6 +140,13 @@ export interface ClientOptions {
   pingIntervalMs?: number;
   /** A ping not answered within this (ms) drops the connection. Default 10000. */
   pongTimeoutMs?: number;
+  /**
+   * Ask the token function for a new token this long before the current
+   * one's `exp` (halfway, for shorter tokens) and extend the open session
+   * with it; 0: never, the session then ends with 4401 at `exp` and
+   * reconnects. Default 60000.
+   */
+  refreshBeforeMs?: number;
   /** How many recent message ids are remembered to drop duplicates (0: none). Default 1000. */
   dedupeSize?: number;
   /** How many recent frames a leader keeps to catch up a reloaded tab. Default 500. */

@@ -12,7 +12,8 @@
  *
  * - authenticates with the first frame (the token never goes into a URL,
  *   unless `tokenInUrl: true`), asking the token function for a fresh token
- *   at every (re)connect;
+ *   at every (re)connect, and again before the token expires, to extend the
+ *   open session in place (the server closes it with 4401 at `exp`);
  * - reconnects after any drop, with exponential backoff and full jitter
  *   (capped), and resumes from the last cursor it stored, so the page misses
  *   no message and sees none twice (message ids are also remembered in a
@@ -48,6 +49,7 @@ export const DEFAULTS = Object.freeze({
   helloTimeoutMs: 20_000,
   pingIntervalMs: 25_000,
   pongTimeoutMs: 10_000,
+  refreshBeforeMs: 60_000,
   dedupeSize: 1_000,
   relayLogSize: 500,
 });
@@ -65,6 +67,18 @@ export class NotifydError extends Error {
     super(message);
     this.name = "NotifydError";
     this.code = code;
+  }
+}
+
+// The `exp` claim (unix seconds) of a JWT, or null when it has none; the
+// client only schedules a refresh with it, the server does the checking.
+function tokenExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part.padEnd(Math.ceil(part.length / 4) * 4, "="))).exp;
+    return Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
   }
 }
 
@@ -175,6 +189,8 @@ export class NotifydClient {
   #helloTimer = null;
   #pingTimer = null;
   #pongTimer = null;
+  #refreshTimer = null;
+  #tokenExp = null;
   #remoteQueue = [];
 
   // Tab sharing.
@@ -522,6 +538,7 @@ export class NotifydClient {
       return;
     }
     if (attempt !== this.#connectSeq || this.#closed || this.#ws || this.#role === "follower") return;
+    this.#tokenExp = tokenExpiry(token);
     let url = this.#url;
     if (this.#options.tokenInUrl) {
       const withToken = new URL(url);
@@ -574,6 +591,11 @@ export class NotifydClient {
       return;
     }
     if (!isFrame(frame) || frame.event === "pong") return;
+    if (frame.event === "refreshed") {
+      // This socket's own business: the session now lasts until `expires`.
+      this.#scheduleRefresh(ws, frame.expires);
+      return;
+    }
     // Answers to this tab's own requests concern no other tab.
     const own = typeof frame.id === "string" && frame.id.startsWith(`${this.#tabId}.`);
     if (this.#role === "leader" && !own) this.#post({ t: "frame", frame });
@@ -593,7 +615,34 @@ export class NotifydClient {
       this.#wsSend({ action: "ping" });
       this.#pongTimer = setTimeout(() => this.#abandon(ws, "no pong in time"), this.#options.pongTimeoutMs);
     }, this.#options.pingIntervalMs);
+    this.#scheduleRefresh(ws, this.#tokenExp);
     this.#flush();
+  }
+
+  // Ask for a new token `refreshBeforeMs` before `exp` (halfway for tokens
+  // shorter than that) and send it as a refresh on the open socket.
+  #scheduleRefresh(ws, exp) {
+    clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (!this.#options.refreshBeforeMs || !Number.isFinite(exp)) return;
+    const remaining = exp * 1000 - Date.now();
+    const delay = Math.max(remaining / 2, remaining - this.#options.refreshBeforeMs, 0);
+    this.#refreshTimer = setTimeout(() => this.#refresh(ws), delay);
+  }
+
+  async #refresh(ws) {
+    this.#refreshTimer = null;
+    if (ws !== this.#ws) return;
+    let token;
+    try {
+      token = await this.#tokenProvider();
+      if (typeof token !== "string" || !token) throw new TypeError("the token function returned no token");
+    } catch (error) {
+      // The session ends with 4401 at expiry and reconnects with a new token.
+      this.#emit("error", { code: "token", message: String(error?.message ?? error), error });
+      return;
+    }
+    if (ws === this.#ws) this.#wsSend({ action: "refresh", token });
   }
 
   #flush() {
@@ -631,7 +680,8 @@ export class NotifydClient {
     clearTimeout(this.#helloTimer);
     clearInterval(this.#pingTimer);
     clearTimeout(this.#pongTimer);
-    this.#helloTimer = this.#pingTimer = this.#pongTimer = null;
+    clearTimeout(this.#refreshTimer);
+    this.#helloTimer = this.#pingTimer = this.#pongTimer = this.#refreshTimer = null;
   }
 
   // Give up on a socket that stopped answering, without waiting for TCP.
