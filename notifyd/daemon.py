@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from .auth import TokenVerifier
+from .collector import Collector
 from .db import Database
 from .delivery import Delivery
 from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError
@@ -92,6 +93,7 @@ class Daemon:
         self.verifier = verifier
         self.hub = Hub(settings.max_sessions_per_user)
         self.stats = Stats()
+        self.collector = Collector()
         self.db: Database | None = None
         self.delivery: Delivery | None = None
         self.listener: Listener | None = None
@@ -133,6 +135,7 @@ class Daemon:
                 event_retention=settings.event_retention_s,
                 min_interval=settings.batch_interval_ms / 1000,
                 stats=self.stats,
+                collector=self.collector,
             )
             self.listener = listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
@@ -248,6 +251,7 @@ class Daemon:
             self.server.stop_accepting()
             await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
         await self._shutdown_tasks()
+        self.collector.release()
         if self.db is not None:
             db, self.db = self.db, None
             await db.close()

@@ -26,7 +26,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from . import protocol
+from .collector import Collector
 from .cursor import Cursor, Snapshot, WindowCursors
 from .db import Database, Event, Row, Window
 from .exceptions import CursorError
@@ -67,8 +70,10 @@ class Delivery:
         min_interval: float = 0.0,
         retry_max: float = 5.0,
         stats: Stats | None = None,
+        collector: Collector | None = None,
     ) -> None:
         self._db = database
+        self._collector = collector
         self._hub = hub
         self._fetch_batch = fetch_batch
         self._replay_limit = replay_limit
@@ -134,6 +139,13 @@ class Delivery:
                     self._wakeup.set()
                 else:
                     await self._admit_all(joining, counts)
+                if self._collector is not None:
+                    hub = self._hub
+                    self._collector.after_round(
+                        admitted=bool(joining) and counts is not None,
+                        sessions=hub.session_count,
+                        closed_total=hub.closed_total,
+                    )
                 if time.monotonic() - last_prune > self._prune_every:
                     last_prune = time.monotonic()
                     await self._db.prune_events(self._event_retention)
@@ -244,11 +256,12 @@ class Delivery:
                 stats.latency.observe(now - sent_at.timestamp())
             if self._repairing:
                 stats.repair_rows += 1
-            frame = protocol.encode(fields)
-            data = frame.encode()
+            payload = orjson.dumps(fields)
+            frame = payload.decode()
+            wire = protocol.text_frame(payload)
             count = 0
             for session in sessions:
-                if session.push(frame, cursor, flush=False, data=data):
+                if session.push(frame, cursor, flush=False, wire=wire):
                     account.unflushed.add(session)
                 count += 1
             stats.delivered += count
@@ -268,10 +281,10 @@ class Delivery:
                 frame = protocol.encode_deleted(event.ids or [])
             else:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
-            data = frame.encode()
+            wire = protocol.text_frame(frame.encode())
             targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
             for session in targets:
-                if session.push(frame, flush=False, data=data):
+                if session.push(frame, flush=False, wire=wire):
                     account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [
@@ -284,6 +297,9 @@ class Delivery:
         users = list(hub.unread) if everyone else [
             u for u in {*account.recounted, *account.new_unread} if u in hub.unread
         ]
+        # Many users share a count (after an announcement, most of them):
+        # each count is encoded and framed once.
+        frames: dict[int, tuple[str, bytes]] = {}
         for user in users:
             old = hub.unread[user]
             if user in account.recounted:
@@ -293,9 +309,12 @@ class Delivery:
                 new -= sum(1 for readers in counted_deletes if user not in readers)
             if new != old:
                 hub.unread[user] = new
-                frame = protocol.encode_unread(new)
+                encoded = frames.get(new)
+                if encoded is None:
+                    text = protocol.encode_unread(new)
+                    encoded = frames[new] = (text, protocol.text_frame(text.encode()))
                 for session in hub.sessions_of(user) or ():
-                    if session.push(frame, flush=False):
+                    if session.push(encoded[0], flush=False, wire=encoded[1]):
                         account.unflushed.add(session)
         account.flush()
 
@@ -338,9 +357,10 @@ class Delivery:
     ) -> None:
         session = request.session
         if not session.closing:
-            session.push(hello)
+            session.push(hello, flush=False)
             for frame, cursor in replay:
-                session.push(frame, cursor)
+                session.push(frame, cursor, flush=False)
+            session.flush()
             self._hub.add(session)
             self._hub.unread[session.user] = unread
         if not request.admitted.done():

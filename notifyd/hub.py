@@ -24,6 +24,8 @@ class Hub:
         self.max_sessions_per_user = max_sessions_per_user
         self._by_user: dict[str, list[Session]] = {}
         self._count = 0
+        # Sessions ever unregistered (for the collector's schedule).
+        self.closed_total = 0
         # Unread count of each user with live sessions, kept by delivery.
         self.unread: dict[str, int] = {}
 
@@ -38,6 +40,7 @@ class Hub:
         while len(sessions) > self.max_sessions_per_user:
             oldest = sessions.pop(0)
             self._count -= 1
+            self.closed_total += 1
             oldest.close(CloseCode.REPLACED)
 
     def discard(self, session: Session) -> None:
@@ -49,6 +52,7 @@ class Hub:
             return
         sessions.remove(session)
         self._count -= 1
+        self.closed_total += 1
         if not sessions:
             del self._by_user[session.user]
             self.unread.pop(session.user, None)
