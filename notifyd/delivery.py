@@ -43,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 _CATCH_UP_BATCH = 500
 
+# Each later page of a window is twice the size of the one before, up to this
+# many times fetch_batch: every page query walks the whole window again, so
+# fixed-size pages make a 100,000-row INSERT cost 100 walks of 100,000 rows.
+_MAX_PAGE_GROWTH = 16
+
 
 @dataclass(eq=False)
 class _Join:
@@ -202,12 +207,12 @@ class Delivery:
             end, after_seq, account = self._unfinished
             window = Window([], end, complete=False)
             counts = None
+        limit = self._fetch_batch
         while not window.complete:
             after_seq = window.rows[-1]["seq"] if window.rows else after_seq
             self._unfinished = (window.end, after_seq, account)
-            window = await self._db.window(
-                base, limit=self._fetch_batch, end=window.end, after_seq=after_seq
-            )
+            limit = min(2 * limit, _MAX_PAGE_GROWTH * self._fetch_batch)
+            window = await self._db.window(base, limit=limit, end=window.end, after_seq=after_seq)
             self._route(window, base, account)
         self._unfinished = None
         self._repairing = False
