@@ -95,6 +95,10 @@ class Delivery:
         self._repairing = False
         self.listening = False
         self.ready = asyncio.Event()
+        # The next window's first page, already asked for: (its base, the
+        # query). See _maybe_prefetch.
+        self._prefetch: tuple[Snapshot, asyncio.Future[Window]] | None = None
+        self._last_read = 0.0
 
     def wake(self) -> None:
         """
@@ -130,7 +134,7 @@ class Delivery:
         nothing is skipped while retrying.
         """
         attempt = 0
-        last_prune = last_read = time.monotonic()
+        last_prune = self._last_read = time.monotonic()
         while True:
             joining, self._pending = self._pending, []
             try:
@@ -156,16 +160,20 @@ class Delivery:
                     await self._db.prune_events(self._event_retention)
                 attempt = 0
             except asyncio.CancelledError:
+                self._drop_prefetch()
                 for request in joining + self._pending:
                     request.admitted.cancel()
                 self._pending.clear()
                 raise
             except Exception as exc:
+                self._drop_prefetch()
                 self._requeue(joining)
                 attempt += 1
                 delay = min(self._retry_max, 0.1 * 2 ** (attempt - 1))
                 logger.warning("delivery read failed (%s), retrying in %.1fs", _describe(exc), delay)
                 await asyncio.sleep(delay)
+                continue
+            if self._prefetch is not None:
                 continue
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can
             # swallow a cancellation that races with the event being set,
@@ -178,10 +186,10 @@ class Delivery:
             # Under load, start reads at most every ``min_interval`` seconds,
             # so one query serves the commits of that interval instead of one
             # query per commit; an isolated commit is read at once.
-            delay = last_read + self._min_interval - time.monotonic()
+            delay = self._last_read + self._min_interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            last_read = time.monotonic()
+            self._last_read = time.monotonic()
             self._wakeup.clear()
 
     def _requeue(self, requests: list[_Join]) -> None:
@@ -199,10 +207,21 @@ class Delivery:
         # A page that failed is retried from where the window stopped, so
         # rows already routed are not routed twice.
         if self._unfinished is None:
-            window = await self._db.window(base, limit=self._fetch_batch, count_users=count_users)
+            prefetched = self._take_prefetch(base)
+            counts: dict[str, int] | None
+            if prefetched is None:
+                window = await self._db.window(
+                    base, limit=self._fetch_batch, count_users=count_users
+                )
+                counts = window.counts
+            else:
+                window = await prefetched
+                # Asked for before these sessions came: no counts for them.
+                counts = None if count_users else window.counts
+            if window.complete:
+                self._maybe_prefetch(window.end)
             account = _WindowAccount(window.counts, window.events)
             self._route(window, base, account)
-            counts: dict[str, int] | None = window.counts
         else:
             end, after_seq, account = self._unfinished
             window = Window([], end, complete=False)
@@ -219,6 +238,53 @@ class Delivery:
         self.watermark = window.end
         self._settle(account, base)
         return counts
+
+    def _maybe_prefetch(self, end: Snapshot) -> None:
+        """
+        Under load, ask for the next window (from ``end``) before routing
+        this one, so the query's round trip overlaps the routing and the
+        writes instead of adding to them.
+
+        Only when more commits were announced, no session is waiting to
+        join (a prefetched window has no unread counts for them) and the
+        listener is up; at most one read starts per ``min_interval``.
+        """
+        now = time.monotonic()
+        if (
+            not self._wakeup.is_set()
+            or not self.listening
+            or self._pending
+            or now - self._last_read < self._min_interval
+        ):
+            return
+        self._wakeup.clear()
+        self._last_read = now
+        self._prefetch = (
+            end,
+            asyncio.ensure_future(self._db.window(end, limit=self._fetch_batch)),
+        )
+
+    def _take_prefetch(self, base: Snapshot) -> asyncio.Future[Window] | None:
+        """
+        The prefetched read of the window starting at ``base``, if any.
+        """
+        if self._prefetch is not None and self._prefetch[0] == base:
+            future = self._prefetch[1]
+            self._prefetch = None
+            return future
+        self._drop_prefetch()
+        return None
+
+    def _drop_prefetch(self) -> None:
+        """
+        Abandon a prefetched read (its rows are read again from the
+        watermark, so nothing is lost).
+        """
+        if self._prefetch is not None:
+            future = self._prefetch[1]
+            self._prefetch = None
+            future.cancel()
+            future.add_done_callback(_consume)
 
     def _route(self, window: Window, base: Snapshot, account: _WindowAccount) -> None:
         """
@@ -453,6 +519,11 @@ class _WindowAccount:
         for session in self.unflushed:
             session.flush()
         self.unflushed.clear()
+
+
+def _consume(future: asyncio.Future[Window]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: BaseException) -> str:
