@@ -799,6 +799,7 @@ def main() -> int:
             results["notifyd_source"]["changed_during_run"] = True
             progress("warning: notifyd's sources changed during the run")
         results["command"] = command
+        results["notifyd_env"] = notifyd_env
         results["runtime_s"] = time.monotonic() - _STARTED
         results["postgres"] = "external (--dsn)" if args.dsn else f"embedded, settings {PG_SETTINGS}"
         args.results.parent.mkdir(parents=True, exist_ok=True)
