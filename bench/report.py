@@ -352,7 +352,8 @@ def render(r: Results) -> str:
                 f"({m['loopback_send']['wall_us_per_send']:.1f} µs wall) on this machine"
                 + (
                     f", {m['loopback_send']['cpu_us_per_send_back_to_back']:.1f} µs when sent back to back "
-                    "(the reader stays awake); most of the first figure is waking the reader"
+                    f"round robin over {m['loopback_send'].get('fanout', 1)} connections (a fan-out burst: the "
+                    "reader stays awake); most of the first figure is waking the reader"
                     if "cpu_us_per_send_back_to_back" in m["loopback_send"]
                     else ""
                 )
@@ -477,10 +478,11 @@ def _misses(r: Results) -> list[str]:
         "process, so the figure per delivery falls as the load rises: "
         f"{_n(_get(sat, 'server_cpu_ms_per_1000'), 1)} µs at saturation. The profile below shows the split: "
         "`session.py (flush)` is the one write per session per delivery round.",
-        f"- **Announcement to {_n(sessions)} sessions.** One write per session: {_n(sessions)} × "
+        f"- **Announcement to {_n(sessions)} sessions.** One write per session, in one thread: {_n(sessions)} × "
         f"{_n(burst, 1)} µs back to back = {_n(None if burst is None else burst * sessions / 1000, 0)} ms of "
-        "system calls before any Python runs, in one thread; each session's message and unread count go out "
-        "in one write, framed once per announcement (and once per distinct count).",
+        "system calls alone, then the event loop's and notifyd's work per session on top: the frame is "
+        "built once per announcement (and the unread frame once per distinct count), but each session "
+        "still costs a push of the message, a push of its unread count and a write of both together.",
         "- **100-row statements.** At saturation notifyd delivered "
         f"{_n(_get(sat, 'deliveries_per_s'))}/s using {_n(_cores(sat, 'server_cpu_ms_per_1000'), 2)} cores, "
         f"while Postgres used {_n(_cores(sat, 'pg_cpu_ms_per_1000'), 2)} (inserting and indexing the rows, "

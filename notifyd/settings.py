@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     compression: bool = Field(
         default=False,
         description="Accept permessage-deflate: smaller frames on slow links, but each frame "
-        "is compressed per session and an idle session takes about 3x the memory.",
+        "is compressed per session and an idle session takes several times the memory.",
     )
 
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
