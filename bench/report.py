@@ -277,6 +277,13 @@ def _targets(r: Results) -> list[tuple[str, str, str]]:
     a, b = nd["single"]["last_good"], nv["single"]["last_good"]
     factor = None if a is None or not b else a / b
     note = "(both reached the top step: a lower bound)" if nd["single"]["ceiling_reached"] and nv["single"]["ceiling_reached"] else ""
+
+    def writers_capped(ramp: dict[str, Any]) -> bool:
+        good = ramp["last_good"] or 0
+        return any(not s["ok"] and s["target"] > good and "writers reached" in s["why"] for s in ramp["steps"])
+
+    if not note and writers_capped(nd["single"]) and writers_capped(nv["single"]):
+        note = "(for both, the writers could not reach the next step's rate: the machine's ceiling, not the servers')"
     out.append((
         "Sustained rate at p99 < 20 ms ≥ 1.5× naive",
         f"{_n(a)} vs {_n(b)} commits/s = {_n(factor, 2)}×",
