@@ -202,6 +202,16 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def writers_capped(ramp: dict[str, Any]) -> bool:
+    """
+    Whether every attempt at the step after the highest sustained one failed
+    because the writers could not reach its rate (the machine's ceiling).
+    """
+    good = ramp["last_good"] or 0
+    failed = [s for s in ramp["steps"] if not s["ok"] and s["target"] > good]
+    return bool(failed) and all("writers reached" in s["why"] for s in failed)
+
+
 def _saturation(ramp: dict[str, Any]) -> dict[str, Any] | None:
     """
     The step with the most deliveries per second, whatever its latency: the
@@ -267,7 +277,9 @@ def _targets(r: Results) -> list[tuple[str, str, str]]:
     share = None if none is None or with_trigger is None else with_trigger / none
     out.append((
         "Trigger keeps ≥ 0.65 of no-trigger throughput, 100-row statements",
-        _n(share, 2), verdict(None if share is None else share >= 0.65),
+        _n(share, 2) + (" (above 1: other load disturbed these runs; each round is in `bench/results.json`)"
+                        if share is not None and share > 1.05 else ""),
+        verdict(None if share is None or share > 1.05 else share >= 0.65),
     ))  # fmt: skip
     hello = nd["connect"]["big_user_median_ms"]
     out.append((
@@ -277,10 +289,6 @@ def _targets(r: Results) -> list[tuple[str, str, str]]:
     a, b = nd["single"]["last_good"], nv["single"]["last_good"]
     factor = None if a is None or not b else a / b
     note = "(both reached the top step: a lower bound)" if nd["single"]["ceiling_reached"] and nv["single"]["ceiling_reached"] else ""
-
-    def writers_capped(ramp: dict[str, Any]) -> bool:
-        good = ramp["last_good"] or 0
-        return any(not s["ok"] and s["target"] > good and "writers reached" in s["why"] for s in ramp["steps"])
 
     if not note and writers_capped(nd["single"]) and writers_capped(nv["single"]):
         note = "(for both, the writers could not reach the next step's rate: the machine's ceiling, not the servers')"
@@ -474,8 +482,10 @@ def _misses(r: Results) -> list[str]:
         f"{_n(_cores(top['naive'], 'server_cpu_ms_per_1000'), 2)}, out of {m['nproc']}, shared with the writers, "
         f"the clients and other tenants. The next step failed for notifyd at {next_failure('notifyd')}; "
         f"for naive at {next_failure('naive')}. Postgres' share is mostly the "
-        "inserting commits, which both pay, and sets the ceiling here (the naive writers could not even reach "
-        "a higher rate); the difference between the two is notifyd's reads. notifyd reads each burst of "
+        "inserting commits, which both pay, and sets the ceiling here"
+        + (" (at the next step the writers could not even reach the target rate for either server)"
+           if writers_capped(nd["single"]) and writers_capped(nv["single"]) else "")
+        + "; the difference between the two is notifyd's reads. notifyd reads each burst of "
         "commits with one query after the NOTIFY, one round trip to Postgres more than the naive pipeline "
         "(whose NOTIFY carries the row), and on a saturated machine each round trip waits for a CPU: that, "
         "not notifyd's own CPU, is what its p99 grows with first.",
