@@ -123,6 +123,7 @@ class Rig:
         self.sessions = [f"user-{i}" for i in range(plan.sessions)]
         self.online = self.sessions[: plan.users]
         self.calm_left = plan.calm_budget_s
+        self.notifyd_env: dict[str, str] = {}
 
     @property
     def db(self) -> asyncpg.Connection:
@@ -194,6 +195,7 @@ async def start_server(rig: Rig, kind: str, *, profile: Path | None = None) -> t
             NOTIFYD_JWT_SECRET=rig.secret, NOTIFYD_LOG_LEVEL="WARNING",
             NOTIFYD_MAX_SESSIONS_PER_USER="1000",
         )  # fmt: skip
+        env.update(rig.notifyd_env)
         argv = [sys.executable]
         if profile is not None:
             argv += ["-m", "cProfile", "-o", str(profile)]
@@ -668,12 +670,15 @@ async def trigger_phase(rig: Rig) -> dict[str, Any]:
     }
 
 
-async def run(plan: Plan, dsn: str, pg_pid: int | None, logs: Path) -> dict[str, Any]:
+async def run(
+    plan: Plan, dsn: str, pg_pid: int | None, logs: Path, notifyd_env: dict[str, str]
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     loop.add_signal_handler(signal.SIGTERM, main.cancel)
     rig = Rig(plan, dsn, pg_pid, logs)
+    rig.notifyd_env = notifyd_env
     results: dict[str, Any] = {"plan": asdict(plan), "machine": machine()}
     try:
         rig.admin = await asyncpg.connect(dsn)
@@ -750,18 +755,29 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--report-only", action="store_true", help="re-render --out from --results")
     parser.add_argument("--keep-logs", action="store_true", help="keep the child processes' logs")
+    parser.add_argument(
+        "--notifyd-env",
+        action="append",
+        default=[],
+        metavar="NOTIFYD_X=VALUE",
+        help="a setting for the notifyd server under test (repeatable), e.g. NOTIFYD_EVENT_LOOP=asyncio",
+    )
     args = parser.parse_args()
     if args.users < 100:
         parser.error("--users must be at least 100 (100-row statements go to distinct users)")
     if args.report_only:
         args.out.write_text(report.render(json.loads(args.results.read_text())))
         return 0
+    notifyd_env = dict(item.partition("=")[::2] for item in args.notifyd_env)
+    if any(not key.startswith("NOTIFYD_") for key in notifyd_env):
+        parser.error("--notifyd-env takes NOTIFYD_NAME=VALUE")
     limit = raise_nofile()
     plan = make_plan(args.quick, args.users)
     floor = loopback_send_cost()
     source = source_fingerprint()
     command = "python -m bench" + "".join(
         f" {a}" for a in (["--quick"] if args.quick else []) + ([f"--users {args.users}"] if args.users != 1000 else [])
+        + [f"--notifyd-env {key}={value}" for key, value in notifyd_env.items()]
     )
     logs = Path(tempfile.mkdtemp(prefix="notifyd-bench-"))
     progress(f"{plan.mode} run, logs in {logs}, RLIMIT_NOFILE {limit}")
@@ -776,13 +792,14 @@ def main() -> int:
             progress("starting embedded PostgreSQL")
             embedded.start(timeout=120)
             dsn, pg_pid = embedded.dsn, _postmaster_pid(embedded)
-        results = asyncio.run(run(plan, dsn, pg_pid, logs))
+        results = asyncio.run(run(plan, dsn, pg_pid, logs, notifyd_env))
         results["machine"]["loopback_send"] = floor
         results["notifyd_source"] = source
         if source_fingerprint() != source:
             results["notifyd_source"]["changed_during_run"] = True
             progress("warning: notifyd's sources changed during the run")
         results["command"] = command
+        results["notifyd_env"] = notifyd_env
         results["runtime_s"] = time.monotonic() - _STARTED
         results["postgres"] = "external (--dsn)" if args.dsn else f"embedded, settings {PG_SETTINGS}"
         args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import os
 import platform
+import selectors
 import socket
 import sys
 import time
@@ -129,42 +130,67 @@ async def wait_quiet(pid: int, *, below: float = 0.10, window: float = 0.5, time
     return False
 
 
-def loopback_send_cost(frames: int = 20_000, size: int = 400) -> dict[str, float]:
+def loopback_send_cost(frames: int = 20_000, size: int = 400, fanout: int = 200) -> dict[str, float]:
     """
     The kernel's floor for one WebSocket frame here: sender CPU µs (and wall
     µs) per ``send()`` of ``size`` bytes over loopback TCP to a process that
-    reads and discards. Call before any thread or event loop exists (forks).
+    reads and discards, one frame at a time (the reader is woken for each);
+    and per ``send()`` when frames go out back to back, round robin over
+    ``fanout`` connections to that process (a fan-out burst). Call before any
+    thread or event loop exists (forks).
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
+    listener.listen(fanout)
     listener.settimeout(10)
     port = listener.getsockname()[1]
     pid = os.fork()
     if pid == 0:  # the reader
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as reader:
-                while reader.recv(1 << 16):
-                    pass
+            selector = selectors.DefaultSelector()
+            for _ in range(fanout):
+                reader = socket.create_connection(("127.0.0.1", port), timeout=30)
+                reader.setblocking(False)
+                selector.register(reader, selectors.EVENT_READ)
+            open_readers = fanout
+            while open_readers:
+                for key, _ in selector.select():
+                    try:
+                        data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        open_readers -= 1
         finally:
             os._exit(0)
+    connections: list[socket.socket] = []
     try:
-        connection, _ = listener.accept()
-        with connection:
+        for _ in range(fanout):
+            connection, _ = listener.accept()
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            payload = b"x" * size
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            for _ in range(frames):
-                connection.sendall(payload)
-                time.sleep(0)  # let the reader run, as a client would
-            cpu1, wall1 = time.process_time(), time.perf_counter()
+            connections.append(connection)
+        payload = b"x" * size
+        first = connections[0]
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(frames):
+            first.sendall(payload)
+            time.sleep(0)  # let the reader run, as a client would
+        cpu1, wall1 = time.process_time(), time.perf_counter()
+        for i in range(frames):
+            connections[i % fanout].sendall(payload)
+        cpu2 = time.process_time()
     finally:
+        for connection in connections:
+            connection.close()
         listener.close()
         os.waitpid(pid, 0)
     return {
         "frame_bytes": size,
         "cpu_us_per_send": (cpu1 - cpu0) / frames * 1e6,
         "wall_us_per_send": (wall1 - wall0) / frames * 1e6,
+        "cpu_us_per_send_back_to_back": (cpu2 - cpu1) / frames * 1e6,
+        "fanout": fanout,
     }
 
 

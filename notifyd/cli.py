@@ -31,6 +31,7 @@ from .exceptions import ConfigError, DatabaseError, NotifydError
 from .settings import Settings, load_settings
 from .logs import configure_logging
 from .origin import origin_warning
+from .loop import loop_factory
 from .systemd import SystemdNotifier, supervise
 
 __all__ = ["main"]
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         "check": _check,
     }[args.command]
     try:
-        return asyncio.run(command(settings, args))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            return runner.run(command(settings, args))
     except ConfigError as exc:
         _error(str(exc))
         return EXIT_USAGE

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from .auth import TokenVerifier
+from .collector import Collector
 from .db import Database
 from .delivery import Delivery
 from .exceptions import ConfigError, DatabaseError, NotifydError, ReplicaError, SchemaError
@@ -93,6 +94,7 @@ class Daemon:
         self.verifier = verifier
         self.hub = Hub(settings.max_sessions_per_user)
         self.stats = Stats()
+        self.collector = Collector()
         self.db: Database | None = None
         self.delivery: Delivery | None = None
         self.listener: Listener | None = None
@@ -147,6 +149,7 @@ class Daemon:
                 min_interval=settings.batch_interval_ms / 1000,
                 stats=self.stats,
                 on_routed=sinks.offer if sinks is not None else None,
+                collector=self.collector,
             )
             self.listener = listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
@@ -274,6 +277,7 @@ class Daemon:
         if self.sinks is not None:
             sinks, self.sinks = self.sinks, None
             await sinks.aclose()
+        self.collector.release()
         if self.db is not None:
             db, self.db = self.db, None
             await db.close()

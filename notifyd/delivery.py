@@ -26,7 +26,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import orjson
+
 from . import protocol
+from .collector import Collector
 from .cursor import Cursor, Snapshot, WindowCursors
 from .db import Database, Event, Row, Window
 from .exceptions import CursorError
@@ -39,6 +42,11 @@ __all__ = ["Delivery"]
 logger = logging.getLogger(__name__)
 
 _CATCH_UP_BATCH = 500
+
+# Each later page of a window is twice the size of the one before, up to this
+# many times fetch_batch: every page query walks the whole window again, so
+# fixed-size pages make a 100,000-row INSERT cost 100 walks of 100,000 rows.
+_MAX_PAGE_GROWTH = 16
 
 
 @dataclass(eq=False)
@@ -68,12 +76,14 @@ class Delivery:
         retry_max: float = 5.0,
         stats: Stats | None = None,
         on_routed: Callable[[list[Row], list[bool]], None] | None = None,
+        collector: Collector | None = None,
     ) -> None:
         """
         ``on_routed`` (the sinks) gets each routed page of rows and, per
         row, whether it reached a live session here; it must not block.
         """
         self._db = database
+        self._collector = collector
         self._hub = hub
         self._fetch_batch = fetch_batch
         self._replay_limit = replay_limit
@@ -91,6 +101,10 @@ class Delivery:
         self.listening = False
         self.ready = asyncio.Event()
         self._on_routed = on_routed
+        # The next window's first page, already asked for: (its base, the
+        # query). See _maybe_prefetch.
+        self._prefetch: tuple[Snapshot, asyncio.Future[Window]] | None = None
+        self._last_read = 0.0
 
     def wake(self) -> None:
         """
@@ -126,7 +140,7 @@ class Delivery:
         nothing is skipped while retrying.
         """
         attempt = 0
-        last_prune = last_read = time.monotonic()
+        last_prune = self._last_read = time.monotonic()
         while True:
             joining, self._pending = self._pending, []
             try:
@@ -140,21 +154,32 @@ class Delivery:
                     self._wakeup.set()
                 else:
                     await self._admit_all(joining, counts)
+                if self._collector is not None:
+                    hub = self._hub
+                    self._collector.after_round(
+                        admitted=bool(joining) and counts is not None,
+                        sessions=hub.session_count,
+                        closed_total=hub.closed_total,
+                    )
                 if time.monotonic() - last_prune > self._prune_every:
                     last_prune = time.monotonic()
                     await self._db.prune_events(self._event_retention)
                 attempt = 0
             except asyncio.CancelledError:
+                self._drop_prefetch()
                 for request in joining + self._pending:
                     request.admitted.cancel()
                 self._pending.clear()
                 raise
             except Exception as exc:
+                self._drop_prefetch()
                 self._requeue(joining)
                 attempt += 1
                 delay = min(self._retry_max, 0.1 * 2 ** (attempt - 1))
                 logger.warning("delivery read failed (%s), retrying in %.1fs", _describe(exc), delay)
                 await asyncio.sleep(delay)
+                continue
+            if self._prefetch is not None:
                 continue
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can
             # swallow a cancellation that races with the event being set,
@@ -167,10 +192,10 @@ class Delivery:
             # Under load, start reads at most every ``min_interval`` seconds,
             # so one query serves the commits of that interval instead of one
             # query per commit; an isolated commit is read at once.
-            delay = last_read + self._min_interval - time.monotonic()
+            delay = self._last_read + self._min_interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            last_read = time.monotonic()
+            self._last_read = time.monotonic()
             self._wakeup.clear()
 
     def _requeue(self, requests: list[_Join]) -> None:
@@ -188,26 +213,84 @@ class Delivery:
         # A page that failed is retried from where the window stopped, so
         # rows already routed are not routed twice.
         if self._unfinished is None:
-            window = await self._db.window(base, limit=self._fetch_batch, count_users=count_users)
+            prefetched = self._take_prefetch(base)
+            counts: dict[str, int] | None
+            if prefetched is None:
+                window = await self._db.window(
+                    base, limit=self._fetch_batch, count_users=count_users
+                )
+                counts = window.counts
+            else:
+                window = await prefetched
+                # Asked for before these sessions came: no counts for them.
+                counts = None if count_users else window.counts
+            if window.complete:
+                self._maybe_prefetch(window.end)
             account = _WindowAccount(window.counts, window.events)
             self._route(window, base, account)
-            counts: dict[str, int] | None = window.counts
         else:
             end, after_seq, account = self._unfinished
             window = Window([], end, complete=False)
             counts = None
+        limit = self._fetch_batch
         while not window.complete:
             after_seq = window.rows[-1]["seq"] if window.rows else after_seq
             self._unfinished = (window.end, after_seq, account)
-            window = await self._db.window(
-                base, limit=self._fetch_batch, end=window.end, after_seq=after_seq
-            )
+            limit = min(2 * limit, _MAX_PAGE_GROWTH * self._fetch_batch)
+            window = await self._db.window(base, limit=limit, end=window.end, after_seq=after_seq)
             self._route(window, base, account)
         self._unfinished = None
         self._repairing = False
         self.watermark = window.end
         self._settle(account, base)
         return counts
+
+    def _maybe_prefetch(self, end: Snapshot) -> None:
+        """
+        Under load, ask for the next window (from ``end``) before routing
+        this one, so the query's round trip overlaps the routing and the
+        writes instead of adding to them.
+
+        Only when more commits were announced, no session is waiting to
+        join (a prefetched window has no unread counts for them) and the
+        listener is up; at most one read starts per ``min_interval``.
+        """
+        now = time.monotonic()
+        if (
+            not self._wakeup.is_set()
+            or not self.listening
+            or self._pending
+            or now - self._last_read < self._min_interval
+        ):
+            return
+        self._wakeup.clear()
+        self._last_read = now
+        self._prefetch = (
+            end,
+            asyncio.ensure_future(self._db.window(end, limit=self._fetch_batch)),
+        )
+
+    def _take_prefetch(self, base: Snapshot) -> asyncio.Future[Window] | None:
+        """
+        The prefetched read of the window starting at ``base``, if any.
+        """
+        if self._prefetch is not None and self._prefetch[0] == base:
+            future = self._prefetch[1]
+            self._prefetch = None
+            return future
+        self._drop_prefetch()
+        return None
+
+    def _drop_prefetch(self) -> None:
+        """
+        Abandon a prefetched read (its rows are read again from the
+        watermark, so nothing is lost).
+        """
+        if self._prefetch is not None:
+            future = self._prefetch[1]
+            self._prefetch = None
+            future.cancel()
+            future.add_done_callback(_consume)
 
     def _route(self, window: Window, base: Snapshot, account: _WindowAccount) -> None:
         """
@@ -253,11 +336,12 @@ class Delivery:
                 stats.latency.observe(now - sent_at.timestamp())
             if self._repairing:
                 stats.repair_rows += 1
-            frame = protocol.encode(fields)
-            data = frame.encode()
+            payload = orjson.dumps(fields)
+            frame = payload.decode()
+            wire = protocol.text_frame(payload)
             count = 0
             for session in sessions:
-                if session.push(frame, cursor, flush=False, data=data):
+                if session.push(frame, cursor, flush=False, wire=wire):
                     account.unflushed.add(session)
                 count += 1
             stats.delivered += count
@@ -281,10 +365,10 @@ class Delivery:
                 frame = protocol.encode_deleted(event.ids or [])
             else:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
-            data = frame.encode()
+            wire = protocol.text_frame(frame.encode())
             targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
             for session in targets:
-                if session.push(frame, flush=False, data=data):
+                if session.push(frame, flush=False, wire=wire):
                     account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [
@@ -297,6 +381,9 @@ class Delivery:
         users = list(hub.unread) if everyone else [
             u for u in {*account.recounted, *account.new_unread} if u in hub.unread
         ]
+        # Many users share a count (after an announcement, most of them):
+        # each count is encoded and framed once.
+        frames: dict[int, tuple[str, bytes]] = {}
         for user in users:
             old = hub.unread[user]
             if user in account.recounted:
@@ -306,9 +393,12 @@ class Delivery:
                 new -= sum(1 for readers in counted_deletes if user not in readers)
             if new != old:
                 hub.unread[user] = new
-                frame = protocol.encode_unread(new)
+                encoded = frames.get(new)
+                if encoded is None:
+                    text = protocol.encode_unread(new)
+                    encoded = frames[new] = (text, protocol.text_frame(text.encode()))
                 for session in hub.sessions_of(user) or ():
-                    if session.push(frame, flush=False):
+                    if session.push(encoded[0], flush=False, wire=encoded[1]):
                         account.unflushed.add(session)
         account.flush()
 
@@ -351,9 +441,10 @@ class Delivery:
     ) -> None:
         session = request.session
         if not session.closing:
-            session.push(hello)
+            session.push(hello, flush=False)
             for frame, cursor in replay:
-                session.push(frame, cursor)
+                session.push(frame, cursor, flush=False)
+            session.flush()
             self._hub.add(session)
             self._hub.unread[session.user] = unread
         if not request.admitted.done():
@@ -441,6 +532,11 @@ class _WindowAccount:
         for session in self.unflushed:
             session.flush()
         self.unflushed.clear()
+
+
+def _consume(future: asyncio.Future[Window]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,6 +26,8 @@ class Hub:
         self._count = 0
         # Sessions closed because their user went over the limit.
         self.replaced = 0
+        # Sessions ever unregistered (for the collector's schedule).
+        self.closed_total = 0
         # Unread count of each user with live sessions, kept by delivery.
         self.unread: dict[str, int] = {}
 
@@ -41,6 +43,7 @@ class Hub:
             oldest = sessions.pop(0)
             self._count -= 1
             self.replaced += 1
+            self.closed_total += 1
             oldest.close(CloseCode.REPLACED)
 
     def discard(self, session: Session) -> None:
@@ -52,6 +55,7 @@ class Hub:
             return
         sessions.remove(session)
         self._count -= 1
+        self.closed_total += 1
         if not sessions:
             del self._by_user[session.user]
             self.unread.pop(session.user, None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 
 import orjson
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ __all__ = [
     "encode_refreshed",
     "encode_resync",
     "parse_client_frame",
+    "text_frame",
 ]
 
 PROTOCOL_VERSION = 1
@@ -82,6 +84,27 @@ def encode(frame: Mapping[str, Any]) -> str:
     Serialize one server frame as compact JSON, keeping non-ASCII text as is.
     """
     return orjson.dumps(frame).decode()
+
+
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """
+    ``payload`` (UTF-8 JSON) as one complete WebSocket text frame from the
+    server: FIN set, unmasked, no extension (RFC 6455, section 5.2).
+
+    Without per-connection compression these bytes are the same for every
+    session, so a message fanned out to many sessions is framed once.
+    """
+    length = len(payload)
+    if length < 126:
+        return _SHORT.pack(0x81, length) + payload
+    if length < 65536:
+        return _MEDIUM.pack(0x81, 126, length) + payload
+    return _LONG.pack(0x81, 127, length) + payload
 
 
 def _iso(value: object) -> object:

@@ -155,7 +155,7 @@ class PushServer:
             ssl=tls_context(settings),
             process_request=self._process_request,
             select_subprotocol=_select_subprotocol,
-            compression=None,
+            compression="deflate" if settings.compression else None,
             max_size=settings.max_frame_bytes,
             ping_interval=settings.ping_interval_s,
             ping_timeout=settings.ping_timeout_s,

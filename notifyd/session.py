@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from .outbox import Outbox
-from .protocol import CloseCode, close_reason
+from .protocol import CloseCode, close_reason, text_frame
 from .stats import Stats
 
 __all__ = ["Session"]
@@ -37,8 +37,8 @@ class Session:
     """
 
     __slots__ = (
-        "_stats", "_writer", "close_code", "close_reason", "connection", "id", "outbox",
-        "send_timeout", "user",
+        "_pending", "_pending_bytes", "_stats", "_writer", "close_code", "close_reason", "connection", "id",
+        "outbox", "send_timeout", "user",
     )  # fmt: skip
 
     def __init__(
@@ -61,6 +61,9 @@ class Session:
         # Started only while frames are queued or a close is pending: an
         # idle session costs no task.
         self._writer: asyncio.Task[None] | None = None
+        # Direct frames not yet written (see push and flush).
+        self._pending: list[bytes] | None = None
+        self._pending_bytes = 0
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.user!r}>"
@@ -78,7 +81,7 @@ class Session:
         cursor: str | None = None,
         *,
         flush: bool = True,
-        data: bytes | None = None,
+        wire: bytes | None = None,
     ) -> bool:
         """
         Send a frame to the client, or queue it. Never awaits, never raises.
@@ -89,31 +92,43 @@ class Session:
         Otherwise it waits in the bounded outbox for the writer task, which
         is what makes a slow client visible (resync, then 4429).
 
-        With ``flush=False`` a direct write stays in the connection's buffer
-        until :meth:`flush`, so a batch of frames costs one system call.
-        Returns whether the frame was written directly (and so may need a
-        flush). ``data`` is ``frame`` already UTF-8 encoded, so a frame fanned
-        out to many sessions is encoded once.
+        With ``flush=False`` a direct frame waits in the session until
+        :meth:`flush`, which writes everything a batch left in one system
+        call. Returns whether the frame went the direct way (and so may need
+        a flush). ``wire`` is ``frame`` already framed by
+        :func:`protocol.text_frame`, so a frame fanned out to many sessions is
+        encoded once; it is used only on connections without extensions.
         """
         if self.close_code is not None:
             return False
         if not self.outbox:
             connection = self.connection
             transport = connection.transport
+            protocol = connection.protocol
             if (
-                connection.protocol.state is State.OPEN
+                protocol.state is State.OPEN
                 and transport is not None
-                and transport.get_write_buffer_size() < _DIRECT_WRITE_LIMIT
+                and transport.get_write_buffer_size() + self._pending_bytes < _DIRECT_WRITE_LIMIT
             ):
-                try:
-                    connection.protocol.send_text(frame.encode() if data is None else data)
-                    if flush:
-                        connection.send_data()
-                    return True
-                except Exception:  # a broken connection: its handler cleans up
-                    logger.debug("session %s: direct write failed", self.id, exc_info=True)
-                    self.close(CloseCode.NORMAL)
-                    return False
+                if protocol.extensions:
+                    # Compression: websockets frames it, per connection.
+                    try:
+                        protocol.send_text(frame.encode())
+                    except Exception:  # a broken connection: its handler cleans up
+                        logger.debug("session %s: direct write failed", self.id, exc_info=True)
+                        self.close(CloseCode.NORMAL)
+                        return False
+                    chunks = protocol.data_to_send()
+                else:
+                    chunks = [wire if wire is not None else text_frame(frame.encode())]
+                if self._pending is None:
+                    self._pending = chunks
+                else:
+                    self._pending += chunks
+                self._pending_bytes += sum(map(len, chunks))
+                if flush:
+                    self.flush()
+                return True
         if not self.outbox.put(frame, cursor):
             self._stats.resyncs += 1
         self._start_writer()
@@ -121,10 +136,27 @@ class Session:
 
     def flush(self) -> None:
         """
-        Write what direct pushes left in the connection's buffer. Never raises.
+        Write what direct pushes left pending, in one system call. Never
+        raises.
+
+        Frames are written straight to the transport, bypassing websockets'
+        own framing, which would write each frame separately; only whole
+        frames are ever written, so they interleave safely with the
+        connection's pings. Once the connection is closing they are dropped:
+        no data may follow a close frame, and the client resumes from its
+        cursor.
         """
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self._pending_bytes = 0
+        connection = self.connection
+        transport = connection.transport
+        if connection.protocol.state is not State.OPEN or transport is None:
+            return
         try:
-            self.connection.send_data()
+            transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         except Exception:
             logger.debug("session %s: flush failed", self.id, exc_info=True)
             self.close(CloseCode.NORMAL)
@@ -158,6 +190,8 @@ class Session:
         left to do. Never raises ConnectionClosed.
         """
         connection = self.connection
+        # Direct frames pushed before the queued ones go first.
+        self.flush()
         try:
             while (frame := self.outbox.get()) is not None:
                 try:

@@ -221,6 +221,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
         return value
 
+    # Speed trade-offs, measured in docs/performance.md.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto",
+        description="auto: uvloop when it is installed (notifyd[fast]), else asyncio's own loop.",
+    )
+    compression: bool = Field(
+        default=False,
+        description="Accept permessage-deflate: smaller frames on slow links, but each frame "
+        "is compressed per session and an idle session takes several times the memory.",
+    )
+
     @field_validator("jwt_algorithms", "allowed_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -323,3 +323,25 @@ async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmas
             leftover = EmbeddedPostgres(data_dir=data_dir)
             await asyncio.to_thread(leftover.cleanup)
             await asyncio.to_thread(shutil.rmtree, data_dir, True)
+
+
+def test_event_loop_setting_picks_uvloop_when_installed_and_asyncio_on_request() -> None:
+    import uvloop
+
+    from notifyd.loop import loop_factory
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+
+
+def test_event_loop_uvloop_without_uvloop_installed_is_a_one_line_config_error(monkeypatch) -> None:
+    import sys
+
+    from notifyd.exceptions import ConfigError
+    from notifyd.loop import loop_factory
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="NOTIFYD_EVENT_LOOP=uvloop.*not installed"):
+        loop_factory("uvloop")

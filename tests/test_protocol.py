@@ -330,3 +330,15 @@ def test_demo_send_with_bad_fields_is_invalid(frame: str) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_client_frame(frame)
     assert info.value.code == "invalid"
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frame_is_byte_identical_to_websockets_framing(length: int) -> None:
+    """Frames built once for many sessions are exactly what websockets would write."""
+    from websockets.frames import Frame, Opcode
+
+    from notifyd.protocol import text_frame
+
+    payload = ("é" * length).encode()[:length]
+    expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    assert text_frame(payload) == expected

@@ -176,3 +176,29 @@ async def test_client_frame_over_the_size_limit_closes_with_1009(start_daemon, o
     with pytest.raises(ConnectionClosed):
         await client.recv()
     assert client.ws.close_code == 1009
+
+
+async def test_compression_is_off_unless_set_and_then_frames_arrive_compressed(
+    db, start_daemon, open_client
+):
+    """NOTIFYD_COMPRESSION: off by default even when the client offers it; on, every frame still arrives."""
+    plain = await start_daemon()
+    offered = await open_client(plain.url("alice"), compression="deflate")
+    assert offered.ws.protocol.extensions == []
+    compressing = await start_daemon(compression=True)
+    client = await open_client(compressing.url("alice"), compression="deflate")
+    assert [type(e).__name__ for e in client.ws.protocol.extensions] == ["PerMessageDeflate"]
+    # Count what arrives on the wire: compressed, 5,000 x's take a few bytes.
+    received: list[int] = []
+    receive_data = client.ws.protocol.receive_data
+
+    def counting(data: bytes) -> None:
+        received.append(len(data))
+        receive_data(data)
+
+    client.ws.protocol.receive_data = counting  # type: ignore[method-assign]
+    await insert(db, "alice", "Squeezed", "x" * 5000)
+    frame = (await client.messages_until("Squeezed"))[-1]
+    assert frame["content"] == "x" * 5000
+    assert (await client.recv_event("unread"))["count"] >= 1
+    assert 0 < sum(received) < 1000

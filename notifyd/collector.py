@@ -1,0 +1,72 @@
+"""
+Keeping CPython's garbage collector off the live sessions.
+
+A full collection (generation 2) walks every tracked object and stops the
+event loop while it does. A session is a few hundred tracked objects
+(connection, protocol, streams, handler task), so with 10,000 sessions one
+full pass takes hundreds of milliseconds, and steady message traffic, whose
+short-lived objects are sometimes caught alive by a young collection and
+promoted, sets one off every few seconds: every such pass is a latency spike
+for every session.
+
+Sessions are long-lived by nature, so after sessions are admitted
+everything alive is moved to the permanent generation (``gc.freeze()``),
+which collections skip; they then only walk what was allocated since.
+Objects frozen that later become garbage are still freed by reference
+counting, but reference cycles among them (a closed session's connection
+and tasks) are not. So once many sessions have closed since the last full
+collection (a quarter of those then open, at least ``min_closed``), or the
+number of sessions has doubled, everything is thawed, collected once and
+frozen again: the pause comes with session churn and growth, not with
+message traffic.
+"""
+
+from __future__ import annotations
+
+import gc
+
+__all__ = ["Collector"]
+
+
+class Collector:
+    """
+    When to freeze live objects and when to collect everything once.
+    """
+
+    def __init__(self, *, min_closed: int = 256, closed_fraction: float = 0.25) -> None:
+        self._min_closed = min_closed
+        self._closed_fraction = closed_fraction
+        self._sessions_at_collect = 0
+        self._closed_at_collect = 0
+        self.full_collections = 0
+
+    def after_round(self, *, admitted: bool, sessions: int, closed_total: int) -> bool:
+        """
+        Call after each delivery round with whether sessions were admitted,
+        how many are open and how many ever closed; returns whether it ran a
+        full collection.
+        """
+        closed = closed_total - self._closed_at_collect
+        due = closed >= max(self._min_closed, self._closed_fraction * self._sessions_at_collect)
+        if not due and admitted:
+            # Growth counts in sessions: gc.get_freeze_count() walks the
+            # whole frozen set.
+            due = sessions >= 2 * max(self._sessions_at_collect, self._min_closed)
+            if not due:
+                gc.freeze()
+        if not due:
+            return False
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+        self.full_collections += 1
+        self._sessions_at_collect = sessions
+        self._closed_at_collect = closed_total
+        return True
+
+    @staticmethod
+    def release() -> None:
+        """
+        Hand everything back to the collector (when the daemon stops).
+        """
+        gc.unfreeze()

@@ -1,0 +1,77 @@
+"""
+Unit tests for :mod:`notifyd.collector`: live objects are frozen after
+admissions, and frozen garbage cycles are collected once sessions close.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from notifyd.collector import Collector
+
+
+class _Cycle:
+    """An object that refers to itself, so only the collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def thawed() -> Iterator[None]:
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_admissions_freeze_what_is_alive(thawed: None) -> None:
+    """After sessions are admitted, live objects are out of the collector's walks."""
+    collector = Collector(min_closed=10)
+    assert gc.get_freeze_count() == 0
+    assert collector.after_round(admitted=True, sessions=5, closed_total=0) is False
+    assert gc.get_freeze_count() > 0
+
+
+def test_a_round_without_admissions_freezes_nothing(thawed: None) -> None:
+    collector = Collector(min_closed=10)
+    assert collector.after_round(admitted=False, sessions=5, closed_total=0) is False
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_garbage_cycles_are_collected_once_enough_sessions_closed(thawed: None) -> None:
+    """A closed session's cycles frozen with it are freed when churn calls a full collection."""
+    collector = Collector(min_closed=10)
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    collector.after_round(admitted=True, sessions=5, closed_total=0)
+    del cycle
+    gc.collect()
+    assert alive() is not None  # frozen: the collector does not see it
+    assert collector.after_round(admitted=False, sessions=5, closed_total=9) is False
+    assert alive() is not None
+    assert collector.after_round(admitted=False, sessions=5, closed_total=10) is True
+    assert alive() is None
+    assert collector.full_collections == 1
+
+
+def test_doubling_sessions_calls_a_full_collection(thawed: None) -> None:
+    collector = Collector(min_closed=10)
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    collector.after_round(admitted=True, sessions=5, closed_total=0)
+    del cycle
+    assert collector.after_round(admitted=True, sessions=19, closed_total=0) is False
+    assert alive() is not None
+    assert collector.after_round(admitted=True, sessions=20, closed_total=0) is True
+    assert alive() is None
+
+
+def test_release_hands_everything_back(thawed: None) -> None:
+    collector = Collector(min_closed=10)
+    collector.after_round(admitted=True, sessions=5, closed_total=0)
+    Collector.release()
+    assert gc.get_freeze_count() == 0
