@@ -196,13 +196,22 @@ async def _all_in_state(db: asyncpg.Connection, ids: list[str], state: str) -> b
     return all(states.get(message_id) == state for message_id in ids)
 
 
-async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(db, start_daemon, tmp_path):
-    """https:// with NOTIFYD_WEBHOOK_CA_FILE: the POST goes over TLS to a receiver that CA vouches for."""
+def _tls_receiver(tmp_path: Path) -> tuple[Path, Receiver]:
+    """
+    A started receiver serving https with a self-signed certificate, and
+    that certificate's file.
+    """
     cert_file, key_file = _self_signed(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert_file, key_file)
     receiver = Receiver(WEBHOOK_SECRET.encode(), tls=server_context)
     receiver.start()
+    return cert_file, receiver
+
+
+async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(db, start_daemon, tmp_path):
+    """https:// with NOTIFYD_WEBHOOK_CA_FILE: the POST goes over TLS to a receiver that CA vouches for."""
+    cert_file, receiver = _tls_receiver(tmp_path)
     try:
         await start_daemon(**webhook_settings(receiver, webhook_ca_file=cert_file))
         message = await insert(db, "alice", "over tls")
@@ -215,11 +224,7 @@ async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(db,
 
 async def test_https_webhook_refuses_a_receiver_it_cannot_verify(db, start_daemon, tmp_path):
     """Without the CA, the self-signed receiver is not trusted: nothing is posted, the attempt fails."""
-    cert_file, key_file = _self_signed(tmp_path)
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert_file, key_file)
-    receiver = Receiver(WEBHOOK_SECRET.encode(), tls=server_context)
-    receiver.start()
+    cert_file, receiver = _tls_receiver(tmp_path)
     try:
         daemon = await start_daemon(**webhook_settings(receiver))
         await insert(db, "alice", "not over untrusted tls")
