@@ -36,6 +36,22 @@ def _get(step: dict[str, Any] | None, key: str) -> float | None:
     return None if step is None else step[key]
 
 
+def _compare(
+    label: str,
+    notifyd: dict[str, Any] | None,
+    naive: dict[str, Any] | None,
+    key: str,
+    digits: int,
+    better: str,
+) -> tuple[str, str, str, str, str]:
+    """
+    A figures row: one field of a notifyd step and of a naive step, and
+    their ratio.
+    """
+    ours, theirs = _get(notifyd, key), _get(naive, key)
+    return label, _n(ours, digits), _n(theirs, digits), _ratio(ours, theirs), better
+
+
 def _p99(step: dict[str, Any] | None) -> float | None:
     return None if step is None else step["latency_ms"]["p99"]
 
@@ -84,36 +100,20 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
         f"Highest sustained single-row rate, commits/s (p99 ≤ {plan['single_p99_ms']:.0f} ms, ≥ 90 % of target, nothing lost)",
         _sustained(s_nd), _sustained(s_nv), _ratio(s_nd["last_good"], s_nv["last_good"]), "higher",
     ))  # fmt: skip
-    rows.append((
-        "… deliveries/s at that step", _n(_get(b_nd, "deliveries_per_s")),
-        _n(_get(b_nv, "deliveries_per_s")),
-        _ratio(_get(b_nd, "deliveries_per_s"), _get(b_nv, "deliveries_per_s")), "higher",
-    ))  # fmt: skip
+    rows.append(_compare("… deliveries/s at that step", b_nd, b_nv, "deliveries_per_s", 0, "higher"))
     rows.append((
         "… latency commit→receipt p50 / p99 / p99.9 / max, ms (each at its own highest step)",
         _lat(b_nd), _lat(b_nv), "p99 " + _ratio(_p99(b_nd), _p99(b_nv)), "lower",
     ))  # fmt: skip
-    rows.append((
-        "… server CPU per 1,000 deliveries, ms (= µs per delivery), at own highest step",
-        _n(_get(b_nd, "server_cpu_ms_per_1000"), 1), _n(_get(b_nv, "server_cpu_ms_per_1000"), 1),
-        _ratio(_get(b_nd, "server_cpu_ms_per_1000"), _get(b_nv, "server_cpu_ms_per_1000")), "lower",
-    ))  # fmt: skip
+    rows.append(_compare("… server CPU per 1,000 deliveries, ms (= µs per delivery), at own highest step", b_nd, b_nv, "server_cpu_ms_per_1000", 1, "lower"))
     common = _common(s_nd, s_nv)
     c_nd, c_nv = _step(s_nd, common), _step(s_nv, common)
     rows.append((
         f"Same load for both: {_n(common)} commits/s, latency p50 / p99 / p99.9 / max, ms",
         _lat(c_nd), _lat(c_nv), "p99 " + _ratio(_p99(c_nd), _p99(c_nv)), "lower",
     ))  # fmt: skip
-    rows.append((
-        f"… server CPU per 1,000 deliveries at {_n(common)}/s, ms",
-        _n(_get(c_nd, "server_cpu_ms_per_1000"), 1), _n(_get(c_nv, "server_cpu_ms_per_1000"), 1),
-        _ratio(_get(c_nd, "server_cpu_ms_per_1000"), _get(c_nv, "server_cpu_ms_per_1000")), "lower",
-    ))  # fmt: skip
-    rows.append((
-        f"… Postgres CPU (all backends) per 1,000 deliveries at {_n(common)}/s, ms",
-        _n(_get(c_nd, "pg_cpu_ms_per_1000"), 1), _n(_get(c_nv, "pg_cpu_ms_per_1000"), 1),
-        _ratio(_get(c_nd, "pg_cpu_ms_per_1000"), _get(c_nv, "pg_cpu_ms_per_1000")), "lower",
-    ))  # fmt: skip
+    rows.append(_compare(f"… server CPU per 1,000 deliveries at {_n(common)}/s, ms", c_nd, c_nv, "server_cpu_ms_per_1000", 1, "lower"))
+    rows.append(_compare(f"… Postgres CPU (all backends) per 1,000 deliveries at {_n(common)}/s, ms", c_nd, c_nv, "pg_cpu_ms_per_1000", 1, "lower"))
 
     m_nd, m_nv = nd["batch"], nv["batch"]
     bb_nd, bb_nv = _best(m_nd), _best(m_nv)
@@ -121,11 +121,7 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
         f"100-row statements: highest sustained target, deliveries/s (p99 ≤ {plan['batch_p99_ms']:.0f} ms, nothing lost)",
         _sustained(m_nd), _sustained(m_nv), _ratio(m_nd["last_good"], m_nv["last_good"]), "higher",
     ))  # fmt: skip
-    rows.append((
-        "… measured deliveries/s at that step",
-        _n(_get(bb_nd, "deliveries_per_s")), _n(_get(bb_nv, "deliveries_per_s")),
-        _ratio(_get(bb_nd, "deliveries_per_s"), _get(bb_nv, "deliveries_per_s")), "higher",
-    ))  # fmt: skip
+    rows.append(_compare("… measured deliveries/s at that step", bb_nd, bb_nv, "deliveries_per_s", 0, "higher"))
     rows.append((
         "… latency p50 / p99 / p99.9 / max, ms (own highest step)", _lat(bb_nd), _lat(bb_nv),
         "p99 " + _ratio(_p99(bb_nd), _p99(bb_nv)), "lower",
@@ -137,18 +133,10 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
         f"{_n(_get(sat_nv, 'deliveries_per_s'))} ({_n(_get(sat_nv, 'target'))})",
         _ratio(_get(sat_nd, "deliveries_per_s"), _get(sat_nv, "deliveries_per_s")), "higher",
     ))  # fmt: skip
-    rows.append((
-        "… server CPU per 1,000 deliveries at saturation, ms",
-        _n(_get(sat_nd, "server_cpu_ms_per_1000"), 1), _n(_get(sat_nv, "server_cpu_ms_per_1000"), 1),
-        _ratio(_get(sat_nd, "server_cpu_ms_per_1000"), _get(sat_nv, "server_cpu_ms_per_1000")), "lower",
-    ))  # fmt: skip
+    rows.append(_compare("… server CPU per 1,000 deliveries at saturation, ms", sat_nd, sat_nv, "server_cpu_ms_per_1000", 1, "lower"))
     bcommon = _common(m_nd, m_nv)
     bc_nd, bc_nv = _step(m_nd, bcommon), _step(m_nv, bcommon)
-    rows.append((
-        f"… server CPU per 1,000 deliveries at {_n(bcommon)} deliveries/s, ms",
-        _n(_get(bc_nd, "server_cpu_ms_per_1000"), 1), _n(_get(bc_nv, "server_cpu_ms_per_1000"), 1),
-        _ratio(_get(bc_nd, "server_cpu_ms_per_1000"), _get(bc_nv, "server_cpu_ms_per_1000")), "lower",
-    ))  # fmt: skip
+    rows.append(_compare(f"… server CPU per 1,000 deliveries at {_n(bcommon)} deliveries/s, ms", bc_nd, bc_nv, "server_cpu_ms_per_1000", 1, "lower"))
 
     g_nd, g_nv = nd.get("server_gc", {}), nv.get("server_gc", {})
     rows.append((

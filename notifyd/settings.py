@@ -202,13 +202,6 @@ class Settings(BaseSettings):
         default_factory=list, description="Only messages of these types; empty: all."
     )
 
-    @field_validator("sinks", "webhook_types", "log_sink_types", mode="before")
-    @classmethod
-    def _split_sink_lists(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
-
     @field_validator("sink_options", mode="before")
     @classmethod
     def _parse_sink_options(cls, value: object) -> object:
@@ -232,7 +225,9 @@ class Settings(BaseSettings):
         "is compressed per session and an idle session takes several times the memory.",
     )
 
-    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+    @field_validator(
+        "jwt_algorithms", "allowed_origins", "sinks", "webhook_types", "log_sink_types", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
