@@ -44,20 +44,22 @@ INSERT INTO {DISPATCH_STATE} (sink, snap) VALUES ($1, pg_current_snapshot())
 ON CONFLICT (sink) DO NOTHING
 """
 
-_LOCK_STATE = f"SELECT 1 FROM {DISPATCH_STATE} WHERE sink = $1 FOR UPDATE SKIP LOCKED"
+# Locks the sink's row and returns the snapshot the previous fill stored.
+_LOCK_STATE = f"SELECT snap::text FROM {DISPATCH_STATE} WHERE sink = $1 FOR UPDATE SKIP LOCKED"
 
-# Run after _LOCK_STATE in the same transaction, so this statement's snapshot
-# sees the snapshot the previous filler stored. $2: seconds until due;
-# $3: types (NULL: all); $4: leave announcements out.
+# Run after _LOCK_STATE in the same transaction. $2: seconds until due;
+# $3: types (NULL: all); $4: leave announcements out; $5: the stored
+# snapshot, passed as a value rather than joined in, so the planner sees
+# how recent it is and reads the xact_id index instead of guessing a third
+# of the table.
 _FILL = f"""
-WITH st AS (
-    SELECT snap FROM {DISPATCH_STATE} WHERE sink = $1
-), fresh AS (
+WITH fresh AS (
     INSERT INTO {DISPATCH} (sink, message_id, seq, next_at)
     SELECT $1, m.id::text, m.seq, now() + make_interval(secs => $2)
-    FROM st, t_message_real_time AS m
-    WHERE m.xact_id >= pg_snapshot_xmin(st.snap)
-      AND NOT pg_visible_in_snapshot(m.xact_id, st.snap)
+    FROM t_message_real_time AS m
+    WHERE m.xact_id >= pg_snapshot_xmin($5::text::pg_snapshot)
+      AND m.xact_id <= '18446744073709551615'::xid8
+      AND NOT pg_visible_in_snapshot(m.xact_id, $5::text::pg_snapshot)
       AND ($3::text[] IS NULL OR m.type::text = ANY($3::text[]))
       AND NOT ($4 AND m.to_user::text = '*')
     ON CONFLICT DO NOTHING
@@ -195,10 +197,11 @@ class DispatchStore:
         another instance is filling right now.
         """
         async with self._pool.acquire() as connection, connection.transaction():
-            if await connection.fetchval(_LOCK_STATE, self._sink) is None:
+            stored = await connection.fetchval(_LOCK_STATE, self._sink)
+            if stored is None:
                 return None
             added = await connection.fetchval(
-                _FILL, self._sink, due_in, list(types) or None, skip_announcements
+                _FILL, self._sink, due_in, list(types) or None, skip_announcements, stored
             )
             return int(added or 0)
 

@@ -12,6 +12,7 @@ import asyncpg
 
 from notifyd.cursor import Snapshot
 from notifyd.db import _WINDOW_LEAN, Database
+from notifyd.dispatch import _FILL, _START
 
 
 async def test_window_reads_stay_custom_planned_after_many_reads_of_an_empty_table(dsn, db):
@@ -53,12 +54,7 @@ async def test_window_read_uses_the_xact_index_on_a_large_table_never_analyzed(d
     finds new rows through the xact_id index instead of reading the whole
     table on every window.
     """
-    await db.execute("ALTER TABLE t_message_real_time SET (autovacuum_enabled = false)")
-    for _ in range(40):
-        await db.execute(
-            "INSERT INTO t_message_real_time (to_user, title, content, type, send_user) "
-            "SELECT 'u' || g, 't', 'c', 'x', 'w' FROM generate_series(1, 1000) AS g"
-        )
+    await _grow_unanalyzed(db)
     # Writers in the middle of their transactions, as under load.
     writers = [await asyncpg.connect(dsn) for _ in range(8)]
     try:
@@ -78,6 +74,40 @@ async def test_window_read_uses_the_xact_index_on_a_large_table_never_analyzed(d
     plan = await db.fetchval(
         "EXPLAIN (FORMAT JSON) " + _WINDOW_LEAN, base.to_pg(), [str(x) for x in base.xip], 1000
     )
+    _assert_reads_few_rows_by_index(plan)
+
+
+async def test_webhook_dispatch_fill_uses_the_xact_index_on_a_large_table(db):
+    """
+    The webhook queue's fill finds the messages committed since the stored
+    snapshot through the xact_id index, however large the table.
+    """
+    await db.execute(_START, "hook")
+    await _grow_unanalyzed(db)
+    await db.execute("UPDATE t_message_dispatch_state SET snap = pg_current_snapshot()")
+    stored = await db.fetchval("SELECT snap::text FROM t_message_dispatch_state")
+    async with db.transaction():
+        plan = await db.fetchval("EXPLAIN (FORMAT JSON) " + _FILL, "hook", 0.0, None, False, stored)
+    _assert_reads_few_rows_by_index(plan)
+
+
+_GROWN_ROWS = 40_000
+
+
+async def _grow_unanalyzed(db: asyncpg.Connection) -> None:
+    """
+    Fill the message table as a new deployment does before autovacuum
+    first analyzes it.
+    """
+    await db.execute("ALTER TABLE t_message_real_time SET (autovacuum_enabled = false)")
+    for _ in range(_GROWN_ROWS // 1000):
+        await db.execute(
+            "INSERT INTO t_message_real_time (to_user, title, content, type, send_user) "
+            "SELECT 'u' || g, 't', 'c', 'x', 'w' FROM generate_series(1, 1000) AS g"
+        )
+
+
+def _assert_reads_few_rows_by_index(plan: str) -> None:
     [scan] = [
         node
         for node in _plan_nodes(json.loads(plan)[0]["Plan"])
@@ -86,8 +116,8 @@ async def test_window_read_uses_the_xact_index_on_a_large_table_never_analyzed(d
     assert scan["Node Type"] in ("Bitmap Heap Scan", "Index Scan")
     # Whether the index wins also depends on row width and cost settings;
     # the guess of how much of the table is new is what decides it as the
-    # table grows: a third of it would tip into a sequential scan.
-    assert scan["Plan Rows"] < 0.02 * 40_000
+    # table grows: a third of it tips into a sequential scan.
+    assert scan["Plan Rows"] < 0.02 * _GROWN_ROWS
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
