@@ -55,6 +55,7 @@ from .auth import (
 from .db import Database
 from .delivery import Delivery
 from .exceptions import AuthError, ConfigError, DatabaseError, ProtocolError
+from .expiry import ExpiryClock
 from .hub import Hub
 from .limits import AddressCounter, AddressRateLimiter, TokenBucket, address_key
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -129,7 +130,9 @@ class PushServer:
         self._handshake_rate = AddressRateLimiter(settings.handshakes_per_s_per_address)
         self._per_address = AddressCounter(settings.max_connections_per_address)
         self._history_slots = asyncio.Semaphore(settings.max_concurrent_history)
-        self._expiries: dict[Session, asyncio.TimerHandle] = {}
+        self._expiries: ExpiryClock[Session] = ExpiryClock(
+            self._expire, leeway_s=verifier.leeway_s if verifier is not None else 0.0
+        )
         self._revocation_arity = 0
         self._trip_logged: dict[str, float] = {}
 
@@ -292,32 +295,11 @@ class PushServer:
     # -- sessions ----------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
-        handshake = self._handshakes.pop(connection)
-        identity = handshake.identity
-        since = handshake.since
-        if identity is None:
-            authenticated = await self._first_frame_auth(connection, handshake)
-            if authenticated is None:
-                return
-            identity, first_since = authenticated
-            since = first_since or since
-        refused = await self._revoked(connection, identity)
-        if refused is not None:
-            await _close(connection, refused)
+        opened = await self._open_session(connection)
+        if opened is None:
             return
+        session, since = opened
         settings = self._settings
-        session = Session(
-            connection,
-            identity.user,
-            Outbox(settings.session_queue_messages, settings.session_queue_bytes),
-            send_timeout=settings.slow_client_timeout_s,
-            stats=self._stats,
-        )
-        self._sessions.add(session)
-        logger.info(
-            "session %s opened: user=%s", session.id, identity.user, extra={"websocket": connection}
-        )
-        self._arm_expiry(session, identity.expires_at)
         # Made at the first client frame: most sessions only ever receive.
         frames: TokenBucket | None = None
         try:
@@ -341,9 +323,7 @@ class PushServer:
         except ConnectionClosed as exc:
             self._count_oversized(exc, connection)
         finally:
-            expiry = self._expiries.pop(session, None)
-            if expiry is not None:
-                expiry.cancel()
+            self._expiries.disarm(session)
             self._hub.discard(session)
             self._sessions.discard(session)
             session.close(CloseCode.NORMAL)
@@ -351,10 +331,53 @@ class PushServer:
             logger.info(
                 "session %s closed: user=%s code=%s",
                 session.id,
-                identity.user,
+                session.user,
                 connection.close_code,
                 extra={"websocket": connection},
             )
+
+    async def _open_session(self, connection: ServerConnection) -> tuple[Session, str | None] | None:
+        """
+        Authenticate (by the handshake or the first frame), check
+        revocation, and make the session; None when the connection was
+        refused and closed. Returns the session and the client's cursor.
+
+        Only the session outlives this call: the token's claims, the
+        handshake's record and its HTTP headers would otherwise stay
+        referenced for the whole life of an idle connection.
+        """
+        handshake = self._handshakes.pop(connection)
+        # The handshake is over and what notifyd needs of it is in
+        # ``handshake``; websockets only checks that a request was received.
+        connection.response = None
+        if connection.request is not None:
+            connection.request.headers.clear()
+        identity = handshake.identity
+        since = handshake.since
+        if identity is None:
+            authenticated = await self._first_frame_auth(connection, handshake)
+            if authenticated is None:
+                return None
+            identity, first_since = authenticated
+            since = first_since or since
+        refused = await self._revoked(connection, identity)
+        if refused is not None:
+            await _close(connection, refused)
+            return None
+        settings = self._settings
+        session = Session(
+            connection,
+            identity.user,
+            Outbox(settings.session_queue_messages, settings.session_queue_bytes),
+            send_timeout=settings.slow_client_timeout_s,
+            stats=self._stats,
+        )
+        self._sessions.add(session)
+        logger.info(
+            "session %s opened: user=%s", session.id, identity.user, extra={"websocket": connection}
+        )
+        self._expiries.arm(session, identity.expires_at)
+        return session, since
 
     async def _first_frame_auth(
         self, connection: ServerConnection, handshake: _Handshake
@@ -443,25 +466,11 @@ class PushServer:
         self._auth_failed(connection, "revoked")
         return CloseCode.UNAUTHORIZED
 
-    def _arm_expiry(self, session: Session, expires_at: float) -> None:
-        """
-        Close the session with 4401 when its token expires (plus the JWT
-        leeway, as for a new token); replaces an earlier timer.
-        """
-        previous = self._expiries.pop(session, None)
-        if previous is not None:
-            previous.cancel()
-        if not math.isfinite(expires_at):
-            return  # development mode: no token
-        leeway = self.verifier.leeway_s if self.verifier is not None else 0.0
-        # exp is wall-clock time; the timer runs on the loop's monotonic clock.
-        delay = max(0.0, expires_at + leeway - time.time())
-        self._expiries[session] = asyncio.get_running_loop().call_later(
-            delay, self._expire, session
-        )
-
     def _expire(self, session: Session) -> None:
-        self._expiries.pop(session, None)
+        """
+        Close the session with 4401: its token expired (plus the JWT leeway,
+        as for a new token).
+        """
         if not session.closing:
             self._stats.expired_sessions += 1
             logger.info("session %s: token expired", session.id)
@@ -493,7 +502,7 @@ class PushServer:
         if refused is not None:
             session.close(refused)
             return
-        self._arm_expiry(session, identity.expires_at)
+        self._expiries.arm(session, identity.expires_at)
         session.push(protocol.encode_refreshed(action.request_id, identity.expires_at))
 
     async def _answer(self, session: Session, data: str | bytes) -> None:

@@ -37,8 +37,8 @@ class Session:
     """
 
     __slots__ = (
-        "_pending", "_pending_bytes", "_stats", "_writer", "close_code", "close_reason", "connection", "id",
-        "outbox", "send_timeout", "user",
+        "_pending", "_pending_bytes", "_stats", "_writer", "close_code", "close_reason", "connection",
+        "expiry_second", "id", "outbox", "send_timeout", "user",
     )  # fmt: skip
 
     def __init__(
@@ -64,6 +64,8 @@ class Session:
         # Direct frames not yet written (see push and flush).
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
+        # Kept by the server's ExpiryClock: the second its token expires.
+        self.expiry_second: int | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.user!r}>"
