@@ -107,9 +107,13 @@ class Session:
             connection = self.connection
             transport = connection.transport
             protocol = connection.protocol
+            pending = self._pending
             if (
-                protocol.state is State.OPEN
-                and transport is not None
+                transport is not None
+                # Frames already pending this round passed the state check,
+                # and nothing was awaited since: fan-out skips it from the
+                # second frame on.
+                and (pending is not None or protocol.state is State.OPEN)
                 and transport.get_write_buffer_size() + self._pending_bytes < _DIRECT_WRITE_LIMIT
             ):
                 if protocol.extensions:
@@ -121,13 +125,18 @@ class Session:
                         self.close(CloseCode.NORMAL)
                         return False
                     chunks = protocol.data_to_send()
+                    if pending is None:
+                        self._pending = chunks
+                    else:
+                        pending += chunks
+                    self._pending_bytes += sum(map(len, chunks))
                 else:
-                    chunks = [wire if wire is not None else text_frame(frame.encode())]
-                if self._pending is None:
-                    self._pending = chunks
-                else:
-                    self._pending += chunks
-                self._pending_bytes += sum(map(len, chunks))
+                    chunk = wire if wire is not None else text_frame(frame.encode())
+                    if pending is None:
+                        self._pending = [chunk]
+                    else:
+                        pending.append(chunk)
+                    self._pending_bytes += len(chunk)
                 if flush:
                     self.flush()
                 return True
