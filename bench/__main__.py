@@ -42,7 +42,7 @@ from notifyd.embedded import EmbeddedPostgres
 
 from . import report
 from .control import ROOT, Child, free_port, raise_nofile, wait_healthy
-from .measure import busy_seconds, cpu_seconds, gc_pauses, loopback_send_cost, machine, percentiles, rss_kib, tree_cpu_seconds, wait_quiet
+from .measure import busy_seconds, cpu_seconds, fanout_floor, gc_pauses, loopback_send_cost, machine, percentiles, rss_kib, tree_cpu_seconds, wait_quiet
 from .naive_server import NAIVE_SCHEMA, NAIVE_TABLE
 
 NOTIFYD_TABLE = "t_message_real_time"
@@ -303,6 +303,7 @@ async def run_step(
         request.update(cmd="batch", rate=target / 100 / n, rows=100)
         p99_limit = plan.batch_p99_ms
     cpu0, pg0 = cpu_seconds(server.pid), rig.pg_cpu()
+    clients0, writers0 = _children_cpu(clients), _children_cpu(writers)
     busy0, own0, wall0, unix0 = busy_seconds(), rig.own_cpu(), time.monotonic(), time.time()
     replies = await asyncio.gather(
         *(w.request({**request, "seed": seed * 100 + k}, timeout=duration * 2 + 60) for k, w in enumerate(writers))
@@ -312,6 +313,7 @@ async def run_step(
     start_ns, end_ns = min(r["start_ns"] for r in replies), max(r["end_ns"] for r in replies)
     await drain(clients, tag, expected, plan.drain_s)
     cpu1, pg1 = cpu_seconds(server.pid), rig.pg_cpu()
+    clients1, writers1 = _children_cpu(clients), _children_cpu(writers)
     busy1, own1, wall1 = busy_seconds(), rig.own_cpu(), time.monotonic()
     server_gc = gc_pauses(server.gc_log, unix0, time.time())
     latencies, last_ns, client_gc = await take(clients, tag)
@@ -347,12 +349,27 @@ async def run_step(
         "server_cpu_ms_per_1000": (cpu1 - cpu0) / delivered * 1e6 if delivered else None,
         "pg_cpu_ms_per_1000": ((pg1 - pg0) / delivered * 1e6) if (delivered and pg0 is not None and pg1 is not None) else None,
         "other_load_cores": max(0.0, (busy1 - busy0) - (own1 - own0)) / max(1e-9, wall1 - wall0),
+        # Cores used during the step (writing and draining), by process group.
+        "cores": {
+            "server": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
+            "postgres": None if pg0 is None or pg1 is None else (pg1 - pg0) / max(1e-9, wall1 - wall0),
+            "clients": (clients1 - clients0) / max(1e-9, wall1 - wall0),
+            "writers": (writers1 - writers0) / max(1e-9, wall1 - wall0),
+        },
         "client_gc_max_ms": client_gc,
         "server_gc_max_ms": max((ms for _, ms in server_gc), default=0.0) if server.gc_log else None,
         "server_gc_full": sum(1 for gen, _ in server_gc if gen == 2),
         "ok": ok,
         "why": "; ".join(why),
     }
+
+
+def _children_cpu(children: list[Child]) -> float:
+    total = 0.0
+    for child in children:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(child.pid)
+    return total
 
 
 def _step_line(kind: str, step: dict[str, Any]) -> str:
@@ -774,6 +791,7 @@ def main() -> int:
     limit = raise_nofile()
     plan = make_plan(args.quick, args.users)
     floor = loopback_send_cost()
+    fanout = fanout_floor(connections=plan.sessions, readers=plan.client_procs)
     source = source_fingerprint()
     command = "python -m bench" + "".join(
         f" {a}" for a in (["--quick"] if args.quick else []) + ([f"--users {args.users}"] if args.users != 1000 else [])
@@ -794,6 +812,7 @@ def main() -> int:
             dsn, pg_pid = embedded.dsn, _postmaster_pid(embedded)
         results = asyncio.run(run(plan, dsn, pg_pid, logs, notifyd_env))
         results["machine"]["loopback_send"] = floor
+        results["machine"]["fanout_floor"] = fanout
         results["notifyd_source"] = source
         if source_fingerprint() != source:
             results["notifyd_source"]["changed_during_run"] = True

@@ -194,6 +194,85 @@ def loopback_send_cost(frames: int = 20_000, size: int = 400, fanout: int = 200)
     }
 
 
+def fanout_floor(connections: int = 10_000, readers: int = 2, size: int = 400, reps: int = 3) -> dict[str, float]:
+    """
+    The floor for an announcement here: one ``size``-byte ``send()`` to each
+    of ``connections`` loopback TCP connections, read by ``readers``
+    processes (as the benchmark's clients are), from the first send until
+    the last reader has every byte; no framing, no event loop, no server
+    logic. Median of ``reps``. Call before any thread or event loop exists
+    (forks).
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    listener.settimeout(30)
+    port = listener.getsockname()[1]
+    share = connections // readers
+    pids: list[int] = []
+    done_r, done_w = os.pipe()
+    for _ in range(readers):
+        pid = os.fork()
+        if pid == 0:  # a reader: reports the time it had each rep's bytes
+            try:
+                os.close(done_r)
+                selector = selectors.DefaultSelector()
+                for _ in range(share):
+                    reader = socket.create_connection(("127.0.0.1", port), timeout=30)
+                    reader.setblocking(False)
+                    selector.register(reader, selectors.EVENT_READ)
+                received, rep, open_readers = 0, 0, share
+                while open_readers:
+                    for key, _ in selector.select():
+                        try:
+                            data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+                        except BlockingIOError:
+                            continue
+                        if not data:
+                            selector.unregister(key.fileobj)
+                            open_readers -= 1
+                            continue
+                        received += len(data)
+                        if received >= (rep + 1) * share * size:
+                            os.write(done_w, time.time_ns().to_bytes(8, "little"))
+                            rep += 1
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    os.close(done_w)
+    sockets: list[socket.socket] = []
+    walls: list[float] = []
+    cpus: list[float] = []
+    try:
+        for _ in range(share * readers):
+            connection, _ = listener.accept()
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sockets.append(connection)
+        payload = b"x" * size
+        for _ in range(reps):
+            time.sleep(0.2)
+            cpu0, start = time.process_time(), time.time_ns()
+            for connection in sockets:
+                connection.send(payload)
+            cpus.append(time.process_time() - cpu0)
+            last = max(int.from_bytes(os.read(done_r, 8), "little") for _ in range(readers))
+            walls.append((last - start) / 1e6)
+    finally:
+        for connection in sockets:
+            connection.close()
+        listener.close()
+        os.close(done_r)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    return {
+        "connections": share * readers,
+        "readers": readers,
+        "frame_bytes": size,
+        "median_ms": sorted(walls)[len(walls) // 2],
+        "sender_cpu_us_per_send": sorted(cpus)[len(cpus) // 2] / (share * readers) * 1e6,
+    }
+
+
 def machine() -> dict[str, object]:
     """
     What the figures were measured on.

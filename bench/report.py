@@ -195,9 +195,16 @@ def writers_capped(ramp: dict[str, Any]) -> bool:
     Whether every attempt at the step after the highest sustained one failed
     because the writers could not reach its rate (the machine's ceiling).
     """
-    good = ramp["last_good"] or 0
-    failed = [s for s in ramp["steps"] if not s["ok"] and s["target"] > good]
+    failed = _failed_above(ramp)
     return bool(failed) and all("writers reached" in s["why"] for s in failed)
+
+
+def _failed_above(ramp: dict[str, Any]) -> list[dict[str, Any]]:
+    """
+    The failed attempts above the highest sustained step.
+    """
+    good = ramp["last_good"] or 0
+    return [s for s in ramp["steps"] if not s["ok"] and s["target"] > good]
 
 
 def _saturation(ramp: dict[str, Any]) -> dict[str, Any] | None:
@@ -256,9 +263,12 @@ def _targets(r: Results) -> list[tuple[str, str, str]]:
                 "" if sat is None or not sat["ok"] else "(the ramp never saturated notifyd)"),
     ))  # fmt: skip
     ann = nd.get("announcement", {}).get("median_last_ms")
+    floor = r["machine"].get("fanout_floor", {}).get("median_ms")
     out.append((
         "Announcement to 10,000 sessions < 100 ms",
-        f"{_n(ann, 1)} ms to {_n(sessions)} sessions",
+        f"{_n(ann, 1)} ms to {_n(sessions)} sessions"
+        + (f"; bare `send()` calls alone take {_n(floor, 1)} ms here ({_ratio(ann, floor)}× that floor)"
+           if floor else ""),
         verdict(None if ann is None or not full_size else ann < 100,
                 "" if full_size else f"(only {_n(sessions)} sessions in this run)"),
     ))  # fmt: skip
@@ -368,6 +378,18 @@ def render(r: Results) -> str:
             if "loopback_send" in m
             else []
         ),
+        *(
+            [
+                f"- Fan-out floor: one {m['fanout_floor']['frame_bytes']}-byte `send()` to each of "
+                f"{_n(m['fanout_floor']['connections'])} loopback connections read by "
+                f"{m['fanout_floor']['readers']} processes, from a plain loop with no server around it, takes "
+                f"{m['fanout_floor']['median_ms']:.1f} ms until the last byte is read "
+                f"({m['fanout_floor']['sender_cpu_us_per_send']:.1f} µs of sender CPU per `send()`): "
+                "no server can announce to that many sessions here faster."
+            ]
+            if "fanout_floor" in m
+            else []
+        ),
         "",
         "## Yardstick",
         "",
@@ -443,6 +465,28 @@ def _cores(step: dict[str, Any] | None, key: str) -> float | None:
     return float(step[key]) * step["deliveries_per_s"] / 1e6
 
 
+def _first_failure(ramp: dict[str, Any]) -> dict[str, Any] | None:
+    failed = _failed_above(ramp)
+    return failed[0] if failed else None
+
+
+def _budget(step: dict[str, Any] | None, nproc: int, when: str) -> str:
+    """
+    Where a step's CPU went, by process group, as a sentence.
+    """
+    cores = (step or {}).get("cores")
+    if step is None or not cores:
+        return ""
+    parts = [(name, cores.get(name)) for name in ("server", "postgres", "clients", "writers")]
+    known = [(name, value) for name, value in parts if value is not None]
+    total = sum(value for _, value in known)
+    listed = ", ".join(f"{'notifyd' if name == 'server' else name} {value:.2f}" for name, value in known)
+    return (
+        f"{when} ({_n(step['target'])} deliveries/s asked, {_n(step['deliveries_per_s'])} delivered) "
+        f"the cores went to {listed}: {total:.2f} of {nproc}."
+    )
+
+
 def _misses(r: Results) -> list[str]:
     """
     Where the time goes, for the targets that are missed: figures from this
@@ -452,50 +496,67 @@ def _misses(r: Results) -> list[str]:
     floor = m.get("loopback_send", {})
     wake, burst = floor.get("cpu_us_per_send"), floor.get("cpu_us_per_send_back_to_back")
     def next_failure(kind: str) -> str:
-        ramp = r[kind]["single"]
-        good = ramp["last_good"] or 0
-        failed = [s for s in ramp["steps"] if not s["ok"] and s["target"] > good]
+        failed = _failed_above(r[kind]["single"])
         if not failed:
-            return "no step failed"
-        return f"{_n(failed[0]['target'])}/s: " + "; ".join(f"“{s['why']}”" for s in failed)
+            return f"{kind} passed every step"
+        return f"{kind} failed at {_n(failed[0]['target'])}/s: " + "; ".join(f"“{s['why']}”" for s in failed)
 
 
     top = {kind: _best(r[kind]["single"]) for kind in ("notifyd", "naive")}
     sat = _saturation(nd["batch"])
     sessions = nd["idle"]["opened"]
+    common = _common(nd["single"], nv["single"])
+    at_common = {kind: _step(r[kind]["single"], common) for kind in ("notifyd", "naive")}
+    fanout = m.get("fanout_floor", {}).get("median_ms")
+    ann = nd.get("announcement", {}).get("median_last_ms")
+    capped = [s for s in _failed_above(nd["single"]) if "writers reached" in s["why"]]
     lines = [
         "## Where the time goes",
         "",
-        "- **Sustained single-row rate against the naive pipeline.** "
-        f"notifyd's highest step used {_n(_cores(top['notifyd'], 'pg_cpu_ms_per_1000'), 2)} cores of Postgres "
-        f"and {_n(_cores(top['notifyd'], 'server_cpu_ms_per_1000'), 2)} of notifyd; the naive pipeline's "
-        f"{_n(_cores(top['naive'], 'pg_cpu_ms_per_1000'), 2)} and "
+        "- **Single-row commits.** "
+        f"notifyd's highest sustained step used {_n(_cores(top['notifyd'], 'pg_cpu_ms_per_1000'), 2)} cores of "
+        f"Postgres and {_n(_cores(top['notifyd'], 'server_cpu_ms_per_1000'), 2)} of notifyd; the naive "
+        f"pipeline's {_n(_cores(top['naive'], 'pg_cpu_ms_per_1000'), 2)} and "
         f"{_n(_cores(top['naive'], 'server_cpu_ms_per_1000'), 2)}, out of {m['nproc']}, shared with the writers, "
-        f"the clients and other tenants. The next step failed for notifyd at {next_failure('notifyd')}; "
-        f"for naive at {next_failure('naive')}. Postgres' share is mostly the "
-        "inserting commits, which both pay, and sets the ceiling here"
-        + (" (at the next step the writers could not even reach the target rate for either server)"
-           if writers_capped(nd["single"]) and writers_capped(nv["single"]) else "")
-        + "; the difference between the two is notifyd's reads. notifyd reads each burst of "
-        "commits with one query after the NOTIFY, one round trip to Postgres more than the naive pipeline "
-        "(whose NOTIFY carries the row), and on a saturated machine each round trip waits for a CPU: that, "
-        "not notifyd's own CPU, is what its p99 grows with first.",
+        f"the clients and other tenants. Above that, {next_failure('notifyd')}; {next_failure('naive')}."
+        + (
+            f" On {len(capped)} of notifyd's failed attempts the writers could not even commit at the target "
+            "rate: that is Postgres' ceiling for notifying commits on this machine (each commit that sends a "
+            "NOTIFY takes a cluster-wide lock), which the naive pipeline's commits meet just the same, so "
+            "neither can sustain more than it and a lead over naive can only come from naive failing earlier."
+            if capped else ""
+        )
+        + (
+            f" At {_n(common)} commits/s, the highest step both sustained, Postgres spent "
+            f"{_n(_get(at_common['notifyd'], 'pg_cpu_ms_per_1000'), 1)} ms of CPU per 1,000 deliveries for "
+            f"notifyd and {_n(_get(at_common['naive'], 'pg_cpu_ms_per_1000'), 1)} for naive: the difference "
+            "is notifyd's reads (one query per burst of commits, where naive's NOTIFY carries the row) and its "
+            "extra indexes (history, unread counts, resume)."
+            if common is not None else ""
+        ),
         "- **CPU per delivery.** Every delivery is at least one `send()` to the client's socket, and over "
         f"loopback the sender pays the receiver's side too: {_n(wake, 1)} µs when the reader has to be woken, "
         f"{_n(burst, 1)} µs back to back (see Machine). At low rates most writes wake a sleeping client "
         "process, so the figure per delivery falls as the load rises: "
         f"{_n(_get(sat, 'server_cpu_ms_per_1000'), 1)} µs at saturation. The profile below shows the split: "
         "`session.py (flush)` is the one write per session per delivery round.",
-        f"- **Announcement to {_n(sessions)} sessions.** One write per session, in one thread: {_n(sessions)} × "
-        f"{_n(burst, 1)} µs back to back = {_n(None if burst is None else burst * sessions / 1000, 0)} ms of "
-        "system calls alone, then the event loop's and notifyd's work per session on top: the frame is "
-        "built once per announcement (and the unread frame once per distinct count), but each session "
-        "still costs a push of the message, a push of its unread count and a write of both together.",
-        "- **100-row statements.** At saturation notifyd delivered "
-        f"{_n(_get(sat, 'deliveries_per_s'))}/s using {_n(_cores(sat, 'server_cpu_ms_per_1000'), 2)} cores, "
-        f"while Postgres used {_n(_cores(sat, 'pg_cpu_ms_per_1000'), 2)} (inserting and indexing the rows, "
-        "and notifyd's reads); with the writers and the clients that is the whole machine, so latency grows "
-        "from there.",
+        f"- **Announcement to {_n(sessions)} sessions.** "
+        + (
+            f"A plain loop of `send()` calls to as many sockets takes {_n(fanout, 1)} ms here (see Machine), "
+            f"so notifyd's {_n(ann, 1)} ms is {_ratio(ann, fanout)}× the cost of the writes alone. "
+            if fanout and ann else ""
+        )
+        + "The writes are one per session, in one thread; on top of them notifyd queues the announcement "
+        "(framed once) for every session and then the new unread count (framed once per distinct count) "
+        "before the write that carries both.",
+        "- **100-row statements.** " + " ".join(filter(None, [
+            _budget(sat, m["nproc"], "At saturation"),
+            _budget(_first_failure(nd["batch"]), m["nproc"], "At the first step it failed"),
+            f"60,000 deliveries/s would take {_n(_get(sat, 'pg_cpu_ms_per_1000') * 60 / 1000, 2)} cores of "
+            "Postgres alone at the CPU per delivery it used at saturation (inserting and indexing the rows, "
+            "and notifyd's reads), before notifyd, the writers and the clients."
+            if _get(sat, "pg_cpu_ms_per_1000") is not None else "",
+        ])),
     ]
     return lines
 
@@ -550,7 +611,9 @@ def _method(r: Results) -> list[str]:
         "(clients `gc.freeze()` their sessions after opening them, so the instrument does not stall).",
         "- **CPU.** utime+stime from `/proc/<pid>/stat` of the server process (and of the postmaster and its "
         "live backends for the Postgres figure) before and after the step including its drain, divided by "
-        "the messages delivered in it. Offline rows are included in the work, not in the count.",
+        "the messages delivered in it. Offline rows are included in the work, not in the count. The same "
+        "counters of the client and writer processes, divided by the step's wall time, give the cores each "
+        "group used (*Where the time goes*).",
         "- **Collector pauses.** The servers are started with `PYTHONPATH=bench/probe`, whose "
         "`sitecustomize.py` registers a `gc.callbacks` observer that logs every full (generation 2) pass and "
         "any pass over 5 ms; the command line and the collector's behaviour are unchanged. *Server GC max* is "
