@@ -340,9 +340,10 @@ class Delivery:
             frame = payload.decode()
             wire = protocol.text_frame(payload)
             count = 0
+            unflushed = account.unflushed.add
             for session in sessions:
                 if session.push(frame, cursor, flush=False, wire=wire):
-                    account.unflushed.add(session)
+                    unflushed(session)
                 count += 1
             stats.delivered += count
             if online is not None:
@@ -384,22 +385,28 @@ class Delivery:
         # Many users share a count (after an announcement, most of them):
         # each count is encoded and framed once.
         frames: dict[int, tuple[str, bytes]] = {}
+        # Run once per user (per session, after an announcement): no
+        # attribute lookups or generators in the loop that can be avoided.
+        unread, recounted = hub.unread, account.recounted
+        new_unread, announced = account.new_unread.get, account.new_announcements
+        unflushed = account.unflushed.add
         for user in users:
-            old = hub.unread[user]
-            if user in account.recounted:
-                new = account.recounted[user]
+            old = unread[user]
+            if user in recounted:
+                new = recounted[user]
             else:
-                new = old + account.new_unread.get(user, 0) + account.new_announcements
-                new -= sum(1 for readers in counted_deletes if user not in readers)
+                new = old + new_unread(user, 0) + announced
+                if counted_deletes:
+                    new -= sum(1 for readers in counted_deletes if user not in readers)
             if new != old:
-                hub.unread[user] = new
+                unread[user] = new
                 encoded = frames.get(new)
                 if encoded is None:
                     text = protocol.encode_unread(new)
                     encoded = frames[new] = (text, protocol.text_frame(text.encode()))
                 for session in hub.sessions_of(user) or ():
                     if session.push(encoded[0], flush=False, wire=encoded[1]):
-                        account.unflushed.add(session)
+                        unflushed(session)
         account.flush()
 
     async def _admit_all(self, requests: list[_Join], counts: dict[str, int]) -> None:
