@@ -8,7 +8,7 @@ The LISTEN connection is not here: it is a dedicated connection owned by
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -132,15 +132,16 @@ UNION ALL (
 )
 """
 
-# Later pages of the same window: bounded by the first page's snapshot, so
-# the window does not grow while it is being read.
-_WINDOW_PAGE = f"""
+# The rest of a window after its first page: bounded by the first page's
+# snapshot, so the window does not grow while it is being read. Read through
+# one cursor, so the rows are found and sorted once however many pages they
+# fill.
+_WINDOW_REST = f"""
 SELECT {_COLUMNS} FROM {TABLE}
 WHERE {_NEW_SINCE}
   AND seq > $3
   AND pg_visible_in_snapshot(xact_id, $4::text::pg_snapshot)
 ORDER BY seq
-LIMIT $5
 """
 
 # One user's rows that a client at a cursor does not have and that the
@@ -391,43 +392,56 @@ class Database:
         since: Snapshot,
         *,
         limit: int,
-        end: Snapshot | None = None,
-        after_seq: int = 0,
         count_users: Sequence[str] = (),
     ) -> Window:
         """
-        Rows committed after ``since``, in ``seq`` order, ``limit`` at a time.
+        The first ``limit`` rows committed after ``since``, in ``seq`` order.
 
-        The first call (``end`` None) fixes the window's end snapshot and also
-        returns the window's events and the unread counts of the users with
-        events and of ``count_users``; pass ``end`` back with the last ``seq``
-        read to get the next page.
+        This fixes the window's end snapshot and also returns the window's
+        events and the unread counts of the users with events and of
+        ``count_users``; when the page is full, :meth:`window_rest` reads
+        the rest.
         """
         xip = [str(x) for x in since.xip]
-        if end is None and not count_users:
+        if not count_users:
             records = await self._pool.fetch(_WINDOW_LEAN, since.to_pg(), xip, limit)
             head = next(r for r in records if r["snap"] is not None)
             if not head["has_events"]:
                 rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
                 return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
-        if end is None:
-            records = await self._pool.fetch(
-                _WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
+        records = await self._pool.fetch(
+            _WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
+        )
+        head = next(r for r in records if r["snap"] is not None)
+        rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
+        return Window(
+            rows,
+            Snapshot.from_pg(head["snap"]),
+            complete=len(rows) < limit,
+            events=[_event(e) for e in json.loads(head["events"] or "[]")],
+            counts=json.loads(head["counts"] or "{}"),
+        )
+
+    async def window_rest(
+        self, since: Snapshot, end: Snapshot, *, after_seq: int, pages: Iterator[int]
+    ) -> AsyncIterator[Window]:
+        """
+        The rows of the window from ``since`` to ``end`` after ``after_seq``,
+        in ``seq`` order, one page per size ``pages`` yields; the last page
+        is shorter than its size (possibly empty) and the only one marked
+        complete. Holds a pool connection until closed: use with
+        :func:`contextlib.aclosing`.
+        """
+        async with self._pool.acquire() as connection, connection.transaction(readonly=True):
+            cursor = await connection.cursor(
+                _WINDOW_REST, since.to_pg(), [str(x) for x in since.xip], after_seq, end.to_pg()
             )
-            head = next(r for r in records if r["snap"] is not None)
-            rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
-            return Window(
-                rows,
-                Snapshot.from_pg(head["snap"]),
-                complete=len(rows) < limit,
-                events=[_event(e) for e in json.loads(head["events"] or "[]")],
-                counts=json.loads(head["counts"] or "{}"),
-            )
-        else:
-            rows = await self._pool.fetch(
-                _WINDOW_PAGE, since.to_pg(), xip, after_seq, end.to_pg(), limit
-            )
-        return Window(rows, end, complete=len(rows) < limit)
+            for size in pages:
+                rows = await cursor.fetch(size)
+                complete = len(rows) < size
+                yield Window(rows, end, complete=complete)
+                if complete:
+                    return
 
     async def catch_up(
         self, requests: Sequence[tuple[str, Cursor]], end: Snapshot, *, limit: int

@@ -21,9 +21,10 @@ the first read after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -44,9 +45,16 @@ logger = logging.getLogger(__name__)
 _CATCH_UP_BATCH = 500
 
 # Each later page of a window is twice the size of the one before, up to this
-# many times fetch_batch: every page query walks the whole window again, so
-# fixed-size pages make a 100,000-row INSERT cost 100 walks of 100,000 rows.
+# many times fetch_batch: fewer round trips for a large INSERT, with the rows
+# held at once still bounded.
 _MAX_PAGE_GROWTH = 16
+
+
+def _page_sizes(first: int) -> Iterator[int]:
+    size = first
+    while True:
+        size = min(2 * size, _MAX_PAGE_GROWTH * first)
+        yield size
 
 
 @dataclass(eq=False)
@@ -232,13 +240,18 @@ class Delivery:
             end, after_seq, account = self._unfinished
             window = Window([], end, complete=False)
             counts = None
-        limit = self._fetch_batch
-        while not window.complete:
+        if not window.complete:
+            end = window.end
             after_seq = window.rows[-1]["seq"] if window.rows else after_seq
-            self._unfinished = (window.end, after_seq, account)
-            limit = min(2 * limit, _MAX_PAGE_GROWTH * self._fetch_batch)
-            window = await self._db.window(base, limit=limit, end=window.end, after_seq=after_seq)
-            self._route(window, base, account)
+            self._unfinished = (end, after_seq, account)
+            rest = self._db.window_rest(
+                base, end, after_seq=after_seq, pages=_page_sizes(self._fetch_batch)
+            )
+            async with contextlib.aclosing(rest) as pages:
+                async for window in pages:
+                    self._route(window, base, account)
+                    if window.rows:
+                        self._unfinished = (end, window.rows[-1]["seq"], account)
         self._unfinished = None
         self._repairing = False
         self.watermark = window.end

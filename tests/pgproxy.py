@@ -1,7 +1,11 @@
 """
-A TCP proxy in front of PostgreSQL that forwards everything except
-notifications: what a LISTEN connection sees through a transaction-mode
-pooler, where its NOTIFYs are delivered to some other server connection.
+TCP proxies in front of PostgreSQL that misbehave in one defined way:
+
+- one forwards everything except notifications: what a LISTEN connection
+  sees through a transaction-mode pooler, where its NOTIFYs are delivered to
+  some other server connection;
+- one cuts the first connection whose replies pass a number of bytes: a
+  connection lost in the middle of a long read.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 # Backend message type of NotificationResponse (PostgreSQL protocol 3.0).
@@ -47,16 +52,54 @@ async def notification_dropping_proxy(dsn: str, *, drop: bool = True) -> AsyncIt
     (with ``sslmode=disable``, so the stream is plain protocol messages).
     With ``drop=False`` it forwards notifications too (the control case).
     """
+    async with _proxy(dsn, _forward_dropping_notifications if drop else _forward) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def connection_cutting_proxy(dsn: str, *, after_bytes: int) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """
+    Serve a proxy to ``dsn``'s server; yield a DSN through it and an event
+    set once the first connection whose server replies passed
+    ``after_bytes`` was cut there (both directions closed). Later
+    connections are forwarded untouched.
+    """
+    cut = asyncio.Event()
+
+    async def forward_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        passed = 0
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                passed += len(data)
+                if passed > after_bytes and not cut.is_set():
+                    cut.set()
+                    break
+                writer.write(data)
+                await writer.drain()
+        # Aborting the client's side also ends the client-to-server pump,
+        # which then closes the server's side.
+        writer.transport.abort()
+
+    async with _proxy(dsn, forward_then_cut) as url:
+        yield url, cut
+
+
+@contextlib.asynccontextmanager
+async def _proxy(
+    dsn: str,
+    server_pump: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]],
+) -> AsyncIterator[str]:
+    """
+    A proxy to ``dsn``'s server on 127.0.0.1 whose server-to-client stream
+    goes through ``server_pump``; yields the DSN through it.
+    """
     target = urlsplit(dsn)
     host, port = target.hostname or "127.0.0.1", target.port or 5432
     pumps: set[asyncio.Task[None]] = set()
 
     async def accept(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await asyncio.open_connection(host, port)
-        for pump in (
-            _forward(client_reader, server_writer),
-            (_forward_dropping_notifications if drop else _forward)(server_reader, client_writer),
-        ):
+        for pump in (_forward(client_reader, server_writer), server_pump(server_reader, client_writer)):
             task = asyncio.create_task(pump)
             pumps.add(task)
             task.add_done_callback(pumps.discard)

@@ -17,6 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import SECRET, TIMEOUT, insert
+from .pgproxy import connection_cutting_proxy
 from .processes import free_port, running_notifyd, serve_env, wait_until_listening
 
 _LISTENER_QUERY = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()"
@@ -258,3 +259,24 @@ async def test_peer_that_stops_answering_pings_is_dropped_and_its_session_freed(
     await _wait_until(registered, "the session to register")
     await _wait_until(freed, "the mute peer to be dropped")
     writer.close()
+
+
+
+async def test_connection_lost_in_the_middle_of_a_large_window_resumes_after_the_last_routed_row(
+    start_daemon, open_client, db, dsn
+):
+    """The query connection cut while a window's rest is read: every row arrives once, in order."""
+    rows = 20_000
+    # About 150 bytes per row on the wire: the cut falls inside the window.
+    async with connection_cutting_proxy(dsn, after_bytes=rows * 75) as (proxied, cut):
+        daemon = await start_daemon(dsn=proxied, listen_dsn=dsn, fetch_batch=10)
+        client = await open_client(daemon.url("alice"))
+        await db.execute(
+            "INSERT INTO t_message_real_time (to_user, title) "
+            "SELECT 'alice', 'w' || g FROM generate_series(1, $1) AS g",
+            rows,
+        )
+        titles = [m["title"] for m in await client.messages_until(f"w{rows}")]
+        assert cut.is_set()
+        await daemon.daemon.stop()  # while its pool's proxy still runs
+    assert titles == [f"w{g}" for g in range(1, rows + 1)]
