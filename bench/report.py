@@ -510,6 +510,7 @@ def _misses(r: Results) -> list[str]:
     fanout = m.get("fanout_floor", {}).get("median_ms")
     ann = nd.get("announcement", {}).get("median_last_ms")
     capped = [s for s in _failed_above(nd["single"]) if "writers reached" in s["why"]]
+    failed = _first_failure(nd["batch"])
     lines = [
         "## Where the time goes",
         "",
@@ -551,7 +552,7 @@ def _misses(r: Results) -> list[str]:
         "before the write that carries both.",
         "- **100-row statements.** " + " ".join(filter(None, [
             _budget(sat, m["nproc"], "At saturation"),
-            _budget(_first_failure(nd["batch"]), m["nproc"], "At the first step it failed"),
+            _budget(failed, m["nproc"], "At the first step it failed") if failed is not sat else "",
             f"60,000 deliveries/s would take {_n(_get(sat, 'pg_cpu_ms_per_1000') * 60 / 1000, 2)} cores of "
             "Postgres alone at the CPU per delivery it used at saturation (inserting and indexing the rows, "
             "and notifyd's reads), before notifyd, the writers and the clients."
