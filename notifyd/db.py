@@ -427,21 +427,26 @@ class Database:
     ) -> AsyncIterator[Window]:
         """
         The rows of the window from ``since`` to ``end`` after ``after_seq``,
-        in ``seq`` order, one page per size ``pages`` yields; the last page
-        is shorter than its size (possibly empty) and the only one marked
-        complete. Holds a pool connection until closed: use with
+        in ``seq`` order, one page per size the endless ``pages`` yields; the
+        last page is shorter than its size (possibly empty) and the only one
+        marked complete. Holds a pool connection until closed: use with
         :func:`contextlib.aclosing`.
         """
+        rows: list[Row] = []
         async with self._pool.acquire() as connection, connection.transaction(readonly=True):
             cursor = await connection.cursor(
                 _WINDOW_REST, since.to_pg(), [str(x) for x in since.xip], after_seq, end.to_pg()
             )
             for size in pages:
                 rows = await cursor.fetch(size)
-                complete = len(rows) < size
-                yield Window(rows, end, complete=complete)
-                if complete:
-                    return
+                if len(rows) < size:
+                    break
+                yield Window(rows, end, complete=False)
+            else:
+                raise ValueError("pages ran out before the window did")
+        # Given once the transaction is over: delivery flushes the window
+        # right after the last page, and must not wait for the COMMIT.
+        yield Window(rows, end, complete=True)
 
     async def catch_up(
         self, requests: Sequence[tuple[str, Cursor]], end: Snapshot, *, limit: int

@@ -76,7 +76,14 @@ class ExpiryClock(Generic[S]):
         bucket = self._buckets.get(second)
         if bucket is None:
             bucket = self._buckets[second] = set()
-            heapq.heappush(self._seconds, second)
+            if len(self._seconds) > 2 * len(self._buckets) + 64:
+                # Seconds whose sessions all closed or refreshed stay in
+                # the heap until they come up; with long-lived tokens and
+                # reconnecting clients that could be days: drop them now.
+                self._seconds = list(self._buckets)
+                heapq.heapify(self._seconds)
+            else:
+                heapq.heappush(self._seconds, second)
             if self._seconds[0] == second:
                 self._schedule()
         bucket.add(session)
@@ -123,8 +130,10 @@ class ExpiryClock(Generic[S]):
         self._timer = None
         now = self._clock()
         seconds = self._seconds
-        while seconds and seconds[0] <= now:
-            for session in self._buckets.pop(heapq.heappop(seconds), ()):
-                session.expiry_second = None
-                self._on_expire(session)
-        self._schedule()
+        try:
+            while seconds and seconds[0] <= now:
+                for session in self._buckets.pop(heapq.heappop(seconds), ()):
+                    session.expiry_second = None
+                    self._on_expire(session)
+        finally:
+            self._schedule()

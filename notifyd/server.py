@@ -190,6 +190,7 @@ class PushServer:
                 for connection in list(self._server.connections):
                     if connection.transport is not None:
                         connection.transport.abort()
+        self._expiries.close()
 
     # -- handshake ---------------------------------------------------------
 

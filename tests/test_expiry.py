@@ -91,3 +91,44 @@ async def test_seconds_are_rounded_up_so_no_session_expires_early():
     clock.arm(session, NOW + 0.2)
     assert session.expiry_second == NOW + 1
     clock.close()
+
+
+async def test_seconds_left_behind_by_closed_sessions_do_not_pile_up():
+    """Reconnecting clients with long tokens: the clock's queue stays the size of what is armed."""
+    clock = make_clock(Expired())
+    for i in range(10_000):
+        session = FakeSession(f"s{i}")
+        clock.arm(session, NOW + 3600 + i)
+        clock.disarm(session)
+    kept = FakeSession("kept")
+    clock.arm(kept, NOW + 7200)
+    assert len(clock) == 1
+    assert len(clock._seconds) <= 2 * 1 + 64 + 1
+    clock.close()
+
+
+async def test_a_failing_expiry_callback_does_not_stop_later_expiries():
+    seen: list[str] = []
+    done = asyncio.Event()
+
+    def on_expire(session: FakeSession) -> None:
+        seen.append(session.name)
+        if session.name == "bad":
+            raise RuntimeError("callback failed")
+        done.set()
+
+    clock: ExpiryClock[FakeSession] = ExpiryClock(on_expire, clock=lambda: NOW)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        # Both due; the timer reaches "bad" first, and its callback raises.
+        clock.arm(FakeSession("bad"), NOW - 5)
+        clock.arm(FakeSession("next"), NOW - 4)
+        async with asyncio.timeout(TIMEOUT):
+            await done.wait()
+    finally:
+        loop.set_exception_handler(None)
+        clock.close()
+    assert seen == ["bad", "next"]
+    assert errors and isinstance(errors[0].get("exception"), RuntimeError)
