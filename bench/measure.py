@@ -12,6 +12,7 @@ import selectors
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
@@ -130,6 +131,32 @@ async def wait_quiet(pid: int, *, below: float = 0.10, window: float = 0.5, time
     return False
 
 
+def _read_until_closed(port: int, connections: int, on_data: Callable[[int], None]) -> None:
+    """
+    Open ``connections`` to ``port`` and read (and discard) until the other
+    side has closed them all, calling ``on_data`` with the bytes received so
+    far after each read.
+    """
+    selector = selectors.DefaultSelector()
+    for _ in range(connections):
+        reader = socket.create_connection(("127.0.0.1", port), timeout=30)
+        reader.setblocking(False)
+        selector.register(reader, selectors.EVENT_READ)
+    received, open_readers = 0, connections
+    while open_readers:
+        for key, _ in selector.select():
+            try:
+                data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            if not data:
+                selector.unregister(key.fileobj)
+                open_readers -= 1
+                continue
+            received += len(data)
+            on_data(received)
+
+
 def loopback_send_cost(frames: int = 20_000, size: int = 400, fanout: int = 200) -> dict[str, float]:
     """
     The kernel's floor for one WebSocket frame here: sender CPU µs (and wall
@@ -147,21 +174,7 @@ def loopback_send_cost(frames: int = 20_000, size: int = 400, fanout: int = 200)
     pid = os.fork()
     if pid == 0:  # the reader
         try:
-            selector = selectors.DefaultSelector()
-            for _ in range(fanout):
-                reader = socket.create_connection(("127.0.0.1", port), timeout=30)
-                reader.setblocking(False)
-                selector.register(reader, selectors.EVENT_READ)
-            open_readers = fanout
-            while open_readers:
-                for key, _ in selector.select():
-                    try:
-                        data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        selector.unregister(key.fileobj)
-                        open_readers -= 1
+            _read_until_closed(port, fanout, lambda received: None)
         finally:
             os._exit(0)
     connections: list[socket.socket] = []
@@ -216,26 +229,14 @@ def fanout_floor(connections: int = 10_000, readers: int = 2, size: int = 400, r
         if pid == 0:  # a reader: reports the time it had each rep's bytes
             try:
                 os.close(done_r)
-                selector = selectors.DefaultSelector()
-                for _ in range(share):
-                    reader = socket.create_connection(("127.0.0.1", port), timeout=30)
-                    reader.setblocking(False)
-                    selector.register(reader, selectors.EVENT_READ)
-                received, rep, open_readers = 0, 0, share
-                while open_readers:
-                    for key, _ in selector.select():
-                        try:
-                            data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
-                        except BlockingIOError:
-                            continue
-                        if not data:
-                            selector.unregister(key.fileobj)
-                            open_readers -= 1
-                            continue
-                        received += len(data)
-                        if received >= (rep + 1) * share * size:
-                            os.write(done_w, time.time_ns().to_bytes(8, "little"))
-                            rep += 1
+                reps_done = [0]
+
+                def report(received: int) -> None:
+                    if received >= (reps_done[0] + 1) * share * size:
+                        os.write(done_w, time.time_ns().to_bytes(8, "little"))
+                        reps_done[0] += 1
+
+                _read_until_closed(port, share, report)
             finally:
                 os._exit(0)
         pids.append(pid)
