@@ -510,6 +510,7 @@ def _misses(r: Results) -> list[str]:
     fanout = m.get("fanout_floor", {}).get("median_ms")
     ann = nd.get("announcement", {}).get("median_last_ms")
     capped = [s for s in _failed_above(nd["single"]) if "writers reached" in s["why"]]
+    naive_same = [s for s in nv["single"]["steps"] if capped and s["target"] == capped[0]["target"]]
     failed = _first_failure(nd["batch"])
     lines = [
         "## Where the time goes",
@@ -522,9 +523,15 @@ def _misses(r: Results) -> list[str]:
         f"the clients and other tenants. Above that, {next_failure('notifyd')}; {next_failure('naive')}."
         + (
             f" On {len(capped)} of notifyd's failed attempts the writers could not even commit at the target "
-            "rate: that is Postgres' ceiling for notifying commits on this machine (each commit that sends a "
-            "NOTIFY takes a cluster-wide lock), which the naive pipeline's commits meet just the same, so "
-            "neither can sustain more than it and a lead over naive can only come from naive failing earlier."
+            f"rate (at most {_n(max(st['sent_per_s'] for st in capped))}/s"
+            + (
+                f"; {_n(max(st['sent_per_s'] for st in naive_same))}/s into the naive pipeline's table at "
+                "the same target"
+                if naive_same else ""
+            )
+            + "): each commit that sends a NOTIFY takes a cluster-wide lock, and with notifyd Postgres also "
+            "spends CPU on its reads and its extra indexes on the same 2 cores as the writers, so its ceiling "
+            "for notifying commits is lower there."
             if capped else ""
         )
         + (
