@@ -429,15 +429,7 @@ def offered_subprotocols(headers: HeaderLookup) -> list[str]:
 
     Never raises: a malformed header yields whatever splits cleanly.
     """
-    get_all = getattr(headers, "get_all", None)
-    if callable(get_all):
-        try:
-            values = [value for value in get_all("Sec-WebSocket-Protocol") if isinstance(value, str)]
-        except LookupError:
-            values = []
-    else:
-        single = _header(headers, "Sec-WebSocket-Protocol")
-        values = [single] if single is not None else []
+    values = _header_values(headers, "Sec-WebSocket-Protocol")
     return [item.strip() for value in values for item in value.split(",") if item.strip()]
 
 
@@ -587,20 +579,28 @@ def _header(headers: HeaderLookup, name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _header_values(headers: HeaderLookup, name: str) -> list[str]:
+    """
+    Every value of a header that may repeat, in order; a plain mapping gives
+    at most its single value. Never raises.
+    """
+    get_all = getattr(headers, "get_all", None)
+    if callable(get_all):
+        try:
+            return [value for value in get_all(name) if isinstance(value, str)]
+        except LookupError:
+            return []
+    single = _header(headers, name)
+    return [single] if single is not None else []
+
+
 def _cookie_header(headers: HeaderLookup) -> str | None:
     """
     Return the Cookie header, joining repeated ones (legal for HTTP/2).
 
     Never raises.
     """
-    get_all = getattr(headers, "get_all", None)
-    if callable(get_all):
-        try:
-            values = [value for value in get_all("Cookie") if isinstance(value, str)]
-        except LookupError:
-            values = []
-        return "; ".join(values) or None
-    return _header(headers, "Cookie")
+    return "; ".join(_header_values(headers, "Cookie")) or None
 
 
 def _cookie_value(cookie_header: str, name: str) -> str | None:

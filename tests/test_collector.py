@@ -45,10 +45,7 @@ def test_a_round_without_admissions_freezes_nothing(thawed: None) -> None:
 def test_frozen_garbage_cycles_are_collected_once_enough_sessions_closed(thawed: None) -> None:
     """A closed session's cycles frozen with it are freed when churn calls a full collection."""
     collector = Collector(min_closed=10)
-    cycle = _Cycle()
-    alive = weakref.ref(cycle)
-    collector.after_round(admitted=True, sessions=5, closed_total=0)
-    del cycle
+    alive = _frozen_garbage(collector)
     gc.collect()
     assert alive() is not None  # frozen: the collector does not see it
     assert collector.after_round(admitted=False, sessions=5, closed_total=9) is False
@@ -60,10 +57,7 @@ def test_frozen_garbage_cycles_are_collected_once_enough_sessions_closed(thawed:
 
 def test_doubling_sessions_calls_a_full_collection(thawed: None) -> None:
     collector = Collector(min_closed=10)
-    cycle = _Cycle()
-    alive = weakref.ref(cycle)
-    collector.after_round(admitted=True, sessions=5, closed_total=0)
-    del cycle
+    alive = _frozen_garbage(collector)
     assert collector.after_round(admitted=True, sessions=19, closed_total=0) is False
     assert alive() is not None
     assert collector.after_round(admitted=True, sessions=20, closed_total=0) is True
@@ -75,3 +69,15 @@ def test_release_hands_everything_back(thawed: None) -> None:
     collector.after_round(admitted=True, sessions=5, closed_total=0)
     Collector.release()
     assert gc.get_freeze_count() == 0
+
+
+def _frozen_garbage(collector: Collector) -> weakref.ref[_Cycle]:
+    """
+    A reference cycle frozen by an admission round (5 sessions), then
+    dropped: garbage only a thawing full collection can free.
+    """
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    collector.after_round(admitted=True, sessions=5, closed_total=0)
+    del cycle
+    return alive
