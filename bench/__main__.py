@@ -42,7 +42,18 @@ from notifyd.embedded import EmbeddedPostgres
 
 from . import report
 from .control import ROOT, Child, free_port, raise_nofile, wait_healthy
-from .measure import busy_seconds, cpu_seconds, fanout_floor, gc_pauses, loopback_send_cost, machine, percentiles, rss_kib, tree_cpu_seconds, wait_quiet
+from .measure import (
+    busy_seconds,
+    cpu_seconds,
+    fanout_floor,
+    gc_pauses,
+    loopback_send_cost,
+    machine,
+    percentiles,
+    rss_kib,
+    tree_cpu_seconds,
+    wait_quiet,
+)
 from .naive_server import NAIVE_SCHEMA, NAIVE_TABLE
 
 NOTIFYD_TABLE = "t_message_real_time"
@@ -133,7 +144,9 @@ class Rig:
     def pg_cpu(self) -> float | None:
         return None if self.pg_pid is None else tree_cpu_seconds(self.pg_pid)
 
-    async def wait_calm(self, below: float = 0.25, window: float = 0.5, longest: float = 10.0) -> float:
+    async def wait_calm(
+        self, below: float = 0.25, window: float = 0.5, longest: float = 10.0
+    ) -> float:
         """
         Wait (at most ``longest`` s, and within the run's budget) until other
         tenants use less than ``below`` cores; returns the last reading.
@@ -143,7 +156,9 @@ class Rig:
         while True:
             busy0, own0, wall0 = busy_seconds(), self.own_cpu(), time.monotonic()
             await asyncio.sleep(window)
-            other = ((busy_seconds() - busy0) - (self.own_cpu() - own0)) / (time.monotonic() - wall0)
+            other = ((busy_seconds() - busy0) - (self.own_cpu() - own0)) / (
+                time.monotonic() - wall0
+            )
             if other < below or time.monotonic() >= deadline:
                 break
         # The first window is a reading, not a wait.
@@ -161,13 +176,20 @@ class Rig:
         return total
 
     async def spawn(
-        self, name: str, argv: list[str], *, env: dict[str, str] | None = None, control: bool = False
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        control: bool = False,
     ) -> Child:
         child = await Child.spawn(name, argv, self.logs / f"{name}.log", env=env, control=control)
         self.children.append(child)
         return child
 
-    async def retire(self, child: Child, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    async def retire(
+        self, child: Child, sig: int = signal.SIGTERM, timeout: float = 20.0
+    ) -> int | None:
         try:
             return await child.stop(sig, timeout)
         finally:
@@ -208,7 +230,9 @@ async def start_server(rig: Rig, kind: str, *, profile: Path | None = None) -> t
         # The collector probe (bench/probe/sitecustomize.py); the command
         # line stays the same.
         gc_log = rig.logs / f"{name}.gc"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench" / "probe"), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT / "bench" / "probe"), env.get("PYTHONPATH")])
+        )
         env["BENCH_GC_LOG"] = str(gc_log)
     child = await rig.spawn(name, argv, env=env)
     child.gc_log = gc_log
@@ -219,7 +243,9 @@ async def start_server(rig: Rig, kind: str, *, profile: Path | None = None) -> t
 async def start_clients(rig: Rig, kind: str, port: int) -> list[Child]:
     config = json.dumps({"kind": kind, "url": f"ws://127.0.0.1:{port}", "secret": rig.secret})
     return [
-        await rig.spawn(f"{kind}-clients-{k}", [sys.executable, "-m", "bench.clients", config], control=True)
+        await rig.spawn(
+            f"{kind}-clients-{k}", [sys.executable, "-m", "bench.clients", config], control=True
+        )
         for k in range(rig.plan.client_procs)
     ]
 
@@ -227,7 +253,9 @@ async def start_clients(rig: Rig, kind: str, port: int) -> list[Child]:
 async def start_writers(rig: Rig, name: str, conns: int, synchronous_commit: str) -> list[Child]:
     config = json.dumps({"dsn": rig.dsn, "conns": conns, "synchronous_commit": synchronous_commit})
     writers = [
-        await rig.spawn(f"{name}-{k}", [sys.executable, "-m", "bench.writers", config], control=True)
+        await rig.spawn(
+            f"{name}-{k}", [sys.executable, "-m", "bench.writers", config], control=True
+        )
         for k in range(rig.plan.writer_procs)
     ]
     await asyncio.gather(*(w.request({"cmd": "ping"}, timeout=60) for w in writers))
@@ -237,7 +265,10 @@ async def start_writers(rig: Rig, name: str, conns: int, synchronous_commit: str
 async def open_sessions(clients: list[Child], users: list[str]) -> dict[str, Any]:
     k = len(clients)
     replies = await asyncio.gather(
-        *(c.request({"cmd": "open", "users": users[i::k], "concurrency": 50}, timeout=600) for i, c in enumerate(clients))
+        *(
+            c.request({"cmd": "open", "users": users[i::k], "concurrency": 50}, timeout=600)
+            for i, c in enumerate(clients)
+        )
     )
     result = {
         "opened": sum(r["opened"] for r in replies),
@@ -248,7 +279,9 @@ async def open_sessions(clients: list[Child], users: list[str]) -> dict[str, Any
     if result["failed"]:
         progress(f"  {result['failed']} sessions failed to open, e.g. {result['errors'][:1]}")
     if result["failed"] > len(users) // 100:
-        raise RuntimeError(f"{result['failed']} of {len(users)} sessions failed to open: {result['errors']}")
+        raise RuntimeError(
+            f"{result['failed']} of {len(users)} sessions failed to open: {result['errors']}"
+        )
     return result
 
 
@@ -259,7 +292,9 @@ async def drain(clients: list[Child], tag: str, expected: int, timeout: float) -
     """
     deadline = time.monotonic() + timeout
     while True:
-        replies = await asyncio.gather(*(c.request({"cmd": "count", "tags": [tag]}, timeout=30) for c in clients))
+        replies = await asyncio.gather(
+            *(c.request({"cmd": "count", "tags": [tag]}, timeout=30) for c in clients)
+        )
         got = int(sum(r["counts"][tag] for r in replies))
         if got >= expected or time.monotonic() >= deadline:
             return got
@@ -271,7 +306,9 @@ async def take(clients: list[Child], tag: str) -> tuple[list[int], int, float]:
     All latencies (µs) of ``tag``, the last receipt time, and the longest
     collector pause of any client since the previous take.
     """
-    replies = await asyncio.gather(*(c.request({"cmd": "take", "tag": tag}, timeout=60) for c in clients))
+    replies = await asyncio.gather(
+        *(c.request({"cmd": "take", "tag": tag}, timeout=60) for c in clients)
+    )
     latencies = [x for r in replies for x in r["latencies_us"]]
     return latencies, max(r["last_ns"] for r in replies), max(r["gc"]["max_ms"] for r in replies)
 
@@ -295,7 +332,12 @@ async def run_step(
     plan = rig.plan
     duration = plan.step_s if duration is None else duration
     n = len(writers)
-    request: dict[str, Any] = {"table": TABLES[kind], "duration": duration, "tag": tag, "online": rig.online}
+    request: dict[str, Any] = {
+        "table": TABLES[kind],
+        "duration": duration,
+        "tag": tag,
+        "online": rig.online,
+    }
     if mode == "single":
         request.update(cmd="single", rate=target / n, offline_share=0.1)
         p99_limit = plan.single_p99_ms
@@ -306,7 +348,10 @@ async def run_step(
     clients0, writers0 = _children_cpu(clients), _children_cpu(writers)
     busy0, own0, wall0, unix0 = busy_seconds(), rig.own_cpu(), time.monotonic(), time.time()
     replies = await asyncio.gather(
-        *(w.request({**request, "seed": seed * 100 + k}, timeout=duration * 2 + 60) for k, w in enumerate(writers))
+        *(
+            w.request({**request, "seed": seed * 100 + k}, timeout=duration * 2 + 60)
+            for k, w in enumerate(writers)
+        )
     )
     rows = sum(r["rows"] for r in replies)
     expected = sum(r["online"] for r in replies)
@@ -323,7 +368,13 @@ async def run_step(
     delivery_rate = delivered / max(1e-9, (last_ns - start_ns) / 1e9) if delivered else 0.0
     lost = max(0, expected - delivered)
     p99_ms = None if stats["p99"] is None else float(stats["p99"]) / 1000
-    ok = sent_rate >= 0.9 * target and lost == 0 and delivered == expected and p99_ms is not None and p99_ms <= p99_limit
+    ok = (
+        sent_rate >= 0.9 * target
+        and lost == 0
+        and delivered == expected
+        and p99_ms is not None
+        and p99_ms <= p99_limit
+    )
     why = []
     if sent_rate < 0.9 * target:
         why.append(f"writers reached {sent_rate:.0f}/s < 90%")
@@ -344,20 +395,28 @@ async def run_step(
         "delivered": delivered,
         "lost": lost,
         "deliveries_per_s": delivery_rate,
-        "latency_ms": {k: (None if v is None else (v / 1000 if k != "n" else v)) for k, v in stats.items()},
+        "latency_ms": {
+            k: (None if v is None else (v / 1000 if k != "n" else v)) for k, v in stats.items()
+        },
         "server_cpu_s": cpu1 - cpu0,
         "server_cpu_ms_per_1000": (cpu1 - cpu0) / delivered * 1e6 if delivered else None,
-        "pg_cpu_ms_per_1000": ((pg1 - pg0) / delivered * 1e6) if (delivered and pg0 is not None and pg1 is not None) else None,
+        "pg_cpu_ms_per_1000": ((pg1 - pg0) / delivered * 1e6)
+        if (delivered and pg0 is not None and pg1 is not None)
+        else None,
         "other_load_cores": max(0.0, (busy1 - busy0) - (own1 - own0)) / max(1e-9, wall1 - wall0),
         # Cores used during the step (writing and draining), by process group.
         "cores": {
             "server": (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
-            "postgres": None if pg0 is None or pg1 is None else (pg1 - pg0) / max(1e-9, wall1 - wall0),
+            "postgres": None
+            if pg0 is None or pg1 is None
+            else (pg1 - pg0) / max(1e-9, wall1 - wall0),
             "clients": (clients1 - clients0) / max(1e-9, wall1 - wall0),
             "writers": (writers1 - writers0) / max(1e-9, wall1 - wall0),
         },
         "client_gc_max_ms": client_gc,
-        "server_gc_max_ms": max((ms for _, ms in server_gc), default=0.0) if server.gc_log else None,
+        "server_gc_max_ms": max((ms for _, ms in server_gc), default=0.0)
+        if server.gc_log
+        else None,
         "server_gc_full": sum(1 for gen, _ in server_gc if gen == 2),
         "ok": ok,
         "why": "; ".join(why),
@@ -374,7 +433,11 @@ def _children_cpu(children: list[Child]) -> float:
 
 def _step_line(kind: str, step: dict[str, Any]) -> str:
     lat = step["latency_ms"]
-    p = "n/a" if lat["p50"] is None else f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f} ms"
+    p = (
+        "n/a"
+        if lat["p50"] is None
+        else f"p50 {lat['p50']:.1f} p99 {lat['p99']:.1f} max {lat['max']:.1f} ms"
+    )
     cpu = step["server_cpu_ms_per_1000"]
     return (
         f"  {kind} {step['mode']} {step['target']}/s{' (try ' + str(step['attempt']) + ')' if step.get('attempt', 1) > 1 else ''}: sent {step['sent_per_s']:.0f}/s, "
@@ -464,8 +527,12 @@ async def announcements(rig: Rig, clients: list[Child], sessions: int) -> dict[s
                 "p50_ms": None if stats["p50"] is None else stats["p50"] / 1000,
             }
         )
-        progress(f"  announcement {r}: {len(latencies)}/{sessions} sessions, last after {reps[-1]['last_ms']} ms")
-    lasts = sorted(r["last_ms"] for r in reps if r["last_ms"] is not None and r["received"] == sessions)
+        progress(
+            f"  announcement {r}: {len(latencies)}/{sessions} sessions, last after {reps[-1]['last_ms']} ms"
+        )
+    lasts = sorted(
+        r["last_ms"] for r in reps if r["last_ms"] is not None and r["received"] == sessions
+    )
     return {"reps": reps, "median_last_ms": lasts[len(lasts) // 2] if lasts else None}
 
 
@@ -489,16 +556,26 @@ async def connect_times(rig: Rig, clients: list[Child], kind: str) -> dict[str, 
         inserted = time.monotonic()
         # Joining sessions are admitted after the delivery window that holds
         # the big INSERT: the first hello measures that catch-up.
-        await clients[0].request({"cmd": "hello_times", "user": "bench-probe", "n": 1, "timeout": 300}, timeout=330)
+        await clients[0].request(
+            {"cmd": "hello_times", "user": "bench-probe", "n": 1, "timeout": 300}, timeout=330
+        )
         result["insert_s"] = inserted - started
         result["catch_up_s"] = time.monotonic() - inserted
-        progress(f"  {plan.hello_rows}-row INSERT: {result['insert_s']:.1f}s, delivery caught up {result['catch_up_s']:.1f}s later")
+        progress(
+            f"  {plan.hello_rows}-row INSERT: {result['insert_s']:.1f}s, delivery caught up {result['catch_up_s']:.1f}s later"
+        )
         await rig.db.execute(f"VACUUM ANALYZE {NOTIFYD_TABLE}")
-    reply = await clients[0].request({"cmd": "hello_times", "user": BIG_USER, "n": n + 1, "timeout": 60}, timeout=300)
+    reply = await clients[0].request(
+        {"cmd": "hello_times", "user": BIG_USER, "n": n + 1, "timeout": 60}, timeout=300
+    )
     times = reply["ms"][1:]  # the first one warms up
     result["big_user_ms"] = percentiles([round(t * 1000) for t in times])
     result["big_user_median_ms"] = sorted(times)[len(times) // 2]
-    fresh = (await clients[0].request({"cmd": "hello_times", "user": "bench-fresh", "n": n + 1, "timeout": 60}, timeout=300))["ms"][1:]
+    fresh = (
+        await clients[0].request(
+            {"cmd": "hello_times", "user": "bench-fresh", "n": n + 1, "timeout": 60}, timeout=300
+        )
+    )["ms"][1:]
     result["fresh_user_median_ms"] = sorted(fresh)[len(fresh) // 2]
     progress(
         f"  {kind} session open: user with {plan.hello_rows if kind == 'notifyd' else 0} messages "
@@ -512,7 +589,9 @@ def _warnings(child: Child) -> list[str]:
         lines = child.log.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    return [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line][:20]
+    return [
+        line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line
+    ][:20]
 
 
 async def open_side(rig: Rig, writers: list[Child], kind: str) -> Side:
@@ -544,7 +623,9 @@ async def open_side(rig: Rig, writers: list[Child], kind: str) -> Side:
     )
     if kind == "notifyd":
         side.result["announcement"] = await announcements(rig, clients, opened["opened"])
-    await run_step(rig, server, clients, writers, kind, "single", 500, "warm", seed=999, duration=1.0)
+    await run_step(
+        rig, server, clients, writers, kind, "single", 500, "warm", seed=999, duration=1.0
+    )
     await wait_quiet(server.pid)
     return side
 
@@ -554,12 +635,15 @@ async def close_side(rig: Rig, side: Side) -> None:
     Close the sessions, stop the clients and the server.
     """
     await asyncio.gather(
-        *(c.request({"cmd": "close"}, timeout=120) for c in side.clients if c.running), return_exceptions=True
+        *(c.request({"cmd": "close"}, timeout=120) for c in side.clients if c.running),
+        return_exceptions=True,
     )
     for client in side.clients:
         await rig.retire(client)
     if side.server in rig.children:
-        side.result["server_rss_end_kib"] = rss_kib(side.server.pid) if side.server.running else None
+        side.result["server_rss_end_kib"] = (
+            rss_kib(side.server.pid) if side.server.running else None
+        )
         side.result["exit_code"] = await rig.retire(side.server)
     side.result["log_warnings"] = _warnings(side.server)
     pauses = gc_pauses(side.server.gc_log, 0.0, float("inf"))
@@ -593,27 +677,44 @@ def _profile_text(path: Path, key: str, limit: int = 15, only: str | None = None
 
 async def profile_phase(rig: Rig, writers: list[Child], rate: int) -> dict[str, Any]:
     path = rig.logs / "notifyd.prof"
-    progress(f"profile: notifyd under cProfile, {rig.plan.users} sessions, single-row step at {rate}/s")
+    progress(
+        f"profile: notifyd under cProfile, {rig.plan.users} sessions, single-row step at {rate}/s"
+    )
     server, port = await start_server(rig, "notifyd", profile=path)
     clients = await start_clients(rig, "notifyd", port)
-    result: dict[str, Any] = {"rate": rate, "sessions": rig.plan.users, "source": source_fingerprint()}
+    result: dict[str, Any] = {
+        "rate": rate,
+        "sessions": rig.plan.users,
+        "source": source_fingerprint(),
+    }
     try:
         await open_sessions(clients, rig.online)
-        await run_step(rig, server, clients, writers, "notifyd", "single", 500, "pwarm", seed=998, duration=1.0)
-        step = await run_step(rig, server, clients, writers, "notifyd", "single", rate, "prof", seed=997)
+        await run_step(
+            rig, server, clients, writers, "notifyd", "single", 500, "pwarm", seed=998, duration=1.0
+        )
+        step = await run_step(
+            rig, server, clients, writers, "notifyd", "single", rate, "prof", seed=997
+        )
         progress(_step_line("notifyd (cProfile)", step))
         result["step"] = step
     finally:
-        await asyncio.gather(*(c.request({"cmd": "close"}, timeout=120) for c in clients if c.running), return_exceptions=True)
+        await asyncio.gather(
+            *(c.request({"cmd": "close"}, timeout=120) for c in clients if c.running),
+            return_exceptions=True,
+        )
         for client in clients:
             await rig.retire(client)
         result["exit_code"] = await rig.retire(server, signal.SIGINT, timeout=30)
     if not path.is_file() or path.stat().st_size == 0:
-        raise RuntimeError(f"cProfile wrote no profile (exit {result['exit_code']}): {server.log_tail()}")
+        raise RuntimeError(
+            f"cProfile wrote no profile (exit {result['exit_code']}): {server.log_tail()}"
+        )
     result["profile_bytes"] = path.stat().st_size
     result["cumulative"] = _profile_text(path, "cumulative")
     result["tottime"] = _profile_text(path, "tottime")
-    result["notifyd_cumulative"] = _profile_text(path, "cumulative", only=str(ROOT / "notifyd") + "/")
+    result["notifyd_cumulative"] = _profile_text(
+        path, "cumulative", only=str(ROOT / "notifyd") + "/"
+    )
     progress(f"profile: written ({result['profile_bytes']} bytes, exit {result['exit_code']})")
     return result
 
@@ -639,7 +740,9 @@ async def trigger_phase(rig: Rig) -> dict[str, Any]:
                         "FOR EACH STATEMENT EXECUTE FUNCTION notifyd_wake_on_insert()"
                     )
                     if trigger != "notifyd":
-                        await rig.db.execute(f"ALTER TABLE {COPY_TABLE} DISABLE TRIGGER notifyd_wake_on_insert")
+                        await rig.db.execute(
+                            f"ALTER TABLE {COPY_TABLE} DISABLE TRIGGER notifyd_wake_on_insert"
+                        )
                     if trigger == "naive":
                         await rig.db.execute(
                             f"CREATE TRIGGER naive_notify AFTER INSERT ON {COPY_TABLE} "
@@ -652,13 +755,20 @@ async def trigger_phase(rig: Rig) -> dict[str, Any]:
                     replies = await asyncio.gather(
                         *(
                             w.request(
-                                {"cmd": "flood", "table": COPY_TABLE, "rows": rows, "duration": plan.trigger_s},
+                                {
+                                    "cmd": "flood",
+                                    "table": COPY_TABLE,
+                                    "rows": rows,
+                                    "duration": plan.trigger_s,
+                                },
                                 timeout=plan.trigger_s + 120,
                             )
                             for w in writers
                         )
                     )
-                    other = ((busy_seconds() - busy0) - (rig.own_cpu() - own0)) / (time.monotonic() - wall0)
+                    other = ((busy_seconds() - busy0) - (rig.own_cpu() - own0)) / (
+                        time.monotonic() - wall0
+                    )
                     rate = sum(r["rows"] for r in replies) / max(r["seconds"] for r in replies)
                     runs.append({
                         "round": round_, "rows_per_statement": rows, "trigger": trigger, "rows_per_s": rate,
@@ -676,8 +786,19 @@ async def trigger_phase(rig: Rig) -> dict[str, Any]:
     cases = []
     for rows in (1, 100):
         for trigger in ("notifyd", "none", "naive"):
-            rates = sorted(r["rows_per_s"] for r in runs if r["rows_per_statement"] == rows and r["trigger"] == trigger)
-            cases.append({"rows_per_statement": rows, "trigger": trigger, "rows_per_s": rates[len(rates) // 2], "rounds": rates})
+            rates = sorted(
+                r["rows_per_s"]
+                for r in runs
+                if r["rows_per_statement"] == rows and r["trigger"] == trigger
+            )
+            cases.append(
+                {
+                    "rows_per_statement": rows,
+                    "trigger": trigger,
+                    "rows_per_s": rates[len(rates) // 2],
+                    "rounds": rates,
+                }
+            )
     return {
         "connections": conns * plan.writer_procs,
         "seconds": plan.trigger_s,
@@ -706,9 +827,13 @@ async def run(
         }
         await rig.db.execute(schema_sql())
         await rig.db.execute(NAIVE_SCHEMA)
-        await rig.db.execute(f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}")
+        await rig.db.execute(
+            f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}"
+        )
         progress(f"schema applied; Postgres {results['machine']['postgres']}")
-        writers = await start_writers(rig, "writers", plan.writer_conns, plan.writers_synchronous_commit)
+        writers = await start_writers(
+            rig, "writers", plan.writer_conns, plan.writers_synchronous_commit
+        )
         sides: list[Side] = []
         try:
             for kind in ("notifyd", "naive"):
@@ -722,7 +847,9 @@ async def run(
             for side in sides:
                 results[side.kind] = side.result
                 await close_side(rig, side)
-        await rig.db.execute(f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}")
+        await rig.db.execute(
+            f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}"
+        )
         best = results["notifyd"]["single"]["last_good"] or plan.single_steps[0]
         results["profile"] = await profile_phase(rig, writers, best)
         for writer in writers:
@@ -748,7 +875,9 @@ def source_fingerprint() -> dict[str, str]:
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     newest = max(path.stat().st_mtime for path in files)
-    when = datetime.datetime.fromtimestamp(newest, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    when = datetime.datetime.fromtimestamp(newest, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M:%S UTC"
+    )
     return {"sha256": digest.hexdigest()[:16], "newest_file": when}
 
 
@@ -762,7 +891,9 @@ def _postmaster_pid(embedded: EmbeddedPostgres) -> int | None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes)")
-    parser.add_argument("--users", type=int, default=1000, help="online users messages go to (default 1000)")
+    parser.add_argument(
+        "--users", type=int, default=1000, help="online users messages go to (default 1000)"
+    )
     parser.add_argument(
         "--dsn",
         help="use this PostgreSQL (superuser, scratch database: the bench TRUNCATEs the message "
@@ -794,7 +925,9 @@ def main() -> int:
     fanout = fanout_floor(connections=plan.sessions, readers=plan.client_procs)
     source = source_fingerprint()
     command = "python -m bench" + "".join(
-        f" {a}" for a in (["--quick"] if args.quick else []) + ([f"--users {args.users}"] if args.users != 1000 else [])
+        f" {a}"
+        for a in (["--quick"] if args.quick else [])
+        + ([f"--users {args.users}"] if args.users != 1000 else [])
         + [f"--notifyd-env {key}={value}" for key, value in notifyd_env.items()]
     )
     logs = Path(tempfile.mkdtemp(prefix="notifyd-bench-"))
@@ -820,7 +953,9 @@ def main() -> int:
         results["command"] = command
         results["notifyd_env"] = notifyd_env
         results["runtime_s"] = time.monotonic() - _STARTED
-        results["postgres"] = "external (--dsn)" if args.dsn else f"embedded, settings {PG_SETTINGS}"
+        results["postgres"] = (
+            "external (--dsn)" if args.dsn else f"embedded, settings {PG_SETTINGS}"
+        )
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1, default=str) + "\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)

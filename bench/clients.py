@@ -142,7 +142,10 @@ class RawSession(asyncio.Protocol):
                 self.buffer = buffer
                 return
             head = buffer[:head_end].lower()
-            if not head.startswith(b"http/1.1 101") or b"sec-websocket-accept: " + self.accept.lower() not in head:
+            if (
+                not head.startswith(b"http/1.1 101")
+                or b"sec-websocket-accept: " + self.accept.lower() not in head
+            ):
                 self._fail(f"handshake refused: {buffer[:80]!r}")
                 return
             self.upgraded = True
@@ -265,7 +268,9 @@ class Clients:
     def __init__(self, kind: str, url: str, secret: str) -> None:
         self.kind = kind
         self.url = url
-        self.verifier = TokenVerifier.from_settings(Settings(jwt_secret=secret)) if kind == "notifyd" else None
+        self.verifier = (
+            TokenVerifier.from_settings(Settings(jwt_secret=secret)) if kind == "notifyd" else None
+        )
         self.tally = Tally()
         self.gc = GcWatch()
         self.sessions: list[RawSession] = []
@@ -357,10 +362,14 @@ class Clients:
         command = request["cmd"]
         if command == "open":
             return await self.open(
-                request["users"], request.get("concurrency", 50), request.get("timeout", _OPEN_TIMEOUT)
+                request["users"],
+                request.get("concurrency", 50),
+                request.get("timeout", _OPEN_TIMEOUT),
             )
         if command == "count":
-            return {"counts": {tag: len(self.tally.latencies.get(tag, ())) for tag in request["tags"]}}
+            return {
+                "counts": {tag: len(self.tally.latencies.get(tag, ())) for tag in request["tags"]}
+            }
         if command == "take":
             tag = request["tag"]
             return {
@@ -369,7 +378,9 @@ class Clients:
                 "gc": self.gc.take(),
             }
         if command == "hello_times":
-            return await self.hello_times(request["user"], request["n"], request.get("timeout", _OPEN_TIMEOUT))
+            return await self.hello_times(
+                request["user"], request["n"], request.get("timeout", _OPEN_TIMEOUT)
+            )
         if command == "close":
             return await self.close()
         if command == "quit":

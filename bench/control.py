@@ -58,7 +58,9 @@ async def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+                writer.write(
+                    f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+                )
                 line = await reader.readline()
             finally:
                 writer.close()
@@ -192,11 +194,15 @@ async def wait_healthy(child: Child, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if not child.running:
-            raise RuntimeError(f"{child.name} exited ({child.process.returncode}): {child.log_tail()}")
+            raise RuntimeError(
+                f"{child.name} exited ({child.process.returncode}): {child.log_tail()}"
+            )
         if await http_status(port, "/healthz") == 200:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{child.name} not healthy within {timeout:.0f}s: {child.log_tail()}")
+            raise RuntimeError(
+                f"{child.name} not healthy within {timeout:.0f}s: {child.log_tail()}"
+            )
         await asyncio.sleep(0.05)
 
 

@@ -117,7 +117,9 @@ def percentiles(values: list[int]) -> dict[str, float | int | None]:
     return {"n": n, "p50": rank(0.50), "p99": rank(0.99), "p999": rank(0.999), "max": ordered[-1]}
 
 
-async def wait_quiet(pid: int, *, below: float = 0.10, window: float = 0.5, timeout: float = 20.0) -> bool:
+async def wait_quiet(
+    pid: int, *, below: float = 0.10, window: float = 0.5, timeout: float = 20.0
+) -> bool:
     """
     Wait until process ``pid`` uses less than ``below`` of a CPU over a
     ``window``; False if it is still busy after ``timeout``.
@@ -157,7 +159,9 @@ def _read_until_closed(port: int, connections: int, on_data: Callable[[int], Non
             on_data(received)
 
 
-def loopback_send_cost(frames: int = 20_000, size: int = 400, fanout: int = 200) -> dict[str, float]:
+def loopback_send_cost(
+    frames: int = 20_000, size: int = 400, fanout: int = 200
+) -> dict[str, float]:
     """
     The kernel's floor for one WebSocket frame here: sender CPU µs (and wall
     µs) per ``send()`` of ``size`` bytes over loopback TCP to a process that
@@ -207,7 +211,9 @@ def loopback_send_cost(frames: int = 20_000, size: int = 400, fanout: int = 200)
     }
 
 
-def fanout_floor(connections: int = 10_000, readers: int = 2, size: int = 400, reps: int = 3) -> dict[str, float]:
+def fanout_floor(
+    connections: int = 10_000, readers: int = 2, size: int = 400, reps: int = 3
+) -> dict[str, float]:
     """
     The floor for an announcement here: one ``size``-byte ``send()`` to each
     of ``connections`` loopback TCP connections, read by ``readers``
@@ -300,6 +306,6 @@ def machine() -> dict[str, object]:
         "memory_gib": round(mem_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
         "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }

@@ -100,20 +100,49 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
         f"Highest sustained single-row rate, commits/s (p99 ≤ {plan['single_p99_ms']:.0f} ms, ≥ 90 % of target, nothing lost)",
         _sustained(s_nd), _sustained(s_nv), _ratio(s_nd["last_good"], s_nv["last_good"]), "higher",
     ))  # fmt: skip
-    rows.append(_compare("… deliveries/s at that step", b_nd, b_nv, "deliveries_per_s", 0, "higher"))
+    rows.append(
+        _compare("… deliveries/s at that step", b_nd, b_nv, "deliveries_per_s", 0, "higher")
+    )
     rows.append((
         "… latency commit→receipt p50 / p99 / p99.9 / max, ms (each at its own highest step)",
         _lat(b_nd), _lat(b_nv), "p99 " + _ratio(_p99(b_nd), _p99(b_nv)), "lower",
     ))  # fmt: skip
-    rows.append(_compare("… server CPU per 1,000 deliveries, ms (= µs per delivery), at own highest step", b_nd, b_nv, "server_cpu_ms_per_1000", 1, "lower"))
+    rows.append(
+        _compare(
+            "… server CPU per 1,000 deliveries, ms (= µs per delivery), at own highest step",
+            b_nd,
+            b_nv,
+            "server_cpu_ms_per_1000",
+            1,
+            "lower",
+        )
+    )
     common = _common(s_nd, s_nv)
     c_nd, c_nv = _step(s_nd, common), _step(s_nv, common)
     rows.append((
         f"Same load for both: {_n(common)} commits/s, latency p50 / p99 / p99.9 / max, ms",
         _lat(c_nd), _lat(c_nv), "p99 " + _ratio(_p99(c_nd), _p99(c_nv)), "lower",
     ))  # fmt: skip
-    rows.append(_compare(f"… server CPU per 1,000 deliveries at {_n(common)}/s, ms", c_nd, c_nv, "server_cpu_ms_per_1000", 1, "lower"))
-    rows.append(_compare(f"… Postgres CPU (all backends) per 1,000 deliveries at {_n(common)}/s, ms", c_nd, c_nv, "pg_cpu_ms_per_1000", 1, "lower"))
+    rows.append(
+        _compare(
+            f"… server CPU per 1,000 deliveries at {_n(common)}/s, ms",
+            c_nd,
+            c_nv,
+            "server_cpu_ms_per_1000",
+            1,
+            "lower",
+        )
+    )
+    rows.append(
+        _compare(
+            f"… Postgres CPU (all backends) per 1,000 deliveries at {_n(common)}/s, ms",
+            c_nd,
+            c_nv,
+            "pg_cpu_ms_per_1000",
+            1,
+            "lower",
+        )
+    )
 
     m_nd, m_nv = nd["batch"], nv["batch"]
     bb_nd, bb_nv = _best(m_nd), _best(m_nv)
@@ -121,7 +150,11 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
         f"100-row statements: highest sustained target, deliveries/s (p99 ≤ {plan['batch_p99_ms']:.0f} ms, nothing lost)",
         _sustained(m_nd), _sustained(m_nv), _ratio(m_nd["last_good"], m_nv["last_good"]), "higher",
     ))  # fmt: skip
-    rows.append(_compare("… measured deliveries/s at that step", bb_nd, bb_nv, "deliveries_per_s", 0, "higher"))
+    rows.append(
+        _compare(
+            "… measured deliveries/s at that step", bb_nd, bb_nv, "deliveries_per_s", 0, "higher"
+        )
+    )
     rows.append((
         "… latency p50 / p99 / p99.9 / max, ms (own highest step)", _lat(bb_nd), _lat(bb_nv),
         "p99 " + _ratio(_p99(bb_nd), _p99(bb_nv)), "lower",
@@ -133,10 +166,28 @@ def _figures(r: Results) -> list[tuple[str, str, str, str, str]]:
         f"{_n(_get(sat_nv, 'deliveries_per_s'))} ({_n(_get(sat_nv, 'target'))})",
         _ratio(_get(sat_nd, "deliveries_per_s"), _get(sat_nv, "deliveries_per_s")), "higher",
     ))  # fmt: skip
-    rows.append(_compare("… server CPU per 1,000 deliveries at saturation, ms", sat_nd, sat_nv, "server_cpu_ms_per_1000", 1, "lower"))
+    rows.append(
+        _compare(
+            "… server CPU per 1,000 deliveries at saturation, ms",
+            sat_nd,
+            sat_nv,
+            "server_cpu_ms_per_1000",
+            1,
+            "lower",
+        )
+    )
     bcommon = _common(m_nd, m_nv)
     bc_nd, bc_nv = _step(m_nd, bcommon), _step(m_nv, bcommon)
-    rows.append(_compare(f"… server CPU per 1,000 deliveries at {_n(bcommon)} deliveries/s, ms", bc_nd, bc_nv, "server_cpu_ms_per_1000", 1, "lower"))
+    rows.append(
+        _compare(
+            f"… server CPU per 1,000 deliveries at {_n(bcommon)} deliveries/s, ms",
+            bc_nd,
+            bc_nv,
+            "server_cpu_ms_per_1000",
+            1,
+            "lower",
+        )
+    )
 
     g_nd, g_nv = nd.get("server_gc", {}), nv.get("server_gc", {})
     rows.append((
@@ -289,7 +340,11 @@ def _targets(r: Results) -> list[tuple[str, str, str]]:
     ))  # fmt: skip
     a, b = nd["single"]["last_good"], nv["single"]["last_good"]
     factor = None if a is None or not b else a / b
-    note = "(both reached the top step: a lower bound)" if nd["single"]["ceiling_reached"] and nv["single"]["ceiling_reached"] else ""
+    note = (
+        "(both reached the top step: a lower bound)"
+        if nd["single"]["ceiling_reached"] and nv["single"]["ceiling_reached"]
+        else ""
+    )
 
     if not note and writers_capped(nd["single"]) and writers_capped(nv["single"]):
         note = "(for both, the writers could not reach the next step's rate: the machine's ceiling, not the servers')"
@@ -412,7 +467,10 @@ def render(r: Results) -> str:
     out += ["", *_misses(r)]
     out += ["", "## Ramps", ""]
     for kind in ("notifyd", "naive"):
-        for mode, title in (("single", "single-row commits/s"), ("batch", "deliveries/s in 100-row statements")):
+        for mode, title in (
+            ("single", "single-row commits/s"),
+            ("batch", "deliveries/s in 100-row statements"),
+        ):
             out += [f"### {kind}: {title}", ""]
             out += _steps(kind, r[kind][mode])
             out.append("")
@@ -451,7 +509,7 @@ def render(r: Results) -> str:
         ]  # fmt: skip
     warnings = r["notifyd"].get("log_warnings") or []
     out += ["## notifyd log (WARNING and above) during its runs", ""]
-    out += ([f"    {line}" for line in warnings] if warnings else ["None."])
+    out += [f"    {line}" for line in warnings] if warnings else ["None."]
     out.append("")
     return "\n".join(out)
 
@@ -480,7 +538,9 @@ def _budget(step: dict[str, Any] | None, nproc: int, when: str) -> str:
     parts = [(name, cores.get(name)) for name in ("server", "postgres", "clients", "writers")]
     known = [(name, value) for name, value in parts if value is not None]
     total = sum(value for _, value in known)
-    listed = ", ".join(f"{'notifyd' if name == 'server' else name} {value:.2f}" for name, value in known)
+    listed = ", ".join(
+        f"{'notifyd' if name == 'server' else name} {value:.2f}" for name, value in known
+    )
     return (
         f"{when} ({_n(step['target'])} deliveries/s asked, {_n(step['deliveries_per_s'])} delivered) "
         f"the cores went to {listed}: {total:.2f} of {nproc}."
@@ -495,12 +555,14 @@ def _misses(r: Results) -> list[str]:
     nd, nv, m = r["notifyd"], r["naive"], r["machine"]
     floor = m.get("loopback_send", {})
     wake, burst = floor.get("cpu_us_per_send"), floor.get("cpu_us_per_send_back_to_back")
+
     def next_failure(kind: str) -> str:
         failed = _failed_above(r[kind]["single"])
         if not failed:
             return f"{kind} passed every step"
-        return f"{kind} failed at {_n(failed[0]['target'])}/s: " + "; ".join(f"“{s['why']}”" for s in failed)
-
+        return f"{kind} failed at {_n(failed[0]['target'])}/s: " + "; ".join(
+            f"“{s['why']}”" for s in failed
+        )
 
     top = {kind: _best(r[kind]["single"]) for kind in ("notifyd", "naive")}
     sat = _saturation(nd["batch"])
@@ -527,12 +589,14 @@ def _misses(r: Results) -> list[str]:
             + (
                 f"; {_n(max(st['sent_per_s'] for st in naive_same))}/s into the naive pipeline's table at "
                 "the same target"
-                if naive_same else ""
+                if naive_same
+                else ""
             )
             + "): each commit that sends a NOTIFY takes a cluster-wide lock, and with notifyd Postgres also "
             "spends CPU on its reads and its extra indexes on the same 2 cores as the writers, so its ceiling "
             "for notifying commits is lower there."
-            if capped else ""
+            if capped
+            else ""
         )
         + (
             f" At {_n(common)} commits/s, the highest step both sustained, Postgres spent "
@@ -540,7 +604,8 @@ def _misses(r: Results) -> list[str]:
             f"notifyd and {_n(_get(at_common['naive'], 'pg_cpu_ms_per_1000'), 1)} for naive: the difference "
             "is notifyd's reads (one query per burst of commits, where naive's NOTIFY carries the row) and its "
             "extra indexes (history, unread counts, resume)."
-            if common is not None else ""
+            if common is not None
+            else ""
         ),
         "- **CPU per delivery.** Every delivery is at least one `send()` to the client's socket, and over "
         f"loopback the sender pays the receiver's side too: {_n(wake, 1)} µs when the reader has to be woken, "
@@ -552,19 +617,29 @@ def _misses(r: Results) -> list[str]:
         + (
             f"A plain loop of `send()` calls to as many sockets takes {_n(fanout, 1)} ms here (see Machine), "
             f"so notifyd's {_n(ann, 1)} ms is {_ratio(ann, fanout)}× the cost of the writes alone. "
-            if fanout and ann else ""
+            if fanout and ann
+            else ""
         )
         + "The writes are one per session, in one thread; on top of them notifyd queues the announcement "
         "(framed once) for every session and then the new unread count (framed once per distinct count) "
         "before the write that carries both.",
-        "- **100-row statements.** " + " ".join(filter(None, [
-            _budget(sat, m["nproc"], "At saturation"),
-            _budget(failed, m["nproc"], "At the first step it failed") if failed is not sat else "",
-            f"60,000 deliveries/s would take {_n(_get(sat, 'pg_cpu_ms_per_1000') * 60 / 1000, 2)} cores of "
-            "Postgres alone at the CPU per delivery it used at saturation (inserting and indexing the rows, "
-            "and notifyd's reads), before notifyd, the writers and the clients."
-            if _get(sat, "pg_cpu_ms_per_1000") is not None else "",
-        ])),
+        "- **100-row statements.** "
+        + " ".join(
+            filter(
+                None,
+                [
+                    _budget(sat, m["nproc"], "At saturation"),
+                    _budget(failed, m["nproc"], "At the first step it failed")
+                    if failed is not sat
+                    else "",
+                    f"60,000 deliveries/s would take {_n(_get(sat, 'pg_cpu_ms_per_1000') * 60 / 1000, 2)} cores of "
+                    "Postgres alone at the CPU per delivery it used at saturation (inserting and indexing the rows, "
+                    "and notifyd's reads), before notifyd, the writers and the clients."
+                    if _get(sat, "pg_cpu_ms_per_1000") is not None
+                    else "",
+                ],
+            )
+        ),
     ]
     return lines
 

@@ -46,9 +46,9 @@ __all__ = [
     "MAX_LEEWAY_S",
     "MAX_TOKEN_CHARS",
     "MAX_USER_CHARS",
-    "SUBPROTOCOL",
     "ROUTE_MESSAGE",
     "ROUTE_MESSAGE_USER",
+    "SUBPROTOCOL",
     "HeaderLookup",
     "Identity",
     "TokenVerifier",
@@ -199,9 +199,7 @@ class TokenVerifier:
         self.leeway_s = float(leeway_s)
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, leeway_s: float | None = None
-    ) -> TokenVerifier:
+    def from_settings(cls, settings: Settings, *, leeway_s: float | None = None) -> TokenVerifier:
         """
         Build a verifier from the ``NOTIFYD_JWT_*`` settings.
 
@@ -512,13 +510,9 @@ def _load_public_key(path: Path) -> PublicKey:
             data = handle.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ConfigError(
-            f"cannot read NOTIFYD_JWT_PUBLIC_KEY_FILE {path}: {reason}"
-        ) from None
+        raise ConfigError(f"cannot read NOTIFYD_JWT_PUBLIC_KEY_FILE {path}: {reason}") from None
     if len(data) > MAX_KEY_FILE_BYTES:
-        raise ConfigError(
-            f"NOTIFYD_JWT_PUBLIC_KEY_FILE {path} is too large to be a PEM public key"
-        )
+        raise ConfigError(f"NOTIFYD_JWT_PUBLIC_KEY_FILE {path} is too large to be a PEM public key")
     try:
         key = load_pem_public_key(data)
     except (ValueError, TypeError, UnsupportedAlgorithm):

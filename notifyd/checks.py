@@ -53,7 +53,9 @@ async def run_checks(settings: Settings, say: Callable[[str], object]) -> bool:
         if settings.sinks:
             ok = await _check_sinks(settings, db, say) and ok
         listen_problem = await _listen_round_trip(settings.listen_dsn or settings.dsn, db)
-        say(f"problem: {listen_problem}" if listen_problem else "ok: LISTEN/NOTIFY round trip works")
+        say(
+            f"problem: {listen_problem}" if listen_problem else "ok: LISTEN/NOTIFY round trip works"
+        )
         ok = ok and listen_problem is None
     finally:
         await db.close()

@@ -28,10 +28,10 @@ from typing import Any
 from .auth import TokenVerifier
 from .daemon import Daemon, connect_database
 from .exceptions import ConfigError, DatabaseError, NotifydError
-from .settings import Settings, load_settings
 from .logs import configure_logging
-from .origin import origin_warning
 from .loop import loop_factory
+from .origin import origin_warning
+from .settings import Settings, load_settings
 from .systemd import SystemdNotifier, supervise
 
 __all__ = ["main"]
@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--user", default="demo-user", help="user the printed token is for")
     demo.add_argument("--port", type=int, help="port to serve on (default NOTIFYD_PORT or 8080)")
 
-    init_db = commands.add_parser("init-db", help="create or upgrade the table, indexes and triggers")
+    init_db = commands.add_parser(
+        "init-db", help="create or upgrade the table, indexes and triggers"
+    )
     init_db.add_argument(
         "--role",
         action="store_true",
@@ -217,7 +219,9 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.dsn:
         raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
     daemon = Daemon(settings, _verifier(settings))
-    warning = origin_warning(allowed_origins=settings.allowed_origins, is_loopback=settings.is_loopback)
+    warning = origin_warning(
+        allowed_origins=settings.allowed_origins, is_loopback=settings.is_loopback
+    )
     if warning is not None:
         logger.warning("%s", warning)
 
@@ -392,4 +396,3 @@ async def _check(settings: Settings, args: argparse.Namespace) -> int:
 
     ok = await run_checks(settings, print)
     return EXIT_OK if ok else EXIT_FAILURE
-

@@ -7,9 +7,9 @@ The LISTEN connection is not here: it is a dedicated connection owned by
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -461,9 +461,7 @@ class Database:
         bases = [cursor.base.to_pg() for _, cursor in requests]
         ends = [cursor.end.to_pg() if cursor.end else None for _, cursor in requests]
         seqs = [cursor.seq for _, cursor in requests]
-        records = await self._pool.fetch(
-            _CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit
-        )
+        records = await self._pool.fetch(_CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit)
         result: list[list[Row]] = [[] for _ in requests]
         for record in records:
             result[record["i"] - 1].append(record)
@@ -673,4 +671,3 @@ def _event(data: dict[str, Any]) -> Event:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-

@@ -184,7 +184,9 @@ class Delivery:
                 self._requeue(joining)
                 attempt += 1
                 delay = min(self._retry_max, 0.1 * 2 ** (attempt - 1))
-                logger.warning("delivery read failed (%s), retrying in %.1fs", _describe(exc), delay)
+                logger.warning(
+                    "delivery read failed (%s), retrying in %.1fs", _describe(exc), delay
+                )
                 await asyncio.sleep(delay)
                 continue
             if self._prefetch is not None:
@@ -388,13 +390,17 @@ class Delivery:
         counted_deletes = [
             set(event.readers or ())
             for event in account.events
-            if event.user == "*" and event.kind == "deleted"
-            and event.inserted is not None and base.visible(event.inserted)
+            if event.user == "*"
+            and event.kind == "deleted"
+            and event.inserted is not None
+            and base.visible(event.inserted)
         ]
         everyone = account.new_announcements or counted_deletes
-        users = list(hub.unread) if everyone else [
-            u for u in {*account.recounted, *account.new_unread} if u in hub.unread
-        ]
+        users = (
+            list(hub.unread)
+            if everyone
+            else [u for u in {*account.recounted, *account.new_unread} if u in hub.unread]
+        )
         # Many users share a count (after an announcement, most of them):
         # each count is encoded and framed once.
         frames: dict[int, tuple[str, bytes]] = {}
@@ -429,7 +435,9 @@ class Delivery:
         for request in requests:
             unread = counts.get(request.session.user, 0)
             if request.since is None:
-                hello = protocol.encode_hello(request.session.user, Cursor(end).encode(), None, unread)
+                hello = protocol.encode_hello(
+                    request.session.user, Cursor(end).encode(), None, unread
+                )
                 self._admit(request, hello, unread)
                 continue
             try:
@@ -504,7 +512,9 @@ class Delivery:
             position = Cursor(end).encode()
             replay.append((protocol.encode_resync(position), position))
             self.stats.resyncs += 1
-            self._admit(request, protocol.encode_hello(user, since_text, False, unread), unread, replay)
+            self._admit(
+                request, protocol.encode_hello(user, since_text, False, unread), unread, replay
+            )
             return
         rows = newest_first[::-1]
         if since.end is not None:

@@ -137,6 +137,7 @@ _MARK_SEEN = f"""
 INSERT INTO {SEEN} (message_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING
 """
 
+
 def _all_of(table: str, privileges: str) -> str:
     # has_table_privilege with a list is true when ANY of them is held.
     return " AND ".join(
@@ -191,7 +192,9 @@ class DispatchStore:
         """
         await self._pool.execute(_START, self._sink)
 
-    async def fill(self, *, due_in: float, types: Sequence[str], skip_announcements: bool) -> int | None:
+    async def fill(
+        self, *, due_in: float, types: Sequence[str], skip_announcements: bool
+    ) -> int | None:
         """
         Add the newly committed messages; returns how many, or None when
         another instance is filling right now.
@@ -219,7 +222,9 @@ class DispatchStore:
         """
         return await self._pool.fetchval(_HEAD_DUE_IN, self._sink)  # type: ignore[no-any-return]
 
-    async def finish(self, message_ids: Sequence[str], state: str, error: str | None = None) -> None:
+    async def finish(
+        self, message_ids: Sequence[str], state: str, error: str | None = None
+    ) -> None:
         """
         Mark rows done: ``sent``, ``seen``, ``rejected`` or ``gone``.
         """

@@ -54,10 +54,7 @@ SUPERUSER = "postgres"
 UNPRIVILEGED_ACCOUNT = "nobody"
 _REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 _BASE_BACKUP = "pg_basebackup"
-_NOT_FOUND = (
-    "no PostgreSQL binaries found: "
-    "pip install 'notifyd[embedded]' or install PostgreSQL"
-)
+_NOT_FOUND = "no PostgreSQL binaries found: pip install 'notifyd[embedded]' or install PostgreSQL"
 _STOP_MODES = frozenset({"smart", "fast", "immediate"})
 # A unix socket path is limited to ~107 bytes and PostgreSQL appends
 # "/.s.PGSQL.NNNNN" (15 bytes) to the directory.
@@ -204,9 +201,7 @@ def _ancestors_traversable(path: Path, account: _Account) -> bool:
     """
     Whether *account* can reach *path* (every existing ancestor is searchable).
     """
-    return all(
-        _can_traverse(parent, account) for parent in path.parents if parent.exists()
-    )
+    return all(_can_traverse(parent, account) for parent in path.parents if parent.exists())
 
 
 def _tree_world_readable(root: Path) -> bool:
@@ -542,9 +537,7 @@ class EmbeddedPostgres:
         spawned but did not become ready is killed rather than leaked.
         """
         if self._discarded:
-            raise EmbeddedPostgresError(
-                f"{self!r} was cleaned up; create a new instance"
-            )
+            raise EmbeddedPostgresError(f"{self!r} was cleaned up; create a new instance")
         if self.is_running():
             return
         deadline = time.monotonic() + timeout
@@ -605,9 +598,7 @@ class EmbeddedPostgres:
         the server is still up.
         """
         if mode not in _STOP_MODES:
-            raise ValueError(
-                f"invalid stop mode {mode!r}; expected one of {sorted(_STOP_MODES)}"
-            )
+            raise ValueError(f"invalid stop mode {mode!r}; expected one of {sorted(_STOP_MODES)}")
         pid = self._postmaster_pid()
         if pid is None or not self._is_our_postmaster(pid):
             return
@@ -629,8 +620,7 @@ class EmbeddedPostgres:
         )
         if code != 0 and self.is_running():
             raise EmbeddedPostgresError(
-                f"pg_ctl stop -m {mode} failed (data dir {self._data_dir}): "
-                f"{_one_line(output)}"
+                f"pg_ctl stop -m {mode} failed (data dir {self._data_dir}): {_one_line(output)}"
             )
         # pg_ctl returns once postmaster.pid is gone, a moment before the
         # process itself exits. A zombie counts as exited: reaping is up to
@@ -662,9 +652,7 @@ class EmbeddedPostgres:
                 try:
                     self.stop("immediate", timeout=10.0)
                 except EmbeddedPostgresError as exc2:
-                    logger.warning(
-                        "immediate stop failed, killing the postmaster: %s", exc2
-                    )
+                    logger.warning("immediate stop failed, killing the postmaster: %s", exc2)
         finally:
             # Runs even on KeyboardInterrupt during pg_ctl: kill what is left.
             self._kill_postmaster()
@@ -758,9 +746,7 @@ class EmbeddedPostgres:
         try:
             self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise EmbeddedPostgresError(
-                f"cannot create data dir {self._data_dir}: {exc}"
-            ) from exc
+            raise EmbeddedPostgresError(f"cannot create data dir {self._data_dir}: {exc}") from exc
         if account is not None:
             if not _ancestors_traversable(self._data_dir, account):
                 raise EmbeddedPostgresError(
@@ -784,13 +770,10 @@ class EmbeddedPostgres:
         self._bin_dir, self._account = bin_dir, account
         base_backup = bin_dir / _BASE_BACKUP
         if not (base_backup.is_file() and os.access(base_backup, os.X_OK)):
-            raise EmbeddedPostgresError(
-                f"no {_BASE_BACKUP} in {bin_dir}: cannot make a standby"
-            )
+            raise EmbeddedPostgresError(f"no {_BASE_BACKUP} in {bin_dir}: cannot make a standby")
         if (self._data_dir / "PG_VERSION").exists():
             raise EmbeddedPostgresError(
-                f"data dir {self._data_dir} already holds a cluster; "
-                "a standby needs an empty one"
+                f"data dir {self._data_dir} already holds a cluster; a standby needs an empty one"
             )
         self._create_data_dir(account)
         code, output = self._run(
@@ -854,9 +837,7 @@ class EmbeddedPostgres:
         if account is not None:
             identity = {"user": account.uid, "group": account.gid, "extra_groups": []}
         # PGDATA, PGPORT, ... from the caller's shell must not redirect the commands.
-        env = {
-            key: value for key, value in os.environ.items() if not key.startswith("PG")
-        }
+        env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
         with tempfile.TemporaryFile("w+") as output:
             try:
                 result = subprocess.run(
@@ -913,9 +894,7 @@ class EmbeddedPostgres:
         pid = self._postmaster_pid()
         if pid is None or not self._is_our_postmaster(pid):
             return
-        logger.warning(
-            "killing PostgreSQL postmaster %d (data dir %s)", pid, self._data_dir
-        )
+        logger.warning("killing PostgreSQL postmaster %d (data dir %s)", pid, self._data_dir)
         try:
             # pg_ctl starts the postmaster in its own session, so its process
             # group is exactly the postmaster plus its backends.

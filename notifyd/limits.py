@@ -14,10 +14,10 @@ import ipaddress
 from dataclasses import dataclass
 
 __all__ = [
-    "AddressCounter",
-    "AddressRateLimiter",
     "BURST_SECONDS",
     "LIMIT_NAMES",
+    "AddressCounter",
+    "AddressRateLimiter",
     "TokenBucket",
     "address_key",
 ]

@@ -58,10 +58,7 @@ class KeyValueFormatter(logging.Formatter):
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        line = (
-            f"level={record.levelname} logger={record.name} "
-            f"msg={_quote(record.getMessage())}"
-        )
+        line = f"level={record.levelname} logger={record.name} msg={_quote(record.getMessage())}"
         remote = remote_of(record)
         if remote is not None:
             line += f" remote={_quote(remote)}"

@@ -38,8 +38,12 @@ class _DaemonCollector:
         daemon = self._daemon
         stats = daemon.stats
         hub = daemon.hub
-        yield GaugeMetricFamily("notifyd_sessions", "Open WebSocket sessions", value=hub.session_count)
-        yield GaugeMetricFamily("notifyd_users_online", "Users with at least one session", value=hub.user_count)
+        yield GaugeMetricFamily(
+            "notifyd_sessions", "Open WebSocket sessions", value=hub.session_count
+        )
+        yield GaugeMetricFamily(
+            "notifyd_users_online", "Users with at least one session", value=hub.user_count
+        )
         yield CounterMetricFamily(
             "notifyd_messages_delivered", "Message frames handed to sessions", value=stats.delivered
         )
@@ -51,18 +55,24 @@ class _DaemonCollector:
             sum_value=histogram.total,
         )
         yield CounterMetricFamily(
-            "notifyd_gap_repair_rows", "Rows delivered by the first read after LISTEN came back",
+            "notifyd_gap_repair_rows",
+            "Rows delivered by the first read after LISTEN came back",
             value=stats.repair_rows,
         )
         yield CounterMetricFamily(
-            "notifyd_resyncs", "resync events sent (queue overflow, replay limit, unusable cursor)",
+            "notifyd_resyncs",
+            "resync events sent (queue overflow, replay limit, unusable cursor)",
             value=stats.resyncs,
         )
         yield CounterMetricFamily(
-            "notifyd_slow_client_closes", "Sessions closed with 4429", value=stats.slow_client_closes
+            "notifyd_slow_client_closes",
+            "Sessions closed with 4429",
+            value=stats.slow_client_closes,
         )
         yield CounterMetricFamily(
-            "notifyd_unsafe_skip_urls", "skip_url values replaced by null", value=stats.unsafe_skip_urls
+            "notifyd_unsafe_skip_urls",
+            "skip_url values replaced by null",
+            value=stats.unsafe_skip_urls,
         )
         failures = CounterMetricFamily(
             "notifyd_auth_failures", "Rejected authentications by reason", labels=["reason"]
@@ -71,7 +81,8 @@ class _DaemonCollector:
             failures.add_metric([reason], count)
         yield failures
         trips = CounterMetricFamily(
-            "notifyd_limit_trips", "Hostile-client limits that refused or closed something",
+            "notifyd_limit_trips",
+            "Hostile-client limits that refused or closed something",
             labels=["limit"],
         )
         # Every limit appears from the start, so a rate() over it works at once.
@@ -81,14 +92,16 @@ class _DaemonCollector:
             trips.add_metric([limit], count)
         yield trips
         yield CounterMetricFamily(
-            "notifyd_sessions_expired", "Sessions closed with 4401 when their token expired",
+            "notifyd_sessions_expired",
+            "Sessions closed with 4401 when their token expired",
             value=stats.expired_sessions,
         )
         listener = daemon.listener
         if listener is not None:
             health = listener.health
             yield GaugeMetricFamily(
-                "notifyd_listen_connected", "1 when the LISTEN connection is up",
+                "notifyd_listen_connected",
+                "1 when the LISTEN connection is up",
                 value=1.0 if health.connected else 0.0,
             )
             yield CounterMetricFamily(
@@ -96,12 +109,16 @@ class _DaemonCollector:
             )
             if health.last_probe_rtt is not None:
                 yield GaugeMetricFamily(
-                    "notifyd_probe_rtt_seconds", "Last self-NOTIFY round trip", value=health.last_probe_rtt
+                    "notifyd_probe_rtt_seconds",
+                    "Last self-NOTIFY round trip",
+                    value=health.last_probe_rtt,
                 )
             age = health.probe_age()
             if age is not None:
                 yield GaugeMetricFamily(
-                    "notifyd_probe_age_seconds", "Since the LISTEN path last proved itself", value=age
+                    "notifyd_probe_age_seconds",
+                    "Since the LISTEN path last proved itself",
+                    value=age,
                 )
         if stats.sinks:
             yield from _sink_metrics(stats)
@@ -130,7 +147,9 @@ def _sink_metrics(stats: Stats) -> Iterator[Metric]:
         for name, sink in sorted(stats.sinks.items()):
             family.add_metric([name], getattr(sink, key))
         yield family
-    depth = GaugeMetricFamily("notifyd_sink_queue_depth", "Messages waiting in a sink's queue", labels=["sink"])
+    depth = GaugeMetricFamily(
+        "notifyd_sink_queue_depth", "Messages waiting in a sink's queue", labels=["sink"]
+    )
     for name, sink in sorted(stats.sinks.items()):
         depth.add_metric([name], sink.queue_depth)
     yield depth

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import re
 import struct
-
-import orjson
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
 from typing import Any
+
+import orjson
 
 from .exceptions import ProtocolError
 
@@ -234,9 +234,7 @@ def encode_deleted(ids: list[str]) -> str:
     return encode({"event": "deleted", "ids": ids})
 
 
-def encode_history(
-    request_id: object, rows: list[Mapping[str, Any]], more: bool
-) -> str:
+def encode_history(request_id: object, rows: list[Mapping[str, Any]], more: bool) -> str:
     """
     The answer to a ``history`` action, newest first.
     """
@@ -459,7 +457,9 @@ def _parse_action(frame: dict[str, Any], max_read_ids: int) -> ClientAction:
         if (
             not isinstance(ids, list)
             or not ids
-            or not all(isinstance(i, str) and 0 < len(i) <= _MAX_TEXT and clean_text(i) for i in ids)
+            or not all(
+                isinstance(i, str) and 0 < len(i) <= _MAX_TEXT and clean_text(i) for i in ids
+            )
         ):
             raise ProtocolError("invalid", message)
         return Read(ids, _request_id(frame))
@@ -493,7 +493,9 @@ def _parse_action(frame: dict[str, Any], max_read_ids: int) -> ClientAction:
             raise ProtocolError("invalid", "to must be a demo user id")
         content = frame.get("content")
         if content is not None and (
-            not isinstance(content, str) or len(content) > _MAX_DEMO_CONTENT or not clean_text(content)
+            not isinstance(content, str)
+            or len(content) > _MAX_DEMO_CONTENT
+            or not clean_text(content)
         ):
             raise ProtocolError(
                 "invalid", f"content must be a string of at most {_MAX_DEMO_CONTENT} characters"
@@ -506,4 +508,3 @@ def _parse_action(frame: dict[str, Any], max_read_ids: int) -> ClientAction:
             _request_id(frame),
         )
     raise ProtocolError("unknown_action", "unknown action")
-

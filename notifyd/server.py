@@ -37,8 +37,8 @@ from urllib.parse import parse_qs
 import asyncpg
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -64,8 +64,8 @@ from .origin import OriginPolicy
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason
 from .session import Session
-from .stats import Stats
 from .settings import Settings
+from .stats import Stats
 
 __all__ = ["PushServer"]
 
@@ -200,7 +200,9 @@ class PushServer:
             return static.serve(request, path, self._settings)
         if getattr(request, "method", "GET") != "GET":
             # Before any token is looked at: only GET upgrades or reads.
-            response = connection.respond(http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n")
+            response = connection.respond(
+                http.HTTPStatus.METHOD_NOT_ALLOWED, "Method Not Allowed\n"
+            )
             response.headers["Allow"] = "GET"
             return response
         if path == "/healthz":
@@ -289,7 +291,9 @@ class PushServer:
     def _respond_metrics(self, connection: ServerConnection) -> Response:
         if self._metrics is None:
             return connection.respond(http.HTTPStatus.NOT_FOUND, "Not Found\n")
-        if self._settings.metrics_loopback_only and not is_loopback_address(connection.remote_address):
+        if self._settings.metrics_loopback_only and not is_loopback_address(
+            connection.remote_address
+        ):
             return connection.respond(http.HTTPStatus.FORBIDDEN, "Forbidden\n")
         return _response(http.HTTPStatus.OK, render_metrics(self._metrics), METRICS_CONTENT_TYPE)
 
@@ -337,7 +341,9 @@ class PushServer:
                 extra={"websocket": connection},
             )
 
-    async def _open_session(self, connection: ServerConnection) -> tuple[Session, str | None] | None:
+    async def _open_session(
+        self, connection: ServerConnection
+    ) -> tuple[Session, str | None] | None:
         """
         Authenticate (by the handshake or the first frame), check
         revocation, and make the session; None when the connection was
@@ -535,9 +541,13 @@ class PushServer:
                 request_id = action.request_id
                 if self._demo_users is None:
                     # As if the action did not exist: serve knows nothing of it.
-                    session.push(protocol.encode_error("unknown_action", "unknown action", request_id))
+                    session.push(
+                        protocol.encode_error("unknown_action", "unknown action", request_id)
+                    )
                 elif action.to not in self._demo_users:
-                    session.push(protocol.encode_error("invalid", "to must be a demo user", request_id))
+                    session.push(
+                        protocol.encode_error("invalid", "to must be a demo user", request_id)
+                    )
                 else:
                     # A plain INSERT: delivered by the usual commit path.
                     await db.insert_message(
@@ -554,7 +564,6 @@ class PushServer:
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))
 
-
     async def _history(self, session: Session, action: protocol.History) -> None:
         """
         Answer ``history`` within ``max_concurrent_history`` queries at once,
@@ -566,7 +575,11 @@ class PushServer:
                 await self._history_slots.acquire()
         except TimeoutError:
             self._limit_tripped("history_concurrency", _address(session.connection))
-            session.push(protocol.encode_error("busy", "too many history requests; try again", action.request_id))
+            session.push(
+                protocol.encode_error(
+                    "busy", "too many history requests; try again", action.request_id
+                )
+            )
             return
         try:
             rows, more = await self._db.history(
@@ -581,9 +594,7 @@ class PushServer:
         session.push(protocol.encode_history(action.request_id, rows, more))
 
 
-def _answer_subprotocol(
-    connection: ServerConnection, request: Request, response: Response
-) -> None:
+def _answer_subprotocol(connection: ServerConnection, request: Request, response: Response) -> None:
     """
     Select ``notifyd.v1`` in the 101 when the client offered it, never
     anything else: a ``bearer.<token>`` entry is read by the handshake, not

@@ -111,7 +111,9 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = Field(
         default=None, description="Serve wss:// directly with this PEM certificate (chain)."
     )
-    tls_key_file: Path | None = Field(default=None, description="The certificate's PEM private key.")
+    tls_key_file: Path | None = Field(
+        default=None, description="The certificate's PEM private key."
+    )
 
     # Hostile clients (docs/security.md). Per-address limits are off by
     # default: behind a load balancer or NAT every client has one address.
@@ -165,7 +167,9 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Options of third-party sinks, as JSON: {"name": {"key": value}}.',
     )
-    webhook_url: str | None = Field(default=None, description="http(s) URL the webhook sink POSTs to.")
+    webhook_url: str | None = Field(
+        default=None, description="http(s) URL the webhook sink POSTs to."
+    )
     webhook_secret: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key the webhook signs with (at least 16 bytes)."
     )
@@ -183,7 +187,9 @@ class Settings(BaseSettings):
         description="PEM certificates to trust for an https:// webhook with a private CA "
         "(default: the system's).",
     )
-    webhook_timeout_s: float = Field(default=10.0, gt=0, description="Per POST, connect to status line.")
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="Per POST, connect to status line."
+    )
     webhook_retry_initial_s: float = Field(default=1.0, gt=0)
     webhook_retry_max_s: float = Field(default=300.0, gt=0)
     webhook_max_age_s: float = Field(
@@ -197,7 +203,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest wait between looks at the dispatch table without a wake-up.",
     )
-    log_sink_path: str = Field(default="-", description="File the log sink appends to; - is stdout.")
+    log_sink_path: str = Field(
+        default="-", description="File the log sink appends to; - is stdout."
+    )
     log_sink_types: CommaList = Field(
         default_factory=list, description="Only messages of these types; empty: all."
     )
@@ -226,7 +234,12 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "jwt_algorithms", "allowed_origins", "sinks", "webhook_types", "log_sink_types", mode="before"
+        "jwt_algorithms",
+        "allowed_origins",
+        "sinks",
+        "webhook_types",
+        "log_sink_types",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -266,6 +279,4 @@ def load_settings(env_file: Path | str | None = None, **overrides: object) -> Se
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "?"
-        raise ConfigError(
-            f"invalid setting {ENV_PREFIX}{field.upper()}: {error['msg']}"
-        ) from None
+        raise ConfigError(f"invalid setting {ENV_PREFIX}{field.upper()}: {error['msg']}") from None

@@ -94,7 +94,9 @@ class SystemdNotifier:
             self._socket = None
 
 
-async def supervise(daemon: Daemon, notifier: SystemdNotifier, *, status_every: float = 5.0) -> None:
+async def supervise(
+    daemon: Daemon, notifier: SystemdNotifier, *, status_every: float = 5.0
+) -> None:
     """
     Tell systemd the daemon is ready once its LISTEN path is proven, then
     feed the watchdog while probes keep succeeding and refresh the status.

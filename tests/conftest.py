@@ -96,7 +96,9 @@ async def template(admin_dsn: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _throwaway_database(admin_dsn: str, prefix: str, template: str | None) -> AsyncIterator[str]:
+async def _throwaway_database(
+    admin_dsn: str, prefix: str, template: str | None
+) -> AsyncIterator[str]:
     """
     Create a database (from ``template`` when given) and drop it after.
     """

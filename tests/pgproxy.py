@@ -57,7 +57,9 @@ async def notification_dropping_proxy(dsn: str, *, drop: bool = True) -> AsyncIt
 
 
 @contextlib.asynccontextmanager
-async def connection_cutting_proxy(dsn: str, *, after_bytes: int) -> AsyncIterator[tuple[str, asyncio.Event]]:
+async def connection_cutting_proxy(
+    dsn: str, *, after_bytes: int
+) -> AsyncIterator[tuple[str, asyncio.Event]]:
     """
     Serve a proxy to ``dsn``'s server; yield a DSN through it and an event
     set once the first connection whose server replies passed
@@ -97,9 +99,14 @@ async def _proxy(
     host, port = target.hostname or "127.0.0.1", target.port or 5432
     pumps: set[asyncio.Task[None]] = set()
 
-    async def accept(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+    async def accept(
+        client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         server_reader, server_writer = await asyncio.open_connection(host, port)
-        for pump in (_forward(client_reader, server_writer), server_pump(server_reader, client_writer)):
+        for pump in (
+            _forward(client_reader, server_writer),
+            server_pump(server_reader, client_writer),
+        ):
             task = asyncio.create_task(pump)
             pumps.add(task)
             task.add_done_callback(pumps.discard)

@@ -66,18 +66,27 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = self.rfile.read(length)
                 timestamp = self.headers.get("Notifyd-Timestamp", "")
-                expected = "v1=" + hmac.new(
-                    receiver.secret, timestamp.encode() + b"." + body, hashlib.sha256
-                ).hexdigest()
+                expected = (
+                    "v1="
+                    + hmac.new(
+                        receiver.secret, timestamp.encode() + b"." + body, hashlib.sha256
+                    ).hexdigest()
+                )
                 verified = hmac.compare_digest(expected, self.headers.get("Notifyd-Signature", ""))
                 fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) < 300
                 with receiver._lock:
                     receiver.posts.append(
-                        Post(self.path, dict(self.headers), body, verified and fresh, time.monotonic())
+                        Post(
+                            self.path,
+                            dict(self.headers),
+                            body,
+                            verified and fresh,
+                            time.monotonic(),
+                        )
                     )
                 status = receiver.status
                 self.send_response(status)
@@ -114,14 +123,18 @@ class Receiver:
     def ids(self) -> list[str]:
         return [post.message["id"] for post in self.snapshot()]
 
-    async def wait_for(self, done: Callable[[list[Post]], bool], timeout: float = TIMEOUT) -> list[Post]:
+    async def wait_for(
+        self, done: Callable[[list[Post]], bool], timeout: float = TIMEOUT
+    ) -> list[Post]:
         """
         Poll (with a deadline) until ``done(posts)``.
         """
         return await until(lambda: done(self.snapshot()) and self.snapshot(), timeout)
 
 
-async def until(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
+async def until(
+    condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition"
+) -> Any:
     """
     Poll ``condition`` every 20 ms until it returns something truthy.
     """
@@ -135,7 +148,9 @@ async def until(condition: Callable[[], Any], timeout: float = TIMEOUT, what: st
         await asyncio.sleep(0.02)
 
 
-async def until_async(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
+async def until_async(
+    condition: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition"
+) -> Any:
     """
     Like :func:`until` for a coroutine function.
     """

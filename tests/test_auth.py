@@ -165,7 +165,9 @@ def test_future_nbf_and_iat_rejected() -> None:
     exp = int(NOW) + 3600
     verifier = _verifier()
     assert _reason(verifier, _hs({"sub": "a", "exp": exp, "nbf": NOW + 60})) == "not yet valid"
-    assert _reason(verifier, _hs({"sub": "a", "exp": exp, "iat": NOW + 60})) == "issued in the future"
+    assert (
+        _reason(verifier, _hs({"sub": "a", "exp": exp, "iat": NOW + 60})) == "issued in the future"
+    )
     assert verifier.verify(_hs({"sub": "a", "exp": exp, "nbf": NOW, "iat": NOW}), now=NOW)
 
 
@@ -228,9 +230,7 @@ def test_rs256_token_verifies_with_public_key_file(
     assert verifier.verify(token, now=NOW) == Identity("alice", NOW + 60)
 
 
-def test_rs256_token_from_another_key_rejected(
-    tmp_path: Path, rsa_key: rsa.RSAPrivateKey
-) -> None:
+def test_rs256_token_from_another_key_rejected(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     """An RS256 token signed by a different RSA key fails the signature check."""
     verifier = TokenVerifier.from_settings(
         Settings(jwt_public_key_file=_write_public_key(tmp_path, rsa_key))
@@ -492,9 +492,7 @@ def test_private_key_file_is_config_error_with_hint(
 # -------------------------------------------------------- token_from_handshake
 
 
-def _find(
-    query: dict[str, str] | None = None, **headers: str
-) -> str | None:
+def _find(query: dict[str, str] | None = None, **headers: str) -> str | None:
     raw = Headers()
     for name, value in headers.items():
         raw[name.replace("_", "-")] = value
@@ -538,7 +536,7 @@ def test_handshake_repeated_authorization_header_is_ignored() -> None:
         "a=b; notifyd_token=T; c=d",
         'notifyd_token="T"',
         "garbage; notifyd_token=T",
-        "a=\"unterminated; notifyd_token=T",
+        'a="unterminated; notifyd_token=T',
         "=; ;;; notifyd_token=T; path=/",
         "other=x; notifyd_token=T; notifyd_token=U",
     ],
@@ -591,9 +589,7 @@ def test_handshake_accepts_plain_mapping_headers() -> None:
         ("/ws/message/" + "u" * 255, (ROUTE_MESSAGE_USER, "u" * 255)),
     ],
 )
-def test_user_from_path_matches_message_routes(
-    path: str, expected: tuple[str, str | None]
-) -> None:
+def test_user_from_path_matches_message_routes(path: str, expected: tuple[str, str | None]) -> None:
     """/ws/message and /ws/message/{userId} match, with the id percent-decoded."""
     assert user_from_path(path) == expected
 

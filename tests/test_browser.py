@@ -117,7 +117,11 @@ class AppServer:
                 self.token_requests += 1
                 status, content_type, body = "200 OK", "text/plain", self.token.encode()
             elif path in self.pages:
-                status, content_type, body = "200 OK", "text/html; charset=utf-8", self.pages[path].encode()
+                status, content_type, body = (
+                    "200 OK",
+                    "text/html; charset=utf-8",
+                    self.pages[path].encode(),
+                )
             else:
                 status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
             writer.write(
@@ -152,7 +156,10 @@ async def eventually(
 
 
 async def is_read(db: asyncpg.Connection, message_id: str) -> bool:
-    return await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id = $1", message_id) == "1"
+    return (
+        await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id = $1", message_id)
+        == "1"
+    )
 
 
 def sessions(running: RunningDaemon, user: str) -> int:
@@ -279,7 +286,9 @@ async def demo_daemon(dsn: str) -> AsyncIterator[RunningDaemon]:
     """
     settings = make_settings(dsn)
     verifier = TokenVerifier.from_settings(settings)
-    daemon = Daemon(settings, verifier, demo_users={user: verifier.mint(user) for user in DEMO_USERS})
+    daemon = Daemon(
+        settings, verifier, demo_users={user: verifier.mint(user) for user in DEMO_USERS}
+    )
     await daemon.start()
     yield RunningDaemon(daemon, verifier)
     await asyncio.wait_for(daemon.stop(), 8)
@@ -296,7 +305,9 @@ async def open_harness(
     A harness page for ``user`` whose client is open.
     """
     app.token = running.token(user)
-    app.pages["/harness"] = HARNESS.replace("MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js")
+    app.pages["/harness"] = HARNESS.replace(
+        "MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js"
+    )
     page = await context.new_page()
     await page.goto(harness_url(app, **options))
     await wait_open(page)
@@ -309,7 +320,9 @@ NO_DEDUPE = {"dedupeSize": 0}
 
 
 async def wait_open(page: Any) -> None:
-    await page.wait_for_function("() => window.client && window.client.state === 'open'", timeout=WAIT_MS)
+    await page.wait_for_function(
+        "() => window.client && window.client.state === 'open'", timeout=WAIT_MS
+    )
 
 
 async def open_demo(context: Any, running: RunningDaemon, user: str) -> Any:
@@ -328,7 +341,9 @@ async def open_dropdown(page: Any) -> None:
 
 
 async def wait_badge(page: Any, text: str) -> None:
-    await page.wait_for_function("(text) => document.querySelector('#badge').textContent === text", arg=text)
+    await page.wait_for_function(
+        "(text) => document.querySelector('#badge').textContent === text", arg=text
+    )
 
 
 async def wait_ids(page: Any, count: int) -> list[str]:
@@ -344,7 +359,9 @@ async def test_client_module_is_served_with_js_type_cors_etag_and_a_switch(
 ) -> None:
     """/notifyd.js: JS content type, CORS for allowed origins only, 304 on ETag, 404 when turned off."""
     running = await start_daemon(allowed_origins=["https://app.example.com"])
-    status, headers, body = await http_get(running.port, "/notifyd.js", {"Origin": "https://app.example.com"})
+    status, headers, body = await http_get(
+        running.port, "/notifyd.js", {"Origin": "https://app.example.com"}
+    )
     assert status == 200
     assert headers["content-type"] == "text/javascript; charset=utf-8"
     assert headers["access-control-allow-origin"] == "https://app.example.com"
@@ -354,7 +371,9 @@ async def test_client_module_is_served_with_js_type_cors_etag_and_a_switch(
     assert b"export function createClient" in body
     etag = headers["etag"]
 
-    status, headers, _ = await http_get(running.port, "/notifyd.js", {"Origin": "https://evil.example"})
+    status, headers, _ = await http_get(
+        running.port, "/notifyd.js", {"Origin": "https://evil.example"}
+    )
     assert status == 200 and "access-control-allow-origin" not in headers
 
     status, headers, body = await http_get(running.port, "/notifyd.js?v=2", {"If-None-Match": etag})
@@ -376,7 +395,9 @@ async def test_client_module_is_served_with_js_type_cors_etag_and_a_switch(
     assert status in (200, 503)
 
     everyone = await start_daemon()
-    _, headers, _ = await http_get(everyone.port, "/notifyd.js", {"Origin": "https://anyone.example"})
+    _, headers, _ = await http_get(
+        everyone.port, "/notifyd.js", {"Origin": "https://anyone.example"}
+    )
     assert headers["access-control-allow-origin"] == "*"
 
     off = await start_daemon(serve_static=False)
@@ -387,24 +408,50 @@ async def test_client_module_is_served_with_js_type_cors_etag_and_a_switch(
 
 def test_static_responses_follow_http_rules() -> None:
     """HEAD has headers and no body, other methods get 405, W/ ETags and normalised origins match."""
-    ok = static.respond("GET", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    ok = static.respond(
+        "GET", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[]
+    )
     assert ok is not None and ok.status == 200
     etag = dict(ok.headers)["ETag"]
-    head = static.respond("HEAD", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
-    assert head is not None and head.body == b"" and dict(head.headers)["Content-Length"] == str(len(ok.body))
-    post = static.respond("POST", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    head = static.respond(
+        "HEAD", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[]
+    )
+    assert (
+        head is not None
+        and head.body == b""
+        and dict(head.headers)["Content-Length"] == str(len(ok.body))
+    )
+    post = static.respond(
+        "POST", "/notifyd.js", origin=None, if_none_match=None, enabled=True, allowed_origins=[]
+    )
     assert post is not None and post.status == 405 and dict(post.headers)["Allow"] == "GET, HEAD"
-    demo = static.respond("GET", "/demo", origin=None, if_none_match=None, enabled=True, allowed_origins=[])
+    demo = static.respond(
+        "GET", "/demo", origin=None, if_none_match=None, enabled=True, allowed_origins=[]
+    )
     assert demo is not None
     demo_etag = dict(demo.headers)["ETag"]
     weak = static.respond(
-        "GET", "/demo", origin=None, if_none_match=f'"x", W/{demo_etag}', enabled=True, allowed_origins=[]
+        "GET",
+        "/demo",
+        origin=None,
+        if_none_match=f'"x", W/{demo_etag}',
+        enabled=True,
+        allowed_origins=[],
     )
     assert weak is not None and weak.status == 304
-    assert static.respond("GET", "/nope", origin=None, if_none_match=None, enabled=True, allowed_origins=[]) is None
+    assert (
+        static.respond(
+            "GET", "/nope", origin=None, if_none_match=None, enabled=True, allowed_origins=[]
+        )
+        is None
+    )
     cors = static.respond(
-        "GET", "/notifyd.js", origin="https://app.example.com", if_none_match=etag,
-        enabled=True, allowed_origins=["HTTPS://App.Example.com:443/"],
+        "GET",
+        "/notifyd.js",
+        origin="https://app.example.com",
+        if_none_match=etag,
+        enabled=True,
+        allowed_origins=["HTTPS://App.Example.com:443/"],
     )
     assert cors is not None and cors.status == 304
     assert dict(cors.headers)["Access-Control-Allow-Origin"] == "https://app.example.com"
@@ -437,7 +484,9 @@ async def test_docs_example_runs_cross_origin_receives_and_marks_read(
 
     await item.click()
     await eventually(lambda: is_read(db, message_id), "is_read = '1' in the database")
-    await page.wait_for_function(f"() => document.querySelector('li[data-id=\"{message_id}\"]').classList.contains('read')")
+    await page.wait_for_function(
+        f"() => document.querySelector('li[data-id=\"{message_id}\"]').classList.contains('read')"
+    )
     await page.wait_for_function("() => document.title === 'My app'")
 
 
@@ -485,7 +534,14 @@ async def test_cursor_survives_page_reload(
     seen = await insert(db, "u1", "seen")
     await wait_ids(page, 1)
     cursor = await page.evaluate("() => window.client.cursor")
-    assert cursor and await page.evaluate("(key) => sessionStorage.getItem(key)", f"notifyd.cursor:ws://127.0.0.1:{daemon.port}/ws/message") == cursor
+    assert (
+        cursor
+        and await page.evaluate(
+            "(key) => sessionStorage.getItem(key)",
+            f"notifyd.cursor:ws://127.0.0.1:{daemon.port}/ws/message",
+        )
+        == cursor
+    )
 
     await page.goto("about:blank")
     await eventually(lambda: sessions(daemon, "u1") == 0, "the session to end")
@@ -532,7 +588,9 @@ async def test_two_tabs_share_one_socket_and_hand_over(
     assert sessions(daemon, "u1") == 1
 
     await leader.close()
-    await follower.wait_for_function("() => window.client.role === 'leader' && window.client.state === 'open'")
+    await follower.wait_for_function(
+        "() => window.client.role === 'leader' && window.client.state === 'open'"
+    )
     second = await insert(db, "u1", "after the leader left")
     assert await wait_ids(follower, 2) == [missed, second]
     await eventually(lambda: sessions(daemon, "u1") == 1, "one session after the handover")
@@ -578,7 +636,9 @@ async def test_demo_page_badge_counts_and_drops_on_read(
         first = await insert(db, "u1", "Welcome", "Glad you are here", skip_url="/inbox/1")
         await insert(db, "u1", "Order shipped", "Parcel 1Z999")
         for window in (page, other):
-            await window.wait_for_function("() => document.querySelector('#badge').textContent === '2'")
+            await window.wait_for_function(
+                "() => document.querySelector('#badge').textContent === '2'"
+            )
             assert await window.locator("#list li").count() == 2
         assert await page.get_attribute("#bell", "aria-label") == "Messages, 2 unread messages"
         assert await page.locator("#login").is_hidden() and await page.locator("#more").is_hidden()
@@ -588,7 +648,9 @@ async def test_demo_page_badge_counts_and_drops_on_read(
         await page.locator(f'li[data-id="{first}"] .msg-body').click()
         await eventually(lambda: is_read(db, first), "the click's read in the database")
         for window in (page, other):
-            await window.wait_for_function("() => document.querySelector('#badge').textContent === '1'")
+            await window.wait_for_function(
+                "() => document.querySelector('#badge').textContent === '1'"
+            )
             await window.locator(f'li[data-id="{first}"]:not(.unread)').wait_for()
 
         await other.locator("#mark-all").click()
@@ -608,11 +670,15 @@ async def test_demo_page_lists_history_and_loads_more(
     await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
     assert await page.locator("#badge").text_content() == "22"
     await open_dropdown(page)
-    listed = await page.eval_on_selector_all("#list li", "(items) => items.map((li) => li.dataset.id)")
+    listed = await page.eval_on_selector_all(
+        "#list li", "(items) => items.map((li) => li.dataset.id)"
+    )
     assert listed == ids[::-1][:20]
     await page.locator("#more").click()
     await page.wait_for_function("() => document.querySelectorAll('#list li').length === 22")
-    listed = await page.eval_on_selector_all("#list li", "(items) => items.map((li) => li.dataset.id)")
+    listed = await page.eval_on_selector_all(
+        "#list li", "(items) => items.map((li) => li.dataset.id)"
+    )
     assert listed == ids[::-1]
     assert await page.locator("#more").is_hidden()
 
@@ -623,12 +689,16 @@ async def test_client_gives_up_after_repeated_4401_and_on_4409(
     """4401 asks for a new token each time and stops after 3 ("unauthorized"); 4409 stops at once ("replaced")."""
     running = await start_daemon(max_sessions_per_user=1)
     app.token = "not-a-token"
-    app.pages["/harness"] = HARNESS.replace("MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js")
+    app.pages["/harness"] = HARNESS.replace(
+        "MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js"
+    )
     page = await context.new_page()
     await page.goto(f"{app.origin}/harness")
     await page.wait_for_function("() => window.client.state === 'unauthorized'")
     assert app.token_requests == 3
-    assert await page.evaluate("() => window.t.states.filter((s) => s === 'connecting').length") == 3
+    assert (
+        await page.evaluate("() => window.t.states.filter((s) => s === 'connecting').length") == 3
+    )
 
     app.token = running.token("u1")
     await page.evaluate("() => window.client.reconnect()")
@@ -636,7 +706,9 @@ async def test_client_gives_up_after_repeated_4401_and_on_4409(
 
     await open_client(running.url("u1"))  # a newer session of u1 takes the only place
     await page.wait_for_function("() => window.client.state === 'replaced'")
-    error = await page.evaluate("() => window.client.history().then(() => null, (error) => error.code)")
+    error = await page.evaluate(
+        "() => window.client.history().then(() => null, (error) => error.code)"
+    )
     assert error == "replaced"
     assert sessions(running, "u1") == 1
 
@@ -659,9 +731,22 @@ async def test_demo_mode_alone_serves_the_page_at_root_and_takes_demo_send(
 
     bob = await open_client(demo_daemon.url("bob"))
     alice = await open_client(demo_daemon.url("alice"))
-    await alice.send({"action": "demo_send", "to": "bob", "title": "Hi Bob", "content": "from Alice", "skipUrl": "/x"})
+    await alice.send(
+        {
+            "action": "demo_send",
+            "to": "bob",
+            "title": "Hi Bob",
+            "content": "from Alice",
+            "skipUrl": "/x",
+        }
+    )
     frame = (await bob.messages_until("Hi Bob"))[-1]
-    assert (frame["sendUser"], frame["toUser"], frame["content"], frame["skipUrl"]) == ("alice", "bob", "from Alice", "/x")
+    assert (frame["sendUser"], frame["toUser"], frame["content"], frame["skipUrl"]) == (
+        "alice",
+        "bob",
+        "from Alice",
+        "/x",
+    )
     await alice.send({"action": "demo_send", "to": "mallory", "title": "Hi", "id": "s1"})
     error = await alice.recv_event("error")
     assert (error["code"], error["id"]) == ("invalid", "s1")
@@ -684,7 +769,13 @@ async def test_demo_root_page_shows_toast_and_badge_for_a_sql_insert(
     assert await page.get_attribute('#users a[href="?user=bob"]', "href") == "?user=bob"
     assert await page.locator("#send").is_visible()
 
-    await insert(db, "alice", "Your order shipped", "Parcel 1Z999 is on its way", skip_url="https://example.com/orders/17")
+    await insert(
+        db,
+        "alice",
+        "Your order shipped",
+        "Parcel 1Z999 is on its way",
+        skip_url="https://example.com/orders/17",
+    )
     toast = page.locator(".toast", has_text="Your order shipped")
     await toast.wait_for()
     assert await toast.locator("p").text_content() == "Parcel 1Z999 is on its way"
@@ -725,10 +816,18 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
     context = await browser.new_context(viewport={"width": 1000, "height": 700})
     context.set_default_timeout(WAIT_MS)
     try:
-        await insert(db, "bob", "Welcome to notifyd", "Messages arrive the moment they are committed")
+        await insert(
+            db, "bob", "Welcome to notifyd", "Messages arrive the moment they are committed"
+        )
         read = await insert(db, "bob", "Invoice 2041 paid", "Thank you, we received 42.00 EUR")
         await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", read)
-        await insert(db, "bob", "Your order shipped", "Parcel 1Z999 is on its way", skip_url="https://example.com/orders/17")
+        await insert(
+            db,
+            "bob",
+            "Your order shipped",
+            "Parcel 1Z999 is on its way",
+            skip_url="https://example.com/orders/17",
+        )
         alice = await open_demo(context, demo_daemon, "alice")
         bob = await open_demo(context, demo_daemon, "bob")
         await wait_badge(bob, "2")
@@ -744,13 +843,20 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
         await toast.wait_for()
         assert await toast.locator("a").get_attribute("href") == "/calendar/lunch"
         await wait_badge(bob, "3")
-        row = await db.fetchrow("SELECT send_user, content FROM t_message_real_time WHERE title = 'Lunch at noon?'")
+        row = await db.fetchrow(
+            "SELECT send_user, content FROM t_message_real_time WHERE title = 'Lunch at noon?'"
+        )
         assert (row["send_user"], row["content"]) == ("alice", "The usual place, table for two")
 
         await open_dropdown(bob)
-        titles = await bob.eval_on_selector_all("#list .msg-title", "(items) => items.map((t) => t.textContent)")
+        titles = await bob.eval_on_selector_all(
+            "#list .msg-title", "(items) => items.map((t) => t.textContent)"
+        )
         assert [t.removeprefix("Unread: ") for t in titles] == [
-            "Lunch at noon?", "Your order shipped", "Invoice 2041 paid", "Welcome to notifyd",
+            "Lunch at noon?",
+            "Your order shipped",
+            "Invoice 2041 paid",
+            "Welcome to notifyd",
         ]
         assert await bob.locator("#list li.unread").count() == 3
         await bob.screenshot(path=str(SCREENSHOT), animations="disabled")
@@ -771,7 +877,8 @@ async def test_page_on_an_unlisted_origin_cannot_open_a_session_and_a_listed_one
     page = await context.new_page()
     await page.goto(app.origin + "/seed")
     await eventually(
-        lambda: refusing.daemon.stats.auth_failures["origin not allowed"] >= 1, "the refused handshake"
+        lambda: refusing.daemon.stats.auth_failures["origin not allowed"] >= 1,
+        "the refused handshake",
     )
     assert sessions(refusing, "u1") == 0
 
@@ -784,7 +891,11 @@ async def test_page_on_an_unlisted_origin_cannot_open_a_session_and_a_listed_one
 
 
 async def test_client_refreshes_its_token_in_place_before_it_expires(
-    start_daemon: StartDaemon, db: asyncpg.Connection, context: Any, app: AppServer, open_client: Any
+    start_daemon: StartDaemon,
+    db: asyncpg.Connection,
+    context: Any,
+    app: AppServer,
+    open_client: Any,
 ) -> None:
     """
     A 4 s token: the client asks for a new one and sends `refresh`; a twin
@@ -794,7 +905,9 @@ async def test_client_refreshes_its_token_in_place_before_it_expires(
     running = await start_daemon(jwt_leeway_s=0)
     short = running.token("u1", ttl_s=4)
     app.token = short
-    app.pages["/harness"] = HARNESS.replace("MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js")
+    app.pages["/harness"] = HARNESS.replace(
+        "MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js"
+    )
     page = await context.new_page()
     await page.goto(harness_url(app))
     await eventually(lambda: app.token_requests >= 1, "the first token request")

@@ -124,7 +124,9 @@ async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_us
         pytest.skip("needs the embedded cluster to restart it")
     rng = random.Random(SEED)
     port = free_port()
-    running: RunningDaemon = await start_daemon(port=port, probe_interval_s=0.5, probe_timeout_s=1.0)
+    running: RunningDaemon = await start_daemon(
+        port=port, probe_interval_s=0.5, probe_timeout_s=1.0
+    )
     clients = [ResumingClient(user, running.token(user), port) for user in USERS]
     client_tasks = [asyncio.create_task(c.run()) for c in clients]
     # Rows committed before a client's first hello are not its to receive:
@@ -184,7 +186,9 @@ async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_us
         client.drop()
     await asyncio.gather(*client_tasks)
 
-    assert sum(len(rows) for rows in committed.values()) > 300, "too little traffic to prove anything"
+    assert sum(len(rows) for rows in committed.values()) > 300, (
+        "too little traffic to prove anything"
+    )
     assert len(events) == 4, events
     print(f"chaos seed={SEED} events={dict(events)} rows={sum(map(len, committed.values()))}")
     for client in clients:

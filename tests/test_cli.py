@@ -80,7 +80,9 @@ async def test_token_prints_one_line_that_opens_a_session_as_the_user(daemon, op
 async def test_token_ttl_sets_exp_that_many_seconds_ahead():
     """`notifyd token --ttl 60` signs a token whose exp is about 60 s from now."""
     before = time.time()
-    result = await run_cli("token", "alice", "--ttl", "60", env=clean_env(NOTIFYD_JWT_SECRET=SECRET))
+    result = await run_cli(
+        "token", "alice", "--ttl", "60", env=clean_env(NOTIFYD_JWT_SECRET=SECRET)
+    )
     after = time.time()
     assert result.code == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
@@ -143,9 +145,7 @@ async def test_check_passes_on_a_ready_database(dsn):
 
 async def test_check_fails_and_names_the_missing_table(empty_dsn):
     """`notifyd check` on a database without the schema exits 1 and says the table is missing."""
-    result = await run_cli(
-        "check", env=clean_env(NOTIFYD_DSN=empty_dsn, NOTIFYD_JWT_SECRET=SECRET)
-    )
+    result = await run_cli("check", env=clean_env(NOTIFYD_DSN=empty_dsn, NOTIFYD_JWT_SECRET=SECRET))
     assert result.code == 1, result
     problems = [line for line in result.stdout_lines if line.startswith("problem: ")]
     assert len(problems) == 1, result.stdout
@@ -270,7 +270,9 @@ async def test_demo_runs_embedded_postgres_delivers_printed_send_and_stops_it_on
 
 async def test_send_without_the_table_fails_with_one_line_and_no_traceback(empty_dsn):
     """`notifyd send` on a database lacking the schema exits 1 with one stderr line naming the table."""
-    result = await run_cli("send", "--to", "alice", "--title", "T", env=clean_env(NOTIFYD_DSN=empty_dsn))
+    result = await run_cli(
+        "send", "--to", "alice", "--title", "T", env=clean_env(NOTIFYD_DSN=empty_dsn)
+    )
     assert result.code == 1, result
     assert_one_line_error(result, "t_message_real_time")
 

@@ -234,7 +234,10 @@ def test_covers_on_time_ordered_snapshots_is_exact() -> None:
         for i, (earlier, committed_then) in enumerate(taken):
             for later, committed_later in taken[i:]:
                 assert later.covers(earlier), (earlier, later)
-                assert earlier.covers(later) == (committed_then == committed_later), (earlier, later)
+                assert earlier.covers(later) == (committed_then == committed_later), (
+                    earlier,
+                    later,
+                )
 
 
 def test_history_snapshots_see_exactly_the_committed_xids() -> None:
@@ -476,8 +479,14 @@ def test_window_cursors_encode_exactly_like_cursor() -> None:
     rng = random.Random(7)
     for _ in range(500):
         xmin = rng.randrange(1, 10_000)
-        base = Snapshot(xmin, xmin + 5, frozenset(x for x in range(xmin, xmin + 5) if rng.random() < 0.3))
-        end = Snapshot(xmin + 3, xmin + 9, frozenset(x for x in range(xmin + 5, xmin + 9) if rng.random() < 0.3))
+        base = Snapshot(
+            xmin, xmin + 5, frozenset(x for x in range(xmin, xmin + 5) if rng.random() < 0.3)
+        )
+        end = Snapshot(
+            xmin + 3,
+            xmin + 9,
+            frozenset(x for x in range(xmin + 5, xmin + 9) if rng.random() < 0.3),
+        )
         seq = rng.randrange(1, 10**9)
         fast = WindowCursors(base, end)
         assert fast.within(seq) == Cursor(base, end, seq).encode(at_seq=seq)

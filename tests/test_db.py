@@ -68,9 +68,10 @@ async def test_window_read_uses_the_xact_index_on_a_large_table_never_analyzed(d
         for writer in writers:
             await writer.close()
     assert len(base.xip) == 8
-    assert await db.fetchval(
-        "SELECT count(*) FROM pg_stats WHERE tablename = 't_message_real_time'"
-    ) == 0
+    assert (
+        await db.fetchval("SELECT count(*) FROM pg_stats WHERE tablename = 't_message_real_time'")
+        == 0
+    )
     plan = await db.fetchval(
         "EXPLAIN (FORMAT JSON) " + _WINDOW_LEAN, base.to_pg(), [str(x) for x in base.xip], 1000
     )

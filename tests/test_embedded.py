@@ -142,9 +142,7 @@ async def test_stop_then_start_keeps_port_and_data(pg: EmbeddedPostgres) -> None
     port, dsn = pg.port, pg.dsn
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        await conn.execute(
-            "create table kept (id int primary key); insert into kept values (42)"
-        )
+        await conn.execute("create table kept (id int primary key); insert into kept values (42)")
     finally:
         await conn.close()
 
@@ -291,9 +289,7 @@ async def test_long_data_dir_gets_short_socket_dir_and_is_kept(
     assert not Path(socket_dir).exists()
 
 
-@pytest.mark.skipif(
-    not IS_ROOT or not HAS_PROC, reason="the shared copy is only made as root"
-)
+@pytest.mark.skipif(not IS_ROOT or not HAS_PROC, reason="the shared copy is only made as root")
 async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
     monkeypatch: pytest.MonkeyPatch, world_searchable_tmp: Path
 ) -> None:
@@ -370,9 +366,7 @@ async def test_standby_of_is_in_recovery_and_replays_tables_created_on_primary(
 
         conn = await asyncpg.connect(pg.dsn, timeout=10)
         try:
-            await conn.execute(
-                "create table streamed (id int); insert into streamed values (2)"
-            )
+            await conn.execute("create table streamed (id int); insert into streamed values (2)")
         finally:
             await conn.close()
 

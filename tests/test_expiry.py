@@ -57,7 +57,11 @@ async def test_expired_sessions_are_reported_once_and_later_ones_are_not():
 async def test_disarmed_or_rearmed_session_does_not_expire_at_its_old_time():
     expired = Expired()
     clock = make_clock(expired)
-    closed, refreshed, control = FakeSession("closed"), FakeSession("refreshed"), FakeSession("control")
+    closed, refreshed, control = (
+        FakeSession("closed"),
+        FakeSession("refreshed"),
+        FakeSession("control"),
+    )
     clock.arm(closed, NOW - 1)
     clock.arm(refreshed, NOW - 1)
     clock.disarm(closed)

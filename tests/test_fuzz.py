@@ -38,10 +38,33 @@ LIVE = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-ACTIONS = ["auth", "refresh", "ping", "read", "read_all", "history", "demo_send", "", "PING", "nope"]
+ACTIONS = [
+    "auth",
+    "refresh",
+    "ping",
+    "read",
+    "read_all",
+    "history",
+    "demo_send",
+    "",
+    "PING",
+    "nope",
+]
 ERROR_CODES = {"malformed", "unknown_action", "invalid", "unavailable", "busy"}
 # Strings that break naive code: NUL, lone surrogates, quotes, huge numbers.
-NASTY = ["\x00", "\ud800", "a\udfffb", "'", '"', "\\", "~1", "~99999999999999999999", "0-0", "%00", "*"]
+NASTY = [
+    "\x00",
+    "\ud800",
+    "a\udfffb",
+    "'",
+    '"',
+    "\\",
+    "~1",
+    "~99999999999999999999",
+    "0-0",
+    "%00",
+    "*",
+]
 
 texts = st.one_of(st.text(max_size=40), st.sampled_from(NASTY), st.text(max_size=300))
 scalars = st.one_of(
@@ -53,18 +76,35 @@ scalars = st.one_of(
 )
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=25,
 )
 frames = st.fixed_dictionaries(
     {"action": st.one_of(st.sampled_from(ACTIONS), json_values)},
     optional={
         key: json_values | texts
-        for key in ("token", "since", "ids", "id", "type", "before", "limit", "unread_only", "to", "title", "content", "skipUrl")
+        for key in (
+            "token",
+            "since",
+            "ids",
+            "id",
+            "type",
+            "before",
+            "limit",
+            "unread_only",
+            "to",
+            "title",
+            "content",
+            "skipUrl",
+        )
     },
 )
 id_lists = st.lists(texts, min_size=0, max_size=8)
-read_frames = st.fixed_dictionaries({"action": st.just("read"), "ids": id_lists}, optional={"id": json_values})
+read_frames = st.fixed_dictionaries(
+    {"action": st.just("read"), "ids": id_lists}, optional={"id": json_values}
+)
 
 
 def _encode(frame: Any) -> str:
@@ -81,7 +121,9 @@ def _assert_safe(action: protocol.ClientAction) -> None:
     """What the decoder lets through can reach Postgres and the encoder."""
     for value in vars_of(action):
         if isinstance(value, str):
-            assert len(value) <= 8192 and (_clean(value) or isinstance(action, protocol.Auth | protocol.Refresh))
+            assert len(value) <= 8192 and (
+                _clean(value) or isinstance(action, protocol.Auth | protocol.Refresh)
+            )
     request_id = getattr(action, "request_id", None)
     orjson.dumps({"id": request_id})
     if isinstance(action, protocol.Read):
@@ -136,7 +178,9 @@ def test_read_keeps_exactly_the_clean_ids_or_refuses_the_frame(frame):
     """A read is accepted exactly when every id is a clean 1..255 string, and keeps them all."""
     result = _decode(_encode(frame))
     ids = frame["ids"]
-    acceptable = bool(ids) and all(isinstance(i, str) and 0 < len(i) <= 255 and _clean(i) for i in ids)
+    acceptable = bool(ids) and all(
+        isinstance(i, str) and 0 < len(i) <= 255 and _clean(i) for i in ids
+    )
     if acceptable:
         assert isinstance(result, protocol.Read) and result.ids == ids
     else:
@@ -223,7 +267,13 @@ async def alice(start_daemon, db) -> Any:
 
 
 @LIVE
-@given(batch=st.lists(st.one_of(frames.map(_encode), json_values.map(_encode), st.text(max_size=50)), min_size=1, max_size=4))
+@given(
+    batch=st.lists(
+        st.one_of(frames.map(_encode), json_values.map(_encode), st.text(max_size=50)),
+        min_size=1,
+        max_size=4,
+    )
+)
 async def test_action_handlers_answer_arbitrary_frames_with_documented_outcomes(alice, batch):
     """
     Any frames: only documented events come back, history shows only alice's
@@ -245,7 +295,10 @@ async def test_action_handlers_answer_arbitrary_frames_with_documented_outcomes(
             if event == "history":
                 assert {m["toUser"] for m in frame["messages"]} <= {"alice", "*"}, frame
     except ConnectionClosed:
-        assert ws.close_code == 4401 and any('"refresh"' in data for data in batch), (ws.close_code, batch)
+        assert ws.close_code == 4401 and any('"refresh"' in data for data in batch), (
+            ws.close_code,
+            batch,
+        )
 
 
 # -- the handshake fuzzer -------------------------------------------------------------------------
@@ -299,7 +352,7 @@ MALFORMED: list[bytes] = [
     _upgrade(extra=b"Sec-WebSocket-Protocol: bearer.\xff\r\n"),
     _upgrade(extra=b"Authorization: Bearer\r\n"),
     _upgrade(extra=b"Authorization: Bearer a b c\r\n"),
-    _upgrade(extra=b"Cookie: notifyd_token=\"\r\n"),
+    _upgrade(extra=b'Cookie: notifyd_token="\r\n'),
     _upgrade(extra=b"Cookie: " + b";" * 10_000 + b"\r\n"),
     _upgrade("/ws/message/%ff%fe"),
     _upgrade("/ws/message/%00"),
@@ -358,7 +411,9 @@ async def _settled(daemon: Any, sessions: int, tasks: int) -> None:
         if state[:4] == (sessions,) * 4 and state[4] <= tasks:
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"leaked (connections, sessions, hub, timers, tasks): {state}, want {sessions}/{tasks}")
+            pytest.fail(
+                f"leaked (connections, sessions, hub, timers, tasks): {state}, want {sessions}/{tasks}"
+            )
         await asyncio.sleep(0.05)
 
 
@@ -369,7 +424,9 @@ async def _assert_still_serves(daemon: Any, bystander: Any, db: Any, title: str)
         assert json.loads(await asyncio.wait_for(fresh.recv(), TIMEOUT))["user"] == "carol"
 
 
-async def test_malformed_handshakes_are_refused_and_leave_nothing_behind(daemon, open_client, db, caplog):
+async def test_malformed_handshakes_are_refused_and_leave_nothing_behind(
+    daemon, open_client, db, caplog
+):
     """
     Bad request lines, headers, versions, keys, huge headers, broken frames:
     each is refused or dropped; a bystander session keeps receiving, a new

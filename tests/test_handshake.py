@@ -38,8 +38,13 @@ async def test_invalid_token_in_handshake_is_refused_with_401(daemon, case):
     now = int(time.time())
     token = {
         "expired": jwt.encode({"sub": "alice", "exp": now - 3600}, SECRET, "HS256"),
-        "bad-signature": jwt.encode({"sub": "alice", "exp": now + 3600}, "other-" + SECRET, "HS256"),
-        "alg-none": _b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"sub": "alice", "exp": now + 3600}) + ".",
+        "bad-signature": jwt.encode(
+            {"sub": "alice", "exp": now + 3600}, "other-" + SECRET, "HS256"
+        ),
+        "alg-none": _b64({"alg": "none", "typ": "JWT"})
+        + "."
+        + _b64({"sub": "alice", "exp": now + 3600})
+        + ".",
         "garbage": "not.a.token",
         "no-exp": jwt.encode({"sub": "alice"}, SECRET, "HS256"),
         "wrong-claim-type": jwt.encode({"sub": ["alice"], "exp": now + 3600}, SECRET, "HS256"),
@@ -76,7 +81,9 @@ async def test_path_naming_the_token_user_is_accepted(daemon, open_client, db):
 
 async def test_unknown_path_is_404(daemon):
     """Only the message endpoints upgrade."""
-    assert await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/other?token={daemon.token('a')}") == 404
+    assert (
+        await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/other?token={daemon.token('a')}") == 404
+    )
 
 
 async def test_token_in_authorization_header_is_accepted(daemon, open_client):
@@ -194,7 +201,9 @@ async def test_readyz_is_503_and_healthz_200_while_listen_is_down(daemon, db):
     assert response.status == 200 and json.loads(response.read())["alive"] is True
 
 
-async def test_metrics_exposes_sessions_deliveries_latency_and_auth_failures(daemon, open_client, db):
+async def test_metrics_exposes_sessions_deliveries_latency_and_auth_failures(
+    daemon, open_client, db
+):
     """GET /metrics is Prometheus text with the daemon's figures."""
     client = await open_client(daemon.url("alice"))
     await insert(db, "alice", "counted")

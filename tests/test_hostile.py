@@ -95,7 +95,9 @@ def _no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def _bob_state(db: Any) -> list[tuple[str, str, str]]:
-    rows = await db.fetch("SELECT id::text, title, is_read FROM t_message_real_time WHERE to_user = 'bob' ORDER BY seq")
+    rows = await db.fetch(
+        "SELECT id::text, title, is_read FROM t_message_real_time WHERE to_user = 'bob' ORDER BY seq"
+    )
     return [tuple(row) for row in rows]
 
 
@@ -141,7 +143,13 @@ async def test_hostile_strings_in_every_frame_field_change_nothing_of_another_us
                 {"action": "history", "before": text, "id": text},
                 {"action": "history", "type": text, "unread_only": True},
                 {"action": "history", "limit": text},
-                {"action": "demo_send", "to": text, "title": text, "content": text, "skipUrl": text},
+                {
+                    "action": "demo_send",
+                    "to": text,
+                    "title": text,
+                    "content": text,
+                    "skipUrl": text,
+                },
                 {"action": "auth", "token": text, "since": text},
                 {"action": text},
                 {"action": "ping", "id": text},
@@ -150,7 +158,9 @@ async def test_hostile_strings_in_every_frame_field_change_nothing_of_another_us
                 await ws.send(json.dumps(request))
             for frame in await _drain_until_pong(ws):
                 assert frame["event"] in {"error", "history", "read", "unread"}, frame
-                assert "bob-secret" not in json.dumps(frame) and "for bob only" not in json.dumps(frame)
+                assert "bob-secret" not in json.dumps(frame) and "for bob only" not in json.dumps(
+                    frame
+                )
                 if frame["event"] == "read":
                     assert bob_id not in frame.get("ids", []), frame
         # Events still on their way would otherwise fill the client's queue
@@ -190,10 +200,18 @@ async def test_hostile_strings_in_demo_send_insert_them_as_plain_data(dsn, db):
         async with connect(f"ws://127.0.0.1:{demo.port}/ws/message?token={users['alice']}") as ws:
             assert json.loads(await ws.recv())["event"] == "hello"
             for text in HOSTILE[:20]:
-                await ws.send(json.dumps({"action": "demo_send", "to": "bob", "title": text[:255], "content": text}))
+                await ws.send(
+                    json.dumps(
+                        {"action": "demo_send", "to": "bob", "title": text[:255], "content": text}
+                    )
+                )
             await _drain_until_pong(ws)
-        stored = await db.fetch("SELECT title, content, send_user FROM t_message_real_time WHERE to_user = 'bob'")
-        storable = [t for t in HOSTILE[:20] if "\x00" not in t and "\ud800" not in t and "\udfff" not in t]
+        stored = await db.fetch(
+            "SELECT title, content, send_user FROM t_message_real_time WHERE to_user = 'bob'"
+        )
+        storable = [
+            t for t in HOSTILE[:20] if "\x00" not in t and "\ud800" not in t and "\udfff" not in t
+        ]
         assert sorted(row["content"] for row in stored) == sorted(storable)
         assert {row["send_user"] for row in stored} == {"alice"}
     finally:
@@ -244,7 +262,9 @@ def _header_safe(text: str) -> bytes:
     return text.encode("latin-1", "replace")[:10_000]
 
 
-async def test_hostile_strings_in_every_handshake_field_are_refused_or_ignored(start_daemon, open_client, db, caplog):
+async def test_hostile_strings_in_every_handshake_field_are_refused_or_ignored(
+    start_daemon, open_client, db, caplog
+):
     """
     Token (query, header, cookie, subprotocol), since, path user and Origin:
     each hostile value gets 400/401/403/404/431 or an upgrade that still
@@ -271,7 +291,9 @@ async def test_hostile_strings_in_every_handshake_field_are_refused_or_ignored(s
             case = (text[:40], path[:60], [value[:60] for _, value in headers], status, after)
             if "since=" in path:
                 # alice's own valid token with a hostile cursor: her session, or a 400.
-                assert (status, after) in {(101, "hello"), (400, None), (414, None), (0, None)}, case
+                assert (status, after) in {(101, "hello"), (400, None), (414, None), (0, None)}, (
+                    case
+                )
             elif status == 101:
                 # No usable credential in the handshake: still waiting for auth.
                 assert after == 4401, case
@@ -320,13 +342,18 @@ async def test_another_users_ids_and_cursors_reveal_and_change_nothing(daemon, o
     frames = await _drain_until_pong(alice.ws)
     assert [f["event"] for f in frames] == ["history"]
     assert [m["toUser"] for m in frames[0]["messages"]] == []
-    assert await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id::text = $1", bob_id) == "0"
+    assert (
+        await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id::text = $1", bob_id)
+        == "0"
+    )
     bob_frames = await _drain_until_pong(bob.ws)
     assert {f["event"] for f in bob_frames} == {"message", "unread"}, bob_frames
     assert bob_frames[-1] == {"event": "unread", "count": 1}
 
 
-async def test_floods_from_several_clients_do_not_stop_delivery_to_others(start_daemon, open_client, db):
+async def test_floods_from_several_clients_do_not_stop_delivery_to_others(
+    start_daemon, open_client, db
+):
     """Five flooders (frames) and fifty half-open handshakes: all flooders get 1008, bob gets his message."""
     daemon = await start_daemon(client_frames_per_s=20)
     bob = await open_client(daemon.url("bob"))
@@ -348,7 +375,9 @@ async def test_floods_from_several_clients_do_not_stop_delivery_to_others(start_
     codes = await asyncio.gather(*(flood(client.ws) for client in flooders))
     assert codes == [1008] * 5
     await insert(db, "bob", "through-the-flood")
-    assert [m["title"] for m in await bob.messages_until("through-the-flood")] == ["through-the-flood"]
+    assert [m["title"] for m in await bob.messages_until("through-the-flood")] == [
+        "through-the-flood"
+    ]
     for writer in half_open:
         writer.close()
     assert await _health(daemon.port) == 200
@@ -370,7 +399,9 @@ async def _read_all(ws: Any) -> None:
         ('{"action":"auth","token":' + json.dumps("a" * 9000) + "}", 4401),
     ],
 )
-async def test_malformed_first_frames_close_with_a_defined_code(daemon, open_client, frame, code, caplog):
+async def test_malformed_first_frames_close_with_a_defined_code(
+    daemon, open_client, frame, code, caplog
+):
     """Binary, non-JSON, deeply nested, lone surrogate, oversized token: 4401, no traceback."""
     caplog.set_level(logging.INFO)
     client = await open_client(daemon.url(), hello=False)
@@ -381,7 +412,9 @@ async def test_malformed_first_frames_close_with_a_defined_code(daemon, open_cli
     _no_errors_logged(caplog)
 
 
-async def test_invalid_utf8_text_frame_closes_1007_and_the_server_goes_on(daemon, open_client, caplog):
+async def test_invalid_utf8_text_frame_closes_1007_and_the_server_goes_on(
+    daemon, open_client, caplog
+):
     """A text frame that is not UTF-8 is a protocol error (1007), handled by the WebSocket layer."""
     caplog.set_level(logging.INFO)
     client = await open_client(daemon.url("alice"))
@@ -394,8 +427,12 @@ async def test_invalid_utf8_text_frame_closes_1007_and_the_server_goes_on(daemon
     _no_errors_logged(caplog)
 
 
-@pytest.mark.parametrize("since", ["0-0", "0-5.1", "1-99999999999999999999", "18446744073709551616-18446744073709551617"])
-async def test_cursor_postgres_would_refuse_is_unusable_not_a_stall_for_everyone(daemon, open_client, db, since):
+@pytest.mark.parametrize(
+    "since", ["0-0", "0-5.1", "1-99999999999999999999", "18446744073709551616-18446744073709551617"]
+)
+async def test_cursor_postgres_would_refuse_is_unusable_not_a_stall_for_everyone(
+    daemon, open_client, db, since
+):
     """
     A cursor that parses but is no valid pg_snapshot gets recovered=false for
     its own session; delivery to everyone else goes on.

@@ -86,9 +86,12 @@ async def test_read_all_marks_everything_and_says_all(daemon, open_client, db):
     frame = await _next(client, "read")
     assert frame == {"event": "read", "all": True, "type": None}
     assert (await _next(client, "unread"))["count"] == 0
-    assert await db.fetchval(
-        "SELECT count(*) FROM t_message_real_time WHERE to_user = 'alice' AND is_read = '0'"
-    ) == 0
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM t_message_real_time WHERE to_user = 'alice' AND is_read = '0'"
+        )
+        == 0
+    )
 
 
 async def test_read_all_of_one_type_leaves_other_types_unread(daemon, open_client, db):
@@ -126,7 +129,9 @@ async def test_reading_another_users_message_changes_and_reveals_nothing(daemon,
     bob = await open_client(daemon.url("bob"))
     bobs = await insert(db, "bob", "bobs")
     await _unread_becomes(bob, 1)
-    await alice.send({"action": "read", "ids": [bobs, "x' OR '1'='1", "'; DROP TABLE t_message_real_time; --"]})
+    await alice.send(
+        {"action": "read", "ids": [bobs, "x' OR '1'='1", "'; DROP TABLE t_message_real_time; --"]}
+    )
     await alice.send({"action": "ping"})
     assert (await _next(alice, "pong")) == {"event": "pong"}
     await insert(db, "alice", "alice-sentinel")
@@ -138,7 +143,9 @@ async def test_reading_another_users_message_changes_and_reveals_nothing(daemon,
     assert not [f for f in bob.frames if f["event"] == "read"]
 
 
-async def test_read_with_too_many_or_bad_ids_is_an_error_and_the_session_stays(daemon, open_client, db):
+async def test_read_with_too_many_or_bad_ids_is_an_error_and_the_session_stays(
+    daemon, open_client, db
+):
     """2,000 ids, an empty list or non-strings: error frame with the request id; nothing changes."""
     client = await open_client(daemon.url("alice"))
     mine = await insert(db, "alice", "mine")

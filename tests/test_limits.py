@@ -9,7 +9,13 @@ import pytest
 from websockets.datastructures import Headers
 
 from notifyd.auth import bearer_subprotocol, offered_subprotocols, token_from_handshake
-from notifyd.limits import BURST_SECONDS, AddressCounter, AddressRateLimiter, TokenBucket, address_key
+from notifyd.limits import (
+    BURST_SECONDS,
+    AddressCounter,
+    AddressRateLimiter,
+    TokenBucket,
+    address_key,
+)
 from notifyd.origin import OriginPolicy, origin_warning
 from notifyd.settings import Settings
 
@@ -127,7 +133,9 @@ def test_require_origin_refuses_handshakes_without_one():
 
 def test_origin_refusal_reason_never_quotes_the_header():
     """The reason is a fixed text for the log."""
-    reason = OriginPolicy.from_list(["https://a.example"]).refusal(["https://evil.example/<script>"])
+    reason = OriginPolicy.from_list(["https://a.example"]).refusal(
+        ["https://evil.example/<script>"]
+    )
     assert reason == "origin not allowed"
 
 
@@ -145,7 +153,9 @@ def test_origin_refusal_reason_never_quotes_the_header():
 def test_serve_warning_when_reachable_without_an_allow_list(host, origins, warns):
     """Warn on a non-loopback bind without a real allow-list, not otherwise."""
     settings = Settings(host=host, allowed_origins=origins)
-    warning = origin_warning(allowed_origins=settings.allowed_origins, is_loopback=settings.is_loopback)
+    warning = origin_warning(
+        allowed_origins=settings.allowed_origins, is_loopback=settings.is_loopback
+    )
     assert (warning is not None) is warns
 
 
@@ -159,7 +169,9 @@ def test_bearer_subprotocol_entry_carries_the_token():
 
 def test_subprotocol_entries_are_read_across_repeated_headers():
     """Two Sec-WebSocket-Protocol headers count as one list."""
-    headers = Headers([("Sec-WebSocket-Protocol", "notifyd.v1"), ("Sec-WebSocket-Protocol", "Bearer.t0k")])
+    headers = Headers(
+        [("Sec-WebSocket-Protocol", "notifyd.v1"), ("Sec-WebSocket-Protocol", "Bearer.t0k")]
+    )
     assert bearer_subprotocol(offered_subprotocols(headers)) == "t0k"
 
 

@@ -26,7 +26,7 @@ from .processes import free_port, mint, running_notifyd, serve_env, wait_until_h
 def _self_signed(tmp_path):
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -82,7 +82,9 @@ async def test_a_certificate_without_its_key_is_a_config_error(tmp_path, start_d
 async def test_json_logs_are_one_event_per_line_and_never_show_the_token(dsn):
     """NOTIFYD_LOG_FORMAT=json: every log line is a JSON event; auth failures name the reason and peer, not the token."""
     port = free_port()
-    env = serve_env(dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_FORMAT="json", NOTIFYD_LOG_LEVEL="INFO")
+    env = serve_env(
+        dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_FORMAT="json", NOTIFYD_LOG_LEVEL="INFO"
+    )
     forged = mint("alice", secret="another-secret-" + "z" * 32)
     async with running_notifyd("serve", env=env) as server:
         await wait_until_healthy(port, server)

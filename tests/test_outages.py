@@ -20,7 +20,9 @@ from .conftest import SECRET, TIMEOUT, insert
 from .pgproxy import connection_cutting_proxy
 from .processes import free_port, running_notifyd, serve_env, wait_until_listening
 
-_LISTENER_QUERY = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()"
+_LISTENER_QUERY = (
+    "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()"
+)
 
 
 async def _wait_until(predicate, what: str, timeout: float = TIMEOUT) -> None:
@@ -147,7 +149,10 @@ async def test_postgres_restart_while_a_writer_inserts_delivers_every_committed_
     stop_writing.set()
     await writing
     await insert(app, "alice", "sentinel")
-    committed = {r["id"] for r in await app.fetch("SELECT id FROM t_message_real_time WHERE title <> 'sentinel'")}
+    committed = {
+        r["id"]
+        for r in await app.fetch("SELECT id FROM t_message_real_time WHERE title <> 'sentinel'")
+    }
     await app.close()
     await client.messages_until("sentinel", timeout=3 * TIMEOUT)
     received = client.frames
@@ -259,7 +264,6 @@ async def test_peer_that_stops_answering_pings_is_dropped_and_its_session_freed(
     await _wait_until(registered, "the session to register")
     await _wait_until(freed, "the mute peer to be dropped")
     writer.close()
-
 
 
 async def test_connection_lost_in_the_middle_of_a_large_window_resumes_after_the_last_routed_row(

@@ -17,7 +17,9 @@ def message(n: int, pad: int = 0) -> tuple[str, str]:
     A message-like frame and its cursor; ``pad`` adds characters to the frame.
     """
     cursor = f"{n}-{n}"
-    return json.dumps({"event": "message", "cursor": cursor, "id": str(n), "pad": "x" * pad}), cursor
+    return json.dumps(
+        {"event": "message", "cursor": cursor, "id": str(n), "pad": "x" * pad}
+    ), cursor
 
 
 def drain(outbox: Outbox) -> list[str]:

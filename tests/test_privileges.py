@@ -44,7 +44,9 @@ async def login_role(db, dsn):
         await db.execute(f"DROP ROLE {name}")
 
 
-async def test_daemon_works_under_the_least_privilege_role(db, login_role, start_daemon, open_client):
+async def test_daemon_works_under_the_least_privilege_role(
+    db, login_role, start_daemon, open_client
+):
     """Deliveries, reads, history and counts all work as notifyd_daemon."""
     await db.execute(role_sql())
     daemon_dsn = await login_role("IN ROLE notifyd_daemon")
@@ -60,7 +62,9 @@ async def test_daemon_works_under_the_least_privilege_role(db, login_role, start
         frames.append(await client.recv())
     history = next(f for f in frames if f["event"] == "history")
     assert {m["title"] for m in history["messages"]} == {"hello", "to all"}
-    assert await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id = $1", message) == "1"
+    assert (
+        await db.fetchval("SELECT is_read FROM t_message_real_time WHERE id = $1", message) == "1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,7 +92,9 @@ async def test_daemon_role_cannot_write_anything_but_is_read(db, login_role, sta
     assert await db.fetchval("SELECT title FROM t_message_real_time") == "original"
 
 
-async def test_application_role_needs_rights_on_the_message_table_only(db, login_role, start_daemon, open_client):
+async def test_application_role_needs_rights_on_the_message_table_only(
+    db, login_role, start_daemon, open_client
+):
     """An app role with plain DML on t_message_real_time can insert, mark read and recall."""
     app_dsn = await login_role("")
     role = urlsplit(app_dsn).netloc.partition("@")[0]

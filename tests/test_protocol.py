@@ -6,7 +6,7 @@ parsing and close codes. Pure: no I/O.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -53,7 +53,7 @@ def make_row(**overrides: Any) -> dict[str, Any]:
         "type": "notice",
         "send_user": "alice",
         "to_user": "bob",
-        "send_time": datetime(2024, 1, 2, 3, 4, 5, 678_901, tzinfo=timezone.utc),
+        "send_time": datetime(2024, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC),
         "skip_url": "/inbox/42",
         "is_read": "0",
     }
@@ -99,13 +99,17 @@ def test_encode_message_writes_aware_send_time_with_milliseconds_and_offset() ->
 def test_encode_message_writes_other_offsets_as_given() -> None:
     """An aware datetime in another zone keeps that zone's offset."""
     tz = timezone(timedelta(hours=8))
-    frame = json.loads(encode_message(make_row(send_time=datetime(2024, 1, 2, 11, 4, 5, tzinfo=tz)), "c"))
+    frame = json.loads(
+        encode_message(make_row(send_time=datetime(2024, 1, 2, 11, 4, 5, tzinfo=tz)), "c")
+    )
     assert frame["sendTime"] == "2024-01-02T11:04:05.000+08:00"
 
 
 def test_encode_message_writes_naive_send_time_without_offset() -> None:
     """A timestamp without time zone becomes ISO 8601 with milliseconds and no offset."""
-    frame = json.loads(encode_message(make_row(send_time=datetime(2024, 1, 2, 3, 4, 5, 678_901)), "c"))
+    frame = json.loads(
+        encode_message(make_row(send_time=datetime(2024, 1, 2, 3, 4, 5, 678_901)), "c")
+    )
     assert frame["sendTime"] == "2024-01-02T03:04:05.678"
 
 
@@ -119,7 +123,9 @@ def test_encode_message_keeps_is_read_a_string(is_read: str) -> None:
 
 def test_encode_message_sends_id_as_string_and_nulls_as_null() -> None:
     """A numeric id becomes a string; NULL columns become JSON null."""
-    frame = json.loads(encode_message(make_row(id=9_007_199_254_740_993, skip_url=None, title=None), "c"))
+    frame = json.loads(
+        encode_message(make_row(id=9_007_199_254_740_993, skip_url=None, title=None), "c")
+    )
     assert frame["id"] == "9007199254740993"
     assert frame["skipUrl"] is None
     assert frame["title"] is None
@@ -131,7 +137,10 @@ def test_encode_message_sends_id_as_string_and_nulls_as_null() -> None:
 def test_encode_hello_without_recovered_omits_the_key() -> None:
     """A hello for a fresh session has event, version, user, cursor and unread only."""
     text = encode_hello("bob", "5-5", None, 3)
-    assert text == f'{{"event":"hello","version":{PROTOCOL_VERSION},"user":"bob","cursor":"5-5","unread":3}}'
+    assert (
+        text
+        == f'{{"event":"hello","version":{PROTOCOL_VERSION},"user":"bob","cursor":"5-5","unread":3}}'
+    )
     assert "recovered" not in json.loads(text)
 
 
@@ -140,7 +149,12 @@ def test_encode_hello_includes_recovered_when_given(recovered: bool) -> None:
     """recovered is present, as a JSON boolean, when the client asked to resume."""
     frame = json.loads(encode_hello("bob", "5-5", recovered, 0))
     assert frame == {
-        "event": "hello", "version": 1, "user": "bob", "cursor": "5-5", "unread": 0, "recovered": recovered
+        "event": "hello",
+        "version": 1,
+        "user": "bob",
+        "cursor": "5-5",
+        "unread": 0,
+        "recovered": recovered,
     }
     assert list(frame) == ["event", "version", "user", "cursor", "unread", "recovered"]
 
@@ -152,7 +166,10 @@ def test_encode_resync_carries_the_cursor() -> None:
 
 def test_encode_error_without_request_id() -> None:
     """An error frame has event, code and message, and no id unless given."""
-    assert encode_error("invalid", "bad thing") == '{"event":"error","code":"invalid","message":"bad thing"}'
+    assert (
+        encode_error("invalid", "bad thing")
+        == '{"event":"error","code":"invalid","message":"bad thing"}'
+    )
 
 
 def test_encode_error_with_request_id() -> None:
@@ -275,7 +292,17 @@ def test_protocol_error_carries_code_and_message() -> None:
 
 def test_close_code_values_are_exactly_the_documented_set() -> None:
     """CloseCode holds exactly 1000,1008,1009,1011,1012,4401,4408,4409,4429."""
-    assert sorted(int(code) for code in CloseCode) == [1000, 1008, 1009, 1011, 1012, 4401, 4408, 4409, 4429]
+    assert sorted(int(code) for code in CloseCode) == [
+        1000,
+        1008,
+        1009,
+        1011,
+        1012,
+        4401,
+        4408,
+        4409,
+        4429,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,9 @@ async def test_resume_after_disconnect_during_a_burst_misses_nothing_and_repeats
     ids = await burst_task
     await writer.close()
 
-    resumed = await open_client(daemon.url("alice", since=quote(received[-1]["cursor"])), hello=False)
+    resumed = await open_client(
+        daemon.url("alice", since=quote(received[-1]["cursor"])), hello=False
+    )
     hello = await resumed.recv_event("hello")
     assert hello["recovered"] is True
     received += await resumed.messages_until(f"m{total - 1}")
@@ -154,7 +156,10 @@ async def test_replay_over_the_limit_sends_the_newest_then_resync(start_daemon, 
     await insert(db, "alice", "after-resync")
     again = await open_client(daemon.url("alice", since=quote(resync["cursor"])), hello=False)
     assert (await again.recv_event("hello"))["recovered"] is True
-    assert [m["title"] for m in await again.messages_until("after-resync")] == ["live", "after-resync"]
+    assert [m["title"] for m in await again.messages_until("after-resync")] == [
+        "live",
+        "after-resync",
+    ]
 
 
 async def test_malformed_or_foreign_cursor_gets_recovered_false_and_resync(daemon, open_client, db):

@@ -180,9 +180,12 @@ async def test_schema_upgrades_an_existing_seed_table_without_touching_its_rows(
         assert types_after["send_time"] == "timestamp without time zone"
         assert types_after["seq"] == "bigint"
         assert types_after["xact_id"] == "xid8"
-        assert await connection.fetchval(
-            f"SELECT count(*) FROM {TABLE} WHERE seq IS NULL OR xact_id IS NULL"
-        ) == 0
+        assert (
+            await connection.fetchval(
+                f"SELECT count(*) FROM {TABLE} WHERE seq IS NULL OR xact_id IS NULL"
+            )
+            == 0
+        )
         assert await connection.fetchval(f"SELECT count(DISTINCT seq) FROM {TABLE}") == SEED_ROWS
 
         fingerprint = await catalog_fingerprint(connection)

@@ -57,7 +57,9 @@ async def _until(condition, what: str) -> None:
 # -- origin ---------------------------------------------------------------------
 
 
-async def test_handshake_from_a_foreign_origin_is_refused_403_even_with_a_valid_cookie(start_daemon):
+async def test_handshake_from_a_foreign_origin_is_refused_403_even_with_a_valid_cookie(
+    start_daemon,
+):
     """Cross-site WebSocket hijacking: the victim's cookie does not help evil.example."""
     daemon = await start_daemon(allowed_origins=[APP])
     cookie = {"Cookie": f"notifyd_token={daemon.token('alice')}"}
@@ -69,7 +71,10 @@ async def test_handshake_from_a_foreign_origin_is_refused_403_even_with_a_valid_
 async def test_handshake_from_a_foreign_origin_is_refused_before_first_frame_auth(start_daemon):
     """Without any credential the foreign origin is still refused before the upgrade."""
     daemon = await start_daemon(allowed_origins=[APP])
-    assert await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/message", origin="https://evil.example") == 403
+    assert (
+        await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/message", origin="https://evil.example")
+        == 403
+    )
 
 
 async def test_handshake_from_an_allowed_origin_opens_a_session(start_daemon, open_client):
@@ -112,7 +117,9 @@ async def test_serve_does_not_warn_with_an_allow_list(dsn):
 # -- token in Sec-WebSocket-Protocol ---------------------------------------------
 
 
-async def test_token_in_subprotocol_opens_a_session_and_the_server_selects_notifyd_v1(daemon, open_client):
+async def test_token_in_subprotocol_opens_a_session_and_the_server_selects_notifyd_v1(
+    daemon, open_client
+):
     """notifyd.v1 + bearer.<token>: the answer names notifyd.v1 and never echoes the token."""
     token = daemon.token("alice")
     client = await open_client(
@@ -128,7 +135,12 @@ async def test_token_in_subprotocol_opens_a_session_and_the_server_selects_notif
 async def test_bearer_subprotocol_without_notifyd_v1_is_refused_400(daemon):
     """A bearer entry alone would make the browser fail the handshake: 400 says why first."""
     token = daemon.token("alice")
-    assert await _status_of(f"ws://127.0.0.1:{daemon.port}/ws/message", subprotocols=[f"bearer.{token}"]) == 400
+    assert (
+        await _status_of(
+            f"ws://127.0.0.1:{daemon.port}/ws/message", subprotocols=[f"bearer.{token}"]
+        )
+        == 400
+    )
 
 
 async def test_forged_token_in_subprotocol_is_refused_401(daemon):
@@ -182,7 +194,9 @@ async def test_session_authenticated_by_first_frame_also_expires(start_daemon, o
     assert await _close_code(client) == 4401
 
 
-async def test_refresh_in_time_keeps_the_session_open_past_the_old_expiry(start_daemon, open_client, db):
+async def test_refresh_in_time_keeps_the_session_open_past_the_old_expiry(
+    start_daemon, open_client, db
+):
     """A twin session with the same short token closes with 4401; the refreshed one still works."""
     daemon = await start_daemon(jwt_leeway_s=0)
     short = daemon.token("alice", ttl_s=2)
@@ -238,12 +252,18 @@ async def test_revoked_session_is_closed_with_4401_at_connect(start_daemon, open
     """The app's session table says no: 4401 right after the upgrade, before hello."""
     await _revocation_table(db)
     daemon = await start_daemon(revocation_sql=_BY_SID)
-    revoked = await open_client(daemon.url("a", token=daemon.token("alice", extra={"sid": "s-revoked"})), hello=False)
+    revoked = await open_client(
+        daemon.url("a", token=daemon.token("alice", extra={"sid": "s-revoked"})), hello=False
+    )
     assert await _close_code(revoked) == 4401
     assert revoked.frames == []
-    unknown = await open_client(daemon.url("a", token=daemon.token("alice", extra={"sid": "nope"})), hello=False)
+    unknown = await open_client(
+        daemon.url("a", token=daemon.token("alice", extra={"sid": "nope"})), hello=False
+    )
     assert await _close_code(unknown) == 4401
-    borrowed = await open_client(daemon.url("a", token=daemon.token("alice", extra={"sid": "s-bob"})), hello=False)
+    borrowed = await open_client(
+        daemon.url("a", token=daemon.token("alice", extra={"sid": "s-bob"})), hello=False
+    )
     assert await _close_code(borrowed) == 4401
     ok = await open_client(daemon.url("a", token=daemon.token("alice", extra={"sid": "s-ok"})))
     assert ok.frames[0]["user"] == "alice"
@@ -264,15 +284,22 @@ async def test_refresh_with_a_revoked_token_closes_4401(start_daemon, open_clien
     await _revocation_table(db)
     daemon = await start_daemon(revocation_sql=_BY_SID)
     client = await open_client(daemon.url("a", token=daemon.token("alice", extra={"sid": "s-ok"})))
-    await client.send({"action": "refresh", "token": daemon.token("alice", extra={"sid": "s-revoked"})})
+    await client.send(
+        {"action": "refresh", "token": daemon.token("alice", extra={"sid": "s-revoked"})}
+    )
     assert await _close_code(client) == 4401
 
 
 @pytest.mark.parametrize(
     ("query", "fragment"),
-    [("SELEC 1", "NOTIFYD_REVOCATION_SQL is not usable"), ("SELECT $1 = $2 AND $3", "takes 3 parameters")],
+    [
+        ("SELEC 1", "NOTIFYD_REVOCATION_SQL is not usable"),
+        ("SELECT $1 = $2 AND $3", "takes 3 parameters"),
+    ],
 )
-async def test_unusable_revocation_query_stops_start_naming_the_setting(start_daemon, query, fragment):
+async def test_unusable_revocation_query_stops_start_naming_the_setting(
+    start_daemon, query, fragment
+):
     """A typo is a start-up ConfigError, not a refusal of every session later."""
     with pytest.raises(ConfigError, match=fragment):
         await start_daemon(revocation_sql=query)
@@ -281,7 +308,9 @@ async def test_unusable_revocation_query_stops_start_naming_the_setting(start_da
 async def test_revocation_check_that_cannot_run_refuses_with_1011(start_daemon, open_client, db):
     """When the query fails at run time the session is not waved through."""
     await db.execute("CREATE TABLE app_sessions (sid text PRIMARY KEY, revoked boolean NOT NULL)")
-    daemon = await start_daemon(revocation_sql="SELECT NOT revoked FROM app_sessions WHERE sid = $1")
+    daemon = await start_daemon(
+        revocation_sql="SELECT NOT revoked FROM app_sessions WHERE sid = $1"
+    )
     # Bounded: checking the query at start must leave no lock on the app's table.
     await asyncio.wait_for(db.execute("DROP TABLE app_sessions"), TIMEOUT)
     client = await open_client(daemon.url("alice"), hello=False)
@@ -291,7 +320,9 @@ async def test_revocation_check_that_cannot_run_refuses_with_1011(start_daemon, 
 # -- limits ------------------------------------------------------------------------------
 
 
-async def test_connections_per_address_over_the_limit_get_429_until_one_closes(start_daemon, open_client):
+async def test_connections_per_address_over_the_limit_get_429_until_one_closes(
+    start_daemon, open_client
+):
     """Two per address: the third handshake is refused; after one closes, it gets in."""
     daemon = await start_daemon(max_connections_per_address=2)
     first = await open_client(daemon.url("alice"))
@@ -299,7 +330,9 @@ async def test_connections_per_address_over_the_limit_get_429_until_one_closes(s
     assert await _status_of(daemon.url("carol")) == 429
     assert daemon.daemon.stats.limit_trips["connections_per_address"] == 1
     await first.close()
-    await _until(lambda: daemon.daemon.server._per_address.count("127.0.0.1") == 1, "the slot to free")
+    await _until(
+        lambda: daemon.daemon.server._per_address.count("127.0.0.1") == 1, "the slot to free"
+    )
     assert (await open_client(daemon.url("carol"))).frames[0]["user"] == "carol"
 
 
@@ -310,10 +343,14 @@ async def test_failed_or_dropped_connections_give_their_slot_back(start_daemon, 
         failing = await open_client(f"ws://127.0.0.1:{daemon.port}/ws/message", hello=False)
         await failing.send({"action": "auth", "token": "forged"})
         assert await _close_code(failing) == 4401
-        await _until(lambda: daemon.daemon.server._per_address.count("127.0.0.1") == 0, "the slot to free")
+        await _until(
+            lambda: daemon.daemon.server._per_address.count("127.0.0.1") == 0, "the slot to free"
+        )
         dropped = await open_client(daemon.url("alice"))
         await dropped.drop()
-        await _until(lambda: daemon.daemon.server._per_address.count("127.0.0.1") == 0, "the slot to free")
+        await _until(
+            lambda: daemon.daemon.server._per_address.count("127.0.0.1") == 0, "the slot to free"
+        )
     assert (await open_client(daemon.url("alice"))).frames[0]["user"] == "alice"
 
 
@@ -327,7 +364,9 @@ async def test_handshakes_per_second_over_the_limit_get_429(start_daemon, open_c
     assert health.startswith("HTTP/1.1 200"), "health checks are not handshakes"
 
 
-async def test_frame_flood_closes_the_session_with_1008_and_others_keep_receiving(start_daemon, open_client, db):
+async def test_frame_flood_closes_the_session_with_1008_and_others_keep_receiving(
+    start_daemon, open_client, db
+):
     """200 pings at 5/s allowed: the flooder is closed with 1008; bob still gets his message."""
     daemon = await start_daemon(client_frames_per_s=5)
     bob = await open_client(daemon.url("bob"))
@@ -378,7 +417,9 @@ async def test_too_many_ids_in_one_read_is_an_error_and_counts(start_daemon, ope
     await client.recv_event("pong")
 
 
-async def test_history_beyond_the_concurrency_limit_is_answered_busy(start_daemon, open_client, admin_dsn, dsn):
+async def test_history_beyond_the_concurrency_limit_is_answered_busy(
+    start_daemon, open_client, admin_dsn, dsn
+):
     """One slot, held by a query blocked on a table lock: a second request gets `busy`."""
     import asyncpg
 
@@ -407,13 +448,17 @@ async def test_history_beyond_the_concurrency_limit_is_answered_busy(start_daemo
     assert daemon.daemon.stats.limit_trips["history_concurrency"] == 1
 
 
-async def test_sessions_per_user_over_the_limit_replace_the_oldest_and_count(start_daemon, open_client):
+async def test_sessions_per_user_over_the_limit_replace_the_oldest_and_count(
+    start_daemon, open_client
+):
     """The existing per-user limit (4409) shows in notifyd_limit_trips too."""
     daemon = await start_daemon(max_sessions_per_user=1)
     old = await open_client(daemon.url("alice"))
     await open_client(daemon.url("alice"))
     assert await _close_code(old) == 4409
-    assert 'notifyd_limit_trips_total{limit="sessions_per_user"} 1.0' in await _get(daemon.port, "/metrics")
+    assert 'notifyd_limit_trips_total{limit="sessions_per_user"} 1.0' in await _get(
+        daemon.port, "/metrics"
+    )
 
 
 def test_per_address_limits_are_off_by_default():

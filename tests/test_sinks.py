@@ -182,9 +182,7 @@ async def test_webhook_posts_each_message_signed_with_its_id_as_idempotency_key(
         assert post.message["toUser"] == f"user{n}"
         assert post.message["title"] == f"title {n}"
         assert post.message["type"] == "notice"
-    await until_async(
-        lambda: _all_in_state(db, ids, "sent"), what="dispatch rows marked sent"
-    )
+    await until_async(lambda: _all_in_state(db, ids, "sent"), what="dispatch rows marked sent")
     # The counter follows the database update, in the daemon's own time.
     await until(lambda: daemon.daemon.stats.sinks["webhook"].sent == 3, what="sent counted")
     text = render_metrics(registry_for(daemon.daemon)).decode()
@@ -209,7 +207,9 @@ def _tls_receiver(tmp_path: Path) -> tuple[Path, Receiver]:
     return cert_file, receiver
 
 
-async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(db, start_daemon, tmp_path):
+async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(
+    db, start_daemon, tmp_path
+):
     """https:// with NOTIFYD_WEBHOOK_CA_FILE: the POST goes over TLS to a receiver that CA vouches for."""
     cert_file, receiver = _tls_receiver(tmp_path)
     try:
@@ -348,15 +348,21 @@ async def test_a_receiver_that_never_answers_is_timed_out_and_retried(db, start_
         )  # fmt: skip
         message = await insert(db, "alice", "into the void")
         stats = daemon.daemon.stats.sinks["webhook"]
-        await until(lambda: stats.failed >= 2 and len(connections) >= 2, what="two timed-out attempts")
+        await until(
+            lambda: stats.failed >= 2 and len(connections) >= 2, what="two timed-out attempts"
+        )
         assert all(b"Idempotency-Key: " + message.encode() in head for head in connections)
-        error = await db.fetchval("SELECT last_error FROM t_message_dispatch WHERE message_id = $1", message)
+        error = await db.fetchval(
+            "SELECT last_error FROM t_message_dispatch WHERE message_id = $1", message
+        )
         assert error == "no answer within 0.2s"
     finally:
         server.close()
 
 
-async def test_4xx_rejects_the_message_for_good_and_the_next_one_goes_on(db, start_daemon, receiver):
+async def test_4xx_rejects_the_message_for_good_and_the_next_one_goes_on(
+    db, start_daemon, receiver
+):
     """A 400 is final: the message is marked rejected and is not retried."""
     receiver.status = 400
     daemon = await start_daemon(**webhook_settings(receiver))
@@ -418,21 +424,27 @@ async def test_webhook_works_under_the_least_privilege_role(db, login_role, star
     """role.sql grants what the dispatch tables need, and nothing else is needed."""
     await db.execute(role_sql())
     daemon_dsn = await login_role("IN ROLE notifyd_daemon")
-    await start_daemon(dsn=daemon_dsn, **webhook_settings(receiver, webhook_mode="offline",
-                                                           webhook_offline_after_s=0.1))
+    await start_daemon(
+        dsn=daemon_dsn,
+        **webhook_settings(receiver, webhook_mode="offline", webhook_offline_after_s=0.1),
+    )
     message = await insert(db, "bob", "as notifyd_daemon")
     await receiver.wait_for(lambda posts: len(posts) >= 1)
     await until_async(lambda: _all_in_state(db, [message], "sent"), what="sent")
 
 
-async def test_a_role_without_dispatch_rights_cannot_start_the_webhook(db, login_role, start_daemon, receiver):  # noqa: F811
+async def test_a_role_without_dispatch_rights_cannot_start_the_webhook(
+    db, login_role, start_daemon, receiver
+):
     """Startup names the missing right on the dispatch table instead of failing later."""
     role_dsn = await login_role("")
     role = role_dsn.split("//", 1)[1].split("@", 1)[0]
     await db.execute(role_sql())
     await db.execute(f"GRANT notifyd_daemon TO {role}")
     await db.execute("REVOKE UPDATE ON t_message_dispatch FROM notifyd_daemon")
-    with pytest.raises(Exception, match="lacks SELECT, INSERT, UPDATE and DELETE on t_message_dispatch"):
+    with pytest.raises(
+        Exception, match="lacks SELECT, INSERT, UPDATE and DELETE on t_message_dispatch"
+    ):
         await start_daemon(dsn=role_dsn, **webhook_settings(receiver))
 
 
@@ -469,7 +481,7 @@ def plugin_sinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """
     (tmp_path / "notifyd_test_plugin.py").write_text(
         textwrap.dedent(
-            '''
+            """
             import asyncio
 
             class Raising:
@@ -501,12 +513,14 @@ def plugin_sinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
             def broken(context):
                 raise ValueError("needs option 'token'")
-            '''
+            """
         )
     )
     dist = tmp_path / "notifyd_test_plugin-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: notifyd-test-plugin\nVersion: 1.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: notifyd-test-plugin\nVersion: 1.0\n"
+    )
     (dist / "entry_points.txt").write_text(
         "[notifyd.sinks]\n"
         "raising = notifyd_test_plugin:raising\n"
@@ -584,7 +598,9 @@ async def test_a_third_party_sink_gets_each_message_with_the_online_flag(
         (["missing"], "sink 'missing' (notifyd_test_plugin_gone:create) cannot be loaded"),
     ],
 )
-async def test_bad_sink_names_and_factories_are_config_errors(start_daemon, plugin_sinks, sinks, fragment):
+async def test_bad_sink_names_and_factories_are_config_errors(
+    start_daemon, plugin_sinks, sinks, fragment
+):
     """An unknown name, a factory that refuses its options or cannot be imported: ConfigError before the database."""
     with pytest.raises(ConfigError) as caught:
         await start_daemon(sinks=sinks)
@@ -600,8 +616,14 @@ async def test_bad_sink_names_and_factories_are_config_errors(start_daemon, plug
             {"NOTIFYD_SINKS": "webhook", "NOTIFYD_WEBHOOK_URL": "http://127.0.0.1:9/"},
             "NOTIFYD_WEBHOOK_SECRET",
         ),
-        ({"NOTIFYD_SINKS": "log", "NOTIFYD_LOG_SINK_PATH": "/nonexistent/dir/a.log"}, "NOTIFYD_LOG_SINK_PATH"),
-        ({"NOTIFYD_SINKS": "log", "NOTIFYD_SINK_OPTIONS": "{bad"}, "NOTIFYD_SINK_OPTIONS: Value error, not valid JSON"),
+        (
+            {"NOTIFYD_SINKS": "log", "NOTIFYD_LOG_SINK_PATH": "/nonexistent/dir/a.log"},
+            "NOTIFYD_LOG_SINK_PATH",
+        ),
+        (
+            {"NOTIFYD_SINKS": "log", "NOTIFYD_SINK_OPTIONS": "{bad"},
+            "NOTIFYD_SINK_OPTIONS: Value error, not valid JSON",
+        ),
         ({"NOTIFYD_SINKS": "log", "NOTIFYD_SINK_OPTIONS": '{"log": 1}'}, "NOTIFYD_SINK_OPTIONS"),
     ],
 )
@@ -625,7 +647,9 @@ def test_the_example_email_sink_package_loads_by_its_entry_point_and_checks_its_
     example = Path(__file__).parent.parent / "docs" / "example-sink"
     dist = tmp_path / "notifyd_email_sink-0.1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: notifyd-email-sink\nVersion: 0.1.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: notifyd-email-sink\nVersion: 0.1.0\n"
+    )
     entry = example / "pyproject.toml"
     line = next(l for l in entry.read_text().splitlines() if l.startswith("email = "))
     (dist / "entry_points.txt").write_text(f"[notifyd.sinks]\n{line.replace(chr(34), '')}\n")
@@ -641,13 +665,16 @@ def test_the_example_email_sink_package_loads_by_its_entry_point_and_checks_its_
     from datetime import UTC, datetime
 
     import notifyd_email_sink
+
     from notifyd.sinks import SinkMessage
 
     message = SinkMessage(
         "m1", 1, "u42", "Order shipped", "On its way", "order", "shop",
         datetime.now(UTC), "javascript:alert(1)", "0",
     )  # fmt: skip
-    mail = notifyd_email_sink.build_mail(message, address="{user}@example.com", sender="noreply@example.com")
+    mail = notifyd_email_sink.build_mail(
+        message, address="{user}@example.com", sender="noreply@example.com"
+    )
     assert (mail["To"], mail["Subject"]) == ("u42@example.com", "Order shipped")
     assert "javascript" not in mail.get_content()
 

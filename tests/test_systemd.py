@@ -152,7 +152,9 @@ async def test_sighup_rotates_jwt_keys_without_dropping_sessions(tmp_path, dsn, 
                 deadline = time.monotonic() + TIMEOUT
                 while True:  # the reload is asynchronous: poll until the new key works
                     try:
-                        async with connect(f"ws://127.0.0.1:{port}/ws/message?token={new_token}") as fresh:
+                        async with connect(
+                            f"ws://127.0.0.1:{port}/ws/message?token={new_token}"
+                        ) as fresh:
                             assert json.loads(await fresh.recv())["event"] == "hello"
                         break
                     except InvalidStatus:
@@ -190,14 +192,18 @@ def _unit_for_this_machine(tmp_path: Path) -> Path:
 def test_unit_file_verifies_and_rates_at_most_2_0_exposure(tmp_path):
     """systemd-analyze verify passes and security rates the unit 2.0 or better."""
     unit = _unit_for_this_machine(tmp_path)
-    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    verify = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True
+    )
     assert verify.returncode == 0, verify.stderr
     security = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
     )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout + security.stderr)
+    match = re.search(
+        r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout + security.stderr
+    )
     assert match, security.stdout[-500:]
     assert float(match.group(1)) <= 2.0, match.group(0)
 
@@ -205,7 +211,12 @@ def test_unit_file_verifies_and_rates_at_most_2_0_exposure(tmp_path):
 def test_unit_file_is_type_notify_with_watchdog_and_reload():
     """The unit asks for sd_notify readiness, a watchdog and SIGHUP reloads."""
     text = (REPO / "systemd" / "notifyd.service").read_text()
-    for line in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "LimitNOFILE="):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "LimitNOFILE=",
+    ):
         assert line in text
 
 

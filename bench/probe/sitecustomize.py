@@ -19,7 +19,7 @@ _PATH = os.environ.get("BENCH_GC_LOG")
 _SLOW_S = 0.005
 
 if _PATH:
-    _log = open(_PATH, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    _log = open(_PATH, "a", buffering=1)
     _started = [0.0]
 
     def _observe(phase: str, info: dict[str, Any]) -> None:

@@ -168,7 +168,9 @@ def load_sink(name: str, context: SinkContext, installed: Mapping[str, EntryPoin
     try:
         factory = entry.load()
     except Exception as exc:
-        raise ConfigError(f"sink {name!r} ({entry.value}) cannot be loaded: {_describe(exc)}") from None
+        raise ConfigError(
+            f"sink {name!r} ({entry.value}) cannot be loaded: {_describe(exc)}"
+        ) from None
     try:
         sink = factory(context)
     except ConfigError:
@@ -176,7 +178,9 @@ def load_sink(name: str, context: SinkContext, installed: Mapping[str, EntryPoin
     except Exception as exc:
         raise ConfigError(f"sink {name!r} rejected its configuration: {_describe(exc)}") from None
     if not callable(sink):
-        raise ConfigError(f"sink {name!r}: its factory returned {type(sink).__name__}, not a callable")
+        raise ConfigError(
+            f"sink {name!r}: its factory returned {type(sink).__name__}, not a callable"
+        )
     return sink  # type: ignore[no-any-return]
 
 

@@ -75,7 +75,12 @@ async def post(
             writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
             await writer.drain()
             return await _read_head(reader)
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        except (
+            OSError,
+            ssl.SSLError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ) as exc:
             raise HttpError(f"{target.host_header}: {type(exc).__name__}: {exc}") from None
         finally:
             writer.close()

@@ -45,7 +45,7 @@ class LogSink:
         self._owned = path != "-"
         if self._owned:
             try:
-                self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed in aclose
+                self._file: IO[bytes] = open(path, "ab")
             except OSError as exc:
                 raise ConfigError(
                     f"NOTIFYD_LOG_SINK_PATH {path!r} cannot be opened for appending: {exc.strerror}"

@@ -137,7 +137,9 @@ class SinkManager:
                     running.stats.dropped += 1
                     running.drops.warn(
                         "sink %s: queue full (%d), message %s dropped for it",
-                        running.name, queue.maxsize, message.id,
+                        running.name,
+                        queue.maxsize,
+                        message.id,
                     )
             running.stats.queue_depth = queue.qsize()
 
@@ -150,7 +152,9 @@ class SinkManager:
             tasks.append(asyncio.create_task(self._work(running), name=f"sink {running.name}"))
             if getattr(running.sink, "run", None) is not None:
                 tasks.append(
-                    asyncio.create_task(self._keep_running(running), name=f"sink {running.name} run")
+                    asyncio.create_task(
+                        self._keep_running(running), name=f"sink {running.name} run"
+                    )
                 )
         try:
             await asyncio.gather(*tasks)
@@ -184,7 +188,9 @@ class SinkManager:
                 stats.failed += 1
                 running.failures.warn(
                     "sink %s: gave up on message %s after %.1fs (NOTIFYD_SINK_TIMEOUT_S)",
-                    running.name, message.id, self._timeout,
+                    running.name,
+                    message.id,
+                    self._timeout,
                 )
             except Exception as exc:
                 stats.failed += 1
@@ -204,6 +210,8 @@ class SinkManager:
                 await run()
                 logger.warning("sink %s: run() returned; starting it again", running.name)
             except Exception as exc:
-                logger.error("sink %s: run() failed: %s", running.name, _describe(exc), exc_info=exc)
+                logger.error(
+                    "sink %s: run() failed: %s", running.name, _describe(exc), exc_info=exc
+                )
             failures = 1 if time.monotonic() - started > 60 else failures + 1
             await asyncio.sleep(min(_RESTART_MAX_S, _RESTART_MIN_S * 2 ** (failures - 1)))

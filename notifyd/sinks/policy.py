@@ -46,7 +46,9 @@ def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
 
 
-def signature_headers(secret: bytes, timestamp: int, body: bytes, message_id: str) -> dict[str, str]:
+def signature_headers(
+    secret: bytes, timestamp: int, body: bytes, message_id: str
+) -> dict[str, str]:
     """
     The headers that make a POST verifiable and deduplicable.
     """

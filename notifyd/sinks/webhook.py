@@ -158,8 +158,11 @@ class WebhookSink:
             except DATABASE_ERRORS as exc:
                 failures += 1
                 delay = retry_delay(failures, initial=0.1, maximum=self._poll)
-                logger.warning("webhook: cannot record seen messages (%s); retrying in %.1fs",
-                               _describe(exc), delay)
+                logger.warning(
+                    "webhook: cannot record seen messages (%s); retrying in %.1fs",
+                    _describe(exc),
+                    delay,
+                )
                 self._seen_added.set()
                 await asyncio.sleep(delay)
 
@@ -183,7 +186,9 @@ class WebhookSink:
                     self._stats.expired += len(expired)
                     logger.warning(
                         "webhook: gave up on %d message(s) older than %.0fs (first: %s)",
-                        len(expired), self._max_age, expired[0],
+                        len(expired),
+                        self._max_age,
+                        expired[0],
                     )
                 if time.monotonic() - last_prune > _PRUNE_EVERY_S:
                     last_prune = time.monotonic()
@@ -194,7 +199,9 @@ class WebhookSink:
             except DATABASE_ERRORS as exc:
                 failures += 1
                 due_in = retry_delay(failures, initial=0.1, maximum=self._poll)
-                logger.warning("webhook: database unavailable (%s); retrying in %.1fs", _describe(exc), due_in)
+                logger.warning(
+                    "webhook: database unavailable (%s); retrying in %.1fs", _describe(exc), due_in
+                )
             wait = self._poll if due_in is None else min(self._poll, due_in)
             if wait > 0 and not self._wake.is_set():
                 try:
@@ -217,7 +224,9 @@ class WebhookSink:
         Claim one batch and send it in order. Returns whether it was a full
         batch sent without trouble (so more may be due at once).
         """
-        rows = await store.claim(limit=self._batch, lease=self._batch * self._timeout + _LEASE_MARGIN_S)
+        rows = await store.claim(
+            limit=self._batch, lease=self._batch * self._timeout + _LEASE_MARGIN_S
+        )
         pending = [row["message_id"] for row in rows]
         try:
             for index, row in enumerate(rows):
@@ -268,7 +277,9 @@ class WebhookSink:
                 self._target, body, headers, timeout=self._timeout, ssl_context=self._ssl
             )
             status = answer.status
-            retry_after = parse_retry_after(answer.headers.get("retry-after"), maximum=self._retry_max)
+            retry_after = parse_retry_after(
+                answer.headers.get("retry-after"), maximum=self._retry_max
+            )
             error = f"HTTP {status}"
         except TimeoutError:
             error = f"no answer within {self._timeout:.1f}s"
@@ -284,14 +295,21 @@ class WebhookSink:
         self._stats.failed += 1
         if outcome is Outcome.REJECTED:
             await store.finish([message_id], "rejected", error)
-            logger.error("webhook: message %s rejected by the receiver (%s); not retried", message_id, error)
+            logger.error(
+                "webhook: message %s rejected by the receiver (%s); not retried", message_id, error
+            )
             return True
-        delay = retry_after if retry_after is not None else retry_delay(
-            attempt, initial=self._retry_initial, maximum=self._retry_max
+        delay = (
+            retry_after
+            if retry_after is not None
+            else retry_delay(attempt, initial=self._retry_initial, maximum=self._retry_max)
         )
         await store.retry_later(message_id, delay, error)
         logger.warning(
-            "webhook: message %s attempt %d failed (%s); retrying in %.1fs", message_id, attempt, error, delay
+            "webhook: message %s attempt %d failed (%s); retrying in %.1fs",
+            message_id,
+            attempt,
+            error,
+            delay,
         )
         return False
-
