@@ -1,7 +1,8 @@
 """
-Authentication decisions: which token a handshake carries, whether it is
-valid, and which user a path names.
+Tokens: whether a JWT is valid and whom it speaks for, and minting HS256
+tokens for the demo and the tests.
 
+Where a handshake carries its token is :mod:`notifyd.credentials`' job.
 Everything here is pure: no network, no event loop, no logging. The one piece
 of I/O is :meth:`TokenVerifier.from_settings` reading the public key file,
 because that happens once at start-up, at the edge.
@@ -17,15 +18,12 @@ from __future__ import annotations
 
 import math
 import time
-import unicodedata
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
-from typing import Any, Protocol, Union
-from urllib.parse import unquote
+from typing import Any
 
 import jwt
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -38,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
 from jwt.warnings import InsecureKeyLengthWarning
 
+from .credentials import valid_user
 from .exceptions import AuthError, ConfigError
 from .settings import Settings
 
@@ -45,17 +44,9 @@ __all__ = [
     "DEFAULT_LEEWAY_S",
     "MAX_LEEWAY_S",
     "MAX_TOKEN_CHARS",
-    "MAX_USER_CHARS",
-    "ROUTE_MESSAGE",
-    "ROUTE_MESSAGE_USER",
-    "SUBPROTOCOL",
-    "HeaderLookup",
     "Identity",
+    "Keys",
     "TokenVerifier",
-    "bearer_subprotocol",
-    "offered_subprotocols",
-    "token_from_handshake",
-    "user_from_path",
 ]
 
 DEFAULT_LEEWAY_S = 5.0
@@ -63,44 +54,20 @@ MAX_LEEWAY_S = 30.0
 # Real tokens are a few hundred bytes; the cap keeps a hostile client from
 # making us base64-decode and JSON-parse megabytes before we can say no.
 MAX_TOKEN_CHARS = 8192
-MAX_USER_CHARS = 255
 # RFC 7518 §3.2: an HS256 key should be at least as long as the hash output.
 MIN_SECRET_BYTES = 32
 # A PEM public key is a few KiB at most; the cap stops a misconfigured path
 # such as /dev/zero from eating memory at start-up.
 MAX_KEY_FILE_BYTES = 64 * 1024
 
-# The WebSocket subprotocol a client offers next to a ``bearer.<token>``
-# entry; the server selects it, so the token is never echoed back.
-SUBPROTOCOL = "notifyd.v1"
-BEARER_PREFIX = "bearer."
-
-ROUTE_MESSAGE = "/ws/message"
-ROUTE_MESSAGE_USER = "/ws/message/{userId}"
-
 _HS256 = "HS256"
 _RS256 = "RS256"
 _ES256 = "ES256"
 
-PublicKey = Union[RSAPublicKey, EllipticCurvePublicKey]
-_VerifyKey = Union[bytes, RSAPublicKey, EllipticCurvePublicKey]
+PublicKey = RSAPublicKey | EllipticCurvePublicKey
+_VerifyKey = bytes | RSAPublicKey | EllipticCurvePublicKey
 
 _NO_KEY = "no JWT key: set NOTIFYD_JWT_SECRET or NOTIFYD_JWT_PUBLIC_KEY_FILE"
-
-
-class HeaderLookup(Protocol):
-    """
-    Anything with ``get(name)`` returning a header value or ``None``.
-
-    websockets' ``Headers`` fits and is case-insensitive; a plain ``dict``
-    fits too but then the caller must use the exact header-name spelling.
-    """
-
-    def get(self, key: str, /) -> str | None:
-        """
-        Return the header's value, or ``None`` when it is absent.
-        """
-        ...
 
 
 @dataclass(frozen=True)
@@ -321,7 +288,7 @@ class TokenVerifier:
         # bool is an int subclass, but ``true`` is not a user id.
         if isinstance(raw_user, int) and not isinstance(raw_user, bool):
             raw_user = str(raw_user)
-        if not isinstance(raw_user, str) or not _valid_user(raw_user):
+        if not isinstance(raw_user, str) or not valid_user(raw_user):
             raise AuthError(f"invalid claim {self.user_claim}")
         return Identity(user=raw_user, expires_at=exp, claims=payload)
 
@@ -347,7 +314,7 @@ class TokenVerifier:
             raise ConfigError("minting tokens needs NOTIFYD_JWT_SECRET")
         if _HS256 not in self._keys:
             raise ConfigError("minting tokens needs HS256 in NOTIFYD_JWT_ALGORITHMS")
-        if not _valid_user(user):
+        if not valid_user(user):
             raise ValueError("user id must be 1-255 characters without control characters")
         if not (math.isfinite(ttl_s) and ttl_s > 0):
             raise ValueError("ttl_s must be a positive number of seconds")
@@ -383,96 +350,6 @@ class TokenVerifier:
                 yield
         else:
             yield
-
-
-def token_from_handshake(
-    *,
-    query: Mapping[str, str],
-    headers: HeaderLookup,
-    cookie_name: str,
-) -> str | None:
-    """
-    Find the token a WebSocket handshake carries.
-
-    Looks, in order, at the ``token`` query parameter, an ``Authorization:
-    Bearer <token>`` header (scheme case-insensitive), a ``bearer.<token>``
-    entry of ``Sec-WebSocket-Protocol`` and the cookie named
-    ``cookie_name``; the first non-empty one wins. Returns ``None`` when
-    there is none. Never raises on malformed headers or cookies: garbage
-    counts as absent.
-    """
-    from_query = query.get("token")
-    if isinstance(from_query, str) and from_query.strip():
-        return from_query.strip()
-
-    authorization = _header(headers, "Authorization")
-    if authorization is not None:
-        parts = authorization.split()
-        if len(parts) == 2 and parts[0].lower() == "bearer":
-            return parts[1]
-
-    from_subprotocol = bearer_subprotocol(offered_subprotocols(headers))
-    if from_subprotocol is not None:
-        return from_subprotocol
-
-    cookie_header = _cookie_header(headers)
-    if cookie_header:
-        return _cookie_value(cookie_header, cookie_name)
-    return None
-
-
-def offered_subprotocols(headers: HeaderLookup) -> list[str]:
-    """
-    The entries of every ``Sec-WebSocket-Protocol`` header, in order.
-
-    Never raises: a malformed header yields whatever splits cleanly.
-    """
-    values = _header_values(headers, "Sec-WebSocket-Protocol")
-    return [item.strip() for value in values for item in value.split(",") if item.strip()]
-
-
-def bearer_subprotocol(offered: list[str]) -> str | None:
-    """
-    The token of the first ``bearer.<token>`` entry (prefix case-
-    insensitive), or None. A JWT is base64url and dots, all legal in a
-    subprotocol name, so it is carried as is. Never raises.
-    """
-    for item in offered:
-        if item[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX and len(item) > len(BEARER_PREFIX):
-            return item[len(BEARER_PREFIX) :]
-    return None
-
-
-def user_from_path(path: str) -> tuple[str, str | None] | None:
-    """
-    Match a request path against the WebSocket routes.
-
-    Returns ``(ROUTE_MESSAGE, None)`` for ``/ws/message``,
-    ``(ROUTE_MESSAGE_USER, user)`` for ``/ws/message/{userId}`` with the
-    user id percent-decoded, and ``None`` for any other path or an invalid
-    user id (empty, over 255 characters, bad UTF-8, control characters).
-    One trailing slash is tolerated. ``path`` must not include the query
-    string. Never raises.
-    """
-    if len(path) > 1 and path.endswith("/"):
-        path = path[:-1]
-    if path == ROUTE_MESSAGE:
-        return ROUTE_MESSAGE, None
-    prefix = ROUTE_MESSAGE + "/"
-    if not path.startswith(prefix):
-        return None
-    raw = path[len(prefix) :]
-    # Each decoded character is at most 4 UTF-8 bytes of 3 chars ("%XX")
-    # each; anything longer cannot decode to a valid id, so skip the work.
-    if not raw or "/" in raw or len(raw) > MAX_USER_CHARS * 12:
-        return None
-    try:
-        user = unquote(raw, encoding="utf-8", errors="strict")
-    except UnicodeDecodeError:
-        return None
-    if not _valid_user(user):
-        return None
-    return ROUTE_MESSAGE_USER, user
 
 
 def _algorithm_for_key(key: PublicKey) -> str:
@@ -545,73 +422,33 @@ def _numeric_date(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _valid_user(user: str) -> bool:
+class Keys:
     """
-    Whether ``user`` is an acceptable user id: 1-255 characters, none of
-    them control characters or lone surrogates.
+    The verifier in force, swapped whole on a reload (key rotation).
 
-    Those would break log lines and Postgres text columns (which reject NUL
-    and cannot store surrogates). Never raises.
+    One object, owned by the daemon and read by everything that checks a
+    token, so a reload reaches every reader at once and nothing reaches
+    into another part to set it.
     """
-    if not 0 < len(user) <= MAX_USER_CHARS:
-        return False
-    return not any(unicodedata.category(char) in ("Cc", "Cs") for char in user)
 
+    __slots__ = ("verifier",)
 
-def _header(headers: HeaderLookup, name: str) -> str | None:
-    """
-    Return a single header value, or ``None`` when absent or repeated.
+    def __init__(self, verifier: TokenVerifier | None) -> None:
+        # None: the path-user development mode, where no token is taken.
+        self.verifier = verifier
 
-    websockets' ``Headers.get`` raises ``MultipleValuesError`` (a
-    ``LookupError``) for a repeated header; two Authorization headers are
-    ambiguous, so they count as none. Never raises.
-    """
-    try:
-        value = headers.get(name)
-    except LookupError:
-        return None
-    return value if isinstance(value, str) else None
+    @property
+    def leeway_s(self) -> float:
+        """
+        The clock leeway of the verifier in force (0 without one).
+        """
+        return self.verifier.leeway_s if self.verifier is not None else 0.0
 
-
-def _header_values(headers: HeaderLookup, name: str) -> list[str]:
-    """
-    Every value of a header that may repeat, in order; a plain mapping gives
-    at most its single value. Never raises.
-    """
-    get_all = getattr(headers, "get_all", None)
-    if callable(get_all):
-        try:
-            return [value for value in get_all(name) if isinstance(value, str)]
-        except LookupError:
-            return []
-    single = _header(headers, name)
-    return [single] if single is not None else []
-
-
-def _cookie_header(headers: HeaderLookup) -> str | None:
-    """
-    Return the Cookie header, joining repeated ones (legal for HTTP/2).
-
-    Never raises.
-    """
-    return "; ".join(_header_values(headers, "Cookie")) or None
-
-
-def _cookie_value(cookie_header: str, name: str) -> str | None:
-    """
-    Return the first non-empty value of cookie ``name``, or ``None``.
-
-    Each ``;``-separated pair is parsed on its own because ``SimpleCookie``
-    discards the whole header when any one pair is malformed, and a stray
-    cookie from another app must not hide ours. Never raises.
-    """
-    for pair in cookie_header.split(";"):
-        jar = SimpleCookie()
-        try:
-            jar.load(pair)
-        except CookieError:
-            continue
-        morsel = jar.get(name)
-        if morsel is not None and morsel.value.strip():
-            return morsel.value.strip()
-    return None
+    def verify(self, token: str) -> Identity:
+        """
+        Verify ``token`` with the keys in force; :class:`AuthError` when it
+        is invalid or this server takes no tokens.
+        """
+        if self.verifier is None:
+            raise AuthError("this server takes no tokens")
+        return self.verifier.verify(token)

@@ -18,21 +18,18 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from .auth import TokenVerifier
-from .daemon import Daemon, connect_database
+from .daemon import Daemon, Instance, Stopped, connect_database
 from .exceptions import ConfigError, DatabaseError, NotifydError
 from .logs import configure_logging
 from .loop import loop_factory
 from .origin import origin_warning
 from .settings import Settings, load_settings
-from .systemd import SystemdNotifier, supervise
 
 __all__ = ["main"]
 
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     # stdout for their results.
     log_stream = sys.stdout if args.command in ("serve", "demo") else sys.stderr
     configure_logging(settings.log_level, settings.log_format, log_stream)
-    command: Callable[[Settings, argparse.Namespace], Awaitable[int]] = {
+    command: Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]] = {
         "serve": _serve,
         "demo": _demo,
         "init-db": _init_db,
@@ -145,74 +142,10 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
     return verifier
 
 
-async def _run_daemon(
-    daemon: Daemon,
-    on_ready: Callable[[], None] | None = None,
-    reload: Callable[[], TokenVerifier | None] | None = None,
-) -> int:
-    """
-    Start the daemon and serve until SIGTERM/SIGINT or a fatal task error.
-
-    SIGHUP calls ``reload`` for a new token verifier (key rotation) and
-    swaps it in; sessions stay open. systemd is told READY, WATCHDOG,
-    STATUS, RELOADING and STOPPING when it started us with NOTIFY_SOCKET.
-    """
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    notifier = SystemdNotifier.from_environment()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, daemon, reload, notifier)
-    supervisor: asyncio.Task[None] | None = None
-    try:
-        # A stop while still waiting for the database ends the wait.
-        starting = asyncio.ensure_future(daemon.start())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-            stopped.cancel()
-            return EXIT_OK
-        starting.result()
-        supervisor = asyncio.create_task(supervise(daemon, notifier), name="systemd")
-        if on_ready is not None:
-            on_ready()
-        failed = asyncio.ensure_future(daemon.wait_failed())
-        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        failed.cancel()
-        logger.info("shutting down")
-        notifier.notify("STOPPING=1")
-        supervisor.cancel()
-        await daemon.stop()
-    finally:
-        if supervisor is not None:
-            supervisor.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-        notifier.close()
-    if daemon.failure is not None:
-        _error(str(daemon.failure))
-    return EXIT_FAILURE if daemon.failed else EXIT_OK
-
-
-def _reload(
-    daemon: Daemon, reload: Callable[[], TokenVerifier | None], notifier: SystemdNotifier
-) -> None:
-    """
-    SIGHUP: re-read the JWT keys. A bad new configuration keeps the old keys.
-    """
-    monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
-    try:
-        daemon.set_verifier(reload())
-        logger.info("reloaded the JWT keys")
-    except NotifydError as exc:
-        logger.error("reload failed, keeping the current keys: %s", exc)
-    notifier.notify("READY=1")
+def _exit_code(stopped: Stopped) -> int:
+    if stopped.failure is not None:
+        _error(str(stopped.failure))
+    return EXIT_FAILURE if stopped.failed else EXIT_OK
 
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -228,7 +161,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     def reload() -> TokenVerifier | None:
         return _verifier(load_settings(args.env_file))
 
-    return await _run_daemon(daemon, reload=reload)
+    return _exit_code(await daemon.run(reload=reload))
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -262,10 +195,10 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
         }
         daemon = Daemon(settings, verifier, demo_users=demo_users)
 
-        def announce() -> None:
-            print(_demo_banner(settings, daemon.port, demo_users, args.user), flush=True)
+        def announce(instance: Instance) -> None:
+            print(_demo_banner(settings, instance.port, demo_users, args.user), flush=True)
 
-        return await _run_daemon(daemon, announce)
+        return _exit_code(await daemon.run(on_ready=announce))
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.cleanup)

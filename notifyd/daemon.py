@@ -1,35 +1,54 @@
 """
 Wiring and lifecycle: startup → serve → bounded graceful shutdown → force.
 
-:class:`Daemon` owns every task it starts. A background task that dies
-unexpectedly stops the daemon (the CLI then exits non-zero and systemd
+``async with Daemon(settings, verifier) as instance:`` connects, checks the
+schema, starts delivery, the listener and the sinks, then binds the port;
+leaving the block stops everything in reverse order, bounded by
+``shutdown_timeout_s``. :meth:`Daemon.run` is the service's whole life: it
+also handles SIGTERM/SIGINT (stop, even while still waiting for the
+database), SIGHUP (new JWT keys) and systemd's notifications.
+
+The :class:`Instance` owns every task it starts. A background task that dies
+unexpectedly stops the instance (the CLI then exits non-zero and systemd
 restarts it); it is never silently gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import asyncpg
 
-from .auth import TokenVerifier
+from .access import Access
+from .actions import Actions
+from .auth import Keys, TokenVerifier
 from .collector import Collector
 from .db import Database
 from .delivery import Delivery
 from .exceptions import ConfigError, DatabaseError, NotifydError, ReplicaError, SchemaError
+from .handshake import Admission
 from .hub import Hub
+from .incidents import Incidents
 from .listener import Listener, backoff_delay
-from .metrics import registry_for
+from .metrics import registry_for, render_metrics
 from .protocol import CloseCode
+from .routes import Routes
 from .server import PushServer
 from .settings import Settings
 from .sinks.manager import SinkManager
 from .stats import Stats
+from .systemd import SystemdNotifier, supervise
+from .vitals import ListenerVitals, Vitals
 
-__all__ = ["Daemon", "connect_database"]
+__all__ = ["Daemon", "Instance", "Stopped", "connect_database"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,137 +96,23 @@ async def _refuse_standby(dsn: str) -> None:
         await connection.close()
 
 
-class Daemon:
+class _Tasks:
     """
-    One notifyd instance: query pool, LISTEN connection, delivery, server.
+    The instance's background tasks: the first one to die is its failure.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        verifier: TokenVerifier | None,
-        *,
-        demo_users: dict[str, str] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.demo_users = demo_users  # notifyd demo only; see PushServer
-        self.verifier = verifier
-        self.hub = Hub(settings.max_sessions_per_user)
-        self.stats = Stats()
-        self.collector = Collector()
-        self.db: Database | None = None
-        self.delivery: Delivery | None = None
-        self.listener: Listener | None = None
-        self.server: PushServer | None = None
-        self.sinks: SinkManager | None = None
+    def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        self._failed = asyncio.Event()
-        # Why a background task stopped when the cause is the setup, not a bug.
+        self.failed = asyncio.Event()
+        # Why a task stopped when the cause is the setup, not a bug.
         self.failure: NotifydError | None = None
-        self.started_at = time.monotonic()
 
-    @property
-    def port(self) -> int:
-        """
-        The bound WebSocket port.
-        """
-        assert self.server is not None
-        return self.server.port
-
-    async def start(self, *, wait_for_database: bool = True) -> None:
-        """
-        Connect, check the schema, start delivery and the listener, then bind.
-
-        Returns once the port accepts sessions and delivery has its starting
-        snapshot. Raises :class:`DatabaseError` (or a subclass) when the
-        database cannot be used.
-        """
-        settings = self.settings
-        # Sink settings are checked before waiting for the database.
-        sinks = self.sinks = SinkManager(settings, self.stats) if settings.sinks else None
-        try:
-            self.db = db = await connect_database(settings, wait=wait_for_database)
-        except BaseException:
-            if sinks is not None:
-                await sinks.aclose()
-            raise
-        try:
-            problems = await db.schema_problems()
-            if problems:
-                raise SchemaError(problems[0])
-            if sinks is not None:
-                await sinks.start(db)
-            if settings.listen_dsn:
-                await _refuse_standby(settings.listen_dsn)
-            self.delivery = delivery = Delivery(
-                db,
-                self.hub,
-                fetch_batch=settings.fetch_batch,
-                replay_limit=settings.replay_limit,
-                poll_interval=settings.poll_interval_s,
-                event_retention=settings.event_retention_s,
-                min_interval=settings.batch_interval_ms / 1000,
-                stats=self.stats,
-                on_routed=sinks.offer if sinks is not None else None,
-                collector=self.collector,
-            )
-            self.listener = listener = Listener(
-                settings.listen_dsn or settings.dsn or "",
-                db,
-                on_wake=delivery.wake,
-                on_state=delivery.set_listening,
-                probe_interval=settings.probe_interval_s,
-                probe_timeout=settings.probe_timeout_s,
-                reconnect_max=settings.reconnect_max_s,
-                stats=self.stats,
-            )
-            self._spawn(delivery.run(), "delivery")
-            self._spawn(listener.run(), "listener")
-            if sinks is not None:
-                self._spawn(sinks.run(), "sinks")
-            await self._until_ready(delivery.ready.wait())
-            self.server = PushServer(
-                settings,
-                self.verifier,
-                self.hub,
-                delivery,
-                db,
-                self.health,
-                registry_for(self) if settings.metrics else None,
-                self.stats,
-                demo_users=self.demo_users,
-            )
-            await self.server.start()
-        except BaseException:
-            await self._shutdown_tasks()
-            if sinks is not None:
-                await sinks.aclose()
-            await db.close()
-            raise
-
-    def set_verifier(self, verifier: TokenVerifier | None) -> None:
-        """
-        Use new JWT keys for sessions opened from now on (key rotation).
-        """
-        self.verifier = verifier
-        if self.server is not None:
-            self.server.verifier = verifier
-
-    async def _until_ready(self, ready: Any) -> None:
-        waiter = asyncio.ensure_future(ready)
-        failed = asyncio.ensure_future(self._failed.wait())
-        await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
-        failed.cancel()
-        if not waiter.done():
-            waiter.cancel()
-            raise self.failure or DatabaseError("delivery could not start")
-
-    def _spawn(self, coroutine: Any, name: str) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if task.cancelled():
             return
@@ -218,73 +123,352 @@ class Daemon:
             logger.error("%s stopped: %s", task.get_name(), exc)
         else:
             logger.error("background task %s stopped: %r", task.get_name(), exc, exc_info=exc)
-        self._failed.set()
+        self.failed.set()
 
-    async def wait_failed(self) -> None:
+    async def until(self, ready: Awaitable[Any]) -> None:
         """
-        Return when a background task died.
+        Wait for ``ready``; raise the failure if a task dies first.
         """
-        await self._failed.wait()
+        waiter = asyncio.ensure_future(ready)
+        failed = asyncio.ensure_future(self.failed.wait())
+        await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        if not waiter.done():
+            waiter.cancel()
+            raise self.failure or DatabaseError("delivery could not start")
+
+    async def shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """
+    How :meth:`Daemon.run` ended: ``failed`` when a background task died,
+    with ``failure`` when the cause is the setup (one line for the user).
+    """
+
+    failed: bool
+    failure: NotifydError | None = None
+
+
+class Instance:
+    """
+    A started notifyd: every part exists and runs until :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keys: Keys,
+        stats: Stats,
+        hub: Hub,
+        db: Database,
+        delivery: Delivery,
+        listener: Listener,
+        sinks: SinkManager | None,
+        tasks: _Tasks,
+        cleanup: contextlib.AsyncExitStack,
+        demo_users: dict[str, str] | None,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.stats = stats
+        self.hub = hub
+        self.db = db
+        self.delivery = delivery
+        self.listener = listener
+        self.sinks = sinks
+        self._tasks = tasks
+        self._cleanup = cleanup
+        self._stopped = False
+        incidents = Incidents(stats)
+        access = Access(
+            keys,
+            db,
+            revocation_sql=settings.revocation_sql or "",
+            incidents=incidents,
+            stats=stats,
+        )
+        registry = registry_for(self.vitals, stats) if settings.metrics else None
+        self.server = PushServer(
+            settings,
+            routes=Routes(
+                settings,
+                self.vitals,
+                None if registry is None else lambda: render_metrics(registry),
+                demo_users=demo_users,
+            ),
+            admission=Admission(settings, access, incidents),
+            access=access,
+            actions=Actions(
+                db,
+                access,
+                incidents,
+                max_read_ids=settings.max_read_ids,
+                max_concurrent_history=settings.max_concurrent_history,
+                demo_users=demo_users,
+            ),
+            incidents=incidents,
+            delivery=delivery,
+            stats=stats,
+        )
+
+    @property
+    def port(self) -> int:
+        """
+        The bound WebSocket port.
+        """
+        return self.server.port
 
     @property
     def failed(self) -> bool:
         """
         Whether a background task died.
         """
-        return self._failed.is_set()
+        return self._tasks.failed.is_set()
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
+    @property
+    def failure(self) -> NotifydError | None:
         """
-        Whether this instance can deliver, and the figures that say so.
+        The setup problem that stopped a background task, if that is why.
         """
-        listener = self.listener
-        assert listener is not None
-        state = listener.health
-        age = state.probe_age()
+        return self._tasks.failure
+
+    async def wait_failed(self) -> None:
+        """
+        Return when a background task died.
+        """
+        await self._tasks.failed.wait()
+
+    def vitals(self) -> Vitals:
+        """
+        How this instance is doing, now.
+        """
+        settings = self.settings
+        health = self.listener.health
+        age = health.probe_age()
+        alive = not self.failed
         # Ready: listening, and the last round trip younger than two probe
         # intervals (plus the time one probe may take).
-        healthy = (
-            not self.failed
-            and state.connected
+        ready = (
+            alive
+            and health.connected
             and age is not None
-            and age < 2 * self.settings.probe_interval_s + self.settings.probe_timeout_s
+            and age < 2 * settings.probe_interval_s + settings.probe_timeout_s
         )
-        return healthy, {
-            "status": "ok" if healthy else "unavailable",
-            "alive": not self.failed,
-            "listener": {
-                "connected": state.connected,
-                "probe_age_s": None if age is None else round(age, 3),
-                "probe_rtt_ms": None
-                if state.last_probe_rtt is None
-                else round(state.last_probe_rtt * 1000, 3),
-                "reconnects": state.reconnects,
-            },
-            "sessions": self.hub.session_count,
-            "users": self.hub.user_count,
-            "delivered": self.stats.delivered,
-        }
+        return Vitals(
+            alive=alive,
+            ready=ready,
+            listener=ListenerVitals(
+                connected=health.connected,
+                probe_age_s=age,
+                probe_rtt_s=health.last_probe_rtt,
+                reconnects=health.reconnects,
+            ),
+            sessions=self.hub.session_count,
+            users=self.hub.user_count,
+            delivered=self.stats.delivered,
+        )
 
     async def stop(self, code: CloseCode = CloseCode.SERVICE_RESTART) -> None:
         """
         Stop accepting, close sessions with ``code``, stop tasks, close the
         pool. Bounded by ``shutdown_timeout_s``; idempotent.
         """
-        if self.server is not None:
-            self.server.stop_accepting()
-            await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
-        await self._shutdown_tasks()
-        if self.sinks is not None:
-            sinks, self.sinks = self.sinks, None
-            await sinks.aclose()
-        self.collector.release()
-        if self.db is not None:
-            db, self.db = self.db, None
-            await db.close()
+        if self._stopped:
+            return
+        self._stopped = True
+        self.server.stop_accepting()
+        await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
+        await self._cleanup.aclose()
 
-    async def _shutdown_tasks(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+
+class Daemon:
+    """
+    One notifyd instance to be started: ``async with Daemon(...) as instance``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier | None,
+        *,
+        demo_users: dict[str, str] | None = None,
+        wait_for_database: bool = True,
+    ) -> None:
+        """
+        ``demo_users`` (``notifyd demo`` only: user -> token) turns on the
+        message center at ``/`` and the ``demo_send`` action.
+        """
+        self.settings = settings
+        self.keys = Keys(verifier)
+        self._demo_users = demo_users
+        self._wait_for_database = wait_for_database
+        self._instance: Instance | None = None
+
+    async def __aenter__(self) -> Instance:
+        """
+        Connect, check the schema, start delivery and the listener, then bind.
+
+        Returns once the port accepts sessions and delivery has its starting
+        snapshot. Raises :class:`DatabaseError` (or a subclass) when the
+        database cannot be used; what was started is stopped again.
+        """
+        settings = self.settings
+        stats = Stats()
+        hub = Hub(settings.max_sessions_per_user)
+        collector = Collector()
+        tasks = _Tasks()
+        async with contextlib.AsyncExitStack() as cleanup:
+            # Sink settings are checked before waiting for the database.
+            sinks = SinkManager(settings, stats) if settings.sinks else None
+            if sinks is not None:
+                cleanup.push_async_callback(sinks.aclose)
+            db = await connect_database(settings, wait=self._wait_for_database)
+            cleanup.push_async_callback(db.close)
+            cleanup.callback(collector.release)
+            problems = await db.schema_problems()
+            if problems:
+                raise SchemaError(problems[0])
+            if sinks is not None:
+                await sinks.start(db)
+            if settings.listen_dsn:
+                await _refuse_standby(settings.listen_dsn)
+            delivery = Delivery(
+                db,
+                hub,
+                fetch_batch=settings.fetch_batch,
+                replay_limit=settings.replay_limit,
+                poll_interval=settings.poll_interval_s,
+                event_retention=settings.event_retention_s,
+                min_interval=settings.batch_interval_ms / 1000,
+                stats=stats,
+                on_routed=sinks.offer if sinks is not None else None,
+                collector=collector,
+            )
+            listener = Listener(
+                settings.listen_dsn or settings.dsn or "",
+                db,
+                on_wake=delivery.wake,
+                on_state=delivery.set_listening,
+                probe_interval=settings.probe_interval_s,
+                probe_timeout=settings.probe_timeout_s,
+                reconnect_max=settings.reconnect_max_s,
+                stats=stats,
+            )
+            cleanup.push_async_callback(tasks.shutdown)
+            tasks.spawn(delivery.run(), "delivery")
+            tasks.spawn(listener.run(), "listener")
+            if sinks is not None:
+                tasks.spawn(sinks.run(), "sinks")
+            await tasks.until(delivery.ready.wait())
+            instance = Instance(
+                settings,
+                keys=self.keys,
+                stats=stats,
+                hub=hub,
+                db=db,
+                delivery=delivery,
+                listener=listener,
+                sinks=sinks,
+                tasks=tasks,
+                cleanup=cleanup.pop_all(),
+                demo_users=self._demo_users,
+            )
+        try:
+            await instance.server.start()
+        except BaseException:
+            await instance.stop()
+            raise
+        self._instance = instance
+        return instance
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            await instance.stop()
+
+    def reload(self, verifier: TokenVerifier | None) -> None:
+        """
+        Use new JWT keys for sessions opened or refreshed from now on.
+        """
+        self.keys.verifier = verifier
+
+    async def run(
+        self,
+        *,
+        on_ready: Callable[[Instance], None] | None = None,
+        reload: Callable[[], TokenVerifier | None] | None = None,
+    ) -> Stopped:
+        """
+        Start, serve until SIGTERM/SIGINT or a fatal task error, then stop.
+
+        A stop signal while still waiting for the database ends the wait.
+        SIGHUP calls ``reload`` for a new token verifier (key rotation) and
+        swaps it in; sessions stay open. systemd is told READY, WATCHDOG,
+        STATUS, RELOADING and STOPPING when it started us with NOTIFY_SOCKET.
+        """
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        notifier = SystemdNotifier.from_environment()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, self._reload, reload, notifier)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            starting = asyncio.ensure_future(self.__aenter__())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                return Stopped(failed=False)
+            instance = starting.result()
+            try:
+                supervisor = asyncio.create_task(
+                    supervise(instance.vitals, notifier, instance.listener.proven),
+                    name="systemd",
+                )
+                if on_ready is not None:
+                    on_ready(instance)
+                failed = asyncio.ensure_future(instance.wait_failed())
+                await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+                failed.cancel()
+                logger.info("shutting down")
+                notifier.notify("STOPPING=1")
+                supervisor.cancel()
+            finally:
+                await self.__aexit__(None, None, None)
+            return Stopped(failed=instance.failed, failure=instance.failure)
+        finally:
+            stopped.cancel()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            notifier.close()
+
+    def _reload(
+        self, reload: Callable[[], TokenVerifier | None], notifier: SystemdNotifier
+    ) -> None:
+        """
+        SIGHUP: re-read the JWT keys. A bad new configuration keeps the old keys.
+        """
+        monotonic_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        try:
+            self.reload(reload())
+            logger.info("reloaded the JWT keys")
+        except NotifydError as exc:
+            logger.error("reload failed, keeping the current keys: %s", exc)
+        notifier.notify("READY=1")

@@ -1,15 +1,16 @@
 """
 The registry of live sessions, by user: who gets a row.
 
-Pure bookkeeping: adding, removing and finding sessions never awaits, so
-delivery can route a whole batch without yielding to the event loop.
+Pure bookkeeping: adding, removing and finding sessions never awaits and
+never touches a connection, so delivery can route a whole batch without
+yielding to the event loop. Only delivery's router changes it
+(:mod:`notifyd.router`), which also closes the sessions it evicts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .protocol import CloseCode
 from .session import Session
 
 __all__ = ["Hub"]
@@ -24,41 +25,45 @@ class Hub:
         self.max_sessions_per_user = max_sessions_per_user
         self._by_user: dict[str, list[Session]] = {}
         self._count = 0
-        # Sessions closed because their user went over the limit.
-        self.replaced = 0
         # Sessions ever unregistered (for the collector's schedule).
         self.closed_total = 0
-        # Unread count of each user with live sessions, kept by delivery.
-        self.unread: dict[str, int] = {}
 
-    def add(self, session: Session) -> None:
+    def add(self, session: Session) -> list[Session]:
         """
-        Register a session; the user's oldest ones beyond the limit are
-        closed with 4409 (replaced) and unregistered.
+        Register a session. Returns the user's oldest sessions beyond the
+        limit, which are unregistered: the caller closes them.
         """
         sessions = self._by_user.setdefault(session.user, [])
         sessions.append(session)
         self._count += 1
+        evicted: list[Session] = []
         while len(sessions) > self.max_sessions_per_user:
-            oldest = sessions.pop(0)
+            evicted.append(sessions.pop(0))
             self._count -= 1
-            self.replaced += 1
             self.closed_total += 1
-            oldest.close(CloseCode.REPLACED)
+        return evicted
 
-    def discard(self, session: Session) -> None:
+    def discard(self, session: Session) -> bool:
         """
-        Unregister a session if it is registered; idempotent.
+        Unregister a session if it is registered; idempotent. Returns
+        whether it was the user's last session here.
         """
         sessions = self._by_user.get(session.user)
         if sessions is None or session not in sessions:
-            return
+            return False
         sessions.remove(session)
         self._count -= 1
         self.closed_total += 1
         if not sessions:
             del self._by_user[session.user]
-            self.unread.pop(session.user, None)
+            return True
+        return False
+
+    def users(self) -> Iterator[str]:
+        """
+        The users with at least one live session.
+        """
+        return iter(self._by_user)
 
     def sessions_of(self, user: str) -> list[Session] | None:
         """

@@ -1,15 +1,15 @@
 """
-Prometheus metrics, read from the daemon's counters at scrape time.
+Prometheus metrics, read from the instance's counters at scrape time.
 
-A custom collector over :class:`~notifyd.stats.Stats`, the hub and the
-listener's health: nothing is updated on the delivery path beyond the plain
-counters, and each daemon has its own registry (tests run several).
+A custom collector over :class:`~notifyd.stats.Stats` and the instance's
+:class:`~notifyd.vitals.Vitals`: nothing is updated on the delivery path
+beyond the plain counters, and each instance has its own registry (tests run
+several).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,29 +20,25 @@ from prometheus_client.core import (
 )
 
 from .limits import LIMIT_NAMES
+from .stats import Stats
+from .vitals import Vitals
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
-    from .stats import Stats
-
-__all__ = ["CONTENT_TYPE", "render_metrics"]
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+__all__ = ["registry_for", "render_metrics"]
 
 
-class _DaemonCollector:
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
+class _InstanceCollector:
+    def __init__(self, vitals: Callable[[], Vitals], stats: Stats) -> None:
+        self._vitals = vitals
+        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        daemon = self._daemon
-        stats = daemon.stats
-        hub = daemon.hub
+        vitals = self._vitals()
+        stats = self._stats
         yield GaugeMetricFamily(
-            "notifyd_sessions", "Open WebSocket sessions", value=hub.session_count
+            "notifyd_sessions", "Open WebSocket sessions", value=vitals.sessions
         )
         yield GaugeMetricFamily(
-            "notifyd_users_online", "Users with at least one session", value=hub.user_count
+            "notifyd_users_online", "Users with at least one session", value=vitals.users
         )
         yield CounterMetricFamily(
             "notifyd_messages_delivered", "Message frames handed to sessions", value=stats.delivered
@@ -87,7 +83,6 @@ class _DaemonCollector:
         )
         # Every limit appears from the start, so a rate() over it works at once.
         counts = dict.fromkeys(LIMIT_NAMES, 0) | dict(stats.limit_trips)
-        counts["sessions_per_user"] = hub.replaced
         for limit, count in sorted(counts.items()):
             trips.add_metric([limit], count)
         yield trips
@@ -96,30 +91,27 @@ class _DaemonCollector:
             "Sessions closed with 4401 when their token expired",
             value=stats.expired_sessions,
         )
-        listener = daemon.listener
-        if listener is not None:
-            health = listener.health
+        listener = vitals.listener
+        yield GaugeMetricFamily(
+            "notifyd_listen_connected",
+            "1 when the LISTEN connection is up",
+            value=1.0 if listener.connected else 0.0,
+        )
+        yield CounterMetricFamily(
+            "notifyd_listener_reconnects", "LISTEN connections lost", value=listener.reconnects
+        )
+        if listener.probe_rtt_s is not None:
             yield GaugeMetricFamily(
-                "notifyd_listen_connected",
-                "1 when the LISTEN connection is up",
-                value=1.0 if health.connected else 0.0,
+                "notifyd_probe_rtt_seconds",
+                "Last self-NOTIFY round trip",
+                value=listener.probe_rtt_s,
             )
-            yield CounterMetricFamily(
-                "notifyd_listener_reconnects", "LISTEN connections lost", value=health.reconnects
+        if listener.probe_age_s is not None:
+            yield GaugeMetricFamily(
+                "notifyd_probe_age_seconds",
+                "Since the LISTEN path last proved itself",
+                value=listener.probe_age_s,
             )
-            if health.last_probe_rtt is not None:
-                yield GaugeMetricFamily(
-                    "notifyd_probe_rtt_seconds",
-                    "Last self-NOTIFY round trip",
-                    value=health.last_probe_rtt,
-                )
-            age = health.probe_age()
-            if age is not None:
-                yield GaugeMetricFamily(
-                    "notifyd_probe_age_seconds",
-                    "Since the LISTEN path last proved itself",
-                    value=age,
-                )
         if stats.sinks:
             yield from _sink_metrics(stats)
         if stats.notification_queue_usage is not None:
@@ -155,12 +147,12 @@ def _sink_metrics(stats: Stats) -> Iterator[Metric]:
     yield depth
 
 
-def registry_for(daemon: Daemon) -> CollectorRegistry:
+def registry_for(vitals: Callable[[], Vitals], stats: Stats) -> CollectorRegistry:
     """
-    A registry holding this daemon's metrics only.
+    A registry holding one instance's metrics only.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_DaemonCollector(daemon))  # type: ignore[arg-type]
+    registry.register(_InstanceCollector(vitals, stats))
     return registry
 
 

@@ -12,9 +12,9 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from .daemon import Daemon
+from .vitals import Vitals
 
 __all__ = ["SystemdNotifier", "supervise", "watchdog_interval"]
 
@@ -33,18 +33,6 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     if target and target != str(pid):
         return None
     return int(usec) / 2 / 1_000_000
-
-
-def status_line(daemon: Daemon) -> str:
-    """
-    The ``STATUS=`` text: who is online, and whether LISTEN is up.
-    """
-    listener = daemon.listener
-    listening = listener is not None and listener.health.connected
-    return (
-        f"{daemon.hub.session_count} sessions, {daemon.hub.user_count} users online; "
-        f"LISTEN {'up' if listening else 'down'}"
-    )
 
 
 class SystemdNotifier:
@@ -95,31 +83,32 @@ class SystemdNotifier:
 
 
 async def supervise(
-    daemon: Daemon, notifier: SystemdNotifier, *, status_every: float = 5.0
+    vitals: Callable[[], Vitals],
+    notifier: SystemdNotifier,
+    proven: asyncio.Event,
+    *,
+    status_every: float = 5.0,
 ) -> None:
     """
-    Tell systemd the daemon is ready once its LISTEN path is proven, then
-    feed the watchdog while probes keep succeeding and refresh the status.
+    Tell systemd the instance is ready once its LISTEN path is ``proven``,
+    then feed the watchdog while it stays ready (probes keep succeeding)
+    and refresh the status.
 
-    Runs until cancelled; the daemon must have been started.
+    Runs until cancelled.
     """
-    listener = daemon.listener
-    assert listener is not None
-    await listener.proven.wait()
-    notifier.notify("READY=1", f"STATUS={status_line(daemon)}")
+    await proven.wait()
+    notifier.notify("READY=1", f"STATUS={vitals().status_line()}")
     interval = watchdog_interval(os.environ, os.getpid())
     tick = min(interval, status_every) if interval is not None else status_every
-    fresh_for = 2 * daemon.settings.probe_interval_s + daemon.settings.probe_timeout_s
     last_status = 0.0
     loop = asyncio.get_running_loop()
     while True:
-        age = listener.health.probe_age()
-        alive = listener.health.connected and age is not None and age < fresh_for
+        now = vitals()
         fields = []
-        if interval is not None and alive:
+        if interval is not None and now.ready:
             fields.append("WATCHDOG=1")
         if loop.time() - last_status >= status_every:
-            fields.append(f"STATUS={status_line(daemon)}")
+            fields.append(f"STATUS={now.status_line()}")
             last_status = loop.time()
         if fields:
             notifier.notify(*fields)

@@ -25,7 +25,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from notifyd.auth import TokenVerifier
-from notifyd.daemon import Daemon
+from notifyd.daemon import Daemon, Instance
 from notifyd.db import schema_sql
 from notifyd.embedded import EmbeddedPostgres
 from notifyd.settings import Settings
@@ -184,7 +184,7 @@ class RunningDaemon:
     An in-process daemon and what a test needs to reach it.
     """
 
-    daemon: Daemon
+    daemon: Instance
     verifier: TokenVerifier
 
     @property
@@ -207,24 +207,22 @@ async def start_daemon(dsn: str) -> AsyncIterator[Callable[..., Awaitable[Runnin
     """
     Start in-process daemons on the test database; all are stopped after.
     """
-    running: list[Daemon] = []
+    daemons = contextlib.AsyncExitStack()
 
     async def start(**overrides: Any) -> RunningDaemon:
         settings = make_settings(overrides.pop("dsn", dsn), **overrides)
         verifier = TokenVerifier.from_settings(settings)
-        daemon = Daemon(settings, verifier)
-        await daemon.start()
-        running.append(daemon)
-        return RunningDaemon(daemon, verifier)
+        instance = await daemons.enter_async_context(Daemon(settings, verifier))
+        return RunningDaemon(instance, verifier)
 
     yield start
-    for daemon in running:
-        try:
-            await asyncio.wait_for(daemon.stop(), 8)
-        except TimeoutError:
-            for task in asyncio.all_tasks():
-                task.print_stack()
-            raise
+    try:
+        # Each stop is bounded by its shutdown timeout; this bounds them all.
+        await asyncio.wait_for(daemons.aclose(), 30)
+    except TimeoutError:
+        for task in asyncio.all_tasks():
+            task.print_stack()
+        raise
 
 
 @pytest.fixture

@@ -20,11 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.datastructures import Headers
 
-from notifyd.auth import (
+from notifyd.auth import Identity, TokenVerifier
+from notifyd.credentials import (
     ROUTE_MESSAGE,
     ROUTE_MESSAGE_USER,
-    Identity,
-    TokenVerifier,
     token_from_handshake,
     user_from_path,
 )

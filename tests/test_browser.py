@@ -286,12 +286,9 @@ async def demo_daemon(dsn: str) -> AsyncIterator[RunningDaemon]:
     """
     settings = make_settings(dsn)
     verifier = TokenVerifier.from_settings(settings)
-    daemon = Daemon(
-        settings, verifier, demo_users={user: verifier.mint(user) for user in DEMO_USERS}
-    )
-    await daemon.start()
-    yield RunningDaemon(daemon, verifier)
-    await asyncio.wait_for(daemon.stop(), 8)
+    demo_users = {user: verifier.mint(user) for user in DEMO_USERS}
+    async with Daemon(settings, verifier, demo_users=demo_users) as instance:
+        yield RunningDaemon(instance, verifier)
 
 
 def harness_url(app: AppServer, **options: Any) -> str:

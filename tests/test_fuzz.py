@@ -405,7 +405,7 @@ async def _settled(daemon: Any, sessions: int, tasks: int) -> None:
             len(server._server.all_connections),
             len(server._sessions),
             daemon.daemon.hub.session_count,
-            len(server._expiries),
+            len(server.access._expiries),
             len(asyncio.all_tasks()),
         )
         if state[:4] == (sessions,) * 4 and state[4] <= tasks:

@@ -241,7 +241,7 @@ async def test_metrics_can_be_restricted_to_loopback(start_daemon):
 )
 def test_metrics_restriction_tells_loopback_peers_from_others(address, loopback):
     """The /metrics loopback check refuses every address not on this machine."""
-    from notifyd.server import is_loopback_address
+    from notifyd.routes import is_loopback_address
 
     assert is_loopback_address(address) is loopback
 

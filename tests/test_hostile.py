@@ -194,9 +194,7 @@ async def test_hostile_strings_in_demo_send_insert_them_as_plain_data(dsn, db):
     settings = make_settings(dsn, client_frames_per_s=0, max_frame_bytes=1024 * 1024)
     verifier = TokenVerifier.from_settings(settings)
     users = {"alice": verifier.mint("alice"), "bob": verifier.mint("bob")}
-    demo = Daemon(settings, verifier, demo_users=users)
-    await demo.start()
-    try:
+    async with Daemon(settings, verifier, demo_users=users) as demo:
         async with connect(f"ws://127.0.0.1:{demo.port}/ws/message?token={users['alice']}") as ws:
             assert json.loads(await ws.recv())["event"] == "hello"
             for text in HOSTILE[:20]:
@@ -214,8 +212,6 @@ async def test_hostile_strings_in_demo_send_insert_them_as_plain_data(dsn, db):
         ]
         assert sorted(row["content"] for row in stored) == sorted(storable)
         assert {row["send_user"] for row in stored} == {"alice"}
-    finally:
-        await demo.stop()
 
 
 async def _probe(port: int, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, object]:

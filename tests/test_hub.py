@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from notifyd.hub import Hub
 from notifyd.outbox import Outbox
-from notifyd.protocol import CloseCode
 from notifyd.session import Session
 
 
@@ -48,11 +47,11 @@ async def test_discard_unregisters_and_forgets_empty_users() -> None:
     a1, a2, b1 = make_session("a"), make_session("a"), make_session("b")
     for session in (a1, a2, b1):
         hub.add(session)
-    hub.discard(a1)
+    assert hub.discard(a1) is False
     assert hub.sessions_of("a") == [a2]
     assert hub.session_count == 2
     assert hub.user_count == 2
-    hub.discard(a2)
+    assert hub.discard(a2) is True
     assert hub.sessions_of("a") is None
     assert hub.session_count == 1
     assert hub.user_count == 1
@@ -83,16 +82,15 @@ async def test_discard_does_not_close_the_session() -> None:
     assert session.close_code is None
 
 
-async def test_adding_beyond_the_limit_replaces_the_oldest_session() -> None:
-    """The session past max_sessions_per_user closes the user's oldest with 4409 and unregisters it."""
+async def test_adding_beyond_the_limit_evicts_the_oldest_session() -> None:
+    """The session past max_sessions_per_user unregisters the user's oldest and hands it back."""
     hub = Hub(2)
     first, second, third = make_session(), make_session(), make_session()
-    hub.add(first)
-    hub.add(second)
-    hub.add(third)
-    assert first.close_code is CloseCode.REPLACED
-    assert second.close_code is None
-    assert third.close_code is None
+    assert hub.add(first) == []
+    assert hub.add(second) == []
+    assert hub.add(third) == [first]
+    # Closing the evicted session is the caller's (the router's) business.
+    assert first.close_code is None
     assert hub.sessions_of("u") == [second, third]
     assert hub.session_count == 2
     assert hub.user_count == 1
@@ -102,9 +100,8 @@ async def test_limit_is_per_user() -> None:
     """Another user's sessions neither count toward nor get replaced by this user's limit."""
     hub = Hub(1)
     a, b = make_session("a"), make_session("b")
-    hub.add(a)
-    hub.add(b)
-    assert a.close_code is None and b.close_code is None
+    assert hub.add(a) == []
+    assert hub.add(b) == []
     assert hub.session_count == 2
     assert hub.user_count == 2
 
@@ -113,11 +110,12 @@ async def test_limit_of_one_keeps_only_the_newest_session() -> None:
     """With max 1, each new session of a user replaces the previous one ("one session per user")."""
     hub = Hub(1)
     sessions = [make_session() for _ in range(4)]
+    evicted = []
     for session in sessions:
-        hub.add(session)
+        evicted += hub.add(session)
         assert hub.sessions_of("u") == [session]
         assert hub.session_count == 1
-    assert [s.close_code for s in sessions] == [CloseCode.REPLACED] * 3 + [None]
+    assert evicted == sessions[:3]
 
 
 async def test_discarding_a_replaced_session_is_harmless() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from websockets.datastructures import Headers
 
-from notifyd.auth import bearer_subprotocol, offered_subprotocols, token_from_handshake
+from notifyd.credentials import bearer_subprotocol, offered_subprotocols, token_from_handshake
 from notifyd.limits import (
     BURST_SECONDS,
     AddressCounter,

@@ -185,7 +185,7 @@ async def test_webhook_posts_each_message_signed_with_its_id_as_idempotency_key(
     await until_async(lambda: _all_in_state(db, ids, "sent"), what="dispatch rows marked sent")
     # The counter follows the database update, in the daemon's own time.
     await until(lambda: daemon.daemon.stats.sinks["webhook"].sent == 3, what="sent counted")
-    text = render_metrics(registry_for(daemon.daemon)).decode()
+    text = render_metrics(registry_for(daemon.daemon.vitals, daemon.daemon.stats)).decode()
     assert 'notifyd_sink_sent_total{sink="webhook"} 3.0' in text
 
 

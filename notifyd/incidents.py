@@ -1,0 +1,54 @@
+"""
+What hostile or broken clients trip: rejected authentications and limits
+that said no, counted for ``/metrics`` and logged without flooding the log.
+
+One place for both, so every part that refuses a client (the handshake, the
+session's first frame, the actions) counts and logs it the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from .stats import Stats
+
+__all__ = ["Incidents"]
+
+logger = logging.getLogger(__name__)
+
+# A limit that keeps tripping (a flood) is logged at most this often.
+_TRIP_LOG_INTERVAL_S = 10.0
+
+
+class Incidents:
+    """
+    Counts into :class:`Stats`; logs each limit at most once per interval.
+    """
+
+    def __init__(self, stats: Stats) -> None:
+        self._stats = stats
+        self._trip_logged: dict[str, float] = {}
+
+    def auth_failed(self, connection: object, reason: str) -> None:
+        """
+        Count and log a rejected authentication; never the token itself.
+        ``connection`` gives the log line its peer address.
+        """
+        self._stats.auth_failures[reason] += 1
+        logger.info("auth failed: reason=%s", reason, extra={"websocket": connection})
+
+    def limit_tripped(self, limit: str, address: str) -> None:
+        """
+        Count a limit that said no; log it, at most once per interval per
+        limit, so a flood cannot flood the log too.
+        """
+        trips = self._stats.limit_trips
+        trips[limit] += 1
+        now = time.monotonic()
+        if now - self._trip_logged.get(limit, -math.inf) >= _TRIP_LOG_INTERVAL_S:
+            self._trip_logged[limit] = now
+            logger.warning(
+                "limit %s reached: remote=%s (%d times so far)", limit, address, trips[limit]
+            )

@@ -1,0 +1,221 @@
+"""
+Routing: committed rows and read/delete events to the sessions of their
+users, and the unread counts they move.
+
+The router is the one owner of who is registered (the :class:`Hub`) and of
+their unread counts (the :class:`UnreadLedger`): a session is registered
+here when delivery admits it, with its greeting queued first, and
+unregistered here when it ends. Nothing here awaits: a window's rows are
+queued for every session, then each session's frames are written in one
+system call (:meth:`WindowAccount.flush`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import orjson
+
+from . import protocol
+from .cursor import Snapshot, WindowCursors
+from .db import Event, Row, Window
+from .hub import Hub
+from .ledger import UnreadLedger
+from .protocol import CloseCode
+from .replay import Greeting
+from .session import Session
+from .stats import Stats
+
+__all__ = ["Router", "WindowAccount"]
+
+
+@dataclass(eq=False)
+class WindowAccount:
+    """
+    What one window (all its pages) does to unread counts, and the sessions
+    with frames waiting for the window's last write.
+
+    ``recounted`` are exact counts taken at the window's end snapshot (users
+    with read/delete events, and joining users); for everyone else the
+    window's new rows are added to the count they had.
+    """
+
+    recounted: dict[str, int]
+    events: list[Event]
+    new_unread: dict[str, int] = field(default_factory=dict)
+    new_announcements: int = 0
+    unflushed: set[Session] = field(default_factory=set)
+
+    def flush(self) -> None:
+        """
+        One write per session for what a page (or the settling) queued.
+        """
+        for session in self.unflushed:
+            session.flush()
+        self.unflushed.clear()
+
+
+class Router:
+    """
+    Queues rows, events and counts for the sessions they concern.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        stats: Stats,
+        on_routed: Callable[[list[Row], list[bool]], None] | None = None,
+    ) -> None:
+        """
+        ``on_routed`` (the sinks) gets each routed page of rows and, per
+        row, whether it reached a live session here; it must not block.
+        """
+        self._hub = hub
+        self.unread = UnreadLedger()
+        self._stats = stats
+        self._on_routed = on_routed
+        # Set while the first read after a LISTEN outage is routed.
+        self.repairing = False
+
+    def register(self, session: Session, greeting: Greeting, unread: int) -> None:
+        """
+        Queue the session's hello and replay, write them, and register it
+        for live rows with its unread count. A session that closed while
+        waiting to join is left out. The user's oldest sessions beyond the
+        per-user limit are closed with 4409 (replaced).
+        """
+        if session.closing:
+            return
+        session.push(greeting.hello, flush=False)
+        for frame, cursor in greeting.replay:
+            session.push(frame, cursor, flush=False)
+        session.flush()
+        for evicted in self._hub.add(session):
+            self._stats.limit_trips["sessions_per_user"] += 1
+            evicted.close(CloseCode.REPLACED)
+        self.unread.set(session.user, unread)
+
+    def unregister(self, session: Session) -> None:
+        """
+        A session ended; idempotent. The user's count is forgotten with
+        their last session.
+        """
+        if self._hub.discard(session):
+            self.unread.forget(session.user)
+
+    def open_window(self, window: Window) -> WindowAccount:
+        """
+        The account of a window whose first page is ``window``.
+        """
+        return WindowAccount(window.counts, window.events)
+
+    def route(self, window: Window, base: Snapshot, account: WindowAccount) -> None:
+        """
+        Queue a page's rows for their users' sessions, in seq order, and
+        note what they do to unread counts.
+        """
+        hub = self._hub
+        rows = window.rows
+        last_seq: dict[str, int] = {}
+        if window.complete:
+            for row in rows:
+                last_seq[row["to_user"]] = row["seq"]
+        # Past an announcement, no user's own row is their last in the window.
+        star_seq = last_seq.get("*", -1)
+        final_seq = rows[-1]["seq"] if window.complete and rows else None
+        cursors = WindowCursors(base, window.end)
+        stats = self._stats
+        now = time.time()
+        online: list[bool] | None = [] if self._on_routed is not None else None
+        for row in rows:
+            user = row["to_user"]
+            seq = row["seq"]
+            if user == "*":
+                sessions: Iterable[Session] = list(hub)
+                account.new_announcements += 1
+                is_last = seq == final_seq
+            else:
+                own = hub.sessions_of(user)
+                if not own:
+                    if online is not None:
+                        online.append(False)
+                    continue
+                sessions = own
+                if row["is_read"] == "0":
+                    account.new_unread[user] = account.new_unread.get(user, 0) + 1
+                is_last = last_seq.get(user) == seq and seq > star_seq
+            cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
+            fields = protocol.message_frame(row, cursor)
+            if fields["skipUrl"] is None and row["skip_url"] is not None:
+                stats.unsafe_skip_urls += 1
+            sent_at = row["send_time"]
+            if sent_at.tzinfo is not None:
+                stats.latency.observe(now - sent_at.timestamp())
+            if self.repairing:
+                stats.repair_rows += 1
+            payload = orjson.dumps(fields)
+            frame = payload.decode()
+            wire = protocol.text_frame(payload)
+            count = 0
+            unflushed = account.unflushed.add
+            for session in sessions:
+                if session.push(frame, cursor, flush=False, wire=wire):
+                    unflushed(session)
+                count += 1
+            stats.delivered += count
+            if online is not None:
+                online.append(count > 0)
+        if not window.complete:
+            # Later pages follow; the last one is flushed with the window's
+            # events and unread counts, in one write per session.
+            account.flush()
+        if online is not None and self._on_routed is not None:
+            self._on_routed(rows, online)
+
+    def settle(self, account: WindowAccount, base: Snapshot) -> None:
+        """
+        After a whole window: push its read/delete events, then every unread
+        count it changed, and write each session's frames.
+        """
+        hub = self._hub
+        for event in account.events:
+            if event.kind == "deleted":
+                frame = protocol.encode_deleted(event.ids or [])
+            else:
+                frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
+            wire = protocol.text_frame(frame.encode())
+            targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
+            for session in targets:
+                if session.push(frame, flush=False, wire=wire):
+                    account.unflushed.add(session)
+        # Announcements deleted in this window that had been counted before it.
+        counted_deletes = [
+            set(event.readers or ())
+            for event in account.events
+            if event.user == "*"
+            and event.kind == "deleted"
+            and event.inserted is not None
+            and base.visible(event.inserted)
+        ]
+        changed = self.unread.settle(
+            recounted=account.recounted,
+            new_unread=account.new_unread,
+            announcements=account.new_announcements,
+            deleted_announcements=counted_deletes,
+        )
+        # Many users share a count (after an announcement, most of them):
+        # each count is encoded and framed once.
+        frames: dict[int, tuple[str, bytes]] = {}
+        unflushed = account.unflushed.add
+        sessions_of = hub.sessions_of
+        for user, count in changed:
+            encoded = frames.get(count)
+            if encoded is None:
+                text = protocol.encode_unread(count)
+                encoded = frames[count] = (text, protocol.text_frame(text.encode()))
+            for session in sessions_of(user) or ():
+                if session.push(encoded[0], flush=False, wire=encoded[1]):
+                    unflushed(session)
+        account.flush()

@@ -1,0 +1,74 @@
+"""
+One snapshot of how an instance is doing, for everything that reports it.
+
+The daemon builds a :class:`Vitals` on demand from its parts; ``/healthz``,
+``/readyz``, ``/metrics`` and systemd's status and watchdog all read that
+snapshot, so none of them reaches into the daemon or its parts, and they
+never disagree about what "ready" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ListenerVitals", "Vitals"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerVitals:
+    """
+    The LISTEN connection: whether it is up and when it last proved itself.
+    """
+
+    connected: bool
+    probe_age_s: float | None
+    probe_rtt_s: float | None
+    reconnects: int
+
+
+@dataclass(frozen=True, slots=True)
+class Vitals:
+    """
+    ``alive``: no background task died. ``ready``: alive, listening, and the
+    last probe round trip recent enough that a NOTIFY would arrive now.
+    """
+
+    alive: bool
+    ready: bool
+    listener: ListenerVitals
+    sessions: int
+    users: int
+    delivered: int
+
+    def health_report(self) -> dict[str, Any]:
+        """
+        The JSON body of ``/healthz`` and ``/readyz``.
+        """
+        listener = self.listener
+        return {
+            "status": "ok" if self.ready else "unavailable",
+            "alive": self.alive,
+            "listener": {
+                "connected": listener.connected,
+                "probe_age_s": None
+                if listener.probe_age_s is None
+                else round(listener.probe_age_s, 3),
+                "probe_rtt_ms": None
+                if listener.probe_rtt_s is None
+                else round(listener.probe_rtt_s * 1000, 3),
+                "reconnects": listener.reconnects,
+            },
+            "sessions": self.sessions,
+            "users": self.users,
+            "delivered": self.delivered,
+        }
+
+    def status_line(self) -> str:
+        """
+        systemd's ``STATUS=`` text: who is online, and whether LISTEN is up.
+        """
+        return (
+            f"{self.sessions} sessions, {self.users} users online; "
+            f"LISTEN {'up' if self.listener.connected else 'down'}"
+        )
