@@ -59,7 +59,8 @@ def test_an_unusable_cursor_gets_recovered_false_and_a_resync_at_the_watermark()
     assert hello["recovered"] is False
     assert hello["cursor"] == position
     assert [
-        (frame["event"], cursor) for frame, (_, cursor) in zip(frames(greeting), greeting.replay)
+        (frame["event"], cursor)
+        for frame, (_, cursor) in zip(frames(greeting), greeting.replay, strict=True)
     ] == [("resync", position)]
     assert greeting.resync is True
 
