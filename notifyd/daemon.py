@@ -20,10 +20,9 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 
 import asyncpg
 
@@ -46,6 +45,7 @@ from .settings import Settings
 from .sinks.manager import SinkManager
 from .stats import Stats
 from .systemd import SystemdNotifier, supervise
+from .tasks import Supervisor
 from .vitals import ListenerVitals, Vitals
 
 __all__ = ["Daemon", "Instance", "Stopped", "connect_database"]
@@ -96,55 +96,6 @@ async def _refuse_standby(dsn: str) -> None:
         await connection.close()
 
 
-class _Tasks:
-    """
-    The instance's background tasks: the first one to die is its failure.
-    """
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.failed = asyncio.Event()
-        # Why a task stopped when the cause is the setup, not a bug.
-        self.failure: NotifydError | None = None
-
-    def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coroutine, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if isinstance(exc, NotifydError):
-            # A configuration problem found at run time: one line, no traceback.
-            self.failure = exc
-            logger.error("%s stopped: %s", task.get_name(), exc)
-        else:
-            logger.error("background task %s stopped: %r", task.get_name(), exc, exc_info=exc)
-        self.failed.set()
-
-    async def until(self, ready: Awaitable[Any]) -> None:
-        """
-        Wait for ``ready``; raise the failure if a task dies first.
-        """
-        waiter = asyncio.ensure_future(ready)
-        failed = asyncio.ensure_future(self.failed.wait())
-        await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
-        failed.cancel()
-        if not waiter.done():
-            waiter.cancel()
-            raise self.failure or DatabaseError("delivery could not start")
-
-    async def shutdown(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
 @dataclass(frozen=True, slots=True)
 class Stopped:
     """
@@ -172,7 +123,7 @@ class Instance:
         delivery: Delivery,
         listener: Listener,
         sinks: SinkManager | None,
-        tasks: _Tasks,
+        tasks: Supervisor,
         cleanup: contextlib.AsyncExitStack,
         demo_users: dict[str, str] | None,
     ) -> None:
@@ -324,7 +275,7 @@ class Daemon:
         stats = Stats()
         hub = Hub(settings.max_sessions_per_user)
         collector = Collector()
-        tasks = _Tasks()
+        tasks = Supervisor()
         async with contextlib.AsyncExitStack() as cleanup:
             # Sink settings are checked before waiting for the database.
             sinks = SinkManager(settings, stats) if settings.sinks else None
