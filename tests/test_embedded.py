@@ -1,5 +1,5 @@
 """
-Tests for :mod:`notifyd.embedded`, against real PostgreSQL binaries.
+Tests for :mod:`notifyd.demo.embedded`, against real PostgreSQL binaries.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from notifyd.embedded import (
+from notifyd.demo.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     find_postgres_bin_dir,
