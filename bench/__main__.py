@@ -38,7 +38,7 @@ from typing import Any
 import asyncpg
 
 from notifyd.db import schema_sql
-from notifyd.embedded import EmbeddedPostgres
+from notifyd.demo.embedded import EmbeddedPostgres
 
 from . import report
 from .control import ROOT, Child, free_port, raise_nofile, wait_healthy

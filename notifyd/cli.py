@@ -173,7 +173,7 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     embedded = None
     try:
         if not settings.dsn:
-            from .embedded import EmbeddedPostgres
+            from .demo.embedded import EmbeddedPostgres
 
             embedded = EmbeddedPostgres()
             overrides["dsn"] = embedded.dsn
@@ -210,7 +210,7 @@ async def _start_embedded(embedded: Any) -> None:
     meanwhile, wait for the thread anyway, so cleanup never races a start
     that would leave a server behind.
     """
-    from .embedded import EmbeddedPostgresError
+    from .demo.embedded import EmbeddedPostgresError
 
     starting = asyncio.ensure_future(asyncio.to_thread(embedded.start))
     try:
@@ -280,7 +280,7 @@ def _psql_command() -> str:
     if found:
         return found
     try:
-        from .embedded import find_postgres_bin_dir
+        from .demo.embedded import find_postgres_bin_dir
 
         candidate = find_postgres_bin_dir() / "psql"
     except Exception:

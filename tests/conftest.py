@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from notifyd.auth import TokenVerifier
 from notifyd.daemon import Daemon, Instance
 from notifyd.db import schema_sql
-from notifyd.embedded import EmbeddedPostgres
+from notifyd.demo.embedded import EmbeddedPostgres
 from notifyd.settings import Settings
 
 # One unit for every wait in the suite; raise it on a slow machine.

@@ -290,7 +290,7 @@ async def test_check_with_a_malformed_dsn_port_reports_a_problem_line_not_a_trac
 
 async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmaster():
     """SIGINT to `notifyd demo` between initdb and pg_ctl start still leaves no PostgreSQL running."""
-    from notifyd.embedded import EmbeddedPostgres
+    from notifyd.demo.embedded import EmbeddedPostgres
 
     data_dir: str | None = None
     try:

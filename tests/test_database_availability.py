@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from notifyd.db import schema_sql
-from notifyd.embedded import EmbeddedPostgres
+from notifyd.demo.embedded import EmbeddedPostgres
 
 from .conftest import SECRET, TIMEOUT, insert
 from .pgproxy import notification_dropping_proxy

@@ -1,12 +1,16 @@
 """
-Tests for :mod:`notifyd.embedded`, against real PostgreSQL binaries.
+Tests for :mod:`notifyd.demo.embedded` and :mod:`notifyd.demo.binaries`, against real
+PostgreSQL binaries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from notifyd.embedded import (
+from notifyd.demo.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
     find_postgres_bin_dir,
@@ -106,14 +110,14 @@ async def test_server_options_and_extra_settings_are_applied(
     pg: EmbeddedPostgres,
 ) -> None:
     """
-    Fixed options (loopback only, 300 connections, UTF8) and extra settings apply.
+    Fixed options (loopback only, no unix socket, 300 connections, UTF8) and extra settings apply.
     """
     conn = await asyncpg.connect(pg.dsn, timeout=10)
     try:
         assert await conn.fetchval("show listen_addresses") == "127.0.0.1"
         assert await conn.fetchval("show max_connections") == "300"
         assert await conn.fetchval("show server_encoding") == "UTF8"
-        assert await conn.fetchval("show unix_socket_directories") == str(pg.data_dir)
+        assert await conn.fetchval("show unix_socket_directories") == ""
         assert await conn.fetchval("show work_mem") == "7MB"
         assert await conn.fetchval("show fsync") == "off"
     finally:
@@ -224,6 +228,25 @@ async def test_cleanup_kills_postmaster_and_backends_when_pg_ctl_stop_fails(
     assert _process_gone(backend_pid), f"backend {backend_pid} survived cleanup()"
 
 
+def test_finding_the_wheels_binaries_does_not_import_pgserver() -> None:
+    """
+    The bin dir comes from pgserver's location, without running its __init__ (and its imports).
+    """
+    probe = (
+        "import sys; from notifyd.demo.binaries import find_postgres_bin_dir; "
+        "print(find_postgres_bin_dir()); print('pgserver' in sys.modules, 'psutil' in sys.modules)"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "NOTIFYD_PG_BIN"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    bin_dir, imported = result.stdout.splitlines()
+    assert Path(bin_dir).parts[-3:] == ("pgserver", "pginstall", "bin")
+    assert imported == "False False"
+    assert result.stderr == ""
+
+
 def test_empty_pg_bin_dir_gives_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -237,7 +260,7 @@ def test_empty_pg_bin_dir_gives_clear_error(
     with pytest.raises(EmbeddedPostgresError, match=expected) as excinfo:
         with pg:
             pass
-    assert "pip install 'notifyd[embedded]' or install PostgreSQL" in str(excinfo.value)
+    assert "pip install 'notifyd[embedded]' or set NOTIFYD_PG_BIN" in str(excinfo.value)
     # A failing __enter__ still cleans up the temp data dir.
     assert not data_dir.exists()
 
@@ -266,11 +289,18 @@ def test_invalid_setting_name_is_rejected() -> None:
         EmbeddedPostgres(Path("/nonexistent"), settings={"fsync=off -c x": "1"})
 
 
-async def test_long_data_dir_gets_short_socket_dir_and_is_kept(
+def _socket_files(directory: Path) -> list[Path]:
+    """
+    The unix socket (and socket lock) files PostgreSQL left in *directory*.
+    """
+    return list(directory.glob(".s.PGSQL.*"))
+
+
+async def test_long_data_dir_works_without_a_socket_file_and_is_kept(
     world_searchable_tmp: Path,
 ) -> None:
     """
-    A too-long data dir gets a short socket dir; a caller's data dir outlives cleanup().
+    A data dir too long for a unix socket path works (TCP only); a caller's outlives cleanup().
     """
     data_dir = world_searchable_tmp / ("d" * 90)
     pg = EmbeddedPostgres(data_dir)
@@ -278,15 +308,20 @@ async def test_long_data_dir_gets_short_socket_dir_and_is_kept(
         pg.start()
         conn = await asyncpg.connect(pg.dsn, timeout=10)
         try:
-            socket_dir = await conn.fetchval("show unix_socket_directories")
+            assert await conn.fetchval("show unix_socket_directories") == ""
         finally:
             await conn.close()
-        assert socket_dir != str(data_dir) and len(socket_dir) <= 80
-        assert list(Path(socket_dir).glob(".s.PGSQL.*"))
+        assert not _socket_files(data_dir)
     finally:
         pg.cleanup()
     assert (data_dir / "PG_VERSION").is_file()
-    assert not Path(socket_dir).exists()
+
+
+def _binary_caches(base: Path) -> tuple[list[Path], list[Path]]:
+    """
+    The published copies of the binaries under *base*, and staging dirs left behind.
+    """
+    return list(base.glob("notifyd-pg-*")), list(base.glob(".notifyd-pg-*"))
 
 
 @pytest.mark.skipif(not IS_ROOT or not HAS_PROC, reason="the shared copy is only made as root")
@@ -321,11 +356,10 @@ async def test_root_copies_binaries_nobody_cannot_read_to_shared_cache(
             await conn.close()
         executable = Path(os.readlink(f"/proc/{_read_pid(pg)}/exe"))
 
-    caches = list(world_searchable_tmp.glob("notifyd-pg-*"))
+    caches, staging = _binary_caches(world_searchable_tmp)
     assert len(caches) == 1 and caches[0].is_dir()
     assert executable.is_relative_to(caches[0])
     assert caches[0].stat().st_mode & 0o777 == 0o755
-    staging = list(world_searchable_tmp.glob(".notifyd-pg-*"))
     assert not staging, f"staging dir left behind: {staging}"
 
 
@@ -411,7 +445,9 @@ def test_standby_of_into_non_empty_dir_fails_and_keeps_callers_dir(
     occupied = world_searchable_tmp / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    with pytest.raises(EmbeddedPostgresError, match="pg_basebackup from 127.0.0.1") as excinfo:
+    with pytest.raises(
+        EmbeddedPostgresError, match=re.escape("pg_basebackup from 127.0.0.1")
+    ) as excinfo:
         EmbeddedPostgres.standby_of(pg, occupied)
     assert "\n" not in str(excinfo.value)
     assert (occupied / "keep.txt").read_text() == "mine"
