@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import re
 import secrets
-import shlex
-import shutil
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -25,7 +21,7 @@ from typing import Any
 
 from .auth import TokenVerifier
 from .daemon import Daemon, Instance, Stopped, connect_database
-from .exceptions import ConfigError, DatabaseError, NotifydError
+from .exceptions import ConfigError, NotifydError
 from .logs import configure_logging
 from .loop import loop_factory
 from .origin import origin_warning
@@ -173,11 +169,11 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     embedded = None
     try:
         if not settings.dsn:
-            from .demo.embedded import EmbeddedPostgres
+            from .demo.embedded import EmbeddedPostgres, start_in_thread
 
             embedded = EmbeddedPostgres()
             overrides["dsn"] = embedded.dsn
-            await _start_embedded(embedded)
+            await start_in_thread(embedded)
         settings = settings.model_copy(update=overrides)
         db = await connect_database(settings, wait=False)
         try:
@@ -196,96 +192,14 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
         daemon = Daemon(settings, verifier, demo_users=demo_users)
 
         def announce(instance: Instance) -> None:
-            print(_demo_banner(settings, instance.port, demo_users, args.user), flush=True)
+            from .demo.banner import demo_banner
+
+            print(demo_banner(settings, instance.port, demo_users, args.user), flush=True)
 
         return _exit_code(await daemon.run(on_ready=announce))
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.cleanup)
-
-
-async def _start_embedded(embedded: Any) -> None:
-    """
-    Start the embedded cluster in a thread. If the demo is interrupted
-    meanwhile, wait for the thread anyway, so cleanup never races a start
-    that would leave a server behind.
-    """
-    from .demo.embedded import EmbeddedPostgresError
-
-    starting = asyncio.ensure_future(asyncio.to_thread(embedded.start))
-    try:
-        await asyncio.shield(starting)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await starting
-        raise
-    except EmbeddedPostgresError as exc:
-        raise DatabaseError(str(exc)) from None
-
-
-def _demo_banner(settings: Settings, port: int, users: dict[str, str], user: str) -> str:
-    from urllib.parse import quote
-
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    if ":" in host:
-        host = f"[{host}]"
-    token = users[user]
-    url = f"ws://{host}:{port}/ws/message?token={token}"
-    width = max(len(name) for name in users)
-    pages = [
-        f"  {name + ':':<{width + 1}}  http://{host}:{port}/?user={quote(name)}" for name in users
-    ]
-    assert settings.dsn is not None
-    send = (
-        f"NOTIFYD_DSN={shlex.quote(settings.dsn)} {shlex.quote(sys.executable)} -m notifyd send "
-        f"--to {shlex.quote(user)} --title Hello --content 'Your first message'"
-    )
-    psql = _psql_command()
-    # Double quotes read best here; the user id is quoted for both SQL and the shell.
-    sql_user = user.replace("'", "''")
-    sql = (
-        "INSERT INTO t_message_real_time (to_user, title, content) "
-        f"VALUES ('{sql_user}', 'Hi', 'Sent with plain SQL')"
-    )
-    sql_arg = f'"{sql}"' if re.fullmatch(r"[^\\\"$`!]*", sql) else shlex.quote(sql)
-    return "\n".join(
-        [
-            "notifyd demo is running. Press Ctrl-C to stop.",
-            "",
-            "Open the message center, one page per demo user (two windows of one",
-            "user, or one of each), and send messages between them:",
-            *pages,
-            "",
-            f"  token for {user}:  {token}",
-            f"  WebSocket URL:     {url}",
-            f"  database DSN:      {settings.dsn}",
-            "",
-            "Watch the pushes (in another shell):",
-            f"  {shlex.quote(sys.executable)} -m websockets {shlex.quote(url)}",
-            "Send a message as an application would:",
-            f"  {send}",
-            "or with plain SQL:",
-            f"  {psql} {shlex.quote(settings.dsn)} -c {sql_arg}",
-            "",
-        ]
-    )
-
-
-def _psql_command() -> str:
-    """
-    A psql to print in the demo banner: the one on PATH, else the one that
-    ships with the embedded PostgreSQL binaries.
-    """
-    found = shutil.which("psql")
-    if found:
-        return found
-    try:
-        from .demo.embedded import find_postgres_bin_dir
-
-        candidate = find_postgres_bin_dir() / "psql"
-    except Exception:
-        return "psql"
-    return shlex.quote(str(candidate)) if candidate.exists() else "psql"
 
 
 async def _init_db(settings: Settings, args: argparse.Namespace) -> int:

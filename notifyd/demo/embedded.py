@@ -25,6 +25,7 @@ binaries :mod:`.binaries` finds) rather than through pgserver's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -40,9 +41,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
+from ..exceptions import DatabaseError
 from .binaries import EmbeddedPostgresError, PostgresBinaries, find_postgres_bin_dir, one_line
 
-__all__ = ["EmbeddedPostgres", "EmbeddedPostgresError", "find_postgres_bin_dir"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "find_postgres_bin_dir",
+    "start_in_thread",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -470,3 +477,21 @@ def _wait_until(predicate: Callable[[], bool], deadline: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL_S)
+
+
+async def start_in_thread(embedded: EmbeddedPostgres) -> None:
+    """
+    Start the embedded cluster in a thread. If the demo is interrupted
+    meanwhile, wait for the thread anyway, so cleanup never races a start
+    that would leave a server behind.
+    """
+    starting = asyncio.ensure_future(asyncio.to_thread(embedded.start))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await starting
+        raise
+    except EmbeddedPostgresError as exc:
+        # One line for the user, as for any database that cannot be used.
+        raise DatabaseError(str(exc)) from None
