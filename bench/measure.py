@@ -1,11 +1,14 @@
 """
-Process statistics from /proc, percentiles, and a description of the machine.
+Process statistics from /proc, percentiles, the kernel's floors for a write
+and a fan-out, and a description of the machine and of the notifyd sources
+measured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import os
 import platform
 import selectors
@@ -15,14 +18,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .control import ROOT
+
 __all__ = [
     "busy_seconds",
     "cpu_seconds",
+    "fanout_floor",
     "gc_pauses",
     "loopback_send_cost",
     "machine",
     "percentiles",
     "rss_kib",
+    "source_fingerprint",
     "tree_cpu_seconds",
     "wait_quiet",
 ]
@@ -309,3 +316,16 @@ def machine() -> dict[str, object]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def source_fingerprint() -> dict[str, str]:
+    """
+    Which notifyd was measured: a hash of its sources and their newest mtime.
+    """
+    files = [*sorted((ROOT / "notifyd").glob("*.py")), ROOT / "notifyd" / "schema.sql"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    newest = max(path.stat().st_mtime for path in files)
+    when = datetime.datetime.fromtimestamp(newest, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return {"sha256": digest.hexdigest()[:16], "newest_file": when}
