@@ -99,7 +99,8 @@ class Child:
         Start ``argv`` in the repository root. With ``control``, stdin and
         stdout are the JSON-line request channel.
         """
-        with open(log, "ab") as log_file:
+        log_file = await asyncio.to_thread(log.open, "ab")
+        with log_file:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=ROOT,

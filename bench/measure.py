@@ -1,11 +1,14 @@
 """
-Process statistics from /proc, percentiles, and a description of the machine.
+Process statistics from /proc, percentiles, the kernel's floors for a write
+and a fan-out, and a description of the machine and of the notifyd sources
+measured.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import os
 import platform
 import selectors
@@ -15,14 +18,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .control import ROOT
+
 __all__ = [
     "busy_seconds",
     "cpu_seconds",
+    "fanout_floor",
     "gc_pauses",
     "loopback_send_cost",
     "machine",
     "percentiles",
     "rss_kib",
+    "source_fingerprint",
     "tree_cpu_seconds",
     "wait_quiet",
 ]
@@ -143,16 +150,17 @@ def _read_until_closed(port: int, connections: int, on_data: Callable[[int], Non
     for _ in range(connections):
         reader = socket.create_connection(("127.0.0.1", port), timeout=30)
         reader.setblocking(False)
-        selector.register(reader, selectors.EVENT_READ)
+        selector.register(reader, selectors.EVENT_READ, data=reader)
     received, open_readers = 0, connections
     while open_readers:
         for key, _ in selector.select():
+            ready: socket.socket = key.data
             try:
-                data = key.fileobj.recv(1 << 16)  # type: ignore[union-attr]
+                data = ready.recv(1 << 16)
             except BlockingIOError:
                 continue
             if not data:
-                selector.unregister(key.fileobj)
+                selector.unregister(ready)
                 open_readers -= 1
                 continue
             received += len(data)
@@ -211,6 +219,22 @@ def loopback_send_cost(
     }
 
 
+def _rep_reporter(rep_bytes: int, done_w: int) -> Callable[[int], None]:
+    """
+    An ``on_data`` for :func:`_read_until_closed` that writes the time to
+    ``done_w`` each time another ``rep_bytes`` have arrived.
+    """
+    reps_done = 0
+
+    def report(received: int) -> None:
+        nonlocal reps_done
+        if received >= (reps_done + 1) * rep_bytes:
+            os.write(done_w, time.time_ns().to_bytes(8, "little"))
+            reps_done += 1
+
+    return report
+
+
 def fanout_floor(
     connections: int = 10_000, readers: int = 2, size: int = 400, reps: int = 3
 ) -> dict[str, float]:
@@ -235,14 +259,7 @@ def fanout_floor(
         if pid == 0:  # a reader: reports the time it had each rep's bytes
             try:
                 os.close(done_r)
-                reps_done = [0]
-
-                def report(received: int) -> None:
-                    if received >= (reps_done[0] + 1) * share * size:
-                        os.write(done_w, time.time_ns().to_bytes(8, "little"))
-                        reps_done[0] += 1
-
-                _read_until_closed(port, share, report)
+                _read_until_closed(port, share, _rep_reporter(share * size, done_w))
             finally:
                 os._exit(0)
         pids.append(pid)
@@ -309,3 +326,16 @@ def machine() -> dict[str, object]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def source_fingerprint() -> dict[str, str]:
+    """
+    Which notifyd was measured: a hash of its sources and their newest mtime.
+    """
+    files = [*sorted((ROOT / "notifyd").glob("*.py")), ROOT / "notifyd" / "schema.sql"]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    newest = max(path.stat().st_mtime for path in files)
+    when = datetime.datetime.fromtimestamp(newest, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return {"sha256": digest.hexdigest()[:16], "newest_file": when}
