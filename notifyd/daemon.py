@@ -16,12 +16,13 @@ from typing import Any
 import asyncpg
 
 from .auth import TokenVerifier
+from .backoff import backoff_delay
 from .collector import Collector
 from .db import Database
 from .delivery import Delivery
 from .exceptions import ConfigError, DatabaseError, NotifydError, ReplicaError, SchemaError
 from .hub import Hub
-from .listener import Listener, backoff_delay
+from .listener import Listener
 from .metrics import registry_for
 from .protocol import CloseCode
 from .server import PushServer

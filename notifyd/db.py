@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -17,9 +18,17 @@ from typing import Any
 import asyncpg
 
 from .cursor import Cursor, Snapshot
-from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError
+from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError, describe
 
-__all__ = ["CHANNEL", "Database", "Row", "schema_sql"]
+__all__ = [
+    "CHANNEL",
+    "DATABASE_ERRORS",
+    "Database",
+    "Row",
+    "as_database_error",
+    "refuse_standby",
+    "schema_sql",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +38,48 @@ RECEIPTS = "t_message_receipt"
 EVENTS = "t_message_event"
 
 Row = asyncpg.Record
+
+# What asyncpg raises when Postgres is unreachable, refuses a statement or
+# the connection breaks: socket errors and timeouts (OSError), the server's
+# errors, the client's interface errors, and its internal ones (a protocol
+# surprise, a type cache made stale by DDL). Nothing outside this module
+# catches them: they leave it as DatabaseError (see as_database_error).
+DATABASE_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
+@contextmanager
+def as_database_error(failed: str) -> Iterator[None]:
+    """
+    Turn asyncpg's and the socket's errors raised inside into
+    :class:`DatabaseError` reading ``"<failed>: <what asyncpg said>"``
+    (the original stays as its ``__cause__``); notifyd's own exceptions and
+    everything else pass through unchanged.
+    """
+    try:
+        yield
+    except DATABASE_ERRORS as exc:
+        raise DatabaseError(f"{failed}: {describe(exc)}") from exc
+
+
+async def refuse_standby(connection: asyncpg.Connection | asyncpg.Pool, where: str) -> None:
+    """
+    Raise :class:`ReplicaError` naming ``where`` (the setting that holds the
+    DSN) when ``connection`` reaches a hot standby, where LISTEN cannot work;
+    :class:`DatabaseError` when the question cannot be asked.
+    """
+    with as_database_error(f"asking whether {where} is a hot standby failed"):
+        in_recovery = await connection.fetchval("SELECT pg_is_in_recovery()")
+    if in_recovery:
+        raise ReplicaError(
+            f"{where} is a hot standby (in recovery), where LISTEN cannot work: "
+            "point it at the primary"
+        )
+
 
 # Every column is cast to what the protocol sends, so an application's
 # existing table with varchar or char columns is read the same way.
@@ -326,8 +377,9 @@ class Database:
     """
     A small pool of query connections and the statements notifyd runs.
 
-    Connection failures surface as :class:`DatabaseError`; nothing else
-    escapes from asyncpg unwrapped except during shutdown.
+    Every method raises :class:`DatabaseError` (or a subclass) when Postgres
+    is unreachable or refuses a statement: nothing escapes from asyncpg
+    unwrapped, so callers catch that alone.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -349,16 +401,12 @@ class Database:
                 reset=_keep_session,
             )
         except ValueError as exc:  # asyncpg's verdict on a malformed DSN
-            raise ConfigError(f"invalid NOTIFYD_DSN: {_describe(exc)}") from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"cannot connect to the database: {_describe(exc)}") from None
+            raise ConfigError(f"invalid NOTIFYD_DSN: {describe(exc)}") from None
+        except DATABASE_ERRORS as exc:
+            raise DatabaseError(f"cannot connect to the database: {describe(exc)}") from exc
         database = cls(pool)
         try:
-            if await pool.fetchval("SELECT pg_is_in_recovery()"):
-                raise ReplicaError(
-                    "the database is a hot standby (in recovery): LISTEN cannot "
-                    "work there; point NOTIFYD_DSN at the primary"
-                )
+            await refuse_standby(pool, "NOTIFYD_DSN")
         except BaseException:
             await database.close()
             raise
@@ -385,7 +433,9 @@ class Database:
         """
         The current snapshot: everything committed so far is visible in it.
         """
-        return Snapshot.from_pg(await self._pool.fetchval("SELECT pg_current_snapshot()::text"))
+        with as_database_error("reading the current snapshot failed"):
+            text = await self._pool.fetchval("SELECT pg_current_snapshot()::text")
+        return Snapshot.from_pg(text)
 
     async def window(
         self,
@@ -403,15 +453,16 @@ class Database:
         the rest.
         """
         xip = [str(x) for x in since.xip]
-        if not count_users:
-            records = await self._pool.fetch(_WINDOW_LEAN, since.to_pg(), xip, limit)
-            head = next(r for r in records if r["snap"] is not None)
-            if not head["has_events"]:
-                rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
-                return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
-        records = await self._pool.fetch(
-            _WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
-        )
+        with as_database_error("reading new rows failed"):
+            if not count_users:
+                records = await self._pool.fetch(_WINDOW_LEAN, since.to_pg(), xip, limit)
+                head = next(r for r in records if r["snap"] is not None)
+                if not head["has_events"]:
+                    rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
+                    return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
+            records = await self._pool.fetch(
+                _WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
+            )
         head = next(r for r in records if r["snap"] is not None)
         rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
         return Window(
@@ -424,7 +475,7 @@ class Database:
 
     async def window_rest(
         self, since: Snapshot, end: Snapshot, *, after_seq: int, pages: Iterator[int]
-    ) -> AsyncIterator[Window]:
+    ) -> AsyncGenerator[Window, None]:
         """
         The rows of the window from ``since`` to ``end`` after ``after_seq``,
         in ``seq`` order, one page per size the endless ``pages`` yields; the
@@ -433,17 +484,18 @@ class Database:
         :func:`contextlib.aclosing`.
         """
         rows: list[Row] = []
-        async with self._pool.acquire() as connection, connection.transaction(readonly=True):
-            cursor = await connection.cursor(
-                _WINDOW_REST, since.to_pg(), [str(x) for x in since.xip], after_seq, end.to_pg()
-            )
-            for size in pages:
-                rows = await cursor.fetch(size)
-                if len(rows) < size:
-                    break
-                yield Window(rows, end, complete=False)
-            else:
-                raise ValueError("pages ran out before the window did")
+        with as_database_error("reading the rest of a window failed"):
+            async with self._pool.acquire() as connection, connection.transaction(readonly=True):
+                cursor = await connection.cursor(
+                    _WINDOW_REST, since.to_pg(), [str(x) for x in since.xip], after_seq, end.to_pg()
+                )
+                for size in pages:
+                    rows = await cursor.fetch(size)
+                    if len(rows) < size:
+                        break
+                    yield Window(rows, end, complete=False)
+                else:
+                    raise ValueError("pages ran out before the window did")
         # Given once the transaction is over: delivery flushes the window
         # right after the last page, and must not wait for the COMMIT.
         yield Window(rows, end, complete=True)
@@ -461,7 +513,10 @@ class Database:
         bases = [cursor.base.to_pg() for _, cursor in requests]
         ends = [cursor.end.to_pg() if cursor.end else None for _, cursor in requests]
         seqs = [cursor.seq for _, cursor in requests]
-        records = await self._pool.fetch(_CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit)
+        with as_database_error("reading missed rows failed"):
+            records = await self._pool.fetch(
+                _CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit
+            )
         result: list[list[Row]] = [[] for _ in requests]
         for record in records:
             result[record["i"] - 1].append(record)
@@ -472,18 +527,22 @@ class Database:
         Mark the user's messages (and announcements) with these ids read;
         returns how many changed. The triggers tell every session.
         """
-        return await self._pool.fetchval(_MARK_READ, user, list(ids))  # type: ignore[no-any-return]
+        with as_database_error("marking messages read failed"):
+            changed = await self._pool.fetchval(_MARK_READ, user, list(ids))
+        return int(changed)
 
     async def mark_all_read(self, user: str, type: str | None) -> int:
         """
         Mark all of the user's unread messages read (of one ``type`` when
         given); the event says "all" instead of listing ids.
         """
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(
-                "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
-            )
-            return await connection.fetchval(_MARK_ALL_READ, user, type)  # type: ignore[no-any-return]
+        with as_database_error("marking all messages read failed"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute(
+                    "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
+                )
+                changed = await connection.fetchval(_MARK_ALL_READ, user, type)
+        return int(changed)
 
     async def history(
         self,
@@ -498,21 +557,23 @@ class Database:
         Up to ``limit`` of the user's messages older than ``before_seq``,
         newest first, and whether there are more.
         """
-        rows = await self._pool.fetch(
-            _HISTORY,
-            user,
-            before_seq if before_seq is not None else 2**63 - 1,
-            type,
-            unread_only,
-            limit + 1,
-        )
+        with as_database_error("reading history failed"):
+            rows = await self._pool.fetch(
+                _HISTORY,
+                user,
+                before_seq if before_seq is not None else 2**63 - 1,
+                type,
+                unread_only,
+                limit + 1,
+            )
         return rows[:limit], len(rows) > limit
 
     async def prune_events(self, older_than_s: float) -> int:
         """
         Delete read/delete events older than ``older_than_s`` seconds.
         """
-        status = await self._pool.execute(_PRUNE_EVENTS, older_than_s)
+        with as_database_error("pruning old events failed"):
+            status = await self._pool.execute(_PRUNE_EVENTS, older_than_s)
         return int(status.split()[-1])
 
     async def notify(self, payload: str) -> float:
@@ -520,11 +581,13 @@ class Database:
         Send a notification on notifyd's channel (the listener's probe);
         returns ``pg_notification_queue_usage()`` (0..1) as seen before it.
         """
-        return await self._pool.fetchval(  # type: ignore[no-any-return]
-            "SELECT pg_notification_queue_usage() FROM (SELECT pg_notify($1, $2)) AS sent",
-            CHANNEL,
-            payload,
-        )
+        with as_database_error("sending a notification failed"):
+            usage = await self._pool.fetchval(
+                "SELECT pg_notification_queue_usage() FROM (SELECT pg_notify($1, $2)) AS sent",
+                CHANNEL,
+                payload,
+            )
+        return float(usage)
 
     async def insert_message(
         self,
@@ -539,32 +602,34 @@ class Database:
         """
         Insert one message as an application would; returns its id.
         """
-        try:
-            return await self._pool.fetchval(  # type: ignore[no-any-return]
-                _INSERT, to_user, title, content, type, skip_url, send_user
-            )
-        except asyncpg.UndefinedTableError:
-            raise SchemaError(f"table {TABLE} does not exist: run `notifyd init-db`") from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"insert failed: {_describe(exc)}") from None
+        with as_database_error("insert failed"):
+            try:
+                message_id = await self._pool.fetchval(
+                    _INSERT, to_user, title, content, type, skip_url, send_user
+                )
+            except asyncpg.UndefinedTableError:
+                raise SchemaError(f"table {TABLE} does not exist: run `notifyd init-db`") from None
+        return str(message_id)
 
     async def apply_schema(self, *, role: bool = False) -> None:
         """
         Run ``schema.sql`` (and ``role.sql`` with ``role``) in one
         transaction; both are idempotent.
         """
-        try:
+        with as_database_error("applying the schema failed"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(schema_sql())
                 if role:
                     await connection.execute(role_sql())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"applying the schema failed: {_describe(exc)}") from None
 
     async def schema_problems(self) -> list[str]:
         """
         What is missing for delivery, in plain words; empty when all is well.
         """
+        with as_database_error("checking the schema failed"):
+            return await self._schema_problems()
+
+    async def _schema_problems(self) -> list[str]:
         # The catalogs, not information_schema: the latter hides columns the
         # role has no rights on, which would read as "missing".
         columns = {
@@ -600,6 +665,8 @@ class Database:
         if problems:
             return problems
         allowed = await self._pool.fetchrow(_PRIVILEGES)
+        if allowed is None:  # a SELECT without FROM always returns its row
+            raise DatabaseError("the privilege check returned no row")
         missing = {
             "read_messages": f"SELECT on {TABLE}",
             "update_is_read": f"UPDATE (is_read) on {TABLE}",
@@ -617,7 +684,8 @@ class Database:
         """
         Run a one-value query (for ``notifyd check`` and tests).
         """
-        return await self._pool.fetchval(query, *args)
+        with as_database_error("query failed"):
+            return await self._pool.fetchval(query, *args)
 
     async def revocation_arity(self, query: str) -> int:
         """
@@ -627,16 +695,20 @@ class Database:
         Raises :class:`ConfigError` naming NOTIFYD_REVOCATION_SQL when
         Postgres refuses the query or it takes other parameters.
         """
-        try:
-            async with self._pool.acquire() as connection:
-                # In a transaction of its own: asyncpg's prepare leaves the
-                # implicit one open, and with it a lock on the app's table
-                # that would block the app's DDL until the next query.
-                async with connection.transaction(readonly=True):
-                    statement = await connection.prepare(query)
-                    arity = len(statement.get_parameters())
-        except asyncpg.PostgresError as exc:
-            raise ConfigError(f"NOTIFYD_REVOCATION_SQL is not usable: {_describe(exc)}") from None
+        with as_database_error("checking NOTIFYD_REVOCATION_SQL failed"):
+            try:
+                async with self._pool.acquire() as connection:
+                    # In a transaction of its own: asyncpg's prepare leaves
+                    # the implicit one open, and with it a lock on the app's
+                    # table that would block the app's DDL until the next
+                    # query.
+                    async with connection.transaction(readonly=True):
+                        statement = await connection.prepare(query)
+                        arity = len(statement.get_parameters())
+            except asyncpg.PostgresError as exc:
+                raise ConfigError(
+                    f"NOTIFYD_REVOCATION_SQL is not usable: {describe(exc)}"
+                ) from None
         if arity not in (1, 2):
             raise ConfigError(
                 "NOTIFYD_REVOCATION_SQL must take $1 (the user id) and optionally $2 "
@@ -652,7 +724,8 @@ class Database:
         the session (no row, NULL or false refuse it).
         """
         args: list[Any] = [user, json.dumps(claims, default=str)][:arity]
-        return await self._pool.fetchval(query, *args) is True
+        with as_database_error("the revocation check failed"):
+            return await self._pool.fetchval(query, *args) is True
 
 
 def _event(data: dict[str, Any]) -> Event:
@@ -666,8 +739,3 @@ def _event(data: dict[str, Any]) -> Event:
         data["readers"],
         None if inserted is None else int(inserted),
     )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-import asyncpg
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -464,7 +463,7 @@ class PushServer:
             allowed = await self._db.session_allowed(
                 query, self._revocation_arity, identity.user, identity.claims
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseError) as exc:
+        except DatabaseError as exc:
             # The type only: a message could quote the claims.
             logger.warning("revocation check failed: %s", type(exc).__name__)
             return CloseCode.INTERNAL_ERROR
@@ -559,7 +558,7 @@ class PushServer:
                     )
             else:
                 session.push(protocol.encode_error("invalid", "already authenticated"))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseError) as exc:
+        except DatabaseError as exc:
             logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))

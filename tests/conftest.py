@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from notifyd.auth import TokenVerifier
 from notifyd.daemon import Daemon
-from notifyd.db import schema_sql
+from notifyd.db import DATABASE_ERRORS, schema_sql
 from notifyd.embedded import EmbeddedPostgres
 from notifyd.settings import Settings
 
@@ -143,7 +143,7 @@ async def _connect_with_retry(dsn: str) -> asyncpg.Connection:
     while True:
         try:
             return await asyncpg.connect(dsn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)

@@ -30,7 +30,6 @@ from notifyd.sinks.policy import (
     classify_status,
     parse_retry_after,
     parse_webhook_url,
-    retry_delay,
     sign,
     type_allowed,
     verify,
@@ -63,14 +62,6 @@ def test_verify_accepts_a_fresh_signature_and_rejects_tampering_wrong_key_and_re
     assert not verify(b"other", "1000", signature, body, now=1100)
     assert not verify(b"secret", "1000", signature, body, now=1000 + 301)
     assert not verify(b"secret", "soon", signature, body, now=1000)
-
-
-def test_retry_delay_doubles_from_the_initial_delay_up_to_the_maximum():
-    """1, 2, 4, 8 ... capped; huge attempt numbers do not overflow."""
-    delays = [retry_delay(n, initial=1.0, maximum=10.0) for n in range(1, 7)]
-    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert retry_delay(10_000, initial=1.0, maximum=10.0) == 10.0
-    assert retry_delay(0, initial=1.0, maximum=10.0) == 0.0
 
 
 @pytest.mark.parametrize(

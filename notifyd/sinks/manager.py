@@ -18,10 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backoff import backoff_delay
 from ..db import Database, Row
+from ..exceptions import describe
 from ..settings import Settings
 from ..stats import SinkStats, Stats
-from . import Sink, SinkContext, SinkMessage, _describe, available_sinks, load_sink
+from . import Sink, SinkContext, SinkMessage, available_sinks, load_sink
 
 __all__ = ["SinkManager"]
 
@@ -174,7 +176,7 @@ class SinkManager:
             try:
                 await close()
             except Exception as exc:
-                logger.warning("sink %s: aclose failed: %s", running.name, _describe(exc))
+                logger.warning("sink %s: aclose failed: %s", running.name, describe(exc))
 
     async def _work(self, running: _Running) -> None:
         queue, stats, sink = running.queue, running.stats, running.sink
@@ -195,7 +197,7 @@ class SinkManager:
             except Exception as exc:
                 stats.failed += 1
                 running.failures.warn(
-                    "sink %s failed on message %s: %s", running.name, message.id, _describe(exc)
+                    "sink %s failed on message %s: %s", running.name, message.id, describe(exc)
                 )
             else:
                 if not running.counts_itself:
@@ -210,8 +212,8 @@ class SinkManager:
                 await run()
                 logger.warning("sink %s: run() returned; starting it again", running.name)
             except Exception as exc:
-                logger.error(
-                    "sink %s: run() failed: %s", running.name, _describe(exc), exc_info=exc
-                )
+                logger.error("sink %s: run() failed: %s", running.name, describe(exc), exc_info=exc)
             failures = 1 if time.monotonic() - started > 60 else failures + 1
-            await asyncio.sleep(min(_RESTART_MAX_S, _RESTART_MIN_S * 2 ** (failures - 1)))
+            await asyncio.sleep(
+                backoff_delay(failures, initial=_RESTART_MIN_S, maximum=_RESTART_MAX_S, jitter=0)
+            )
