@@ -36,6 +36,7 @@ SECRET = "test-secret-" + "x" * 32
 TEMPLATE = "notifyd_template"
 
 _database_names = itertools.count(1)
+_role_names = itertools.count(1)
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -157,6 +158,30 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(dsn)
     yield connection
     await connection.close()
+
+
+@pytest.fixture
+async def login_role(
+    db: asyncpg.Connection, dsn: str
+) -> AsyncIterator[Callable[[str], Awaitable[str]]]:
+    """
+    Create login roles for the test (``CREATE ROLE ... LOGIN <grants>``);
+    returns a DSN that logs in as the new role. All are dropped after it.
+    """
+    created: list[str] = []
+
+    async def create(grants: str) -> str:
+        name = f"notifyd_test_{os.getpid()}_{next(_role_names)}"
+        await db.execute(f"CREATE ROLE {name} LOGIN {grants}")
+        created.append(name)
+        parts = urlsplit(dsn)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{name}@{host}"))
+
+    yield create
+    for name in created:
+        await db.execute(f"DROP OWNED BY {name}")
+        await db.execute(f"DROP ROLE {name}")
 
 
 def make_settings(dsn: str, **overrides: Any) -> Settings:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -411,7 +412,9 @@ def test_standby_of_into_non_empty_dir_fails_and_keeps_callers_dir(
     occupied = world_searchable_tmp / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    with pytest.raises(EmbeddedPostgresError, match="pg_basebackup from 127.0.0.1") as excinfo:
+    with pytest.raises(
+        EmbeddedPostgresError, match=re.escape("pg_basebackup from 127.0.0.1")
+    ) as excinfo:
         EmbeddedPostgres.standby_of(pg, occupied)
     assert "\n" not in str(excinfo.value)
     assert (occupied / "keep.txt").read_text() == "mine"

@@ -39,7 +39,6 @@ from .conftest import TIMEOUT, insert
 from .processes import clean_env, run_cli
 from .receiver import Receiver, until, until_async
 from .test_ops import _self_signed
-from .test_privileges import login_role  # noqa: F401 - fixture
 
 WEBHOOK_SECRET = "whsec-" + "k" * 26
 
@@ -215,7 +214,7 @@ async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(
 
 async def test_https_webhook_refuses_a_receiver_it_cannot_verify(db, start_daemon, tmp_path):
     """Without the CA, the self-signed receiver is not trusted: nothing is posted, the attempt fails."""
-    cert_file, receiver = _tls_receiver(tmp_path)
+    _cert_file, receiver = _tls_receiver(tmp_path)
     try:
         daemon = await start_daemon(**webhook_settings(receiver))
         await insert(db, "alice", "not over untrusted tls")
@@ -411,7 +410,7 @@ async def test_messages_committed_while_stopped_are_posted_after_a_restart(
     assert [post.message["id"] for post in posts] == [before, *during]
 
 
-async def test_webhook_works_under_the_least_privilege_role(db, login_role, start_daemon, receiver):  # noqa: F811
+async def test_webhook_works_under_the_least_privilege_role(db, login_role, start_daemon, receiver):
     """role.sql grants what the dispatch tables need, and nothing else is needed."""
     await db.execute(role_sql())
     daemon_dsn = await login_role("IN ROLE notifyd_daemon")
@@ -642,7 +641,7 @@ def test_the_example_email_sink_package_loads_by_its_entry_point_and_checks_its_
         "Metadata-Version: 2.1\nName: notifyd-email-sink\nVersion: 0.1.0\n"
     )
     entry = example / "pyproject.toml"
-    line = next(l for l in entry.read_text().splitlines() if l.startswith("email = "))
+    line = next(row for row in entry.read_text().splitlines() if row.startswith("email = "))
     (dist / "entry_points.txt").write_text(f"[notifyd.sinks]\n{line.replace(chr(34), '')}\n")
     monkeypatch.syspath_prepend(str(example))
     monkeypatch.syspath_prepend(str(tmp_path))
