@@ -4,6 +4,10 @@ notifyd daemons on port 0, and real WebSocket clients over loopback.
 
 PostgreSQL is ``NOTIFYD_TEST_DSN`` when set (a superuser DSN: tests create
 databases), otherwise a throwaway cluster started in a temporary directory.
+
+A test that needs a system tool (Chromium, systemd-analyze) calls
+:func:`missing_tool` when it is absent: a skip on a developer's machine, a
+failure under CI.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -45,6 +49,18 @@ def with_database(dsn: str, database: str) -> str:
     """
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + database))
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """
+    Skip the calling test because a system tool it needs is missing, or
+    fail it when the ``CI`` environment variable is set: CI installs every
+    tool (``.ci/run``), so there a skip would hide a broken install behind a
+    green run that tested nothing.
+    """
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set: CI installs it, so this is a failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _interrupt(signum: int, frame: object) -> None:
