@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,10 +152,12 @@ class SinkManager:
         tasks = []
         for running in self._sinks:
             tasks.append(asyncio.create_task(self._work(running), name=f"sink {running.name}"))
-            if getattr(running.sink, "run", None) is not None:
+            # An optional hook, so not part of the Sink protocol.
+            hook: Callable[[], Awaitable[object]] | None = getattr(running.sink, "run", None)
+            if hook is not None:
                 tasks.append(
                     asyncio.create_task(
-                        self._keep_running(running), name=f"sink {running.name} run"
+                        self._keep_running(running, hook), name=f"sink {running.name} run"
                     )
                 )
         try:
@@ -203,8 +205,7 @@ class SinkManager:
                 if not running.counts_itself:
                     stats.sent += 1
 
-    async def _keep_running(self, running: _Running) -> None:
-        run = running.sink.run  # type: ignore[attr-defined]
+    async def _keep_running(self, running: _Running, run: Callable[[], Awaitable[object]]) -> None:
         failures = 0
         while True:
             started = time.monotonic()
