@@ -17,7 +17,7 @@ import json
 import signal
 from urllib.parse import unquote
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
+import asyncpg
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -68,8 +68,8 @@ async def serve_naive(dsn: str, host: str, port: int) -> None:
             except ConnectionClosed:
                 pass
 
-    def on_notification(connection: object, pid: int, channel: str, payload: str) -> None:
-        row = json.loads(payload)
+    def on_notification(connection: object, pid: int, channel: str, payload: object) -> None:
+        row = json.loads(str(payload))
         task = asyncio.create_task(push(row["to_user"], json.dumps(row)))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

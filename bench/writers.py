@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
+import asyncpg
 
 from .control import serve_commands
 

@@ -17,7 +17,6 @@ from typing import Any
 from . import protocol
 from .auth import Identity, Keys
 from .db import Database
-from .dispatch import DATABASE_ERRORS
 from .exceptions import AuthError, DatabaseError
 from .expiry import ExpiryClock
 from .incidents import Incidents
@@ -87,9 +86,10 @@ class Access:
             allowed = await self._db.session_allowed(
                 self._revocation_sql, self._revocation_arity, identity.user, claims
             )
-        except (DatabaseError, *DATABASE_ERRORS) as exc:
+        except DatabaseError as exc:
             # The type only: a message could quote the claims.
-            logger.warning("revocation check failed: %s", type(exc).__name__)
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            logger.warning("revocation check failed: %s", type(cause).__name__)
             return CloseCode.INTERNAL_ERROR
         if allowed:
             return None

@@ -19,10 +19,8 @@ from collections.abc import Mapping
 from . import protocol
 from .access import Access
 from .db import Database
-from .dispatch import DATABASE_ERRORS
 from .exceptions import DatabaseError, ProtocolError
-from .handshake import peer_address
-from .incidents import Incidents
+from .incidents import Incidents, peer_address
 from .session import Session
 
 __all__ = ["Actions"]
@@ -87,7 +85,7 @@ class Actions:
                 await self._demo_send(session, action)
             else:
                 session.push(protocol.encode_error("invalid", "already authenticated"))
-        except (DatabaseError, *DATABASE_ERRORS) as exc:
+        except DatabaseError as exc:
             logger.warning("session %s: %s failed: %s", session.id, type(action).__name__, exc)
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))

@@ -5,15 +5,12 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import Callable
 
-import asyncpg
-
 from .auth import TokenVerifier
-from .daemon import connect_database
-from .db import CHANNEL, Database
+from .db import Database, connect_database
 from .exceptions import ConfigError, DatabaseError
+from .listener import Probe, open_listen_connection
 from .settings import Settings
 
 __all__ = ["run_checks"]
@@ -52,7 +49,7 @@ async def run_checks(settings: Settings, say: Callable[[str], object]) -> bool:
         ok = ok and not problems
         if settings.sinks:
             ok = await _check_sinks(settings, db, say) and ok
-        listen_problem = await _listen_round_trip(settings.listen_dsn or settings.dsn, db)
+        listen_problem = await _listen_round_trip(settings, db)
         say(
             f"problem: {listen_problem}" if listen_problem else "ok: LISTEN/NOTIFY round trip works"
         )
@@ -88,35 +85,29 @@ async def _check_sinks(settings: Settings, db: Database, say: Callable[[str], ob
     return not problems
 
 
-async def _listen_round_trip(dsn: str, db: Database) -> str | None:
+async def _listen_round_trip(settings: Settings, db: Database) -> str | None:
     """
-    None when a NOTIFY reaches a LISTEN connection on ``dsn``; else what is wrong.
+    None when a NOTIFY sent through ``db`` reaches a LISTEN connection on the
+    listen DSN (the daemon's probe, once); else what is wrong.
     """
-    token = "check:" + secrets.token_hex(8)
-    arrived = asyncio.Event()
-
-    def on_notification(connection: object, pid: int, channel: str, payload: str) -> None:
-        if payload == token:
-            arrived.set()
-
+    where = "NOTIFYD_LISTEN_DSN" if settings.listen_dsn else "NOTIFYD_DSN"
+    probe = Probe(db)
     try:
-        connection = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        return f"the LISTEN connection cannot connect: {exc}"
+        connection = await open_listen_connection(
+            settings.listen_dsn or settings.dsn or "", probe.answer, where=where
+        )
+    except DatabaseError as exc:  # a hot standby too: the text names the setting
+        return str(exc)
     try:
-        if await connection.fetchval("SELECT pg_is_in_recovery()"):
-            return "the LISTEN connection reaches a hot standby (in recovery), where LISTEN cannot work"
-        await connection.add_listener(CHANNEL, on_notification)
-        await db.notify(token)
         async with asyncio.timeout(5):
-            await arrived.wait()
+            await probe.round_trip()
         return None
     except TimeoutError:
         return (
             "a NOTIFY did not reach a LISTEN connection within 5 s (is NOTIFYD_DSN or "
             "NOTIFYD_LISTEN_DSN going through a transaction-mode pooler?)"
         )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return f"LISTEN failed: {exc}"
+    except DatabaseError as exc:
+        return str(exc)
     finally:
-        await connection.close()
+        connection.terminate()

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .auth import TokenVerifier
-from .daemon import Daemon, Instance, Stopped, connect_database
+from .daemon import Daemon, Instance, Stopped
+from .db import connect_database
 from .exceptions import ConfigError, NotifydError
 from .logs import configure_logging
 from .loop import loop_factory

@@ -24,23 +24,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-import asyncpg
-
 from .access import Access
 from .actions import Actions
 from .auth import Keys, TokenVerifier
 from .collector import Collector
-from .db import Database
+from .db import Database, connect_database, refuse_standby_at
 from .delivery import Delivery
-from .exceptions import ConfigError, DatabaseError, NotifydError, ReplicaError, SchemaError
+from .exceptions import NotifydError, SchemaError
 from .handshake import Admission
 from .hub import Hub
 from .incidents import Incidents
-from .listener import Listener, backoff_delay
+from .listener import Listener
 from .metrics import registry_for, render_metrics
 from .protocol import CloseCode
 from .routes import Routes
 from .server import PushServer
+from .session import Session
 from .settings import Settings
 from .sinks.manager import SinkManager
 from .stats import Stats
@@ -48,52 +47,9 @@ from .systemd import SystemdNotifier, supervise
 from .tasks import Supervisor
 from .vitals import ListenerVitals, Vitals
 
-__all__ = ["Daemon", "Instance", "Stopped", "connect_database"]
+__all__ = ["Daemon", "Instance", "Stopped"]
 
 logger = logging.getLogger(__name__)
-
-
-async def connect_database(settings: Settings, *, wait: bool) -> Database:
-    """
-    Open the query pool; with ``wait``, retry until Postgres is reachable.
-
-    A hot standby is refused at once (:class:`ReplicaError`): retrying cannot
-    help there.
-    """
-    if not settings.dsn:
-        raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
-    attempt = 0
-    while True:
-        try:
-            return await Database.connect(settings.dsn, size=settings.pool_size)
-        except ReplicaError:
-            raise
-        except DatabaseError as exc:
-            if not wait:
-                raise
-            attempt += 1
-            delay = backoff_delay(attempt, initial=0.5, maximum=settings.reconnect_max_s)
-            logger.warning("%s; retrying in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-
-
-async def _refuse_standby(dsn: str) -> None:
-    """
-    Raise :class:`ReplicaError` when ``dsn`` (the LISTEN DSN) is a hot
-    standby; connection trouble is left to the listener's retries.
-    """
-    try:
-        connection = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-        return
-    try:
-        if await connection.fetchval("SELECT pg_is_in_recovery()"):
-            raise ReplicaError(
-                "NOTIFYD_LISTEN_DSN is a hot standby (in recovery), where LISTEN cannot "
-                "work; point it at the primary"
-            )
-    finally:
-        await connection.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +74,7 @@ class Instance:
         *,
         keys: Keys,
         stats: Stats,
-        hub: Hub,
+        hub: Hub[Session],
         db: Database,
         delivery: Delivery,
         listener: Listener,
@@ -273,7 +229,7 @@ class Daemon:
         """
         settings = self.settings
         stats = Stats()
-        hub = Hub(settings.max_sessions_per_user)
+        hub: Hub[Session] = Hub(settings.max_sessions_per_user)
         collector = Collector()
         tasks = Supervisor()
         async with contextlib.AsyncExitStack() as cleanup:
@@ -290,7 +246,7 @@ class Daemon:
             if sinks is not None:
                 await sinks.start(db)
             if settings.listen_dsn:
-                await _refuse_standby(settings.listen_dsn)
+                await refuse_standby_at(settings.listen_dsn, "NOTIFYD_LISTEN_DSN")
             delivery = Delivery(
                 db,
                 hub,

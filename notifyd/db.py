@@ -7,229 +7,126 @@ The LISTEN connection is not here: it is a dedicated connection owned by
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import asyncpg
 
+from . import queries
+from .backoff import backoff_delay
 from .cursor import Cursor, Snapshot
-from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError
+from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError, describe
+from .queries import CHANNEL, EVENTS, RECEIPTS, TABLE
+from .settings import Settings
 
-__all__ = ["CHANNEL", "Database", "Row", "schema_sql"]
+__all__ = [
+    "CHANNEL",
+    "DATABASE_ERRORS",
+    "Database",
+    "Row",
+    "as_database_error",
+    "connect_database",
+    "refuse_standby",
+    "refuse_standby_at",
+    "schema_sql",
+]
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "notifyd"
-TABLE = "t_message_real_time"
-RECEIPTS = "t_message_receipt"
-EVENTS = "t_message_event"
 
 Row = asyncpg.Record
 
-# Every column is cast to what the protocol sends, so an application's
-# existing table with varchar or char columns is read the same way.
-_COLUMNS = """
-    seq, xact_id::text::bigint AS xact_id, id::text AS id, title::text AS title,
-    content::text AS content, type::text AS type, send_user::text AS send_user,
-    to_user::text AS to_user, send_time, skip_url::text AS skip_url,
-    is_read::text AS is_read
-"""
+# What asyncpg raises when Postgres is unreachable, refuses a statement or
+# the connection breaks: socket errors and timeouts (OSError), the server's
+# errors, the client's interface errors, and its internal ones (a protocol
+# surprise, a type cache made stale by DDL). Nothing outside this module
+# catches them: they leave it as DatabaseError (see as_database_error).
+DATABASE_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
-def _columns_for(user: str) -> str:
+@contextmanager
+def as_database_error(failed: str) -> Iterator[None]:
     """
-    The message columns with ``is_read`` as ``user`` sees it: an
-    announcement is read when the user has a receipt for it.
+    Turn asyncpg's and the socket's errors raised inside into
+    :class:`DatabaseError` reading ``"<failed>: <what asyncpg said>"``
+    (the original stays as its ``__cause__``); notifyd's own exceptions and
+    everything else pass through unchanged.
     """
-    return _COLUMNS.replace(
-        "is_read::text AS is_read",
-        f"""CASE WHEN to_user = '*' THEN
-            CASE WHEN EXISTS (SELECT 1 FROM {RECEIPTS} AS r
-                              WHERE r.user_id = {user} AND r.message_id = id::text)
-                 THEN '1' ELSE '0' END
-        ELSE is_read::text END AS is_read""",
-    )
+    try:
+        yield
+    except DATABASE_ERRORS as exc:
+        raise DatabaseError(f"{failed}: {describe(exc)}") from exc
 
 
-# Rows of transactions not visible in the previous snapshot ($1 = the
-# snapshot, $2 = its in-progress list): an exact, index-backed "what is new",
-# however long another transaction holds the snapshot's xmin back.
-#
-# Each arm is written as a range with both ends, though one end always holds
-# (no xid8 is above the largest; in-progress ids lie in [xmin, xmax)): on a
-# table never analyzed, as a new or truncated one is until autovacuum comes
-# by, Postgres guesses a third of the table for "xact_id >= x" and reads all
-# of it sequentially on every window; for a two-ended range it guesses 0.5 %
-# and uses the index. With statistics both ends are estimated from them.
-_NEW_SINCE = """(
-    (xact_id >= pg_snapshot_xmax($1::text::pg_snapshot)
-     AND xact_id <= '18446744073709551615'::xid8)
-    OR (xact_id = ANY($2::text[]::xid8[])
-        AND xact_id >= pg_snapshot_xmin($1::text::pg_snapshot)
-        AND xact_id < pg_snapshot_xmax($1::text::pg_snapshot))
-)"""
+async def refuse_standby(connection: asyncpg.Connection | asyncpg.Pool, where: str) -> None:
+    """
+    Raise :class:`ReplicaError` naming ``where`` (the setting that holds the
+    DSN) when ``connection`` reaches a hot standby, where LISTEN cannot work;
+    :class:`DatabaseError` when the question cannot be asked.
+    """
+    with as_database_error(f"asking whether {where} is a hot standby failed"):
+        in_recovery = await connection.fetchval("SELECT pg_is_in_recovery()")
+    if in_recovery:
+        raise ReplicaError(
+            f"{where} is a hot standby (in recovery), where LISTEN cannot work: "
+            "point it at the primary"
+        )
 
-# A user's unread count: own unread rows plus announcements without a receipt.
-_UNREAD_OF = f"""
-    (SELECT count(*) FROM {TABLE} WHERE to_user = {{user}} AND is_read = '0')
-    + (SELECT count(*) FROM {TABLE} AS a
-       WHERE a.to_user = '*' AND NOT EXISTS (
-           SELECT 1 FROM {RECEIPTS} AS r
-           WHERE r.user_id = {{user}} AND r.message_id = a.id::text))
-"""
 
-# The first page is one statement, so one snapshot: the new rows, the
-# read/delete events, the unread counts of users with events (and of joining
-# sessions, $4) and the snapshot itself are one consistent view. Counts taken
-# here already include this window's rows and events.
-_WINDOW_FIRST = f"""
-WITH ev AS (
-    SELECT xact_id::text AS xact_id, to_user, kind, ids, type, readers,
-           inserted::text AS inserted
-    FROM {EVENTS}
-    WHERE {_NEW_SINCE}
-), counted AS (
-    SELECT DISTINCT usr FROM (
-        SELECT to_user AS usr FROM ev WHERE to_user <> '*'
-        UNION ALL SELECT unnest($4::text[])
-    ) AS u
-)
-SELECT pg_current_snapshot()::text AS snap,
-       (SELECT json_agg(ev) FROM ev)::text AS events,
-       (SELECT json_object_agg(usr, {_UNREAD_OF.format(user="usr")}) FROM counted)::text AS counts,
-       NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
-       NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
-       NULL AS skip_url, NULL AS is_read
-UNION ALL (
-    SELECT NULL, NULL, NULL, {_COLUMNS} FROM {TABLE}
-    WHERE {_NEW_SINCE}
-    ORDER BY seq
-    LIMIT $3
-)
-"""
+async def connect_database(settings: Settings, *, wait: bool) -> Database:
+    """
+    Open the query pool for ``settings``; with ``wait``, retry until
+    Postgres is reachable.
 
-# The first page when no session is joining, as one statement too: most
-# windows have no read/delete events, and this shape costs Postgres less than
-# half the planning of _WINDOW_FIRST (planned anew on every execution, since
-# its best plan depends on the snapshot). When events exist, the caller reads
-# the window again with _WINDOW_FIRST: nothing was routed yet, so only the
-# end snapshot moves.
-_WINDOW_LEAN = f"""
-SELECT pg_current_snapshot()::text AS snap,
-       EXISTS (SELECT 1 FROM {EVENTS} WHERE {_NEW_SINCE}) AS has_events,
-       NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
-       NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
-       NULL AS skip_url, NULL AS is_read
-UNION ALL (
-    SELECT NULL, NULL, {_COLUMNS} FROM {TABLE}
-    WHERE {_NEW_SINCE}
-    ORDER BY seq
-    LIMIT $3
-)
-"""
+    A hot standby is refused at once (:class:`ReplicaError`): retrying cannot
+    help there.
+    """
+    if not settings.dsn:
+        raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
+    attempt = 0
+    while True:
+        try:
+            return await Database.connect(settings.dsn, size=settings.pool_size)
+        except ReplicaError:
+            raise
+        except DatabaseError as exc:
+            if not wait:
+                raise
+            attempt += 1
+            delay = backoff_delay(attempt, initial=0.5, maximum=settings.reconnect_max_s)
+            logger.warning("%s; retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
 
-# The rest of a window after its first page: bounded by the first page's
-# snapshot, so the window does not grow while it is being read. Read through
-# one cursor, so the rows are found and sorted once however many pages they
-# fill.
-_WINDOW_REST = f"""
-SELECT {_COLUMNS} FROM {TABLE}
-WHERE {_NEW_SINCE}
-  AND seq > $3
-  AND pg_visible_in_snapshot(xact_id, $4::text::pg_snapshot)
-ORDER BY seq
-"""
 
-# One user's rows that a client at a cursor does not have and that the
-# delivery snapshot $5 saw; newest first, so an overflow keeps the newest.
-_CATCH_UP = f"""
-SELECT b.i, m.*
-FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
-     WITH ORDINALITY AS b(usr, base, fin, s0, i)
-CROSS JOIN LATERAL (
-    SELECT {_columns_for("b.usr")} FROM {TABLE}
-    WHERE to_user IN (b.usr, '*')
-      AND xact_id >= pg_snapshot_xmin(b.base::pg_snapshot)
-      AND NOT pg_visible_in_snapshot(xact_id, b.base::pg_snapshot)
-      AND NOT (b.fin IS NOT NULL AND seq <= b.s0
-               AND pg_visible_in_snapshot(xact_id, b.fin::pg_snapshot))
-      AND pg_visible_in_snapshot(xact_id, $5::text::pg_snapshot)
-    ORDER BY seq DESC
-    LIMIT $6
-) AS m
-"""
-
-# Marks the user's own messages and announcements read; ids of other users'
-# messages match nothing and so change and reveal nothing.
-_MARK_READ = f"""
-WITH own AS (
-    UPDATE {TABLE} SET is_read = '1'
-    WHERE to_user = $1 AND id::text = ANY($2::text[]) AND is_read = '0'
-    RETURNING 1
-), announcements AS (
-    INSERT INTO {RECEIPTS} (user_id, message_id)
-    SELECT $1, id::text FROM {TABLE}
-    WHERE to_user = '*' AND id::text = ANY($2::text[])
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
-"""
-
-_MARK_ALL_READ = f"""
-WITH own AS (
-    UPDATE {TABLE} SET is_read = '1'
-    WHERE to_user = $1 AND is_read = '0' AND ($2::text IS NULL OR type = $2)
-    RETURNING 1
-), announcements AS (
-    INSERT INTO {RECEIPTS} (user_id, message_id)
-    SELECT $1, id::text FROM {TABLE}
-    WHERE to_user = '*' AND ($2::text IS NULL OR type = $2)
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
-"""
-
-# Newest first, the user's own rows and announcements merged by seq; one
-# extra row tells whether there is more.
-_HISTORY = f"""
-SELECT * FROM (
-    (SELECT {_columns_for("$1")} FROM {TABLE}
-     WHERE to_user = $1 AND seq < $2 AND ($3::text IS NULL OR type = $3)
-       AND (NOT $4 OR is_read = '0')
-     ORDER BY seq DESC LIMIT $5)
-    UNION ALL
-    (SELECT {_columns_for("$1")} FROM {TABLE} AS m
-     WHERE to_user = '*' AND seq < $2 AND ($3::text IS NULL OR type = $3)
-       AND (NOT $4 OR NOT EXISTS (SELECT 1 FROM {RECEIPTS} AS r
-                                  WHERE r.user_id = $1 AND r.message_id = m.id::text))
-     ORDER BY seq DESC LIMIT $5)
-) AS h
-ORDER BY seq DESC
-LIMIT $5
-"""
-
-_PRUNE_EVENTS = f"DELETE FROM {EVENTS} WHERE at < now() - make_interval(secs => $1)"
-
-_INSERT = f"""
-INSERT INTO {TABLE} (to_user, title, content, type, skip_url, send_user)
-VALUES ($1, $2, $3, $4, $5, $6)
-RETURNING id::text
-"""
-
-_REQUIRED_TRIGGERS = (
-    "notifyd_wake_on_insert", "notifyd_log_update", "notifyd_log_delete",
-)  # fmt: skip
-
-_REQUIRED_COLUMNS = (
-    "id", "title", "send_user", "to_user", "type", "content",
-    "send_time", "skip_url", "is_read", "seq", "xact_id",
-)  # fmt: skip
+async def refuse_standby_at(dsn: str, where: str) -> None:
+    """
+    Raise :class:`ReplicaError` naming ``where`` when ``dsn`` reaches a hot
+    standby. A server that cannot be reached is not an answer: that is left
+    to whoever connects next, with its own retries.
+    """
+    try:
+        connection = await asyncpg.connect(dsn, timeout=10)
+    except (*DATABASE_ERRORS, TimeoutError):
+        return
+    try:
+        await refuse_standby(connection, where)
+    except ReplicaError:
+        raise
+    except DatabaseError:
+        return
+    finally:
+        await connection.close()
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -266,18 +163,6 @@ def role_sql() -> str:
     The least-privilege role for the daemon (``role.sql``).
     """
     return resources.files("notifyd").joinpath("role.sql").read_text("utf-8")
-
-
-# What the daemon's own role must be allowed to do.
-_PRIVILEGES = f"""
-SELECT
-    has_table_privilege('{TABLE}', 'SELECT') AS read_messages,
-    has_column_privilege('{TABLE}', 'is_read', 'UPDATE') AS update_is_read,
-    has_table_privilege('{RECEIPTS}', 'SELECT') AND has_table_privilege('{RECEIPTS}', 'INSERT')
-        AS receipts,
-    has_table_privilege('{EVENTS}', 'SELECT') AND has_table_privilege('{EVENTS}', 'DELETE')
-        AS events
-"""
 
 
 def schema_sql() -> str:
@@ -326,8 +211,9 @@ class Database:
     """
     A small pool of query connections and the statements notifyd runs.
 
-    Connection failures surface as :class:`DatabaseError`; nothing else
-    escapes from asyncpg unwrapped except during shutdown.
+    Every method raises :class:`DatabaseError` (or a subclass) when Postgres
+    is unreachable or refuses a statement: nothing escapes from asyncpg
+    unwrapped, so callers catch that alone.
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -349,16 +235,12 @@ class Database:
                 reset=_keep_session,
             )
         except ValueError as exc:  # asyncpg's verdict on a malformed DSN
-            raise ConfigError(f"invalid NOTIFYD_DSN: {_describe(exc)}") from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"cannot connect to the database: {_describe(exc)}") from None
+            raise ConfigError(f"invalid NOTIFYD_DSN: {describe(exc)}") from None
+        except DATABASE_ERRORS as exc:
+            raise DatabaseError(f"cannot connect to the database: {describe(exc)}") from exc
         database = cls(pool)
         try:
-            if await pool.fetchval("SELECT pg_is_in_recovery()"):
-                raise ReplicaError(
-                    "the database is a hot standby (in recovery): LISTEN cannot "
-                    "work there; point NOTIFYD_DSN at the primary"
-                )
+            await refuse_standby(pool, "NOTIFYD_DSN")
         except BaseException:
             await database.close()
             raise
@@ -385,7 +267,9 @@ class Database:
         """
         The current snapshot: everything committed so far is visible in it.
         """
-        return Snapshot.from_pg(await self._pool.fetchval("SELECT pg_current_snapshot()::text"))
+        with as_database_error("reading the current snapshot failed"):
+            text = await self._pool.fetchval("SELECT pg_current_snapshot()::text")
+        return Snapshot.from_pg(text)
 
     async def window(
         self,
@@ -403,15 +287,16 @@ class Database:
         the rest.
         """
         xip = [str(x) for x in since.xip]
-        if not count_users:
-            records = await self._pool.fetch(_WINDOW_LEAN, since.to_pg(), xip, limit)
-            head = next(r for r in records if r["snap"] is not None)
-            if not head["has_events"]:
-                rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
-                return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
-        records = await self._pool.fetch(
-            _WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
-        )
+        with as_database_error("reading new rows failed"):
+            if not count_users:
+                records = await self._pool.fetch(queries.WINDOW_LEAN, since.to_pg(), xip, limit)
+                head = next(r for r in records if r["snap"] is not None)
+                if not head["has_events"]:
+                    rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
+                    return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
+            records = await self._pool.fetch(
+                queries.WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
+            )
         head = next(r for r in records if r["snap"] is not None)
         rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
         return Window(
@@ -424,7 +309,7 @@ class Database:
 
     async def window_rest(
         self, since: Snapshot, end: Snapshot, *, after_seq: int, pages: Iterator[int]
-    ) -> AsyncIterator[Window]:
+    ) -> AsyncGenerator[Window, None]:
         """
         The rows of the window from ``since`` to ``end`` after ``after_seq``,
         in ``seq`` order, one page per size the endless ``pages`` yields; the
@@ -433,17 +318,22 @@ class Database:
         :func:`contextlib.aclosing`.
         """
         rows: list[Row] = []
-        async with self._pool.acquire() as connection, connection.transaction(readonly=True):
-            cursor = await connection.cursor(
-                _WINDOW_REST, since.to_pg(), [str(x) for x in since.xip], after_seq, end.to_pg()
-            )
-            for size in pages:
-                rows = await cursor.fetch(size)
-                if len(rows) < size:
-                    break
-                yield Window(rows, end, complete=False)
-            else:
-                raise ValueError("pages ran out before the window did")
+        with as_database_error("reading the rest of a window failed"):
+            async with self._pool.acquire() as connection, connection.transaction(readonly=True):
+                cursor = await connection.cursor(
+                    queries.WINDOW_REST,
+                    since.to_pg(),
+                    [str(x) for x in since.xip],
+                    after_seq,
+                    end.to_pg(),
+                )
+                for size in pages:
+                    rows = await cursor.fetch(size)
+                    if len(rows) < size:
+                        break
+                    yield Window(rows, end, complete=False)
+                else:
+                    raise ValueError("pages ran out before the window did")
         # Given once the transaction is over: delivery flushes the window
         # right after the last page, and must not wait for the COMMIT.
         yield Window(rows, end, complete=True)
@@ -461,7 +351,10 @@ class Database:
         bases = [cursor.base.to_pg() for _, cursor in requests]
         ends = [cursor.end.to_pg() if cursor.end else None for _, cursor in requests]
         seqs = [cursor.seq for _, cursor in requests]
-        records = await self._pool.fetch(_CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit)
+        with as_database_error("reading missed rows failed"):
+            records = await self._pool.fetch(
+                queries.CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit
+            )
         result: list[list[Row]] = [[] for _ in requests]
         for record in records:
             result[record["i"] - 1].append(record)
@@ -472,18 +365,22 @@ class Database:
         Mark the user's messages (and announcements) with these ids read;
         returns how many changed. The triggers tell every session.
         """
-        return await self._pool.fetchval(_MARK_READ, user, list(ids))  # type: ignore[no-any-return]
+        with as_database_error("marking messages read failed"):
+            changed = await self._pool.fetchval(queries.MARK_READ, user, list(ids))
+        return int(changed)
 
     async def mark_all_read(self, user: str, type: str | None) -> int:
         """
         Mark all of the user's unread messages read (of one ``type`` when
         given); the event says "all" instead of listing ids.
         """
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(
-                "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
-            )
-            return await connection.fetchval(_MARK_ALL_READ, user, type)  # type: ignore[no-any-return]
+        with as_database_error("marking all messages read failed"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute(
+                    "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
+                )
+                changed = await connection.fetchval(queries.MARK_ALL_READ, user, type)
+        return int(changed)
 
     async def history(
         self,
@@ -498,21 +395,23 @@ class Database:
         Up to ``limit`` of the user's messages older than ``before_seq``,
         newest first, and whether there are more.
         """
-        rows = await self._pool.fetch(
-            _HISTORY,
-            user,
-            before_seq if before_seq is not None else 2**63 - 1,
-            type,
-            unread_only,
-            limit + 1,
-        )
+        with as_database_error("reading history failed"):
+            rows = await self._pool.fetch(
+                queries.HISTORY,
+                user,
+                before_seq if before_seq is not None else 2**63 - 1,
+                type,
+                unread_only,
+                limit + 1,
+            )
         return rows[:limit], len(rows) > limit
 
     async def prune_events(self, older_than_s: float) -> int:
         """
         Delete read/delete events older than ``older_than_s`` seconds.
         """
-        status = await self._pool.execute(_PRUNE_EVENTS, older_than_s)
+        with as_database_error("pruning old events failed"):
+            status = await self._pool.execute(queries.PRUNE_EVENTS, older_than_s)
         return int(status.split()[-1])
 
     async def notify(self, payload: str) -> float:
@@ -520,11 +419,13 @@ class Database:
         Send a notification on notifyd's channel (the listener's probe);
         returns ``pg_notification_queue_usage()`` (0..1) as seen before it.
         """
-        return await self._pool.fetchval(  # type: ignore[no-any-return]
-            "SELECT pg_notification_queue_usage() FROM (SELECT pg_notify($1, $2)) AS sent",
-            CHANNEL,
-            payload,
-        )
+        with as_database_error("sending a notification failed"):
+            usage = await self._pool.fetchval(
+                "SELECT pg_notification_queue_usage() FROM (SELECT pg_notify($1, $2)) AS sent",
+                CHANNEL,
+                payload,
+            )
+        return float(usage)
 
     async def insert_message(
         self,
@@ -539,32 +440,34 @@ class Database:
         """
         Insert one message as an application would; returns its id.
         """
-        try:
-            return await self._pool.fetchval(  # type: ignore[no-any-return]
-                _INSERT, to_user, title, content, type, skip_url, send_user
-            )
-        except asyncpg.UndefinedTableError:
-            raise SchemaError(f"table {TABLE} does not exist: run `notifyd init-db`") from None
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"insert failed: {_describe(exc)}") from None
+        with as_database_error("insert failed"):
+            try:
+                message_id = await self._pool.fetchval(
+                    queries.INSERT, to_user, title, content, type, skip_url, send_user
+                )
+            except asyncpg.UndefinedTableError:
+                raise SchemaError(f"table {TABLE} does not exist: run `notifyd init-db`") from None
+        return str(message_id)
 
     async def apply_schema(self, *, role: bool = False) -> None:
         """
         Run ``schema.sql`` (and ``role.sql`` with ``role``) in one
         transaction; both are idempotent.
         """
-        try:
+        with as_database_error("applying the schema failed"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute(schema_sql())
                 if role:
                     await connection.execute(role_sql())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise DatabaseError(f"applying the schema failed: {_describe(exc)}") from None
 
     async def schema_problems(self) -> list[str]:
         """
         What is missing for delivery, in plain words; empty when all is well.
         """
+        with as_database_error("checking the schema failed"):
+            return await self._schema_problems()
+
+    async def _schema_problems(self) -> list[str]:
         # The catalogs, not information_schema: the latter hides columns the
         # role has no rights on, which would read as "missing".
         columns = {
@@ -579,7 +482,7 @@ class Database:
             return [f"table {TABLE} does not exist: run `notifyd init-db`"]
         problems = [
             f"column {TABLE}.{name} is missing: run `notifyd init-db`"
-            for name in _REQUIRED_COLUMNS
+            for name in queries.REQUIRED_COLUMNS
             if name not in columns
         ]
         enabled = {
@@ -591,7 +494,7 @@ class Database:
         }
         problems += [
             f"trigger {name} on {TABLE} is missing or disabled: run `notifyd init-db`"
-            for name in _REQUIRED_TRIGGERS
+            for name in queries.REQUIRED_TRIGGERS
             if name not in enabled
         ]
         for table in (RECEIPTS, EVENTS):
@@ -599,7 +502,9 @@ class Database:
                 problems.append(f"table {table} does not exist: run `notifyd init-db`")
         if problems:
             return problems
-        allowed = await self._pool.fetchrow(_PRIVILEGES)
+        allowed = await self._pool.fetchrow(queries.PRIVILEGES)
+        if allowed is None:  # a SELECT without FROM always returns its row
+            raise DatabaseError("the privilege check returned no row")
         missing = {
             "read_messages": f"SELECT on {TABLE}",
             "update_is_read": f"UPDATE (is_read) on {TABLE}",
@@ -617,7 +522,8 @@ class Database:
         """
         Run a one-value query (for ``notifyd check`` and tests).
         """
-        return await self._pool.fetchval(query, *args)
+        with as_database_error("query failed"):
+            return await self._pool.fetchval(query, *args)
 
     async def revocation_arity(self, query: str) -> int:
         """
@@ -627,16 +533,20 @@ class Database:
         Raises :class:`ConfigError` naming NOTIFYD_REVOCATION_SQL when
         Postgres refuses the query or it takes other parameters.
         """
-        try:
-            async with self._pool.acquire() as connection:
-                # In a transaction of its own: asyncpg's prepare leaves the
-                # implicit one open, and with it a lock on the app's table
-                # that would block the app's DDL until the next query.
-                async with connection.transaction(readonly=True):
-                    statement = await connection.prepare(query)
-                    arity = len(statement.get_parameters())
-        except asyncpg.PostgresError as exc:
-            raise ConfigError(f"NOTIFYD_REVOCATION_SQL is not usable: {_describe(exc)}") from None
+        with as_database_error("checking NOTIFYD_REVOCATION_SQL failed"):
+            try:
+                async with self._pool.acquire() as connection:
+                    # In a transaction of its own: asyncpg's prepare leaves
+                    # the implicit one open, and with it a lock on the app's
+                    # table that would block the app's DDL until the next
+                    # query.
+                    async with connection.transaction(readonly=True):
+                        statement = await connection.prepare(query)
+                        arity = len(statement.get_parameters())
+            except asyncpg.PostgresError as exc:
+                raise ConfigError(
+                    f"NOTIFYD_REVOCATION_SQL is not usable: {describe(exc)}"
+                ) from None
         if arity not in (1, 2):
             raise ConfigError(
                 "NOTIFYD_REVOCATION_SQL must take $1 (the user id) and optionally $2 "
@@ -652,7 +562,8 @@ class Database:
         the session (no row, NULL or false refuse it).
         """
         args: list[Any] = [user, json.dumps(claims, default=str)][:arity]
-        return await self._pool.fetchval(query, *args) is True
+        with as_database_error("the revocation check failed"):
+            return await self._pool.fetchval(query, *args) is True
 
 
 def _event(data: dict[str, Any]) -> Event:
@@ -666,8 +577,3 @@ def _event(data: dict[str, Any]) -> Event:
         data["readers"],
         None if inserted is None else int(inserted),
     )
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import replay
+from .backoff import backoff_delay
 from .collector import Collector
 from .cursor import Cursor, Snapshot
 from .db import Database, Row, Window
-from .exceptions import CursorError
+from .exceptions import CursorError, describe
 from .hub import Hub
 from .router import Router, WindowAccount
 from .session import Session
@@ -64,7 +65,7 @@ class Delivery:
     def __init__(
         self,
         database: Database,
-        hub: Hub,
+        hub: Hub[Session],
         *,
         fetch_batch: int,
         replay_limit: int,
@@ -176,10 +177,8 @@ class Delivery:
                 self._reader.drop_prefetch()
                 self._requeue(joining)
                 attempt += 1
-                delay = min(self._retry_max, 0.1 * 2 ** (attempt - 1))
-                logger.warning(
-                    "delivery read failed (%s), retrying in %.1fs", _describe(exc), delay
-                )
+                delay = backoff_delay(attempt, initial=0.1, maximum=self._retry_max, jitter=0)
+                logger.warning("delivery read failed (%s), retrying in %.1fs", describe(exc), delay)
                 await asyncio.sleep(delay)
                 continue
             if self._reader.prefetching:
@@ -295,8 +294,3 @@ class Delivery:
         self._router.register(request.session, greeting, unread)
         if not request.admitted.done():
             request.admitted.set_result(None)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -23,15 +23,17 @@ How a message moves through it:
 "Seen" (for the offline fallback) is ``t_message_seen``: every instance
 records the messages it pushed to at least one live session; a message read
 (``is_read = '1'``) counts as seen too.
+
+Every statement raises :class:`~notifyd.exceptions.DatabaseError` when
+Postgres is unusable; callers retry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import asyncpg
-
-from .db import Database, Row
+from .db import Database, Row, as_database_error
+from .exceptions import DatabaseError
 
 __all__ = ["DISPATCH", "DISPATCH_STATE", "SEEN", "DispatchStore"]
 
@@ -166,14 +168,17 @@ class DispatchStore:
         """
         What is missing for the dispatch table, in plain words.
         """
-        missing = [
-            table
-            for table in (DISPATCH, DISPATCH_STATE, SEEN)
-            if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
-        ]
-        if missing:
-            return [f"table {table} does not exist: run `notifyd init-db`" for table in missing]
-        allowed = await self._pool.fetchrow(_PRIVILEGES)
+        with as_database_error("checking the dispatch tables failed"):
+            missing = [
+                table
+                for table in (DISPATCH, DISPATCH_STATE, SEEN)
+                if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table)
+            ]
+            if missing:
+                return [f"table {table} does not exist: run `notifyd init-db`" for table in missing]
+            allowed = await self._pool.fetchrow(_PRIVILEGES)
+        if allowed is None:  # a SELECT without FROM always returns its row
+            raise DatabaseError("the dispatch privilege check returned no row")
         needed = {
             "dispatch": f"SELECT, INSERT, UPDATE and DELETE on {DISPATCH}",
             "dispatch_state": f"SELECT, INSERT and UPDATE on {DISPATCH_STATE}",
@@ -190,7 +195,8 @@ class DispatchStore:
         Begin at the current snapshot the first time this sink runs; a
         restart goes on from where the last fill stopped.
         """
-        await self._pool.execute(_START, self._sink)
+        with as_database_error(f"starting the {self._sink} dispatch failed"):
+            await self._pool.execute(_START, self._sink)
 
     async def fill(
         self, *, due_in: float, types: Sequence[str], skip_announcements: bool
@@ -199,28 +205,32 @@ class DispatchStore:
         Add the newly committed messages; returns how many, or None when
         another instance is filling right now.
         """
-        async with self._pool.acquire() as connection, connection.transaction():
-            stored = await connection.fetchval(_LOCK_STATE, self._sink)
-            if stored is None:
-                return None
-            added = await connection.fetchval(
-                _FILL, self._sink, due_in, list(types) or None, skip_announcements, stored
-            )
-            return int(added or 0)
+        with as_database_error(f"filling the {self._sink} dispatch failed"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                stored = await connection.fetchval(_LOCK_STATE, self._sink)
+                if stored is None:
+                    return None
+                added = await connection.fetchval(
+                    _FILL, self._sink, due_in, list(types) or None, skip_announcements, stored
+                )
+        return int(added or 0)
 
     async def claim(self, *, limit: int, lease: float) -> list[Row]:
         """
         Lease the next due rows, oldest first, joined with their messages
         (``present`` false when the message was deleted).
         """
-        rows = await self._pool.fetch(_CLAIM, self._sink, limit, lease)
+        with as_database_error(f"claiming {self._sink} dispatch rows failed"):
+            rows = await self._pool.fetch(_CLAIM, self._sink, limit, lease)
         return sorted(rows, key=lambda row: row["dispatch_seq"])
 
     async def head_due_in(self) -> float | None:
         """
         Seconds until the oldest pending row is due; None when none is.
         """
-        return await self._pool.fetchval(_HEAD_DUE_IN, self._sink)  # type: ignore[no-any-return]
+        with as_database_error(f"reading when the {self._sink} dispatch is due failed"):
+            due_in = await self._pool.fetchval(_HEAD_DUE_IN, self._sink)
+        return None if due_in is None else float(due_in)
 
     async def finish(
         self, message_ids: Sequence[str], state: str, error: str | None = None
@@ -228,41 +238,44 @@ class DispatchStore:
         """
         Mark rows done: ``sent``, ``seen``, ``rejected`` or ``gone``.
         """
-        await self._pool.execute(_FINISH, self._sink, list(message_ids), state, error)
+        with as_database_error(f"finishing {self._sink} dispatch rows failed"):
+            await self._pool.execute(_FINISH, self._sink, list(message_ids), state, error)
 
     async def retry_later(self, message_id: str, delay: float, error: str) -> None:
         """
         Count a failed attempt and make the row due again in ``delay`` s.
         """
-        await self._pool.execute(_RETRY_LATER, self._sink, message_id, delay, error)
+        with as_database_error(f"rescheduling a {self._sink} dispatch row failed"):
+            await self._pool.execute(_RETRY_LATER, self._sink, message_id, delay, error)
 
     async def release(self, message_ids: Sequence[str], delay: float = 0.0) -> None:
         """
         Give leased rows back, due in ``delay`` seconds.
         """
         if message_ids:
-            await self._pool.execute(_RELEASE, self._sink, list(message_ids), delay)
+            with as_database_error(f"releasing {self._sink} dispatch rows failed"):
+                await self._pool.execute(_RELEASE, self._sink, list(message_ids), delay)
 
     async def expire(self, max_age: float) -> list[str]:
         """
         Give up pending rows older than ``max_age``; returns their ids.
         """
-        return [r["message_id"] for r in await self._pool.fetch(_EXPIRE, self._sink, max_age)]
+        with as_database_error(f"expiring {self._sink} dispatch rows failed"):
+            rows = await self._pool.fetch(_EXPIRE, self._sink, max_age)
+        return [row["message_id"] for row in rows]
 
     async def prune(self, older_than: float) -> None:
         """
         Delete finished rows and seen marks older than ``older_than`` s.
         """
-        await self._pool.execute(_PRUNE_DONE, self._sink, older_than)
-        await self._pool.execute(_PRUNE_SEEN, older_than)
+        with as_database_error(f"pruning the {self._sink} dispatch failed"):
+            await self._pool.execute(_PRUNE_DONE, self._sink, older_than)
+            await self._pool.execute(_PRUNE_SEEN, older_than)
 
     async def mark_seen(self, message_ids: Sequence[str]) -> None:
         """
         Record that these messages reached a live session.
         """
         if message_ids:
-            await self._pool.execute(_MARK_SEEN, list(message_ids))
-
-
-# Raised by the statements above when Postgres is unusable; callers retry.
-DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+            with as_database_error("recording seen messages failed"):
+                await self._pool.execute(_MARK_SEEN, list(message_ids))

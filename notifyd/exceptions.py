@@ -17,6 +17,8 @@ error codes).
     * :exc:`ProtocolError` — a client frame is malformed; ``code`` is the
       error code sent back.
     * :exc:`CursorError` — a client-supplied cursor cannot be decoded.
+
+:func:`describe` puts any exception in one line for a log or a message.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "ProtocolError",
     "ReplicaError",
     "SchemaError",
+    "describe",
 ]
 
 
@@ -105,3 +108,18 @@ class CursorError(NotifydError):
     """
     A cursor supplied by a client is malformed.
     """
+
+
+def describe(exc: BaseException) -> str:
+    """
+    ``exc`` in one line, for a log line or an error message: the first line
+    of its text after its type name, which tells what kind of failure it
+    was; notifyd's own exceptions without it, their text is written to be
+    read alone. The type name alone when there is no text.
+    """
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    if isinstance(exc, NotifydError):
+        return lines[0]
+    return f"{type(exc).__name__}: {lines[0]}"

@@ -30,13 +30,13 @@ from .credentials import (
     offered_subprotocols,
     token_from_handshake,
 )
-from .incidents import Incidents
+from .incidents import Incidents, peer_address
 from .limits import AddressCounter, AddressRateLimiter, address_key
 from .origin import OriginPolicy
 from .routes import plain_response
 from .settings import Settings
 
-__all__ = ["Admission", "Handshake", "peer_address", "select_subprotocol"]
+__all__ = ["Admission", "Handshake", "select_subprotocol"]
 
 
 @dataclass(slots=True)
@@ -142,13 +142,3 @@ def select_subprotocol(connection: ServerConnection, request: Request, response:
     if response.status_code == 101 and SUBPROTOCOL in offered_subprotocols(request.headers):
         response.headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
         connection.protocol.subprotocol = Subprotocol(SUBPROTOCOL)
-
-
-def peer_address(connection: ServerConnection) -> str:
-    """
-    The client's IP address as text, or ``?`` when the socket has none.
-    """
-    try:
-        return str(connection.remote_address[0])
-    except (TypeError, IndexError):
-        return "?"

@@ -10,25 +10,36 @@ yielding to the event loop. Only delivery's router changes it
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Generic, Protocol, TypeVar
 
-from .session import Session
-
-__all__ = ["Hub"]
+__all__ = ["Hub", "Member"]
 
 
-class Hub:
+class Member(Protocol):
     """
-    Sessions per user, oldest first, at most ``max_sessions_per_user`` each.
+    What the registry needs of a session: whose it is.
+    """
+
+    @property
+    def user(self) -> str: ...
+
+
+S = TypeVar("S", bound=Member)
+
+
+class Hub(Generic[S]):
+    """
+    Ss per user, oldest first, at most ``max_sessions_per_user`` each.
     """
 
     def __init__(self, max_sessions_per_user: int) -> None:
         self.max_sessions_per_user = max_sessions_per_user
-        self._by_user: dict[str, list[Session]] = {}
+        self._by_user: dict[str, list[S]] = {}
         self._count = 0
-        # Sessions ever unregistered (for the collector's schedule).
+        # Ss ever unregistered (for the collector's schedule).
         self.closed_total = 0
 
-    def add(self, session: Session) -> list[Session]:
+    def add(self, session: S) -> list[S]:
         """
         Register a session. Returns the user's oldest sessions beyond the
         limit, which are unregistered: the caller closes them.
@@ -36,14 +47,14 @@ class Hub:
         sessions = self._by_user.setdefault(session.user, [])
         sessions.append(session)
         self._count += 1
-        evicted: list[Session] = []
+        evicted: list[S] = []
         while len(sessions) > self.max_sessions_per_user:
             evicted.append(sessions.pop(0))
             self._count -= 1
             self.closed_total += 1
         return evicted
 
-    def discard(self, session: Session) -> bool:
+    def discard(self, session: S) -> bool:
         """
         Unregister a session if it is registered; idempotent. Returns
         whether it was the user's last session here.
@@ -65,13 +76,13 @@ class Hub:
         """
         return iter(self._by_user)
 
-    def sessions_of(self, user: str) -> list[Session] | None:
+    def sessions_of(self, user: str) -> list[S] | None:
         """
         The user's live sessions, or None when the user has none here.
         """
         return self._by_user.get(user)
 
-    def __iter__(self) -> Iterator[Session]:
+    def __iter__(self) -> Iterator[S]:
         for sessions in self._by_user.values():
             yield from sessions
 

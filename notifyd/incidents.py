@@ -12,9 +12,11 @@ import logging
 import math
 import time
 
+from websockets.asyncio.server import ServerConnection
+
 from .stats import Stats
 
-__all__ = ["Incidents"]
+__all__ = ["Incidents", "peer_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,3 +54,13 @@ class Incidents:
             logger.warning(
                 "limit %s reached: remote=%s (%d times so far)", limit, address, trips[limit]
             )
+
+
+def peer_address(connection: ServerConnection) -> str:
+    """
+    The client's IP address as text, or ``?`` when the socket has none.
+    """
+    try:
+        return str(connection.remote_address[0])
+    except (TypeError, IndexError):
+        return "?"

@@ -6,19 +6,22 @@ and must reach Postgres directly or through a session-mode pooler:
 transaction-mode PgBouncer silently breaks LISTEN.
 
 A dead server or a half-open TCP connection is not noticed until the next
-query, so besides asyncpg's termination callback a probe sends a NOTIFY from
-the query pool every ``probe_interval`` seconds and waits for it to come back
-here: that proves the whole path, not just the socket. A probe that does not
-return in time drops the connection, which is then re-opened with jittered,
-capped backoff. Every (re)connection and every probe wakes delivery, which
-repairs whatever was committed while notifications could not arrive.
+query, so besides asyncpg's termination callback a probe (:class:`Probe`)
+sends a NOTIFY from the query pool every ``probe_interval`` seconds and waits
+for it to come back here: that proves the whole path, not just the socket. A
+probe that does not return in time drops the connection, which is then
+re-opened with jittered, capped backoff. Every (re)connection and every probe
+wakes delivery, which repairs whatever was committed while notifications
+could not arrive.
+
+``notifyd check`` makes the same round trip once, with
+:func:`open_listen_connection` and a :class:`Probe`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable
@@ -26,11 +29,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .db import CHANNEL, Database
-from .exceptions import ListenPathError
+from .backoff import backoff_delay
+from .db import CHANNEL, Database, as_database_error, refuse_standby
+from .exceptions import DatabaseError, ListenPathError, describe
 from .stats import Stats
 
-__all__ = ["Listener", "ListenerHealth", "backoff_delay"]
+__all__ = ["Listener", "ListenerHealth", "Probe", "open_listen_connection"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +43,90 @@ _PROBE_PREFIX = "probe:"
 # ever proven, after which the configuration is declared broken: a working
 # path answers the first probe, a transaction-mode pooler never does.
 STARTUP_PROBE_ATTEMPTS = 3
+# Where the LISTEN connection's DSN comes from, for messages.
+_LISTEN_DSN_SETTING = "NOTIFYD_LISTEN_DSN (or NOTIFYD_DSN)"
 
 
-def backoff_delay(attempt: int, *, initial: float = 0.1, maximum: float = 10.0) -> float:
+async def open_listen_connection(
+    dsn: str,
+    on_payload: Callable[[str], object],
+    *,
+    on_lost: Callable[[object], object] | None = None,
+    where: str = _LISTEN_DSN_SETTING,
+) -> asyncpg.Connection:
     """
-    Full-jitter exponential backoff for the ``attempt``-th retry (1-based).
+    A new connection to ``dsn`` that LISTENs on notifyd's channel and hands
+    each notification's payload to ``on_payload``; ``on_lost`` is called
+    with the connection when it is closed or lost.
+
+    Raises :class:`~notifyd.exceptions.ReplicaError` naming ``where`` (the
+    setting that holds the DSN) when it reaches a hot standby, and
+    :class:`~notifyd.exceptions.DatabaseError` when it cannot connect or
+    LISTEN.
     """
-    return random.uniform(0, min(maximum, initial * 2 ** (attempt - 1)))
+
+    def notified(connection: object, pid: int, channel: str, payload: object) -> None:
+        on_payload(str(payload))
+
+    def terminated(connection: object) -> None:
+        if on_lost is not None:
+            on_lost(connection)
+
+    with as_database_error(f"cannot open the LISTEN connection ({where})"):
+        connection = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await refuse_standby(connection, where)
+        connection.add_termination_listener(terminated)
+        with as_database_error(f"LISTEN failed ({where})"):
+            await connection.add_listener(CHANNEL, notified)
+    except BaseException:
+        connection.terminate()
+        raise
+    return connection
+
+
+class Probe:
+    """
+    Self-NOTIFY round trips: a fresh token sent through the query pool must
+    come back on a LISTEN connection, which proves the whole path (a pooler
+    in transaction mode, or a LISTEN on another database, never returns it).
+
+    Give every payload the LISTEN connection receives to :meth:`answer`.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._token: str | None = None
+        self._returned = asyncio.Event()
+        # Whether the current round trip's NOTIFY went out (a timeout after
+        # that means the path is broken, before it the pool is slow).
+        self.sent = False
+
+    def answer(self, payload: str) -> bool:
+        """
+        Whether ``payload`` is a probe (this one's or another instance's);
+        notes the return of the token in flight.
+        """
+        if not payload.startswith(_PROBE_PREFIX):
+            return False
+        if payload[len(_PROBE_PREFIX) :] == self._token:
+            self._returned.set()
+        return True
+
+    async def round_trip(self) -> float:
+        """
+        Send a new token and wait until it comes back; bound it with a
+        timeout. Returns ``pg_notification_queue_usage()`` as the NOTIFY saw
+        it; raises :class:`~notifyd.exceptions.DatabaseError` when the
+        NOTIFY cannot be sent.
+        """
+        self._token = secrets.token_hex(8)
+        self._returned.clear()
+        self.sent = False
+        usage = await self._db.notify(_PROBE_PREFIX + self._token)
+        self.sent = True
+        await self._returned.wait()
+        return usage
 
 
 @dataclass
@@ -88,14 +169,12 @@ class Listener:
         stats: Stats | None = None,
     ) -> None:
         self._dsn = dsn
-        self._db = database
         self._on_wake = on_wake
         self._on_state = on_state
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
         self._reconnect_max = reconnect_max
-        self._probe_token: str | None = None
-        self._probe_returned = asyncio.Event()
+        self._probes = Probe(database)
         self._lost = asyncio.Event()
         self._connection: asyncpg.Connection | None = None
         self.health = ListenerHealth()
@@ -115,11 +194,11 @@ class Listener:
         while True:
             try:
                 await self._connect()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DatabaseError as exc:
                 attempt += 1
-                delay = backoff_delay(attempt, maximum=self._reconnect_max)
+                delay = backoff_delay(attempt, initial=0.1, maximum=self._reconnect_max)
                 logger.warning(
-                    "LISTEN connection failed (%s); retrying in %.1fs", _describe(exc), delay
+                    "LISTEN connection failed (%s); retrying in %.1fs", describe(exc), delay
                 )
                 await asyncio.sleep(delay)
                 continue
@@ -130,19 +209,10 @@ class Listener:
                 await self._disconnect()
 
     async def _connect(self) -> None:
-        connection = await asyncpg.connect(self._dsn, timeout=10)
-        try:
-            if await connection.fetchval("SELECT pg_is_in_recovery()"):
-                raise asyncpg.InterfaceError(
-                    "the database is a hot standby (in recovery), where LISTEN cannot work"
-                )
-            self._lost.clear()
-            connection.add_termination_listener(self._on_terminated)
-            await connection.add_listener(CHANNEL, self._on_notification)
-        except BaseException:
-            connection.terminate()
-            raise
-        self._connection = connection
+        self._lost.clear()
+        self._connection = await open_listen_connection(
+            self._dsn, self._on_payload, on_lost=self._on_terminated
+        )
         if self.health.reconnects or self.health.connected:
             logger.info("LISTEN connection re-established")
         else:
@@ -160,23 +230,20 @@ class Listener:
             self.health.reconnects += 1
             self._on_state(False)
         if connection is not None:
-            connection.remove_termination_listener(self._on_terminated)
             connection.terminate()
 
-    def _on_terminated(self, connection: asyncpg.Connection) -> None:
-        logger.warning("LISTEN connection lost")
-        self._lost.set()
+    def _on_terminated(self, connection: object) -> None:
+        # Only the current connection's loss counts: a closed one was
+        # closed on purpose.
+        if connection is self._connection:
+            logger.warning("LISTEN connection lost")
+            self._lost.set()
 
-    def _on_notification(
-        self, connection: asyncpg.Connection, pid: int, channel: str, payload: str
-    ) -> None:
+    def _on_payload(self, payload: str) -> None:
         # Called via call_soon for every notification: keep it to a wake-up.
         self.health.notifications += 1
-        if payload.startswith(_PROBE_PREFIX):
-            if payload[len(_PROBE_PREFIX) :] == self._probe_token:
-                self._probe_returned.set()
-            return
-        self._on_wake()
+        if not self._probes.answer(payload):
+            self._on_wake()
 
     async def _probe_until_lost(self) -> None:
         while not self._lost.is_set():
@@ -192,17 +259,12 @@ class Listener:
         """
         One self-NOTIFY round trip; False when the path is broken.
         """
-        self._probe_token = secrets.token_hex(8)
-        self._probe_returned.clear()
         started = time.monotonic()
-        sent = False
         try:
             async with asyncio.timeout(self._probe_timeout):
-                usage = await self._db.notify(_PROBE_PREFIX + self._probe_token)
-                sent = True
-                await self._probe_returned.wait()
+                usage = await self._probes.round_trip()
         except TimeoutError:
-            if sent and not self.proven.is_set():
+            if self._probes.sent and not self.proven.is_set():
                 self._unanswered_before_proven += 1
                 if self._unanswered_before_proven >= STARTUP_PROBE_ATTEMPTS:
                     raise ListenPathError(
@@ -219,7 +281,7 @@ class Listener:
             )
             return False
         except Exception as exc:
-            logger.warning("LISTEN probe failed (%s); reconnecting", _describe(exc))
+            logger.warning("LISTEN probe failed (%s); reconnecting", describe(exc))
             return False
         now = time.monotonic()
         self.health.last_probe_ok = now
@@ -230,8 +292,3 @@ class Listener:
         # The probe also serves as a periodic safety-net read.
         self._on_wake()
         return True
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

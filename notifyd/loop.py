@@ -36,4 +36,4 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
                 "(pip install 'notifyd[fast]')"
             ) from None
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop

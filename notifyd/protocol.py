@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -27,6 +27,7 @@ __all__ = [
     "ClientAction",
     "CloseCode",
     "DemoSend",
+    "MessageRow",
     "Ping",
     "Refresh",
     "close_reason",
@@ -134,7 +135,16 @@ def safe_url(url: str | None) -> str | None:
     return None
 
 
-def message_frame(row: Mapping[str, Any], cursor: str) -> dict[str, Any]:
+class MessageRow(Protocol):
+    """
+    A message row read by column name: an ``asyncpg.Record`` from
+    :mod:`notifyd.db` (which is not a ``Mapping``), or a dict in tests.
+    """
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+def message_frame(row: MessageRow, cursor: str) -> dict[str, Any]:
     """
     A row as the ``message`` frame shows it: camelCase, as the seed's Jackson
     serialisation wrote it, plus ``event`` and ``cursor``.
@@ -157,7 +167,7 @@ def message_frame(row: Mapping[str, Any], cursor: str) -> dict[str, Any]:
     }
 
 
-def encode_message(row: Mapping[str, Any], cursor: str) -> str:
+def encode_message(row: MessageRow, cursor: str) -> str:
     """
     The ``message`` frame for one row; see :func:`message_frame`.
     """
@@ -234,7 +244,7 @@ def encode_deleted(ids: list[str]) -> str:
     return encode({"event": "deleted", "ids": ids})
 
 
-def encode_history(request_id: object, rows: list[Mapping[str, Any]], more: bool) -> str:
+def encode_history(request_id: object, rows: Sequence[MessageRow], more: bool) -> str:
     """
     The answer to a ``history`` action, newest first.
     """

@@ -16,13 +16,13 @@ count, decide the frames and the cursor each carries. Three cases:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import protocol
 from .cursor import Cursor, Snapshot
 from .exceptions import CursorError
+from .protocol import MessageRow
 
 __all__ = ["Greeting", "plan_fresh", "plan_resume", "plan_unusable", "usable_cursor"]
 
@@ -74,7 +74,7 @@ def plan_unusable(user: str, end: Snapshot, unread: int) -> Greeting:
 def plan_resume(
     user: str,
     since: Cursor,
-    newest_first: Sequence[Mapping[str, Any]],
+    newest_first: Sequence[MessageRow],
     end: Snapshot,
     unread: int,
     *,

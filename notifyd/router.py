@@ -64,7 +64,7 @@ class Router:
 
     def __init__(
         self,
-        hub: Hub,
+        hub: Hub[Session],
         stats: Stats,
         on_routed: Callable[[list[Row], list[bool]], None] | None = None,
     ) -> None:

@@ -31,8 +31,8 @@ from .actions import Actions
 from .auth import Identity
 from .delivery import Delivery
 from .exceptions import ProtocolError
-from .handshake import Admission, Handshake, peer_address, select_subprotocol
-from .incidents import Incidents
+from .handshake import Admission, Handshake, select_subprotocol
+from .incidents import Incidents, peer_address
 from .limits import TokenBucket
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason

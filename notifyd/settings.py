@@ -265,7 +265,7 @@ class Settings(BaseSettings):
             return False
 
 
-def load_settings(env_file: Path | str | None = None, **overrides: object) -> Settings:
+def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
     """
     Build :class:`Settings` from the environment, an optional env file and
     explicit overrides (highest precedence).
@@ -275,7 +275,7 @@ def load_settings(env_file: Path | str | None = None, **overrides: object) -> Se
     if env_file is not None and not Path(env_file).is_file():
         raise ConfigError(f"env file {env_file} does not exist")
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "?"

@@ -4,6 +4,10 @@ notifyd daemons on port 0, and real WebSocket clients over loopback.
 
 PostgreSQL is ``NOTIFYD_TEST_DSN`` when set (a superuser DSN: tests create
 databases), otherwise a throwaway cluster started in a temporary directory.
+
+A test that needs a system tool (Chromium, systemd-analyze) calls
+:func:`missing_tool` when it is absent: a skip on a developer's machine, a
+failure under CI.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -26,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from notifyd.auth import TokenVerifier
 from notifyd.daemon import Daemon, Instance
-from notifyd.db import schema_sql
+from notifyd.db import DATABASE_ERRORS, schema_sql
 from notifyd.demo.embedded import EmbeddedPostgres
 from notifyd.settings import Settings
 
@@ -36,6 +40,7 @@ SECRET = "test-secret-" + "x" * 32
 TEMPLATE = "notifyd_template"
 
 _database_names = itertools.count(1)
+_role_names = itertools.count(1)
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -44,6 +49,18 @@ def with_database(dsn: str, database: str) -> str:
     """
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + database))
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """
+    Skip the calling test because a system tool it needs is missing, or
+    fail it when the ``CI`` environment variable is set: CI installs every
+    tool (``.ci/run``), so there a skip would hide a broken install behind a
+    green run that tested nothing.
+    """
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set: CI installs it, so this is a failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -143,7 +160,7 @@ async def _connect_with_retry(dsn: str) -> asyncpg.Connection:
     while True:
         try:
             return await asyncpg.connect(dsn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
@@ -157,6 +174,30 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(dsn)
     yield connection
     await connection.close()
+
+
+@pytest.fixture
+async def login_role(
+    db: asyncpg.Connection, dsn: str
+) -> AsyncIterator[Callable[[str], Awaitable[str]]]:
+    """
+    Create login roles for the test (``CREATE ROLE ... LOGIN <grants>``);
+    returns a DSN that logs in as the new role. All are dropped after it.
+    """
+    created: list[str] = []
+
+    async def create(grants: str) -> str:
+        name = f"notifyd_test_{os.getpid()}_{next(_role_names)}"
+        await db.execute(f"CREATE ROLE {name} LOGIN {grants}")
+        created.append(name)
+        parts = urlsplit(dsn)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{name}@{host}"))
+
+    yield create
+    for name in created:
+        await db.execute(f"DROP OWNED BY {name}")
+        await db.execute(f"DROP ROLE {name}")
 
 
 def make_settings(dsn: str, **overrides: Any) -> Settings:

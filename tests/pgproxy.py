@@ -5,7 +5,11 @@ TCP proxies in front of PostgreSQL that misbehave in one defined way:
   sees through a transaction-mode pooler, where its NOTIFYs are delivered to
   some other server connection;
 - one cuts the first connection whose replies pass a number of bytes: a
-  connection lost in the middle of a long read.
+  connection lost in the middle of a long read;
+- one forwards everything: closing it is a server that vanishes.
+
+Every proxy, when closed, cuts the connections it carries and stops
+listening, as a server that went away.
 """
 
 from __future__ import annotations
@@ -57,6 +61,17 @@ async def notification_dropping_proxy(dsn: str, *, drop: bool = True) -> AsyncIt
 
 
 @contextlib.asynccontextmanager
+async def forwarding_proxy(dsn: str) -> AsyncIterator[str]:
+    """
+    Serve a proxy to ``dsn``'s server that forwards everything; yield a DSN
+    through it. Once closed, its connections are cut and its port refuses
+    new ones: what a client sees of a PostgreSQL that went away.
+    """
+    async with _proxy(dsn, _forward) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
 async def connection_cutting_proxy(
     dsn: str, *, after_bytes: int
 ) -> AsyncIterator[tuple[str, asyncio.Event]]:
@@ -98,11 +113,14 @@ async def _proxy(
     target = urlsplit(dsn)
     host, port = target.hostname or "127.0.0.1", target.port or 5432
     pumps: set[asyncio.Task[None]] = set()
+    sockets: set[asyncio.StreamWriter] = set()
 
     async def accept(
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
+        sockets.add(client_writer)
         server_reader, server_writer = await asyncio.open_connection(host, port)
+        sockets.add(server_writer)
         for pump in (
             _forward(client_reader, server_writer),
             server_pump(server_reader, client_writer),
@@ -123,4 +141,7 @@ async def _proxy(
         for task in list(pumps):
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+        # Cut, not closed: the clients see a reset, as from a server gone.
+        for stream in sockets:
+            stream.transport.abort()
         await server.wait_closed()

@@ -10,7 +10,8 @@ with a deadline; never a fixed sleep.
 
 The browser tests skip when no Chromium binary is found (Debian package
 ``chromium``; ``NOTIFYD_TEST_CHROMIUM`` names another) or Playwright is not
-installed. The static-file tests need neither.
+installed, and fail instead under CI (``CI`` set), which installs both. The
+static-file tests need neither.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from notifyd import static
 from notifyd.auth import TokenVerifier
 from notifyd.daemon import Daemon
 
-from .conftest import TIMEOUT, RunningDaemon, insert, make_settings
+from .conftest import TIMEOUT, RunningDaemon, insert, make_settings, missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "demo.png"
@@ -225,14 +226,14 @@ def docs_example() -> str:
 async def browser() -> AsyncIterator[Any]:
     """
     Headless Chromium (Debian's), driven by Playwright, for this module's
-    tests only; skipped without them.
+    tests only; skipped without them (failed under CI).
     """
     if CHROMIUM is None:
-        pytest.skip("no Chromium found: apt-get install chromium (or set NOTIFYD_TEST_CHROMIUM)")
+        missing_tool("no Chromium found: apt-get install chromium (or set NOTIFYD_TEST_CHROMIUM)")
     try:
         from playwright.async_api import async_playwright
     except ImportError:
-        pytest.skip("playwright is not installed: pip install -e '.[test]'")
+        missing_tool("playwright is not installed: pip install -e '.[test]'")
     playwright = await async_playwright().start()
     try:
         chromium = await playwright.chromium.launch(

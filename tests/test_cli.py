@@ -345,5 +345,5 @@ def test_event_loop_uvloop_without_uvloop_installed_is_a_one_line_config_error(m
 
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
     assert loop_factory("auto") is None
-    with pytest.raises(ConfigError, match="NOTIFYD_EVENT_LOOP=uvloop.*not installed"):
+    with pytest.raises(ConfigError, match=r"NOTIFYD_EVENT_LOOP=uvloop.*not installed"):
         loop_factory("uvloop")

@@ -72,7 +72,7 @@ async def test_serve_against_hot_standby_exits_1_with_one_line_saying_so(
     primary_and_standby: tuple[EmbeddedPostgres, EmbeddedPostgres],
 ) -> None:
     """`notifyd serve` on a hot standby exits 1 within TIMEOUT: one stderr line, no traceback."""
-    primary, standby = primary_and_standby
+    _primary, standby = primary_and_standby
     replica = await asyncpg.connect(standby.dsn, timeout=TIMEOUT)
     try:
         assert await replica.fetchval("select pg_is_in_recovery()") is True

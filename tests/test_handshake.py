@@ -8,7 +8,10 @@ import asyncio
 import base64
 import json
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from email.message import Message
 
 import jwt
 import pytest
@@ -159,24 +162,42 @@ async def test_no_auth_within_the_deadline_closes_with_4408(start_daemon, open_c
     assert client.ws.close_code == 4408
 
 
-async def _get(url: str, method: str = "GET"):
-    request = urllib.request.Request(url, method=method)
-    return await asyncio.to_thread(urllib.request.urlopen, request, timeout=TIMEOUT)
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: Message
+    body: bytes
+
+
+async def _get(url: str, method: str = "GET") -> _Answer:
+    """
+    One plain HTTP request, answered whatever its status; the connection
+    is closed before returning.
+    """
+
+    def fetch() -> _Answer:
+        request = urllib.request.Request(url, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return _Answer(response.status, response.headers, response.read())
+        except urllib.error.HTTPError as refused:
+            with refused:
+                return _Answer(refused.code, refused.headers, refused.read())
+
+    return await asyncio.to_thread(fetch)
 
 
 async def test_readyz_reports_ok_once_the_listen_path_is_proven(daemon):
     """GET /readyz answers 200 with the listener's figures once a probe returned."""
     deadline = time.monotonic() + TIMEOUT
     while True:
-        try:
-            response = await _get(f"http://127.0.0.1:{daemon.port}/readyz")
+        response = await _get(f"http://127.0.0.1:{daemon.port}/readyz")
+        if response.status == 200:
             break
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 503
-            assert time.monotonic() < deadline, "health never became ok"
-            await asyncio.sleep(0.05)
-    body = json.loads(response.read())
-    assert response.status == 200
+        assert response.status == 503
+        assert time.monotonic() < deadline, "health never became ok"
+        await asyncio.sleep(0.05)
+    body = json.loads(response.body)
     assert body["status"] == "ok" and body["listener"]["connected"] is True
     assert body["listener"]["probe_rtt_ms"] is not None
 
@@ -190,15 +211,14 @@ async def test_readyz_is_503_and_healthz_200_while_listen_is_down(daemon, db):
     )
     deadline = time.monotonic() + TIMEOUT
     while True:
-        try:
-            await _get(f"http://127.0.0.1:{daemon.port}/readyz")
-        except urllib.error.HTTPError as exc:
-            assert exc.code == 503
+        response = await _get(f"http://127.0.0.1:{daemon.port}/readyz")
+        if response.status != 200:
+            assert response.status == 503
             break
         assert time.monotonic() < deadline, "readyz never went 503"
         await asyncio.sleep(0.05)
     response = await _get(f"http://127.0.0.1:{daemon.port}/healthz")
-    assert response.status == 200 and json.loads(response.read())["alive"] is True
+    assert response.status == 200 and json.loads(response.body)["alive"] is True
 
 
 async def test_metrics_exposes_sessions_deliveries_latency_and_auth_failures(
@@ -212,8 +232,9 @@ async def test_metrics_exposes_sessions_deliveries_latency_and_auth_failures(
         async with connect(f"ws://127.0.0.1:{daemon.port}/ws/message?token=forged"):
             pass
     response = await _get(f"http://127.0.0.1:{daemon.port}/metrics")
+    assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    text = response.read().decode()
+    text = response.body.decode()
     assert "notifyd_sessions 1.0" in text
     assert "notifyd_messages_delivered_total 1.0" in text
     assert 'notifyd_delivery_latency_seconds_bucket{le="+Inf"} 1.0' in text
@@ -250,6 +271,5 @@ def test_metrics_restriction_tells_loopback_peers_from_others(address, loopback)
 async def test_non_get_requests_are_refused_with_405_before_any_token_check(daemon, path):
     """POST and friends never reach token verification or the health data."""
     token = daemon.token("alice")
-    with pytest.raises(urllib.error.HTTPError) as info:
-        await _get(f"http://127.0.0.1:{daemon.port}{path}?token={token}", method="POST")
-    assert info.value.code == 405
+    response = await _get(f"http://127.0.0.1:{daemon.port}{path}?token={token}", method="POST")
+    assert response.status == 405

@@ -135,7 +135,7 @@ async def test_hostile_strings_in_every_frame_field_change_nothing_of_another_us
     before = await _bob_state(db)
     async with connect(daemon.url("alice"), open_timeout=TIMEOUT, max_size=None) as ws:
         assert json.loads(await ws.recv())["event"] == "hello"
-        for text in HOSTILE + [bob_id, bob_id.upper(), f" {bob_id}"]:
+        for text in [*HOSTILE, bob_id, bob_id.upper(), f" {bob_id}"]:
             requests = [
                 {"action": "read", "ids": [text], "id": text},
                 {"action": "read", "ids": [bob_id, text]},
@@ -365,7 +365,7 @@ async def test_floods_from_several_clients_do_not_stop_delivery_to_others(
 
     half_open = []
     for _ in range(50):
-        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
         writer.write(b"GET /ws/message HTTP/1.1\r\nHost: x\r\n")
         half_open.append(writer)
     codes = await asyncio.gather(*(flood(client.ws) for client in flooders))

@@ -16,6 +16,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from notifyd.db import DATABASE_ERRORS
+
 from .conftest import SECRET, TIMEOUT, insert
 from .pgproxy import connection_cutting_proxy
 from .processes import free_port, running_notifyd, serve_env, wait_until_listening
@@ -173,7 +175,7 @@ async def _connect_retry(dsn: str):
     while True:
         try:
             return await asyncpg.connect(dsn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except DATABASE_ERRORS:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
 

@@ -5,9 +5,7 @@ an application's role needs rights on the message table alone.
 
 from __future__ import annotations
 
-import itertools
-import os
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -15,33 +13,6 @@ import pytest
 from notifyd.db import Database, role_sql
 
 from .conftest import insert
-
-_names = itertools.count(1)
-
-
-def _as_user(dsn: str, user: str) -> str:
-    parts = urlsplit(dsn)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
-
-
-@pytest.fixture
-async def login_role(db, dsn):
-    """
-    Create login roles for the test; all are dropped after it.
-    """
-    created: list[str] = []
-
-    async def create(grants: str) -> str:
-        name = f"notifyd_test_{os.getpid()}_{next(_names)}"
-        await db.execute(f"CREATE ROLE {name} LOGIN {grants}")
-        created.append(name)
-        return _as_user(dsn, name)
-
-    yield create
-    for name in created:
-        await db.execute(f"DROP OWNED BY {name}")
-        await db.execute(f"DROP ROLE {name}")
 
 
 async def test_daemon_works_under_the_least_privilege_role(

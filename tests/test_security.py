@@ -331,7 +331,8 @@ async def test_connections_per_address_over_the_limit_get_429_until_one_closes(
     assert daemon.daemon.stats.limit_trips["connections_per_address"] == 1
     await first.close()
     await _until(
-        lambda: daemon.daemon.server.admission.per_address.count("127.0.0.1") == 1, "the slot to free"
+        lambda: daemon.daemon.server.admission.per_address.count("127.0.0.1") == 1,
+        "the slot to free",
     )
     assert (await open_client(daemon.url("carol"))).frames[0]["user"] == "carol"
 
@@ -344,12 +345,14 @@ async def test_failed_or_dropped_connections_give_their_slot_back(start_daemon, 
         await failing.send({"action": "auth", "token": "forged"})
         assert await _close_code(failing) == 4401
         await _until(
-            lambda: daemon.daemon.server.admission.per_address.count("127.0.0.1") == 0, "the slot to free"
+            lambda: daemon.daemon.server.admission.per_address.count("127.0.0.1") == 0,
+            "the slot to free",
         )
         dropped = await open_client(daemon.url("alice"))
         await dropped.drop()
         await _until(
-            lambda: daemon.daemon.server.admission.per_address.count("127.0.0.1") == 0, "the slot to free"
+            lambda: daemon.daemon.server.admission.per_address.count("127.0.0.1") == 0,
+            "the slot to free",
         )
     assert (await open_client(daemon.url("alice"))).frames[0]["user"] == "alice"
 

@@ -30,7 +30,6 @@ from notifyd.sinks.policy import (
     classify_status,
     parse_retry_after,
     parse_webhook_url,
-    retry_delay,
     sign,
     type_allowed,
     verify,
@@ -40,7 +39,6 @@ from .conftest import TIMEOUT, insert
 from .processes import clean_env, run_cli
 from .receiver import Receiver, until, until_async
 from .test_ops import _self_signed
-from .test_privileges import login_role  # noqa: F401 - fixture
 
 WEBHOOK_SECRET = "whsec-" + "k" * 26
 
@@ -63,14 +61,6 @@ def test_verify_accepts_a_fresh_signature_and_rejects_tampering_wrong_key_and_re
     assert not verify(b"other", "1000", signature, body, now=1100)
     assert not verify(b"secret", "1000", signature, body, now=1000 + 301)
     assert not verify(b"secret", "soon", signature, body, now=1000)
-
-
-def test_retry_delay_doubles_from_the_initial_delay_up_to_the_maximum():
-    """1, 2, 4, 8 ... capped; huge attempt numbers do not overflow."""
-    delays = [retry_delay(n, initial=1.0, maximum=10.0) for n in range(1, 7)]
-    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert retry_delay(10_000, initial=1.0, maximum=10.0) == 10.0
-    assert retry_delay(0, initial=1.0, maximum=10.0) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -224,7 +214,7 @@ async def test_https_webhook_verifies_the_receiver_against_the_configured_ca(
 
 async def test_https_webhook_refuses_a_receiver_it_cannot_verify(db, start_daemon, tmp_path):
     """Without the CA, the self-signed receiver is not trusted: nothing is posted, the attempt fails."""
-    cert_file, receiver = _tls_receiver(tmp_path)
+    _cert_file, receiver = _tls_receiver(tmp_path)
     try:
         daemon = await start_daemon(**webhook_settings(receiver))
         await insert(db, "alice", "not over untrusted tls")
@@ -420,7 +410,7 @@ async def test_messages_committed_while_stopped_are_posted_after_a_restart(
     assert [post.message["id"] for post in posts] == [before, *during]
 
 
-async def test_webhook_works_under_the_least_privilege_role(db, login_role, start_daemon, receiver):  # noqa: F811
+async def test_webhook_works_under_the_least_privilege_role(db, login_role, start_daemon, receiver):
     """role.sql grants what the dispatch tables need, and nothing else is needed."""
     await db.execute(role_sql())
     daemon_dsn = await login_role("IN ROLE notifyd_daemon")
@@ -651,7 +641,7 @@ def test_the_example_email_sink_package_loads_by_its_entry_point_and_checks_its_
         "Metadata-Version: 2.1\nName: notifyd-email-sink\nVersion: 0.1.0\n"
     )
     entry = example / "pyproject.toml"
-    line = next(l for l in entry.read_text().splitlines() if l.startswith("email = "))
+    line = next(row for row in entry.read_text().splitlines() if row.startswith("email = "))
     (dist / "entry_points.txt").write_text(f"[notifyd.sinks]\n{line.replace(chr(34), '')}\n")
     monkeypatch.syspath_prepend(str(example))
     monkeypatch.syspath_prepend(str(tmp_path))

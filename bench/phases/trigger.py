@@ -11,7 +11,7 @@ import contextlib
 import time
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
+import asyncpg
 
 from ..measure import busy_seconds
 from ..plan import NOTIFYD_TABLE

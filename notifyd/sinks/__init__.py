@@ -36,8 +36,8 @@ from datetime import datetime
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..exceptions import ConfigError
-from ..protocol import safe_url
+from ..exceptions import ConfigError, describe
+from ..protocol import MessageRow, safe_url
 from ..stats import SinkStats
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class SinkMessage:
     is_read: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> SinkMessage:
+    def from_row(cls, row: MessageRow) -> SinkMessage:
         """
         From a delivery row (the columns of :mod:`notifyd.db`).
         """
@@ -166,24 +166,19 @@ def load_sink(name: str, context: SinkContext, installed: Mapping[str, EntryPoin
         known = ", ".join(sorted(installed)) or "none"
         raise ConfigError(f"unknown sink {name!r} in NOTIFYD_SINKS (installed sinks: {known})")
     try:
-        factory = entry.load()
+        factory: SinkFactory = entry.load()
     except Exception as exc:
         raise ConfigError(
-            f"sink {name!r} ({entry.value}) cannot be loaded: {_describe(exc)}"
+            f"sink {name!r} ({entry.value}) cannot be loaded: {describe(exc)}"
         ) from None
     try:
         sink = factory(context)
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"sink {name!r} rejected its configuration: {_describe(exc)}") from None
+        raise ConfigError(f"sink {name!r} rejected its configuration: {describe(exc)}") from None
     if not callable(sink):
         raise ConfigError(
             f"sink {name!r}: its factory returned {type(sink).__name__}, not a callable"
         )
-    return sink  # type: ignore[no-any-return]
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return sink

@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..backoff import backoff_delay
 from ..db import Database, Row
+from ..exceptions import describe
 from ..settings import Settings
 from ..stats import SinkStats, Stats
-from . import Sink, SinkContext, SinkMessage, _describe, available_sinks, load_sink
+from . import Sink, SinkContext, SinkMessage, available_sinks, load_sink
 
 __all__ = ["SinkManager"]
 
@@ -150,10 +152,12 @@ class SinkManager:
         tasks = []
         for running in self._sinks:
             tasks.append(asyncio.create_task(self._work(running), name=f"sink {running.name}"))
-            if getattr(running.sink, "run", None) is not None:
+            # An optional hook, so not part of the Sink protocol.
+            hook: Callable[[], Awaitable[object]] | None = getattr(running.sink, "run", None)
+            if hook is not None:
                 tasks.append(
                     asyncio.create_task(
-                        self._keep_running(running), name=f"sink {running.name} run"
+                        self._keep_running(running, hook), name=f"sink {running.name} run"
                     )
                 )
         try:
@@ -174,7 +178,7 @@ class SinkManager:
             try:
                 await close()
             except Exception as exc:
-                logger.warning("sink %s: aclose failed: %s", running.name, _describe(exc))
+                logger.warning("sink %s: aclose failed: %s", running.name, describe(exc))
 
     async def _work(self, running: _Running) -> None:
         queue, stats, sink = running.queue, running.stats, running.sink
@@ -195,14 +199,13 @@ class SinkManager:
             except Exception as exc:
                 stats.failed += 1
                 running.failures.warn(
-                    "sink %s failed on message %s: %s", running.name, message.id, _describe(exc)
+                    "sink %s failed on message %s: %s", running.name, message.id, describe(exc)
                 )
             else:
                 if not running.counts_itself:
                     stats.sent += 1
 
-    async def _keep_running(self, running: _Running) -> None:
-        run = running.sink.run  # type: ignore[attr-defined]
+    async def _keep_running(self, running: _Running, run: Callable[[], Awaitable[object]]) -> None:
         failures = 0
         while True:
             started = time.monotonic()
@@ -210,8 +213,8 @@ class SinkManager:
                 await run()
                 logger.warning("sink %s: run() returned; starting it again", running.name)
             except Exception as exc:
-                logger.error(
-                    "sink %s: run() failed: %s", running.name, _describe(exc), exc_info=exc
-                )
+                logger.error("sink %s: run() failed: %s", running.name, describe(exc), exc_info=exc)
             failures = 1 if time.monotonic() - started > 60 else failures + 1
-            await asyncio.sleep(min(_RESTART_MAX_S, _RESTART_MIN_S * 2 ** (failures - 1)))
+            await asyncio.sleep(
+                backoff_delay(failures, initial=_RESTART_MIN_S, maximum=_RESTART_MAX_S, jitter=0)
+            )

@@ -1,6 +1,7 @@
 """
-The webhook's rules, without I/O: signing, verifying, retry schedule, type
-filter, URL checks and the meaning of an HTTP status.
+The webhook's rules, without I/O: signing, verifying, type filter, URL
+checks and the meaning of an HTTP status (the retry schedule is
+:func:`notifyd.backoff.backoff_delay`).
 
 Signature scheme (also in docs/sinks.md): the sender puts the Unix time in
 ``Notifyd-Timestamp`` and ``v1=<hex HMAC-SHA256(secret, timestamp + "." +
@@ -27,7 +28,6 @@ __all__ = [
     "classify_status",
     "parse_retry_after",
     "parse_webhook_url",
-    "retry_delay",
     "sign",
     "signature_headers",
     "type_allowed",
@@ -79,17 +79,6 @@ def verify(
     if abs(now - sent_at) > tolerance_s:
         return False
     return hmac.compare_digest(sign(secret, sent_at, body), signature)
-
-
-def retry_delay(failures: int, *, initial: float, maximum: float) -> float:
-    """
-    Seconds to wait after the ``failures``-th failed attempt (1, 2, ...):
-    ``initial`` doubled each time, at most ``maximum``.
-    """
-    if failures < 1:
-        return 0.0
-    # Capped before the power so a long outage cannot overflow the float.
-    return min(maximum, initial * 2 ** min(failures - 1, 60))
 
 
 class Outcome(Enum):

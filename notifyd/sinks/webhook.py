@@ -28,17 +28,17 @@ from pathlib import Path
 
 import orjson
 
+from ..backoff import backoff_delay
 from ..db import Row
-from ..dispatch import DATABASE_ERRORS, DispatchStore
-from ..exceptions import ConfigError, SchemaError
-from . import SinkContext, SinkMessage, _describe
+from ..dispatch import DispatchStore
+from ..exceptions import ConfigError, DatabaseError, SchemaError, describe
+from . import SinkContext, SinkMessage
 from .http import HttpError, post
 from .policy import (
     Outcome,
     classify_status,
     parse_retry_after,
     parse_webhook_url,
-    retry_delay,
     signature_headers,
     type_allowed,
 )
@@ -71,7 +71,7 @@ def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"NOTIFYD_WEBHOOK_CA_FILE {str(ca_file)!r} cannot be used: {_describe(exc)}"
+            f"NOTIFYD_WEBHOOK_CA_FILE {str(ca_file)!r} cannot be used: {describe(exc)}"
         ) from None
 
 
@@ -155,12 +155,12 @@ class WebhookSink:
             try:
                 await self._flush_seen(store)
                 failures = 0
-            except DATABASE_ERRORS as exc:
+            except DatabaseError as exc:
                 failures += 1
-                delay = retry_delay(failures, initial=0.1, maximum=self._poll)
+                delay = backoff_delay(failures, initial=0.1, maximum=self._poll, jitter=0)
                 logger.warning(
                     "webhook: cannot record seen messages (%s); retrying in %.1fs",
-                    _describe(exc),
+                    describe(exc),
                     delay,
                 )
                 self._seen_added.set()
@@ -196,11 +196,11 @@ class WebhookSink:
                 more = await self._send_due(store)
                 due_in = 0.0 if more else await store.head_due_in()
                 failures = 0
-            except DATABASE_ERRORS as exc:
+            except DatabaseError as exc:
                 failures += 1
-                due_in = retry_delay(failures, initial=0.1, maximum=self._poll)
+                due_in = backoff_delay(failures, initial=0.1, maximum=self._poll, jitter=0)
                 logger.warning(
-                    "webhook: database unavailable (%s); retrying in %.1fs", _describe(exc), due_in
+                    "webhook: database unavailable (%s); retrying in %.1fs", describe(exc), due_in
                 )
             wait = self._poll if due_in is None else min(self._poll, due_in)
             if wait > 0 and not self._wake.is_set():
@@ -302,7 +302,9 @@ class WebhookSink:
         delay = (
             retry_after
             if retry_after is not None
-            else retry_delay(attempt, initial=self._retry_initial, maximum=self._retry_max)
+            else backoff_delay(
+                attempt, initial=self._retry_initial, maximum=self._retry_max, jitter=0
+            )
         )
         await store.retry_later(message_id, delay, error)
         logger.warning(
