@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from . import protocol
+from . import client_frames, protocol
 from .auth import Identity, Keys
 from .db import Database
 from .exceptions import AuthError, DatabaseError
@@ -114,7 +114,7 @@ class Access:
         """
         self._expiries.close()
 
-    async def refresh(self, session: Session, action: protocol.Refresh) -> None:
+    async def refresh(self, session: Session, action: client_frames.Refresh) -> None:
         """
         A new token for the session: same user, valid, not revoked; else
         the session is closed with 4401 at once.

@@ -7,7 +7,7 @@ read-state change is not answered directly: the triggers' events reach every
 session of the user, this one included. A frame that does not parse is
 answered with an ``error`` event naming the problem; a database that cannot
 be reached makes the action answer ``unavailable``. A new action is added
-here (and its frame to :mod:`notifyd.protocol`).
+here (and its frame to :mod:`notifyd.client_frames`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from . import protocol
+from . import client_frames, protocol
 from .access import Access
 from .db import Database
 from .exceptions import DatabaseError, ProtocolError
@@ -63,7 +63,7 @@ class Actions:
         Act on one client frame.
         """
         try:
-            action = protocol.parse_client_frame(data, max_read_ids=self._max_read_ids)
+            action = client_frames.parse_client_frame(data, max_read_ids=self._max_read_ids)
         except ProtocolError as exc:
             if exc.limit is not None:
                 self._incidents.limit_tripped(exc.limit, peer_address(session.connection))
@@ -71,17 +71,17 @@ class Actions:
             return
         db = self._db
         try:
-            if isinstance(action, protocol.Ping):
+            if isinstance(action, client_frames.Ping):
                 session.push(protocol.PONG)
-            elif isinstance(action, protocol.Read):
+            elif isinstance(action, client_frames.Read):
                 await db.mark_read(session.user, action.ids)
-            elif isinstance(action, protocol.ReadAll):
+            elif isinstance(action, client_frames.ReadAll):
                 await db.mark_all_read(session.user, action.type)
-            elif isinstance(action, protocol.Refresh):
+            elif isinstance(action, client_frames.Refresh):
                 await self._access.refresh(session, action)
-            elif isinstance(action, protocol.History):
+            elif isinstance(action, client_frames.History):
                 await self._history(session, action)
-            elif isinstance(action, protocol.DemoSend):
+            elif isinstance(action, client_frames.DemoSend):
                 await self._demo_send(session, action)
             else:
                 session.push(protocol.encode_error("invalid", "already authenticated"))
@@ -90,7 +90,7 @@ class Actions:
             request_id = getattr(action, "request_id", None)
             session.push(protocol.encode_error("unavailable", "try again later", request_id))
 
-    async def _history(self, session: Session, action: protocol.History) -> None:
+    async def _history(self, session: Session, action: client_frames.History) -> None:
         """
         Answer ``history`` within ``max_concurrent_history`` queries at once,
         so history readers cannot take the pool from delivery; a request
@@ -119,7 +119,7 @@ class Actions:
             self._history_slots.release()
         session.push(protocol.encode_history(action.request_id, rows, more))
 
-    async def _demo_send(self, session: Session, action: protocol.DemoSend) -> None:
+    async def _demo_send(self, session: Session, action: client_frames.DemoSend) -> None:
         """
         ``notifyd demo``'s send form: a plain INSERT, delivered by the usual
         commit path. Unknown to ``serve``, as if the action did not exist.

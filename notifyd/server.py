@@ -25,7 +25,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from . import protocol
+from . import client_frames
 from .access import Access
 from .actions import Actions
 from .auth import Identity
@@ -249,10 +249,10 @@ class PushServer:
             self._count_oversized(exc, connection)
             return None
         try:
-            action = protocol.parse_client_frame(data)
+            action = client_frames.parse_client_frame(data)
         except ProtocolError:
             action = None
-        if not isinstance(action, protocol.Auth):
+        if not isinstance(action, client_frames.Auth):
             self._incidents.auth_failed(connection, "first frame is not auth")
             await _close(connection, CloseCode.UNAUTHORIZED)
             return None

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from notifyd import protocol
+from notifyd import client_frames, protocol
 from notifyd.exceptions import ProtocolError
 
 from .conftest import TIMEOUT, insert
@@ -117,30 +117,30 @@ def _clean(value: str) -> bool:
     return "\x00" not in value and all(not 0xD800 <= ord(char) <= 0xDFFF for char in value)
 
 
-def _assert_safe(action: protocol.ClientAction) -> None:
+def _assert_safe(action: client_frames.ClientAction) -> None:
     """What the decoder lets through can reach Postgres and the encoder."""
     for value in vars_of(action):
         if isinstance(value, str):
             assert len(value) <= 8192 and (
-                _clean(value) or isinstance(action, protocol.Auth | protocol.Refresh)
+                _clean(value) or isinstance(action, client_frames.Auth | client_frames.Refresh)
             )
     request_id = getattr(action, "request_id", None)
     orjson.dumps({"id": request_id})
-    if isinstance(action, protocol.Read):
-        assert 1 <= len(action.ids) <= protocol.MAX_READ_IDS
+    if isinstance(action, client_frames.Read):
+        assert 1 <= len(action.ids) <= client_frames.MAX_READ_IDS
         assert all(isinstance(i, str) and _clean(i) and 0 < len(i) <= 255 for i in action.ids)
-    if isinstance(action, protocol.History):
-        assert 1 <= action.limit <= protocol.MAX_HISTORY_LIMIT
+    if isinstance(action, client_frames.History):
+        assert 1 <= action.limit <= client_frames.MAX_HISTORY_LIMIT
         assert action.before_seq is None or 0 <= action.before_seq < 2**63
 
 
-def vars_of(action: protocol.ClientAction) -> list[Any]:
+def vars_of(action: client_frames.ClientAction) -> list[Any]:
     return [getattr(action, name) for name in getattr(action, "__slots__", ())]
 
 
-def _decode(data: str | bytes) -> protocol.ClientAction | ProtocolError:
+def _decode(data: str | bytes) -> client_frames.ClientAction | ProtocolError:
     try:
-        return protocol.parse_client_frame(data)
+        return client_frames.parse_client_frame(data)
     except ProtocolError as exc:
         return exc
 
@@ -182,7 +182,7 @@ def test_read_keeps_exactly_the_clean_ids_or_refuses_the_frame(frame):
         isinstance(i, str) and 0 < len(i) <= 255 and _clean(i) for i in ids
     )
     if acceptable:
-        assert isinstance(result, protocol.Read) and result.ids == ids
+        assert isinstance(result, client_frames.Read) and result.ids == ids
     else:
         assert isinstance(result, ProtocolError) and result.code == "invalid"
 
@@ -196,7 +196,7 @@ def test_read_over_the_configured_limit_is_refused_and_names_the_limit(ids, limi
     """More ids than max_read_ids: `invalid`, marked as the read_ids limit; otherwise a Read."""
     data = _encode({"action": "read", "ids": ids})
     try:
-        action = protocol.parse_client_frame(data, max_read_ids=limit)
+        action = client_frames.parse_client_frame(data, max_read_ids=limit)
     except ProtocolError as exc:
         assert len(ids) > limit and exc.limit == "read_ids"
     else:
@@ -208,7 +208,7 @@ def test_read_over_the_configured_limit_is_refused_and_names_the_limit(ids, limi
 def test_echoed_request_ids_always_encode(request_id):
     """Whatever `id` a client sends, the answer that echoes it can be serialised."""
     result = _decode(_encode({"action": "history", "id": request_id}))
-    assert isinstance(result, protocol.History)
+    assert isinstance(result, client_frames.History)
     protocol.encode_history(result.request_id, [], False)
     protocol.encode_refreshed(result.request_id, 1e9)
 

@@ -11,20 +11,18 @@ from typing import Any
 
 import pytest
 
+from notifyd.client_frames import Auth, Ping, parse_client_frame
 from notifyd.exceptions import ProtocolError
 from notifyd.protocol import (
     PONG,
     PROTOCOL_VERSION,
-    Auth,
     CloseCode,
-    Ping,
     close_reason,
     encode,
     encode_error,
     encode_hello,
     encode_message,
     encode_resync,
-    parse_client_frame,
 )
 
 MESSAGE_KEYS = [
@@ -334,7 +332,7 @@ def test_every_close_code_has_a_short_reason(code: CloseCode) -> None:
 
 def test_demo_send_is_parsed_with_its_fields_and_request_id() -> None:
     """demo_send carries to, title, content, skipUrl and the echoed id."""
-    from notifyd.protocol import DemoSend
+    from notifyd.client_frames import DemoSend
 
     action = parse_client_frame(
         '{"action":"demo_send","to":"bob","title":"Hi","content":"Hello","skipUrl":"/x","id":4}'
