@@ -1,10 +1,11 @@
 """
 The client actions: what an open session may ask, and how each is answered.
 
-``ping``, ``read``, ``read_all``, ``history``, ``refresh`` (delegated to
-:mod:`notifyd.access`) and, under ``notifyd demo`` only, ``demo_send``. A
-read-state change is not answered directly: the triggers' events reach every
-session of the user, this one included. A frame that does not parse is
+``ping``, ``read``, ``unread``, ``delete``, ``read_all``, ``history``,
+``refresh`` (delegated to :mod:`notifyd.access`) and, under ``notifyd demo``
+only, ``demo_send``. A change to the inbox (read, unread, delete) is not
+answered directly: the triggers' events reach every session of the user,
+this one included. A frame that does not parse is
 answered with an ``error`` event naming the problem; a database that cannot
 be reached makes the action answer ``unavailable``. A new action is added
 here (and its frame to :mod:`notifyd.client_frames`).
@@ -75,6 +76,10 @@ class Actions:
                 session.push(protocol.PONG)
             elif isinstance(action, client_frames.Read):
                 await db.mark_read(session.user, action.ids)
+            elif isinstance(action, client_frames.Unread):
+                await db.mark_unread(session.user, action.ids)
+            elif isinstance(action, client_frames.Delete):
+                await db.hide(session.user, action.ids)
             elif isinstance(action, client_frames.ReadAll):
                 await db.mark_all_read(session.user, action.type)
             elif isinstance(action, client_frames.Refresh):
@@ -136,4 +141,5 @@ class Actions:
                 content=action.content,
                 skip_url=action.skip_url,
                 send_user=session.user,
+                type=action.type,
             )

@@ -24,12 +24,14 @@ __all__ = [
     "MAX_READ_IDS",
     "Auth",
     "ClientAction",
+    "Delete",
     "DemoSend",
     "History",
     "Ping",
     "Read",
     "ReadAll",
     "Refresh",
+    "Unread",
     "clean_text",
     "parse_client_frame",
 ]
@@ -74,6 +76,27 @@ class Read:
 
 
 @dataclass(frozen=True, slots=True)
+class Unread:
+    """
+    ``{"action":"unread","ids":[...]}``: mark these messages unread again.
+    """
+
+    ids: list[str]
+    request_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """
+    ``{"action":"delete","ids":[...]}``: remove these messages from the
+    user's inbox (hidden for this user; see docs/protocol.md).
+    """
+
+    ids: list[str]
+    request_id: object = None
+
+
+@dataclass(frozen=True, slots=True)
 class ReadAll:
     """
     ``{"action":"read_all","type":null}``: mark all (of a type) read.
@@ -99,8 +122,9 @@ class History:
 @dataclass(frozen=True, slots=True)
 class DemoSend:
     """
-    ``{"action":"demo_send","to":"bob","title":...,"content":...,"skipUrl":...}``:
-    insert a message for a demo user. Honoured by ``notifyd demo`` only;
+    ``{"action":"demo_send","to":"bob","title":...,"content":...,"skipUrl":...,
+    "type":...}``: insert a message (of a category, when ``type`` is given)
+    for a demo user. Honoured by ``notifyd demo`` only;
     any other server answers ``unknown_action``.
     """
 
@@ -109,9 +133,10 @@ class DemoSend:
     content: str | None
     skip_url: str | None
     request_id: object = None
+    type: str | None = None
 
 
-ClientAction = Ping | Auth | Refresh | Read | ReadAll | History | DemoSend
+ClientAction = Ping | Auth | Refresh | Read | Unread | Delete | ReadAll | History | DemoSend
 
 MAX_READ_IDS = 1000
 MAX_HISTORY_LIMIT = 100
@@ -151,6 +176,24 @@ def _request_id(frame: Mapping[str, Any]) -> object:
     if isinstance(value, str) and len(value) <= _MAX_REQUEST_ID and clean_text(value):
         return value
     return None
+
+
+def _message_ids(frame: Mapping[str, Any], max_ids: int) -> list[str]:
+    """
+    The ``ids`` of a read, unread or delete: 1 to ``max_ids`` short clean
+    strings (the ``read_ids`` limit counts a list that is too long).
+    """
+    ids = frame.get("ids")
+    message = f"ids must be 1 to {max_ids} message id strings"
+    if isinstance(ids, list) and len(ids) > max_ids:
+        raise ProtocolError("invalid", message, limit="read_ids")
+    if (
+        not isinstance(ids, list)
+        or not ids
+        or not all(isinstance(i, str) and 0 < len(i) <= _MAX_TEXT and clean_text(i) for i in ids)
+    ):
+        raise ProtocolError("invalid", message)
+    return ids
 
 
 def _optional_text(frame: Mapping[str, Any], key: str) -> str | None:
@@ -206,19 +249,11 @@ def _parse_action(frame: dict[str, Any], max_read_ids: int) -> ClientAction:
             raise ProtocolError("invalid", "refresh needs a token")
         return Refresh(token, _request_id(frame))
     if action == "read":
-        ids = frame.get("ids")
-        message = f"ids must be 1 to {max_read_ids} message id strings"
-        if isinstance(ids, list) and len(ids) > max_read_ids:
-            raise ProtocolError("invalid", message, limit="read_ids")
-        if (
-            not isinstance(ids, list)
-            or not ids
-            or not all(
-                isinstance(i, str) and 0 < len(i) <= _MAX_TEXT and clean_text(i) for i in ids
-            )
-        ):
-            raise ProtocolError("invalid", message)
-        return Read(ids, _request_id(frame))
+        return Read(_message_ids(frame, max_read_ids), _request_id(frame))
+    if action == "unread":
+        return Unread(_message_ids(frame, max_read_ids), _request_id(frame))
+    if action == "delete":
+        return Delete(_message_ids(frame, max_read_ids), _request_id(frame))
     if action == "read_all":
         return ReadAll(_optional_text(frame, "type"), _request_id(frame))
     if action == "history":
@@ -262,5 +297,6 @@ def _parse_action(frame: dict[str, Any], max_read_ids: int) -> ClientAction:
             content,
             _optional_text(frame, "skipUrl") or None,
             _request_id(frame),
+            _optional_text(frame, "type") or None,
         )
     raise ProtocolError("unknown_action", "unknown action")

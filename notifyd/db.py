@@ -370,6 +370,27 @@ class Database:
             changed = await self._pool.fetchval(queries.MARK_READ, user, list(ids))
         return int(changed)
 
+    async def mark_unread(self, user: str, ids: Sequence[str]) -> int:
+        """
+        Mark the user's messages (and announcements) with these ids unread
+        again; returns how many changed. The triggers tell every session.
+        """
+        with as_database_error("marking messages unread failed"):
+            changed = await self._pool.fetchval(queries.MARK_UNREAD, user, list(ids))
+        return int(changed)
+
+    async def hide(self, user: str, ids: Sequence[str]) -> int:
+        """
+        Remove the messages (own or announcements) with these ids from the
+        user's inbox: hidden for this user, and read. Returns how many were
+        hidden; a 'deleted' event tells every session.
+        """
+        with as_database_error("deleting messages failed"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute("SELECT set_config('notifyd.hiding', 'on', true)")
+                hidden = await connection.fetchval(queries.HIDE, user, list(ids))
+        return int(hidden)
+
     async def mark_all_read(self, user: str, type: str | None) -> int:
         """
         Mark all of the user's unread messages read (of one ``type`` when
@@ -498,7 +519,7 @@ class Database:
             for name in queries.REQUIRED_TRIGGERS
             if name not in enabled
         ]
-        for table in (RECEIPTS, EVENTS):
+        for table in (RECEIPTS, EVENTS, queries.HIDDEN):
             if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                 problems.append(f"table {table} does not exist: run `notifyd init-db`")
         if problems:
@@ -509,7 +530,8 @@ class Database:
         missing = {
             "read_messages": f"SELECT on {TABLE}",
             "update_is_read": f"UPDATE (is_read) on {TABLE}",
-            "receipts": f"SELECT and INSERT on {RECEIPTS}",
+            "receipts": f"SELECT, INSERT and DELETE on {RECEIPTS}",
+            "hidden": f"SELECT and INSERT on {queries.HIDDEN}",
             "events": f"SELECT and DELETE on {EVENTS}",
         }
         problems += [

@@ -12,10 +12,13 @@ __all__ = [
     "CATCH_UP",
     "CHANNEL",
     "EVENTS",
+    "HIDDEN",
+    "HIDE",
     "HISTORY",
     "INSERT",
     "MARK_ALL_READ",
     "MARK_READ",
+    "MARK_UNREAD",
     "PRIVILEGES",
     "PRUNE_EVENTS",
     "RECEIPTS",
@@ -32,6 +35,7 @@ CHANNEL = "notifyd"
 TABLE = "t_message_real_time"
 RECEIPTS = "t_message_receipt"
 EVENTS = "t_message_event"
+HIDDEN = "t_message_hidden"
 
 
 # Every column is cast to what the protocol sends, so an application's
@@ -42,6 +46,11 @@ COLUMNS = """
     to_user::text AS to_user, send_time, skip_url::text AS skip_url,
     is_read::text AS is_read
 """
+
+
+# Not a message this user deleted from their inbox (``m`` is the message).
+NOT_HIDDEN = f"""NOT EXISTS (
+    SELECT 1 FROM {HIDDEN} AS h WHERE h.user_id = {{user}} AND h.message_id = m.id::text)"""
 
 
 def columns_for(user: str) -> str:
@@ -169,8 +178,8 @@ SELECT b.i, m.*
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
      WITH ORDINALITY AS b(usr, base, fin, s0, i)
 CROSS JOIN LATERAL (
-    SELECT {columns_for("b.usr")} FROM {TABLE}
-    WHERE to_user IN (b.usr, '*')
+    SELECT {columns_for("b.usr")} FROM {TABLE} AS m
+    WHERE to_user IN (b.usr, '*') AND {NOT_HIDDEN.format(user="b.usr")}
       AND xact_id >= pg_snapshot_xmin(b.base::pg_snapshot)
       AND NOT pg_visible_in_snapshot(xact_id, b.base::pg_snapshot)
       AND NOT (b.fin IS NOT NULL AND seq <= b.s0
@@ -183,6 +192,51 @@ CROSS JOIN LATERAL (
 
 # Marks the user's own messages and announcements read; ids of other users'
 # messages match nothing and so change and reveal nothing.
+# Mark unread again: own rows, and announcements by taking back this user's
+# receipt; never a message the user deleted.
+MARK_UNREAD = f"""
+WITH own AS (
+    UPDATE {TABLE} AS m SET is_read = '0'
+    WHERE to_user = $1 AND id::text = ANY($2::text[]) AND is_read <> '0'
+      AND {NOT_HIDDEN.format(user="$1")}
+    RETURNING 1
+), announcements AS (
+    DELETE FROM {RECEIPTS} AS r
+    WHERE r.user_id = $1 AND r.message_id = ANY($2::text[])
+      AND NOT EXISTS (SELECT 1 FROM {HIDDEN} AS h
+                      WHERE h.user_id = $1 AND h.message_id = r.message_id)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
+"""
+
+# A user's delete: hide their own messages and announcements with these ids
+# from their inbox, and mark them read so that counts never need to look
+# at what is hidden (every statement of a WITH runs, read or not). Run with notifyd.hiding set, so the only event is the
+# hide's 'deleted'.
+HIDE = f"""
+WITH mine AS (
+    SELECT id::text AS id, to_user FROM {TABLE}
+    WHERE id::text = ANY($2::text[]) AND to_user IN ($1, '*')
+), hidden AS (
+    INSERT INTO {HIDDEN} (user_id, message_id)
+    SELECT $1, id FROM mine
+    ON CONFLICT DO NOTHING
+    RETURNING message_id
+), own_read AS (
+    UPDATE {TABLE} SET is_read = '1'
+    WHERE to_user = $1 AND is_read = '0' AND id::text IN (SELECT message_id FROM hidden)
+    RETURNING 1
+), announcements_read AS (
+    INSERT INTO {RECEIPTS} (user_id, message_id)
+    SELECT $1, m.id FROM mine AS m
+    WHERE m.to_user = '*' AND m.id IN (SELECT message_id FROM hidden)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM hidden
+"""
+
 MARK_READ = f"""
 WITH own AS (
     UPDATE {TABLE} SET is_read = '1'
@@ -217,15 +271,16 @@ SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
 # extra row tells whether there is more.
 HISTORY = f"""
 SELECT * FROM (
-    (SELECT {columns_for("$1")} FROM {TABLE}
+    (SELECT {columns_for("$1")} FROM {TABLE} AS m
      WHERE to_user = $1 AND seq < $2 AND ($3::text IS NULL OR type = $3)
-       AND (NOT $4 OR is_read = '0')
+       AND (NOT $4 OR is_read = '0') AND {NOT_HIDDEN.format(user="$1")}
      ORDER BY seq DESC LIMIT $5)
     UNION ALL
     (SELECT {columns_for("$1")} FROM {TABLE} AS m
      WHERE to_user = '*' AND seq < $2 AND ($3::text IS NULL OR type = $3)
        AND (NOT $4 OR NOT EXISTS (SELECT 1 FROM {RECEIPTS} AS r
                                   WHERE r.user_id = $1 AND r.message_id = m.id::text))
+       AND {NOT_HIDDEN.format(user="$1")}
      ORDER BY seq DESC LIMIT $5)
 ) AS h
 ORDER BY seq DESC
@@ -256,7 +311,9 @@ SELECT
     has_table_privilege('{TABLE}', 'SELECT') AS read_messages,
     has_column_privilege('{TABLE}', 'is_read', 'UPDATE') AS update_is_read,
     has_table_privilege('{RECEIPTS}', 'SELECT') AND has_table_privilege('{RECEIPTS}', 'INSERT')
-        AS receipts,
+        AND has_table_privilege('{RECEIPTS}', 'DELETE') AS receipts,
+    has_table_privilege('{HIDDEN}', 'SELECT') AND has_table_privilege('{HIDDEN}', 'INSERT')
+        AS hidden,
     has_table_privilege('{EVENTS}', 'SELECT') AND has_table_privilege('{EVENTS}', 'DELETE')
         AS events
 """

@@ -1,8 +1,9 @@
 -- A least-privilege role for the notifyd daemon (run as a superuser or a
 -- role with CREATEROLE, after schema.sql; idempotent).
 --
--- notifyd_daemon can read messages, change nothing but is_read, add read
--- receipts for announcements, prune its own event log and keep the webhook's
+-- notifyd_daemon can read messages, change nothing but is_read, add and take
+-- back read receipts for announcements, hide messages from one user's inbox
+-- (a user's "delete"), prune its own event log and keep the webhook's
 -- dispatch tables. It cannot insert, delete or rewrite messages. Give the
 -- daemon a login role in it:
 --
@@ -22,10 +23,12 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON t_message_real_time, t_message_receipt, t_message_event FROM notifyd_daemon;
+REVOKE ALL ON t_message_real_time, t_message_receipt, t_message_event, t_message_hidden
+    FROM notifyd_daemon;
 GRANT SELECT ON t_message_real_time TO notifyd_daemon;
 GRANT UPDATE (is_read) ON t_message_real_time TO notifyd_daemon;
-GRANT SELECT, INSERT ON t_message_receipt TO notifyd_daemon;
+GRANT SELECT, INSERT, DELETE ON t_message_receipt TO notifyd_daemon;
+GRANT SELECT, INSERT ON t_message_hidden TO notifyd_daemon;
 GRANT SELECT, DELETE ON t_message_event TO notifyd_daemon;
 
 -- Sinks: the webhook's dispatch bookkeeping (schema.sql, last section).

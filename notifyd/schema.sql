@@ -147,6 +147,11 @@ CREATE OR REPLACE FUNCTION notifyd_log_update() RETURNS trigger
 DECLARE
     read_all text := notifyd_read_all_type();
 BEGIN
+    -- A message a user deletes is also marked read: its 'deleted' event
+    -- says all there is to say (notifyd_log_hidden).
+    IF current_setting('notifyd.hiding', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO t_message_event (to_user, kind, ids, type)
     SELECT n.to_user::text,
            CASE WHEN n.is_read::text = '0' THEN 'unread' ELSE 'read' END,
@@ -197,6 +202,9 @@ CREATE OR REPLACE FUNCTION notifyd_log_receipt() RETURNS trigger
 DECLARE
     read_all text := notifyd_read_all_type();
 BEGIN
+    IF current_setting('notifyd.hiding', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO t_message_event (to_user, kind, ids, type)
     SELECT r.user_id,
            'read',
@@ -226,6 +234,63 @@ CREATE OR REPLACE TRIGGER notifyd_log_receipt
     AFTER INSERT ON t_message_receipt
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_receipt();
+
+-- Messages a user deleted from their inbox (the "delete" action): hidden for
+-- that user, not removed. The row stays the application's (its audit trail,
+-- its other readers of an announcement), and the daemon needs no right to
+-- delete rows. A hidden message is also read (so counts never look here),
+-- and history and replay leave it out.
+CREATE TABLE IF NOT EXISTS t_message_hidden (
+    user_id    text NOT NULL,
+    message_id text NOT NULL,
+    hidden_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, message_id)
+);
+
+-- A hide tells every session of the user: a 'deleted' event for its ids.
+CREATE OR REPLACE FUNCTION notifyd_log_hidden() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO t_message_event (to_user, kind, ids)
+    SELECT h.user_id, 'deleted', array_agg(h.message_id ORDER BY h.message_id)
+    FROM new_rows h
+    GROUP BY h.user_id;
+    IF FOUND THEN
+        PERFORM pg_notify('notifyd', 'e');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Receipts taken back (the "unread" action on an announcement) tell every
+-- session of the user, as an UPDATE of is_read to '0' does for own rows.
+-- Receipts that go with their deleted announcement say nothing here: the
+-- deletion has its own event.
+CREATE OR REPLACE FUNCTION notifyd_log_receipt_delete() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO t_message_event (to_user, kind, ids)
+    SELECT r.user_id, 'unread', array_agg(r.message_id ORDER BY r.message_id)
+    FROM old_rows r
+    WHERE EXISTS (SELECT 1 FROM t_message_real_time m
+                  WHERE m.to_user = '*' AND m.id::text = r.message_id)
+    GROUP BY r.user_id;
+    IF FOUND THEN
+        PERFORM pg_notify('notifyd', 'e');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER notifyd_log_hidden
+    AFTER INSERT ON t_message_hidden
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_hidden();
+
+CREATE OR REPLACE TRIGGER notifyd_log_receipt_delete
+    AFTER DELETE ON t_message_receipt
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_receipt_delete();
 
 -- ---------------------------------------------------------------------------
 -- Sinks: what the webhook still owes, shared by every instance

@@ -153,6 +153,8 @@ def _every_public_call(base: Snapshot) -> dict[str, Callable[[Database], Awaitab
         "window_rest": window_rest,
         "catch_up": lambda database: database.catch_up([("alice", Cursor(base))], base, limit=10),
         "mark_read": lambda database: database.mark_read("alice", ["1"]),
+        "mark_unread": lambda database: database.mark_unread("alice", ["1"]),
+        "hide": lambda database: database.hide("alice", ["1"]),
         "mark_all_read": lambda database: database.mark_all_read("alice", None),
         "history": lambda database: database.history(
             "alice", before_seq=None, limit=10, type=None, unread_only=False

@@ -50,7 +50,7 @@ async def test_daemon_works_under_the_least_privilege_role(
     ],
 )
 async def test_daemon_role_cannot_write_anything_but_is_read(db, login_role, statement):
-    """notifyd_daemon is refused every write except is_read (and receipts)."""
+    """notifyd_daemon is refused every write except is_read (and receipts and hiding)."""
     await db.execute(role_sql())
     await insert(db, "alice", "original")
     connection = await asyncpg.connect(await login_role("IN ROLE notifyd_daemon"))

@@ -358,6 +358,8 @@ def test_demo_send_is_parsed_with_its_fields_and_request_id() -> None:
         '{"action":"demo_send","to":"bob","title":"Hi","content":"Hello","skipUrl":"/x","id":4}'
     )
     assert action == DemoSend("bob", "Hi", "Hello", "/x", 4)
+    typed = parse_client_frame('{"action":"demo_send","to":"bob","type":"private"}')
+    assert typed == DemoSend("bob", None, None, None, None, "private")
 
 
 @pytest.mark.parametrize(
