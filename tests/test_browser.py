@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from notifyd import static
 from notifyd.auth import TokenVerifier
@@ -174,7 +175,10 @@ HARNESS = """<!doctype html>
 <script type="module">
   import { createClient } from "MODULE_URL";
   const options = JSON.parse(new URLSearchParams(location.search).get("options") || "{}");
-  const t = (window.t = { ids: [], titles: [], states: [], hellos: [], resyncs: 0, unread: null });
+  const t = (window.t = {
+    ids: [], titles: [], states: [], hellos: [], resyncs: 0, unread: null,
+    unreadEvents: [], countsAtMessage: [],
+  });
   const client = (window.client = createClient({
     token: () => fetch("/notifyd-token").then((response) => response.text()),
     initialDelayMs: 100,
@@ -185,11 +189,15 @@ HARNESS = """<!doctype html>
   client.on("message", (message) => {
     t.ids.push(message.id);
     t.titles.push(message.title);
+    t.countsAtMessage.push(client.counts);
   });
   client.on("state", ({ state }) => t.states.push(state));
   client.on("hello", (hello) => t.hellos.push(hello));
   client.on("resync", () => (t.resyncs += 1));
-  client.on("unread", ({ count }) => (t.unread = count));
+  client.on("unread", ({ count, byType }) => {
+    t.unread = count;
+    t.unreadEvents.push({ count, byType });
+  });
 </script>
 """
 
@@ -679,6 +687,72 @@ async def test_demo_page_lists_history_and_loads_more(
     )
     assert listed == ids[::-1]
     assert await page.locator("#more").is_hidden()
+
+
+async def test_client_counts_from_an_old_server_and_from_message_frames(
+    daemon: RunningDaemon, context: Any, app: AppServer
+) -> None:
+    """
+    `client.counts` is null before hello, has an empty byType from a server
+    without per-type counts, takes the per-type counts of unread frames and
+    those a message frame carries (in place when the message event fires,
+    announced after it), and ignores a duplicate's.
+    """
+    authed = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def scripted(ws: ServerConnection) -> None:
+        assert json.loads(await ws.recv())["action"] == "auth"
+        authed.set()
+        await go_on.wait()
+        message = {"event": "message", "title": "t", "content": "c", "type": "comment"}
+        for frame in (
+            {"event": "hello", "version": 1, "user": "u1", "cursor": "c0", "unread": 2},
+            {"event": "unread", "count": 3},
+            {"event": "unread", "count": 5, "byType": {"comment": 2, "system": 3}},
+            {
+                **message,
+                "cursor": "c1",
+                "id": "m1",
+                "unread": 6,
+                "unreadByType": {"comment": 3, "system": 3},
+            },
+            {**message, "cursor": "c2", "id": "m1", "unread": 1, "unreadByType": {"x": 1}},
+            {**message, "cursor": "c3", "id": "m2"},
+        ):
+            await ws.send(json.dumps(frame))
+        await ws.wait_closed()
+
+    async with serve(scripted, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        app.token = daemon.token("u1")
+        app.pages["/harness"] = HARNESS.replace(
+            "MODULE_URL", f"http://127.0.0.1:{daemon.port}/notifyd.js"
+        )
+        page = await context.new_page()
+        await page.goto(harness_url(app, url=f"ws://127.0.0.1:{port}/", share=False))
+        await asyncio.wait_for(authed.wait(), TIMEOUT)
+        assert await page.evaluate("() => [window.client.counts, window.client.unread]") == [
+            None,
+            None,
+        ]
+        go_on.set()
+        assert await wait_ids(page, 2) == ["m1", "m2"]
+        new = {"count": 6, "byType": {"comment": 3, "system": 3}}
+        assert await page.evaluate("() => window.t.unreadEvents") == [
+            {"count": 2, "byType": {}},
+            {"count": 3, "byType": {}},
+            {"count": 5, "byType": {"comment": 2, "system": 3}},
+            new,
+        ]
+        at_message = {"total": 6, "byType": new["byType"]}
+        assert await page.evaluate("() => window.t.countsAtMessage") == [at_message, at_message]
+        assert await page.evaluate("() => [window.client.counts, window.client.unread]") == [
+            at_message,
+            6,
+        ]
+        assert await page.evaluate("() => Object.isFrozen(window.client.counts.byType)")
+        await page.close()
 
 
 async def test_client_gives_up_after_repeated_4401_and_on_4409(
