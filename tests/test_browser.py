@@ -341,9 +341,44 @@ async def open_demo(context: Any, running: RunningDaemon, user: str) -> Any:
     return page
 
 
-async def open_dropdown(page: Any) -> None:
+async def show_all_messages(page: Any) -> None:
+    """
+    The bell leads to the message center with every message listed.
+    """
     await page.locator("#bell").click()
-    await page.locator("#panel").wait_for()
+    await page.locator('#panel .cat[data-category="all"][aria-current="true"]').wait_for()
+
+
+async def select_category(page: Any, category: str) -> None:
+    await page.locator(f'.cat[data-category="{category}"]').click()
+    await page.locator(f'.cat[data-category="{category}"][aria-current="true"]').wait_for()
+    await page.wait_for_function("() => !document.querySelector('#more').disabled")
+
+
+async def wait_category_badge(page: Any, category: str, text: str | None) -> None:
+    """
+    Until ``category``'s badge shows ``text`` (None: hidden, no unread).
+    """
+    await page.wait_for_function(
+        """([category, text]) => {
+          const badge = document.querySelector(`.cat[data-category="${category}"] .cat-badge`);
+          return text === null ? badge.hidden : !badge.hidden && badge.textContent === text;
+        }""",
+        arg=[category, text],
+    )
+
+
+async def category_badges(page: Any) -> dict[str, str]:
+    """
+    The visible category badges, category -> text.
+    """
+    return await page.eval_on_selector_all(  # type: ignore[no-any-return]
+        ".cat",
+        """(buttons) => Object.fromEntries(buttons
+          .map((b) => [b.dataset.category, b.querySelector('.cat-badge')])
+          .filter(([, badge]) => !badge.hidden)
+          .map(([category, badge]) => [category, badge.textContent]))""",
+    )
 
 
 async def wait_badge(page: Any, text: str) -> None:
@@ -631,13 +666,13 @@ async def test_demo_page_badge_counts_and_drops_on_read(
     page = await context.new_page()
     await page.goto(url)
     await page.locator('#status[data-state="open"]').wait_for()
-    await open_dropdown(page)
+    await show_all_messages(page)
     other_context = await browser.new_context()  # another browser: its own connection
     try:
         other = await other_context.new_page()
         await other.goto(url)
         await other.locator('#status[data-state="open"]').wait_for()
-        await open_dropdown(other)
+        await show_all_messages(other)
 
         first = await insert(db, "u1", "Welcome", "Glad you are here", skip_url="/inbox/1")
         await insert(db, "u1", "Order shipped", "Parcel 1Z999")
@@ -675,7 +710,7 @@ async def test_demo_page_lists_history_and_loads_more(
     await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
     await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
     assert await page.locator("#badge").text_content() == "22"
-    await open_dropdown(page)
+    await show_all_messages(page)
     listed = await page.eval_on_selector_all(
         "#list li", "(items) => items.map((li) => li.dataset.id)"
     )
@@ -869,11 +904,11 @@ async def test_demo_two_windows_of_one_user_mark_read_moves_the_badge(
     for window in (first, second):
         await wait_badge(window, "2")
 
-    await open_dropdown(first)
+    await show_all_messages(first)
     await first.locator(f'li[data-id="{one}"] .msg-body').click()
     await eventually(lambda: is_read(db, one), "the click's read in the database")
     await wait_badge(second, "1")
-    await open_dropdown(second)
+    await show_all_messages(second)
     await second.locator(f'li[data-id="{one}"]:not(.unread)').wait_for()
 
     await second.locator("#mark-all").click()
@@ -884,14 +919,20 @@ async def test_demo_two_windows_of_one_user_mark_read_moves_the_badge(
 async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
     demo_daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
 ) -> None:
-    """Alice's form sends to Bob, whose page gets the toast and the badge; Bob's page, dropdown open, is docs/demo.png."""
+    """Alice's form sends to Bob, whose page gets the toast and the badge; Bob's message center, with its category badges, is docs/demo.png."""
     context = await browser.new_context(viewport={"width": 1000, "height": 700})
     context.set_default_timeout(WAIT_MS)
     try:
         await insert(
-            db, "bob", "Welcome to notifyd", "Messages arrive the moment they are committed"
+            db,
+            "bob",
+            "Welcome to notifyd",
+            "Messages arrive the moment they are committed",
+            type="system",
         )
-        read = await insert(db, "bob", "Invoice 2041 paid", "Thank you, we received 42.00 EUR")
+        read = await insert(
+            db, "bob", "Invoice 2041 paid", "Thank you, we received 42.00 EUR", type="system"
+        )
         await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", read)
         await insert(
             db,
@@ -899,12 +940,19 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
             "Your order shipped",
             "Parcel 1Z999 is on its way",
             skip_url="https://example.com/orders/17",
+            type="system",
+        )
+        await insert(db, "bob", "dave followed you", "You have 12 followers now", type="follow")
+        await insert(db, "bob", "carol liked your post", "Push, not poll", type="like")
+        await insert(
+            db, "bob", "carol commented on your post", "Great write-up, thanks!", type="comment"
         )
         alice = await open_demo(context, demo_daemon, "alice")
         bob = await open_demo(context, demo_daemon, "bob")
-        await wait_badge(bob, "2")
+        await wait_badge(bob, "5")
 
         await alice.select_option("#send-to", "bob")
+        await alice.select_option("#send-type", "private")
         await alice.fill("#send-title", "Lunch at noon?")
         await alice.fill("#send-content", "The usual place, table for two")
         await alice.fill("#send-url", "/calendar/lunch")
@@ -914,23 +962,26 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
         toast = bob.locator(".toast", has_text="Lunch at noon?")
         await toast.wait_for()
         assert await toast.locator("a").get_attribute("href") == "/calendar/lunch"
-        await wait_badge(bob, "3")
+        await wait_badge(bob, "6")
         row = await db.fetchrow(
             "SELECT send_user, content FROM t_message_real_time WHERE title = 'Lunch at noon?'"
         )
         assert (row["send_user"], row["content"]) == ("alice", "The usual place, table for two")
 
-        await open_dropdown(bob)
+        await show_all_messages(bob)
         titles = await bob.eval_on_selector_all(
             "#list .msg-title", "(items) => items.map((t) => t.textContent)"
         )
         assert [t.removeprefix("Unread: ") for t in titles] == [
             "Lunch at noon?",
+            "carol commented on your post",
+            "carol liked your post",
+            "dave followed you",
             "Your order shipped",
             "Invoice 2041 paid",
             "Welcome to notifyd",
         ]
-        assert await bob.locator("#list li.unread").count() == 3
+        assert await bob.locator("#list li.unread").count() == 6
         await bob.screenshot(path=str(SCREENSHOT), animations="disabled")
         assert SCREENSHOT.stat().st_size > 10_000
     finally:
