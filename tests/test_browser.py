@@ -916,6 +916,99 @@ async def test_demo_two_windows_of_one_user_mark_read_moves_the_badge(
     await first.wait_for_function("() => document.querySelectorAll('#list li.unread').length === 0")
 
 
+async def listed(page: Any) -> list[tuple[str, str]]:
+    """
+    The listed messages, newest first, as (id, category).
+    """
+    items = await page.eval_on_selector_all(
+        "#list li", "(items) => items.map((li) => [li.dataset.id, li.dataset.category])"
+    )
+    return [(id_, category) for id_, category in items]
+
+
+async def test_demo_category_lists_its_messages_pages_and_filters_unread(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    A category lists only its type ("other" the rest, found pages back),
+    pages with "load more", takes live messages of its type only, and
+    "unread only" leaves the read ones out.
+    """
+    others = [
+        await insert(db, "u1", "No type"),
+        await insert(db, "u1", "Odd type", type="newsletter"),
+    ]
+    comments = [await insert(db, "u1", f"Comment {i}", type="comment") for i in range(22)]
+    systems = [await insert(db, "u1", f"Notice {i}", type="system") for i in range(3)]
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", systems[0])
+    page = await context.new_page()
+    await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
+
+    await select_category(page, "comment")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
+    assert await listed(page) == [(i, "comment") for i in comments[::-1][:20]]
+    await page.locator("#more").click()
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 22")
+    assert await listed(page) == [(i, "comment") for i in comments[::-1]]
+    assert await page.locator("#more").is_hidden()
+    assert await page.locator("#pane-title").text_content() == "Comments"
+
+    live_system = await insert(db, "u1", "Live notice", type="system")
+    await page.locator(".toast", has_text="Live notice").wait_for()
+    live_comment = await insert(db, "u1", "Live comment", type="comment")
+    await page.locator(f'#list li[data-id="{live_comment}"]').wait_for()
+    assert await listed(page) == [(i, "comment") for i in [live_comment, *comments[::-1]]]
+
+    await select_category(page, "other")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 2")
+    assert await listed(page) == [(i, "other") for i in others[::-1]]
+    assert await page.locator("#more").is_hidden()
+
+    await select_category(page, "system")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 4")
+    await page.locator("#unread-only").check()
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 3")
+    assert await listed(page) == [(i, "system") for i in [live_system, *systems[:0:-1]]]
+    assert await page.locator("#list li.unread").count() == 3
+
+
+async def test_demo_page_speaks_chinese_to_a_zh_cn_browser(
+    daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
+) -> None:
+    """With the browser's language zh-CN, the page, its categories, bell and announcements are in Chinese."""
+    context = await browser.new_context(locale="zh-CN")
+    context.set_default_timeout(WAIT_MS)
+    try:
+        page = await context.new_page()
+        await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
+        await page.locator('#status[data-state="open"]').wait_for()
+        assert await page.evaluate("() => navigator.language") == "zh-CN"
+        assert await page.get_attribute("html", "lang") == "zh-CN"
+        assert await page.locator("#status").text_content() == "已连接"
+        assert await page.locator("#panel-title").text_content() == "我的消息"
+        names = await page.eval_on_selector_all(
+            ".cat-name", "(names) => names.map((n) => n.textContent)"
+        )
+        assert names == ["全部消息", "评论", "赞和收藏", "新增粉丝", "私信", "系统通知", "其他"]
+        assert await page.locator("#mark-all").inner_text() == "全部标为已读"
+        assert await page.locator("label[for=unread-only]").inner_text() == "只看未读"
+        assert await page.locator("#empty").text_content() == "这里还没有消息。"
+
+        await insert(db, "u1", "新评论", type="comment")
+        await wait_badge(page, "1")
+        # Full-width punctuation is what Chinese text uses.
+        bell_label = "消息，1 条未读消息"  # noqa: RUF001
+        assert await page.get_attribute("#bell", "aria-label") == bell_label
+        assert await page.locator("#announce").text_content() == "1 条未读消息"
+        title = await page.locator("#list .msg-title").text_content()
+        assert title == "未读：新评论"  # noqa: RUF001
+        assert await page.locator("#list .msg-type").text_content() == "评论"
+        assert await page.locator(".toast .toast-type").text_content() == "评论"
+    finally:
+        await context.close()
+
+
 async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
     demo_daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
 ) -> None:
