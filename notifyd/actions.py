@@ -1,7 +1,7 @@
 """
 The client actions: what an open session may ask, and how each is answered.
 
-``ping``, ``read``, ``readAll``, ``history``, ``refresh`` (delegated to
+``ping``, ``read``, ``read_all``, ``history``, ``refresh`` (delegated to
 :mod:`notifyd.access`) and, under ``notifyd demo`` only, ``demo_send``. A
 read-state change is not answered directly: the triggers' events reach every
 session of the user, this one included. A frame that does not parse is

@@ -204,7 +204,8 @@ class Window:
     end: Snapshot
     complete: bool
     events: list[Event] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
+    # user -> category -> unread count, at ``end``.
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class Database:

@@ -36,6 +36,7 @@ from .cursor import Cursor, Snapshot
 from .db import Database, Row, Window
 from .exceptions import CursorError, describe
 from .hub import Hub
+from .ledger import ByType
 from .router import Router, WindowAccount
 from .session import Session
 from .stats import Stats
@@ -203,10 +204,10 @@ class Delivery:
     def _requeue(self, requests: list[_Join]) -> None:
         self._pending[:0] = [r for r in requests if not r.admitted.done()]
 
-    async def _read_new(self, count_users: list[str]) -> dict[str, int] | None:
+    async def _read_new(self, count_users: list[str]) -> dict[str, ByType] | None:
         """
         Read and route everything committed since the watermark, then
-        advance it. Returns the unread counts of ``count_users`` as of the new
+        advance it. Returns the unread counts (by category) of ``count_users`` as of the new
         watermark, or None when there are none for them: this call finished
         a window that an earlier, failed call had started, or its first page
         was asked for before they came.
@@ -214,7 +215,7 @@ class Delivery:
         base = self.watermark
         assert base is not None  # run() takes the first snapshot before reading
         router = self._router
-        counts: dict[str, int] | None = None
+        counts: dict[str, ByType] | None = None
         last: Window | None = None
         async with contextlib.aclosing(self._reader.pages(base, count_users)) as pages:
             async for window in pages:
@@ -256,13 +257,13 @@ class Delivery:
         self._last_read = now
         self._reader.prefetch(end)
 
-    async def _admit_all(self, requests: list[_Join], counts: dict[str, int]) -> None:
+    async def _admit_all(self, requests: list[_Join], counts: dict[str, ByType]) -> None:
         end = self.watermark
         assert end is not None  # set by the read that produced ``counts``
         resumes: list[tuple[_Join, Cursor]] = []
         for request in requests:
             user = request.session.user
-            unread = counts.get(user, 0)
+            unread = counts.get(user, {})
             if request.since is None:
                 self._admit(request, replay.plan_fresh(user, end, unread), unread)
                 continue
@@ -282,13 +283,13 @@ class Delivery:
             )
             for (request, cursor), rows in zip(chunk, results, strict=True):
                 user = request.session.user
-                unread = counts.get(user, 0)
+                unread = counts.get(user, {})
                 greeting = replay.plan_resume(
                     user, cursor, rows, end, unread, replay_limit=self._replay_limit
                 )
                 self._admit(request, greeting, unread)
 
-    def _admit(self, request: _Join, greeting: replay.Greeting, unread: int) -> None:
+    def _admit(self, request: _Join, greeting: replay.Greeting, unread: ByType) -> None:
         if greeting.resync:
             self.stats.resyncs += 1
         self._router.register(request.session, greeting, unread)

@@ -187,9 +187,12 @@ def seq_of_cursor(cursor: str) -> int | None:
 _DIGITS = re.compile("[0-9]{1,19}")
 
 
-def encode_hello(user: str, cursor: str, recovered: bool | None, unread: int) -> str:
+def encode_hello(
+    user: str, cursor: str, recovered: bool | None, unread_by_type: Mapping[str, int]
+) -> str:
     """
-    The first frame of every session.
+    The first frame of every session, with the user's unread counts: the
+    total (``unread``) and by category (``unreadByType``).
 
     ``recovered`` is present only when the client asked to resume: true only
     when everything after its cursor is being replayed.
@@ -199,18 +202,20 @@ def encode_hello(user: str, cursor: str, recovered: bool | None, unread: int) ->
         "version": PROTOCOL_VERSION,
         "user": user,
         "cursor": cursor,
-        "unread": unread,
+        "unread": sum(unread_by_type.values()),
+        "unreadByType": unread_by_type,
     }
     if recovered is not None:
         frame["recovered"] = recovered
     return encode(frame)
 
 
-def encode_unread(count: int) -> str:
+def encode_unread(by_type: Mapping[str, int]) -> str:
     """
-    The user's unread count changed.
+    The user's unread counts changed: the total (``count``) and the full
+    counts by category after the change (``byType``).
     """
-    return encode({"event": "unread", "count": count})
+    return encode({"event": "unread", "count": sum(by_type.values()), "byType": by_type})
 
 
 def encode_read(ids: list[str] | None, type: str | None, *, read: bool = True) -> str:

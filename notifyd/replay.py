@@ -3,7 +3,7 @@ What a joining session is sent first: its ``hello`` and its replay.
 
 Pure planning, no I/O: given the client's cursor (if any), the rows it
 missed (read by delivery up to its watermark), the watermark and the unread
-count, decide the frames and the cursor each carries. Three cases:
+counts by category, decide the frames and the cursor each carries. Three cases:
 
 * no cursor: ``hello`` at the watermark, nothing to replay;
 * a cursor that cannot be used (malformed, or ahead of this database):
@@ -16,7 +16,7 @@ count, decide the frames and the cursor each carries. Three cases:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import protocol
@@ -52,14 +52,14 @@ def usable_cursor(since: str, end: Snapshot) -> Cursor:
     return cursor
 
 
-def plan_fresh(user: str, end: Snapshot, unread: int) -> Greeting:
+def plan_fresh(user: str, end: Snapshot, unread: Mapping[str, int]) -> Greeting:
     """
     A session without a cursor: live from ``end`` on.
     """
     return Greeting(protocol.encode_hello(user, Cursor(end).encode(), None, unread))
 
 
-def plan_unusable(user: str, end: Snapshot, unread: int) -> Greeting:
+def plan_unusable(user: str, end: Snapshot, unread: Mapping[str, int]) -> Greeting:
     """
     A session whose cursor cannot be used: it must reload from history.
     """
@@ -76,7 +76,7 @@ def plan_resume(
     since: Cursor,
     newest_first: Sequence[MessageRow],
     end: Snapshot,
-    unread: int,
+    unread: Mapping[str, int],
     *,
     replay_limit: int,
 ) -> Greeting:

@@ -13,7 +13,7 @@ system call (:meth:`WindowAccount.flush`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import orjson
@@ -22,7 +22,7 @@ from . import protocol
 from .cursor import Snapshot, WindowCursors
 from .db import Event, Row, Window
 from .hub import Hub
-from .ledger import UnreadLedger
+from .ledger import ByType, UnreadLedger
 from .protocol import CloseCode
 from .replay import Greeting
 from .session import Session
@@ -42,10 +42,12 @@ class WindowAccount:
     window's new rows are added to the count they had.
     """
 
-    recounted: dict[str, int]
+    recounted: dict[str, ByType]
     events: list[Event]
-    new_unread: dict[str, int] = field(default_factory=dict)
-    new_announcements: int = 0
+    # user -> category -> the window's new unread rows.
+    new_unread: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The category of each announcement the window inserted.
+    new_announcements: list[str] = field(default_factory=list)
     unflushed: set[Session] = field(default_factory=set)
 
     def flush(self) -> None:
@@ -79,7 +81,7 @@ class Router:
         # Set while the first read after a LISTEN outage is routed.
         self.repairing = False
 
-    def register(self, session: Session, greeting: Greeting, unread: int) -> None:
+    def register(self, session: Session, greeting: Greeting, unread: Mapping[str, int]) -> None:
         """
         Queue the session's hello and replay, write them, and register it
         for live rows with its unread count. A session that closed while
@@ -134,7 +136,7 @@ class Router:
             seq = row["seq"]
             if user == "*":
                 sessions: Iterable[Session] = list(hub)
-                account.new_announcements += 1
+                account.new_announcements.append(row["type"] or "")
                 is_last = seq == final_seq
             else:
                 own = hub.sessions_of(user)
@@ -144,7 +146,9 @@ class Router:
                     continue
                 sessions = own
                 if row["is_read"] == "0":
-                    account.new_unread[user] = account.new_unread.get(user, 0) + 1
+                    added = account.new_unread.setdefault(user, {})
+                    category = row["type"] or ""
+                    added[category] = added.get(category, 0) + 1
                 is_last = last_seq.get(user) == seq and seq > star_seq
             cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
             fields = protocol.message_frame(row, cursor)
@@ -192,7 +196,7 @@ class Router:
                     account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [
-            set(event.readers or ())
+            (event.type or "", set(event.readers or ()))
             for event in account.events
             if event.user == "*"
             and event.kind == "deleted"
@@ -205,16 +209,17 @@ class Router:
             announcements=account.new_announcements,
             deleted_announcements=counted_deletes,
         )
-        # Many users share a count (after an announcement, most of them):
-        # each count is encoded and framed once.
-        frames: dict[int, tuple[str, bytes]] = {}
+        # Many users share their counts (after an announcement, most of
+        # them): each distinct set of counts is encoded and framed once.
+        frames: dict[tuple[tuple[str, int], ...], tuple[str, bytes]] = {}
         unflushed = account.unflushed.add
         sessions_of = hub.sessions_of
-        for user, count in changed:
-            encoded = frames.get(count)
+        for user, by_type in changed:
+            key = tuple(sorted(by_type.items()))
+            encoded = frames.get(key)
             if encoded is None:
-                text = protocol.encode_unread(count)
-                encoded = frames[count] = (text, protocol.text_frame(text.encode()))
+                text = protocol.encode_unread(by_type)
+                encoded = frames[key] = (text, protocol.text_frame(text.encode()))
             for session in sessions_of(user) or ():
                 if session.push(encoded[0], flush=False, wire=encoded[1]):
                     unflushed(session)

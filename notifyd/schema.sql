@@ -65,9 +65,11 @@ $$;
 CREATE INDEX IF NOT EXISTS t_message_real_time_user_seq
     ON t_message_real_time (to_user, seq DESC);
 
--- "This user's unread".
-CREATE INDEX IF NOT EXISTS t_message_real_time_user_unread
-    ON t_message_real_time (to_user) WHERE is_read = '0';
+-- "This user's unread, by type": the unread counts per category are one
+-- index-only range per user. It replaces the index on (to_user) alone.
+CREATE INDEX IF NOT EXISTS t_message_real_time_user_unread_type
+    ON t_message_real_time (to_user, type) WHERE is_read = '0';
+DROP INDEX IF EXISTS t_message_real_time_user_unread;
 
 -- Resume of one user from a cursor: rows of transactions at or after the
 -- cursor snapshot's xmin.
@@ -172,10 +174,11 @@ BEGIN
         WHERE o.to_user = '*' AND r.message_id = o.id::text
         RETURNING r.message_id, r.user_id
     )
-    INSERT INTO t_message_event (to_user, kind, ids, readers, inserted)
+    -- With its type, so the per-category count it leaves is known too.
+    INSERT INTO t_message_event (to_user, kind, ids, readers, inserted, type)
     SELECT '*', 'deleted', ARRAY[o.id::text],
            coalesce((SELECT array_agg(g.user_id) FROM gone g WHERE g.message_id = o.id::text), '{}'),
-           o.xact_id
+           o.xact_id, o.type::text
     FROM old_rows o
     WHERE o.to_user = '*';
 

@@ -344,7 +344,7 @@ async def test_another_users_ids_and_cursors_reveal_and_change_nothing(daemon, o
     )
     bob_frames = await _drain_until_pong(bob.ws)
     assert {f["event"] for f in bob_frames} == {"message", "unread"}, bob_frames
-    assert bob_frames[-1] == {"event": "unread", "count": 1}
+    assert bob_frames[-1] == {"event": "unread", "count": 1, "byType": {"": 1}}
 
 
 async def test_floods_from_several_clients_do_not_stop_delivery_to_others(

@@ -23,6 +23,7 @@ from notifyd.protocol import (
     encode_hello,
     encode_message,
     encode_resync,
+    encode_unread,
 )
 
 MESSAGE_KEYS = [
@@ -133,11 +134,11 @@ def test_encode_message_sends_id_as_string_and_nulls_as_null() -> None:
 
 
 def test_encode_hello_without_recovered_omits_the_key() -> None:
-    """A hello for a fresh session has event, version, user, cursor and unread only."""
-    text = encode_hello("bob", "5-5", None, 3)
-    assert (
-        text
-        == f'{{"event":"hello","version":{PROTOCOL_VERSION},"user":"bob","cursor":"5-5","unread":3}}'
+    """A hello for a fresh session has event, version, user, cursor and the unread counts only."""
+    text = encode_hello("bob", "5-5", None, {"comment": 2, "": 1})
+    assert text == (
+        f'{{"event":"hello","version":{PROTOCOL_VERSION},"user":"bob","cursor":"5-5",'
+        '"unread":3,"unreadByType":{"comment":2,"":1}}'
     )
     assert "recovered" not in json.loads(text)
 
@@ -145,16 +146,35 @@ def test_encode_hello_without_recovered_omits_the_key() -> None:
 @pytest.mark.parametrize("recovered", [True, False])
 def test_encode_hello_includes_recovered_when_given(recovered: bool) -> None:
     """recovered is present, as a JSON boolean, when the client asked to resume."""
-    frame = json.loads(encode_hello("bob", "5-5", recovered, 0))
+    frame = json.loads(encode_hello("bob", "5-5", recovered, {}))
     assert frame == {
         "event": "hello",
         "version": 1,
         "user": "bob",
         "cursor": "5-5",
         "unread": 0,
+        "unreadByType": {},
         "recovered": recovered,
     }
-    assert list(frame) == ["event", "version", "user", "cursor", "unread", "recovered"]
+    assert list(frame) == [
+        "event",
+        "version",
+        "user",
+        "cursor",
+        "unread",
+        "unreadByType",
+        "recovered",
+    ]
+
+
+def test_encode_unread_carries_the_total_and_every_category() -> None:
+    """An unread event is the total and the full counts by category after the change."""
+    assert json.loads(encode_unread({"comment": 3, "system": 4})) == {
+        "event": "unread",
+        "count": 7,
+        "byType": {"comment": 3, "system": 4},
+    }
+    assert json.loads(encode_unread({})) == {"event": "unread", "count": 0, "byType": {}}
 
 
 def test_encode_resync_carries_the_cursor() -> None:

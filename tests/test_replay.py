@@ -42,10 +42,11 @@ def frames(greeting: Any) -> list[dict[str, Any]]:
 
 def test_a_session_without_cursor_starts_live_at_the_watermark() -> None:
     """No cursor: hello at the watermark with the unread count, nothing replayed, no 'recovered'."""
-    greeting = plan_fresh("u", END, 7)
+    greeting = plan_fresh("u", END, {"comment": 4, "": 3})
     hello = json.loads(greeting.hello)
     assert hello["cursor"] == Cursor(END).encode()
     assert hello["unread"] == 7
+    assert hello["unreadByType"] == {"comment": 4, "": 3}
     assert "recovered" not in hello
     assert list(greeting.replay) == []
     assert greeting.resync is False
@@ -53,7 +54,7 @@ def test_a_session_without_cursor_starts_live_at_the_watermark() -> None:
 
 def test_an_unusable_cursor_gets_recovered_false_and_a_resync_at_the_watermark() -> None:
     """A cursor that cannot be used: hello says recovered false, then one resync to the watermark."""
-    greeting = plan_unusable("u", END, 3)
+    greeting = plan_unusable("u", END, {"system": 3})
     hello = json.loads(greeting.hello)
     position = Cursor(END).encode()
     assert hello["recovered"] is False
@@ -88,7 +89,7 @@ def test_a_cursor_this_database_has_reached_is_usable() -> None:
 def test_nothing_missed_gives_recovered_true_at_the_watermark() -> None:
     """A resume with nothing to replay: recovered true and the watermark as the new position."""
     since = Cursor(Snapshot(110, 110))
-    greeting = plan_resume("u", since, [], END, 0, replay_limit=10)
+    greeting = plan_resume("u", since, [], END, {"": 0}, replay_limit=10)
     hello = json.loads(greeting.hello)
     assert hello["recovered"] is True
     assert hello["cursor"] == Cursor(END).encode()
@@ -99,7 +100,7 @@ def test_missed_rows_are_replayed_oldest_first_and_the_last_one_carries_the_wate
     """Rows after a plain cursor come in seq order; each but the last stays inside the window."""
     since = Cursor(Snapshot(110, 110))
     newest_first = [row(3, 115), row(2, 112), row(1, 111)]
-    greeting = plan_resume("u", since, newest_first, END, 3, replay_limit=10)
+    greeting = plan_resume("u", since, newest_first, END, {"": 3}, replay_limit=10)
     hello = json.loads(greeting.hello)
     assert hello["recovered"] is True
     # The hello keeps the client's own position until the replay moves it.
@@ -124,7 +125,7 @@ def test_a_client_cut_mid_batch_gets_the_rest_of_that_batch_before_later_rows() 
     since = Cursor(Snapshot(110, 110), batch_end, 1)
     # seq 4 committed after the batch (xact 116), seq 2 and 3 belong to it.
     newest_first = [row(4, 116), row(3, 112), row(2, 111)]
-    greeting = plan_resume("u", since, newest_first, END, 0, replay_limit=10)
+    greeting = plan_resume("u", since, newest_first, END, {"": 0}, replay_limit=10)
     assert [frame["id"] for frame in frames(greeting)] == ["m2", "m3", "m4"]
     assert [cursor for _, cursor in greeting.replay] == [
         Cursor(since.base, batch_end, 2).encode(at_seq=2),
@@ -141,7 +142,7 @@ def test_more_than_the_replay_limit_sends_the_newest_then_asks_for_a_resync() ->
     """
     since = Cursor(Snapshot(100, 100))
     newest_first = [row(seq, 100 + seq) for seq in range(5, 0, -1)]
-    greeting = plan_resume("u", since, newest_first, END, 5, replay_limit=3)
+    greeting = plan_resume("u", since, newest_first, END, {"": 5}, replay_limit=3)
     hello = json.loads(greeting.hello)
     assert hello["recovered"] is False
     assert hello["cursor"] == since.encode()
