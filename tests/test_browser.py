@@ -30,6 +30,7 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from notifyd import static
 from notifyd.auth import TokenVerifier
@@ -174,7 +175,10 @@ HARNESS = """<!doctype html>
 <script type="module">
   import { createClient } from "MODULE_URL";
   const options = JSON.parse(new URLSearchParams(location.search).get("options") || "{}");
-  const t = (window.t = { ids: [], titles: [], states: [], hellos: [], resyncs: 0, unread: null });
+  const t = (window.t = {
+    ids: [], titles: [], states: [], hellos: [], resyncs: 0, unread: null,
+    unreadEvents: [], countsAtMessage: [],
+  });
   const client = (window.client = createClient({
     token: () => fetch("/notifyd-token").then((response) => response.text()),
     initialDelayMs: 100,
@@ -185,11 +189,15 @@ HARNESS = """<!doctype html>
   client.on("message", (message) => {
     t.ids.push(message.id);
     t.titles.push(message.title);
+    t.countsAtMessage.push(client.counts);
   });
   client.on("state", ({ state }) => t.states.push(state));
   client.on("hello", (hello) => t.hellos.push(hello));
   client.on("resync", () => (t.resyncs += 1));
-  client.on("unread", ({ count }) => (t.unread = count));
+  client.on("unread", ({ count, byType }) => {
+    t.unread = count;
+    t.unreadEvents.push({ count, byType });
+  });
 </script>
 """
 
@@ -333,9 +341,44 @@ async def open_demo(context: Any, running: RunningDaemon, user: str) -> Any:
     return page
 
 
-async def open_dropdown(page: Any) -> None:
+async def show_all_messages(page: Any) -> None:
+    """
+    The bell leads to the message center with every message listed.
+    """
     await page.locator("#bell").click()
-    await page.locator("#panel").wait_for()
+    await page.locator('#panel .cat[data-category="all"][aria-current="true"]').wait_for()
+
+
+async def select_category(page: Any, category: str) -> None:
+    await page.locator(f'.cat[data-category="{category}"]').click()
+    await page.locator(f'.cat[data-category="{category}"][aria-current="true"]').wait_for()
+    await page.wait_for_function("() => !document.querySelector('#more').disabled")
+
+
+async def wait_category_badge(page: Any, category: str, text: str | None) -> None:
+    """
+    Until ``category``'s badge shows ``text`` (None: hidden, no unread).
+    """
+    await page.wait_for_function(
+        """([category, text]) => {
+          const badge = document.querySelector(`.cat[data-category="${category}"] .cat-badge`);
+          return text === null ? badge.hidden : !badge.hidden && badge.textContent === text;
+        }""",
+        arg=[category, text],
+    )
+
+
+async def category_badges(page: Any) -> dict[str, str]:
+    """
+    The visible category badges, category -> text.
+    """
+    return await page.eval_on_selector_all(  # type: ignore[no-any-return]
+        ".cat",
+        """(buttons) => Object.fromEntries(buttons
+          .map((b) => [b.dataset.category, b.querySelector('.cat-badge')])
+          .filter(([, badge]) => !badge.hidden)
+          .map(([category, badge]) => [category, badge.textContent]))""",
+    )
 
 
 async def wait_badge(page: Any, text: str) -> None:
@@ -623,13 +666,13 @@ async def test_demo_page_badge_counts_and_drops_on_read(
     page = await context.new_page()
     await page.goto(url)
     await page.locator('#status[data-state="open"]').wait_for()
-    await open_dropdown(page)
+    await show_all_messages(page)
     other_context = await browser.new_context()  # another browser: its own connection
     try:
         other = await other_context.new_page()
         await other.goto(url)
         await other.locator('#status[data-state="open"]').wait_for()
-        await open_dropdown(other)
+        await show_all_messages(other)
 
         first = await insert(db, "u1", "Welcome", "Glad you are here", skip_url="/inbox/1")
         await insert(db, "u1", "Order shipped", "Parcel 1Z999")
@@ -667,7 +710,7 @@ async def test_demo_page_lists_history_and_loads_more(
     await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
     await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
     assert await page.locator("#badge").text_content() == "22"
-    await open_dropdown(page)
+    await show_all_messages(page)
     listed = await page.eval_on_selector_all(
         "#list li", "(items) => items.map((li) => li.dataset.id)"
     )
@@ -679,6 +722,105 @@ async def test_demo_page_lists_history_and_loads_more(
     )
     assert listed == ids[::-1]
     assert await page.locator("#more").is_hidden()
+
+
+async def test_client_counts_from_an_old_server_and_from_message_frames(
+    daemon: RunningDaemon, context: Any, app: AppServer
+) -> None:
+    """
+    `client.counts` is null before hello, has an empty byType from a server
+    without per-type counts, takes the per-type counts of unread frames and
+    those a message frame carries (in place when the message event fires,
+    announced after it), and ignores a duplicate's.
+    """
+    authed = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def scripted(ws: ServerConnection) -> None:
+        assert json.loads(await ws.recv())["action"] == "auth"
+        authed.set()
+        await go_on.wait()
+        message = {"event": "message", "title": "t", "content": "c", "type": "comment"}
+        for frame in (
+            {"event": "hello", "version": 1, "user": "u1", "cursor": "c0", "unread": 2},
+            {"event": "unread", "count": 3},
+            {"event": "unread", "count": 5, "byType": {"comment": 2, "system": 3}},
+            {
+                **message,
+                "cursor": "c1",
+                "id": "m1",
+                "unread": 6,
+                "unreadByType": {"comment": 3, "system": 3},
+            },
+            {**message, "cursor": "c2", "id": "m1", "unread": 1, "unreadByType": {"x": 1}},
+            {**message, "cursor": "c3", "id": "m2"},
+        ):
+            await ws.send(json.dumps(frame))
+        await ws.wait_closed()
+
+    async with serve(scripted, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        app.token = daemon.token("u1")
+        app.pages["/harness"] = HARNESS.replace(
+            "MODULE_URL", f"http://127.0.0.1:{daemon.port}/notifyd.js"
+        )
+        page = await context.new_page()
+        await page.goto(harness_url(app, url=f"ws://127.0.0.1:{port}/", share=False))
+        await asyncio.wait_for(authed.wait(), TIMEOUT)
+        assert await page.evaluate("() => [window.client.counts, window.client.unread]") == [
+            None,
+            None,
+        ]
+        go_on.set()
+        assert await wait_ids(page, 2) == ["m1", "m2"]
+        new = {"count": 6, "byType": {"comment": 3, "system": 3}}
+        assert await page.evaluate("() => window.t.unreadEvents") == [
+            {"count": 2, "byType": {}},
+            {"count": 3, "byType": {}},
+            {"count": 5, "byType": {"comment": 2, "system": 3}},
+            new,
+        ]
+        at_message = {"total": 6, "byType": new["byType"]}
+        assert await page.evaluate("() => window.t.countsAtMessage") == [at_message, at_message]
+        assert await page.evaluate("() => [window.client.counts, window.client.unread]") == [
+            at_message,
+            6,
+        ]
+        assert await page.evaluate("() => Object.isFrozen(window.client.counts.byType)")
+        await page.close()
+
+
+async def test_client_counts_per_type_from_the_server_in_every_tab(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """
+    `client.counts` follows the server's per-type counts (no type counts
+    under ""), in the tab holding the socket and in a tab that joins later;
+    marking a type read drops only that type.
+    """
+    leader = await open_harness(context, app, daemon, "u1")
+    assert await leader.evaluate("() => window.client.counts") == {"total": 0, "byType": {}}
+    await insert(db, "u1", "A comment", type="comment")
+    await insert(db, "u1", "No type")
+    await leader.wait_for_function("() => window.t.unread === 2")
+    both = {"total": 2, "byType": {"comment": 1, "": 1}}
+    assert await leader.evaluate("() => window.client.counts") == both
+    assert (await leader.evaluate("() => window.t.unreadEvents"))[-1] == {
+        "count": 2,
+        "byType": both["byType"],
+    }
+
+    follower = await context.new_page()
+    await follower.goto(f"{app.origin}/harness")
+    await wait_open(follower)
+    assert await follower.evaluate("() => window.client.role") == "follower"
+    assert await follower.evaluate("() => window.client.counts") == both
+
+    await follower.evaluate("() => window.client.markAllRead('comment')")
+    only_untyped = {"total": 1, "byType": {"": 1}}
+    for tab in (leader, follower):
+        await tab.wait_for_function("() => window.t.unread === 1")
+        assert await tab.evaluate("() => window.client.counts") == only_untyped
 
 
 async def test_client_gives_up_after_repeated_4401_and_on_4409(
@@ -795,11 +937,11 @@ async def test_demo_two_windows_of_one_user_mark_read_moves_the_badge(
     for window in (first, second):
         await wait_badge(window, "2")
 
-    await open_dropdown(first)
+    await show_all_messages(first)
     await first.locator(f'li[data-id="{one}"] .msg-body').click()
     await eventually(lambda: is_read(db, one), "the click's read in the database")
     await wait_badge(second, "1")
-    await open_dropdown(second)
+    await show_all_messages(second)
     await second.locator(f'li[data-id="{one}"]:not(.unread)').wait_for()
 
     await second.locator("#mark-all").click()
@@ -807,17 +949,165 @@ async def test_demo_two_windows_of_one_user_mark_read_moves_the_badge(
     await first.wait_for_function("() => document.querySelectorAll('#list li.unread').length === 0")
 
 
+async def listed(page: Any) -> list[tuple[str, str]]:
+    """
+    The listed messages, newest first, as (id, category).
+    """
+    items = await page.eval_on_selector_all(
+        "#list li", "(items) => items.map((li) => [li.dataset.id, li.dataset.category])"
+    )
+    return [(id_, category) for id_, category in items]
+
+
+async def test_demo_category_lists_its_messages_pages_and_filters_unread(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    A category lists only its type ("other" the rest, found pages back),
+    pages with "load more", takes live messages of its type only, and
+    "unread only" leaves the read ones out.
+    """
+    others = [
+        await insert(db, "u1", "No type"),
+        await insert(db, "u1", "Odd type", type="newsletter"),
+    ]
+    comments = [await insert(db, "u1", f"Comment {i}", type="comment") for i in range(22)]
+    systems = [await insert(db, "u1", f"Notice {i}", type="system") for i in range(3)]
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", systems[0])
+    page = await context.new_page()
+    await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
+
+    await select_category(page, "comment")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 20")
+    assert await listed(page) == [(i, "comment") for i in comments[::-1][:20]]
+    await page.locator("#more").click()
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 22")
+    assert await listed(page) == [(i, "comment") for i in comments[::-1]]
+    assert await page.locator("#more").is_hidden()
+    assert await page.locator("#pane-title").text_content() == "Comments"
+
+    live_system = await insert(db, "u1", "Live notice", type="system")
+    await page.locator(".toast", has_text="Live notice").wait_for()
+    live_comment = await insert(db, "u1", "Live comment", type="comment")
+    await page.locator(f'#list li[data-id="{live_comment}"]').wait_for()
+    assert await listed(page) == [(i, "comment") for i in [live_comment, *comments[::-1]]]
+
+    await select_category(page, "other")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 2")
+    assert await listed(page) == [(i, "other") for i in others[::-1]]
+    assert await page.locator("#more").is_hidden()
+
+    await select_category(page, "system")
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 4")
+    await page.locator("#unread-only").check()
+    await page.wait_for_function("() => document.querySelectorAll('#list li').length === 3")
+    assert await listed(page) == [(i, "system") for i in [live_system, *systems[:0:-1]]]
+    assert await page.locator("#list li.unread").count() == 3
+
+
+async def test_demo_page_speaks_chinese_to_a_zh_cn_browser(
+    daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
+) -> None:
+    """With the browser's language zh-CN, the page, its categories, bell and announcements are in Chinese."""
+    context = await browser.new_context(locale="zh-CN")
+    context.set_default_timeout(WAIT_MS)
+    try:
+        page = await context.new_page()
+        await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
+        await page.locator('#status[data-state="open"]').wait_for()
+        assert await page.evaluate("() => navigator.language") == "zh-CN"
+        assert await page.get_attribute("html", "lang") == "zh-CN"
+        assert await page.locator("#status").text_content() == "已连接"
+        assert await page.locator("#panel-title").text_content() == "我的消息"
+        names = await page.eval_on_selector_all(
+            ".cat-name", "(names) => names.map((n) => n.textContent)"
+        )
+        assert names == ["全部消息", "评论", "赞和收藏", "新增粉丝", "私信", "系统通知", "其他"]
+        assert await page.locator("#mark-all").inner_text() == "全部标为已读"
+        assert await page.locator("label[for=unread-only]").inner_text() == "只看未读"
+        assert await page.locator("#empty").text_content() == "这里还没有消息。"
+
+        await insert(db, "u1", "新评论", type="comment")
+        await wait_badge(page, "1")
+        # Full-width punctuation is what Chinese text uses.
+        bell_label = "消息，1 条未读消息"  # noqa: RUF001
+        assert await page.get_attribute("#bell", "aria-label") == bell_label
+        assert await page.locator("#announce").text_content() == "1 条未读消息"
+        title = await page.locator("#list .msg-title").text_content()
+        assert title == "未读：新评论"  # noqa: RUF001
+        assert await page.locator("#list .msg-type").text_content() == "评论"
+        assert await page.locator(".toast .toast-type").text_content() == "评论"
+    finally:
+        await context.close()
+
+
+async def test_demo_category_badges_move_on_both_pages_of_one_user(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    Two pages of alice: a comment moves the comment badge and the bell on
+    both, opening it on one puts both back; "mark all read" in one category
+    clears that badge only.
+    """
+    first = await open_demo(context, demo_daemon, "alice")
+    second = await open_demo(context, demo_daemon, "alice")
+    for window in (first, second):
+        assert await category_badges(window) == {}
+    comment = await insert(db, "alice", "New comment", "Nice post", type="comment")
+    for window in (first, second):
+        await wait_category_badge(window, "comment", "1")
+        await wait_badge(window, "1")
+        assert await category_badges(window) == {"all": "1", "comment": "1"}
+        assert (
+            await window.get_attribute('.cat[data-category="comment"]', "aria-label")
+            == "Comments, 1 unread message"
+        )
+        assert await window.get_attribute("#bell", "aria-label") == "Messages, 1 unread message"
+
+    await first.locator(f'li[data-id="{comment}"] .msg-body').click()
+    await eventually(lambda: is_read(db, comment), "the click's read in the database")
+    for window in (first, second):
+        await wait_category_badge(window, "comment", None)
+        await window.wait_for_function("() => document.querySelector('#badge').hidden")
+        assert await category_badges(window) == {}
+        assert await window.get_attribute('.cat[data-category="comment"]', "aria-label") == (
+            "Comments"
+        )
+
+    await insert(db, "alice", "Another comment", type="comment")
+    notice = await insert(db, "alice", "Maintenance tonight", type="system")
+    for window in (first, second):
+        await wait_badge(window, "2")
+        assert await category_badges(window) == {"all": "2", "comment": "1", "system": "1"}
+    await select_category(second, "comment")
+    await second.locator("#mark-all").click()
+    for window in (first, second):
+        await wait_category_badge(window, "comment", None)
+        await wait_badge(window, "1")
+        assert await category_badges(window) == {"all": "1", "system": "1"}
+    await first.wait_for_function("() => document.querySelectorAll('#list li.unread').length === 1")
+    assert await first.locator("#list li.unread").get_attribute("data-id") == notice
+    assert not await is_read(db, notice)
+
+
 async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
     demo_daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
 ) -> None:
-    """Alice's form sends to Bob, whose page gets the toast and the badge; Bob's page, dropdown open, is docs/demo.png."""
+    """Alice's form sends to Bob, whose page gets the toast and the badge; Bob's message center, with its category badges, is docs/demo.png."""
     context = await browser.new_context(viewport={"width": 1000, "height": 700})
     context.set_default_timeout(WAIT_MS)
     try:
         await insert(
-            db, "bob", "Welcome to notifyd", "Messages arrive the moment they are committed"
+            db,
+            "bob",
+            "Welcome to notifyd",
+            "Messages arrive the moment they are committed",
+            type="system",
         )
-        read = await insert(db, "bob", "Invoice 2041 paid", "Thank you, we received 42.00 EUR")
+        read = await insert(
+            db, "bob", "Invoice 2041 paid", "Thank you, we received 42.00 EUR", type="system"
+        )
         await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", read)
         await insert(
             db,
@@ -825,12 +1115,19 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
             "Your order shipped",
             "Parcel 1Z999 is on its way",
             skip_url="https://example.com/orders/17",
+            type="system",
+        )
+        await insert(db, "bob", "dave followed you", "You have 12 followers now", type="follow")
+        await insert(db, "bob", "carol liked your post", "Push, not poll", type="like")
+        await insert(
+            db, "bob", "carol commented on your post", "Great write-up, thanks!", type="comment"
         )
         alice = await open_demo(context, demo_daemon, "alice")
         bob = await open_demo(context, demo_daemon, "bob")
-        await wait_badge(bob, "2")
+        await wait_badge(bob, "5")
 
         await alice.select_option("#send-to", "bob")
+        await alice.select_option("#send-type", "private")
         await alice.fill("#send-title", "Lunch at noon?")
         await alice.fill("#send-content", "The usual place, table for two")
         await alice.fill("#send-url", "/calendar/lunch")
@@ -840,23 +1137,39 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
         toast = bob.locator(".toast", has_text="Lunch at noon?")
         await toast.wait_for()
         assert await toast.locator("a").get_attribute("href") == "/calendar/lunch"
-        await wait_badge(bob, "3")
+        await wait_badge(bob, "6")
         row = await db.fetchrow(
-            "SELECT send_user, content FROM t_message_real_time WHERE title = 'Lunch at noon?'"
+            "SELECT send_user, content, type FROM t_message_real_time"
+            " WHERE title = 'Lunch at noon?'"
         )
         assert (row["send_user"], row["content"]) == ("alice", "The usual place, table for two")
+        # The form sends the category as demo_send's `type`; a server that
+        # does not take it yet stores none, and the message is under "other".
+        assert row["type"] in ("private", None)
+        sent_category = "private" if row["type"] == "private" else "other"
 
-        await open_dropdown(bob)
+        await show_all_messages(bob)
         titles = await bob.eval_on_selector_all(
             "#list .msg-title", "(items) => items.map((t) => t.textContent)"
         )
         assert [t.removeprefix("Unread: ") for t in titles] == [
             "Lunch at noon?",
+            "carol commented on your post",
+            "carol liked your post",
+            "dave followed you",
             "Your order shipped",
             "Invoice 2041 paid",
             "Welcome to notifyd",
         ]
-        assert await bob.locator("#list li.unread").count() == 3
+        assert await bob.locator("#list li.unread").count() == 6
+        assert await category_badges(bob) == {
+            "all": "6",
+            "comment": "1",
+            "like": "1",
+            "follow": "1",
+            sent_category: "1",
+            "system": "2",
+        }
         await bob.screenshot(path=str(SCREENSHOT), animations="disabled")
         assert SCREENSHOT.stat().st_size > 10_000
     finally:

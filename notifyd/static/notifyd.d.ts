@@ -21,7 +21,21 @@ export interface Message {
   skipUrl: string | null;
   /** "0" unread, "1" read. */
   isRead: "0" | "1";
+  /** Pushed messages may carry the counts after them (then also in `client.counts`). */
+  unread?: number;
+  unreadByType?: Record<string, number>;
   [field: string]: unknown;
+}
+
+/** The unread counts: the total (announcements included) and per message type. */
+export interface UnreadCounts {
+  readonly total: number;
+  /**
+   * Type -> unread count; messages without a type count under "". Types with
+   * no unread message are left out; `{}` when the server sends no per-type
+   * counts.
+   */
+  readonly byType: Readonly<Record<string, number>>;
 }
 
 export type State =
@@ -49,7 +63,10 @@ export interface StateEvent {
 }
 
 export interface UnreadEvent {
+  /** The total, as `client.unread`. */
   count: number;
+  /** Per type, as `client.counts.byType` (`{}` from a server without per-type counts). */
+  byType: Readonly<Record<string, number>>;
 }
 
 export interface ReadEvent {
@@ -188,6 +205,8 @@ export declare class NotifydClient {
   readonly cursor: string | null;
   /** The last known unread count (null before the first hello). */
   readonly unread: number | null;
+  /** The last known unread counts, in total and per type (null before the first hello). */
+  readonly counts: UnreadCounts | null;
   /** The authenticated user, from hello. */
   readonly user: string | null;
   /** Subscribe; returns an unsubscribe function. */

@@ -22,6 +22,8 @@
  *   store);
  * - turns `resync` and `hello.recovered === false` into one `resync` event:
  *   the page reloads its list;
+ * - keeps the unread counts, in total and per message type (`counts`), from
+ *   hello, unread events and the message frames that carry them;
  * - shares one WebSocket between the tabs of an origin: the tab holding a
  *   Web Lock is the leader and owns the socket; the others get every frame
  *   relayed over a BroadcastChannel and send their actions through it. When
@@ -137,6 +139,11 @@ function isFrame(value) {
   return Boolean(value) && typeof value === "object" && typeof value.event === "string";
 }
 
+function sameCounts(a, b) {
+  const keys = Object.keys(a);
+  return keys.length === Object.keys(b).length && keys.every((key) => a[key] === b[key]);
+}
+
 function chunkIds(ids) {
   const chunks = [];
   let chunk = [];
@@ -170,6 +177,7 @@ export class NotifydClient {
   #role = "solo";
   #cursor = null;
   #unread = null;
+  #counts = null;
   #user = null;
   #gap = false;
   #seen = new Set();
@@ -240,6 +248,13 @@ export class NotifydClient {
   get cursor() { return this.#cursor; }
   /** The last known unread count, or null before the first hello. */
   get unread() { return this.#unread; }
+  /**
+   * The last known unread counts, `{ total, byType }` (frozen), or null before
+   * the first hello. `byType` maps a type to its unread count ("" for messages
+   * without a type), leaves out types with none, and is `{}` when the server
+   * sends no per-type counts (servers before they existed).
+   */
+  get counts() { return this.#counts; }
   /** The authenticated user id from hello, or null. */
   get user() { return this.#user; }
 
@@ -272,6 +287,11 @@ export class NotifydClient {
     if (type != null) frame.type = String(type);
     return this.#request(frame, false);
   }
+
+  // RESERVED: markUnread(ids) and delete(ids) go here once the server has the
+  // `unread` (mark unread again) and `delete` actions; until then a server
+  // would answer them with unknown_action. The `read` event's `isRead: "0"`
+  // and the `deleted` event are already handled.
 
   /** Page back through the inbox, newest first: resolves to `{ messages, more }`. */
   history({ before = null, limit = 20, type = null, unreadOnly = false } = {}) {
@@ -405,12 +425,18 @@ export class NotifydClient {
         // kept part of the replay): the one resync event fires there.
         this.#gap = frame.recovered === false;
         this.#emit("hello", { user: this.#user, unread: frame.unread, recovered: frame.recovered, cursor: frame.cursor });
-        this.#setUnread(frame.unread);
+        this.#setCounts(frame.unread, frame.unreadByType);
         return;
       case "message":
         this.#log(frame);
         this.#saveCursor(frame.cursor);
-        if (frame.id == null || this.#remember(String(frame.id))) this.#emit("message", frame);
+        if (frame.id == null || this.#remember(String(frame.id))) {
+          // The counts a message frame may carry are those after it: in place
+          // before the page's handler runs, announced after it.
+          const changed = this.#updateCounts(frame.unread, frame.unreadByType);
+          this.#emit("message", frame);
+          if (changed) this.#emitUnread();
+        }
         return;
       case "resync":
         this.#log(frame);
@@ -428,7 +454,7 @@ export class NotifydClient {
     }
     switch (frame.event) {
       case "unread":
-        this.#setUnread(frame.count);
+        this.#setCounts(frame.count, frame.byType);
         return;
       case "read": {
         const { event, ...read } = frame;
@@ -455,10 +481,33 @@ export class NotifydClient {
     }
   }
 
-  #setUnread(count) {
-    if (typeof count !== "number") return;
-    this.#unread = count;
-    this.#emit("unread", { count });
+  // Hello, unread events and a joining tab's sync: always announced, as
+  // before per-type counts existed.
+  #setCounts(total, byType) {
+    if (typeof total !== "number") return;
+    this.#updateCounts(total, byType);
+    this.#emitUnread();
+  }
+
+  // Store new counts; whether they differ from the known ones. A frame
+  // without a numeric total carries no counts and changes nothing.
+  #updateCounts(total, byType) {
+    if (typeof total !== "number" || !Number.isFinite(total)) return false;
+    const types = {};
+    if (byType && typeof byType === "object" && !Array.isArray(byType)) {
+      for (const [type, count] of Object.entries(byType)) {
+        if (typeof count === "number" && Number.isFinite(count) && count > 0) types[type] = count;
+      }
+    }
+    const previous = this.#counts;
+    this.#unread = total;
+    this.#counts = Object.freeze({ total, byType: Object.freeze(types) });
+    return !previous || previous.total !== total || !sameCounts(previous.byType, types);
+  }
+
+  #emitUnread() {
+    const { total, byType } = this.#counts;
+    this.#emit("unread", { count: total, byType });
   }
 
   // -- requests ----------------------------------------------------------
@@ -825,7 +874,11 @@ export class NotifydClient {
         }
         if (message.resync !== undefined) this.#handleFrame({ event: "resync", cursor: message.resync });
         if (message.user) this.#user = message.user;
-        if (typeof message.unread === "number") this.#setUnread(message.unread);
+        if (message.counts && typeof message.counts === "object") {
+          this.#setCounts(message.counts.total, message.counts.byType);
+        } else if (typeof message.unread === "number") {
+          this.#setCounts(message.unread, null); // a leader from before per-type counts
+        }
         this.#followState(message.state, message.detail);
         return;
       case "ack": {
@@ -871,6 +924,7 @@ export class NotifydClient {
       detail: {},
       user: this.#user,
       unread: this.#unread,
+      counts: this.#counts,
       frames: [],
     };
     if (typeof cursor === "string" && cursor && cursor !== this.#cursor) {
