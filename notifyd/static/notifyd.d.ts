@@ -80,6 +80,7 @@ export interface ReadEvent {
 }
 
 export interface DeletedEvent {
+  /** Gone from this user's inbox: deleted by the app, or by `delete()` in any tab or session. */
   ids: string[];
 }
 
@@ -149,7 +150,7 @@ export interface ClientOptions {
   stableAfterMs?: number;
   /** Consecutive 4401 closes before giving up with state "unauthorized". Default 3. */
   maxUnauthorized?: number;
-  /** Deadline of markRead/markAllRead (until sent) and history (until answered), ms. Default 15000. */
+  /** Deadline of markRead/markAllRead/markUnread/delete (until sent) and history (until answered), ms. Default 15000. */
   requestTimeoutMs?: number;
   /** From connecting to hello, ms; then the attempt is abandoned. Default 20000. */
   helloTimeoutMs?: number;
@@ -216,6 +217,14 @@ export declare class NotifydClient {
   markRead(ids: string | Iterable<string>): Promise<void>;
   /** Mark all unread messages (of `type`) read; resolves when sent. */
   markAllRead(type?: string | null): Promise<void>;
+  /** Mark messages unread again; resolves when sent. A `read` event with `isRead: "0"` and the `unread` event follow on every tab and session. */
+  markUnread(ids: string | Iterable<string>): Promise<void>;
+  /**
+   * Remove messages from this user's inbox (an announcement for this user
+   * only); resolves when sent. The `deleted` event, and `unread` when the
+   * counts change, follow on every tab and session.
+   */
+  delete(ids: string | Iterable<string>): Promise<void>;
   /** One page of the inbox, newest first. Rejects with NotifydError on an error answer, timeout or disconnect. */
   history(options?: HistoryOptions): Promise<HistoryPage>;
   /** Send another client frame (`{ action, ... }`, e.g. the demo's `demo_send`); resolves when sent. Errors arrive as `error` events. */

@@ -56,10 +56,11 @@ export const DEFAULTS = Object.freeze({
   relayLogSize: 500,
 });
 
-// One `read` frame carries at most this many ids, and about this many bytes,
-// well under the server's limits (1000 ids, 64 KiB per frame).
-const READ_CHUNK_IDS = 500;
-const READ_CHUNK_BYTES = 16 * 1024;
+// One `read`, `unread` or `delete` frame carries at most this many ids, and
+// about this many bytes, well under the server's limits (1000 ids, 64 KiB
+// per frame).
+const ID_CHUNK_IDS = 500;
+const ID_CHUNK_BYTES = 16 * 1024;
 // Frames from other tabs waiting for the leader's socket.
 const REMOTE_QUEUE_LIMIT = 500;
 
@@ -150,7 +151,7 @@ function chunkIds(ids) {
   let bytes = 0;
   for (const id of ids) {
     const size = id.length * 3 + 4;
-    if (chunk.length && (chunk.length >= READ_CHUNK_IDS || bytes + size > READ_CHUNK_BYTES)) {
+    if (chunk.length && (chunk.length >= ID_CHUNK_IDS || bytes + size > ID_CHUNK_BYTES)) {
       chunks.push(chunk);
       chunk = [];
       bytes = 0;
@@ -274,11 +275,7 @@ export class NotifydClient {
 
   /** Mark messages read; resolves once the request is on its way to the server. */
   markRead(ids) {
-    const list = typeof ids === "string" ? [ids] : Array.from(ids ?? [], (id) => String(id));
-    const unique = [...new Set(list.filter((id) => id))];
-    if (!unique.length) return Promise.resolve();
-    return Promise.all(chunkIds(unique).map((chunk) => this.#request({ action: "read", ids: chunk }, false)))
-      .then(() => undefined);
+    return this.#sendIds("read", ids);
   }
 
   /** Mark every unread message (of `type`, when given) read. */
@@ -288,10 +285,22 @@ export class NotifydClient {
     return this.#request(frame, false);
   }
 
-  // RESERVED: markUnread(ids) and delete(ids) go here once the server has the
-  // `unread` (mark unread again) and `delete` actions; until then a server
-  // would answer them with unknown_action. The `read` event's `isRead: "0"`
-  // and the `deleted` event are already handled.
+  /**
+   * Mark messages unread again; resolves once sent. A `read` event with
+   * `isRead: "0"` and the new counts follow on every tab and session.
+   */
+  markUnread(ids) {
+    return this.#sendIds("unread", ids);
+  }
+
+  /**
+   * Remove messages from this user's inbox (an announcement for this user
+   * only); resolves once sent. A `deleted` event, and the new counts when
+   * they change, follow on every tab and session.
+   */
+  delete(ids) {
+    return this.#sendIds("delete", ids);
+  }
 
   /** Page back through the inbox, newest first: resolves to `{ messages, more }`. */
   history({ before = null, limit = 20, type = null, unreadOnly = false } = {}) {
@@ -511,6 +520,16 @@ export class NotifydClient {
   }
 
   // -- requests ----------------------------------------------------------
+
+  // `read`, `unread` and `delete` take one id or an iterable of them: sent
+  // deduplicated, in as many frames as the server's limits ask for.
+  #sendIds(action, ids) {
+    const list = typeof ids === "string" ? [ids] : Array.from(ids ?? [], (id) => String(id));
+    const unique = [...new Set(list.filter((id) => id))];
+    if (!unique.length) return Promise.resolve();
+    return Promise.all(chunkIds(unique).map((chunk) => this.#request({ action, ids: chunk }, false)))
+      .then(() => undefined);
+  }
 
   #request(frame, expectsReply) {
     if (this.#closed || TERMINAL.has(this.#state)) {
