@@ -1037,6 +1037,14 @@ async def test_demo_page_speaks_chinese_to_a_zh_cn_browser(
         title = await page.locator("#list .msg-title").text_content()
         assert title == "未读：新评论"  # noqa: RUF001
         assert await page.locator("#list .msg-type").text_content() == "评论"
+        delete = page.locator("#list .msg-delete")
+        assert await delete.get_attribute("aria-label") == "删除：新评论"  # noqa: RUF001
+        assert await delete.get_attribute("title") == "删除"
+        await page.locator("#list .msg-body").click()
+        mark_unread = page.locator("#list .msg-unread")
+        await mark_unread.wait_for()
+        assert await mark_unread.get_attribute("aria-label") == "标为未读：新评论"  # noqa: RUF001
+        assert await mark_unread.get_attribute("title") == "标为未读"
         assert await page.locator(".toast .toast-type").text_content() == "评论"
     finally:
         await context.close()
@@ -1089,6 +1097,175 @@ async def test_demo_category_badges_move_on_both_pages_of_one_user(
     await first.wait_for_function("() => document.querySelectorAll('#list li.unread').length === 1")
     assert await first.locator("#list li.unread").get_attribute("data-id") == notice
     assert not await is_read(db, notice)
+
+
+async def listed_ids(page: Any) -> list[str]:
+    return await page.eval_on_selector_all(  # type: ignore[no-any-return]
+        "#list li", "(items) => items.map((li) => li.dataset.id)"
+    )
+
+
+async def test_demo_delete_on_one_page_leaves_both_lists_and_moves_both_badges(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    Two pages of alice: deleting an unread comment on one removes it from
+    both lists and drops both pages' comment badge and bell; deleting a read
+    message changes the lists only, and an announcement is hidden for alice
+    alone. What is deleted stays out after a reload (history leaves it out),
+    and the row itself is kept.
+    """
+    first = await open_demo(context, demo_daemon, "alice")
+    second = await open_demo(context, demo_daemon, "alice")
+    bob = await open_demo(context, demo_daemon, "bob")
+    notice = await insert(db, "alice", "Maintenance tonight", type="system")
+    comment = await insert(db, "alice", "New comment", "Nice post", type="comment")
+    for window in (first, second):
+        await wait_badge(window, "2")
+        await show_all_messages(window)
+        await window.wait_for_function("() => document.querySelectorAll('#list li').length === 2")
+        assert await category_badges(window) == {"all": "2", "comment": "1", "system": "1"}
+    delete = first.locator(f'li[data-id="{comment}"] .msg-delete')
+    assert await delete.get_attribute("aria-label") == "Delete: New comment"
+    assert await delete.get_attribute("title") == "Delete"
+    # An unread message has nothing to mark unread.
+    assert await first.locator(f'li[data-id="{comment}"] .msg-unread').count() == 0
+
+    await delete.click()
+    for window in (first, second):
+        await window.locator(f'#list li[data-id="{comment}"]').wait_for(state="detached")
+        await wait_category_badge(window, "comment", None)
+        await wait_badge(window, "1")
+        assert await listed_ids(window) == [notice]
+        assert await category_badges(window) == {"all": "1", "system": "1"}
+    assert await db.fetchval(
+        "SELECT count(*) FROM t_message_hidden WHERE user_id = 'alice' AND message_id = $1",
+        comment,
+    )
+    assert await db.fetchval("SELECT count(*) FROM t_message_real_time WHERE id = $1", comment)
+
+    # A read message: gone from both lists, the counts stay.
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", notice)
+    for window in (first, second):
+        await window.wait_for_function("() => document.querySelector('#badge').hidden")
+    await second.locator(f'li[data-id="{notice}"] .msg-delete').click()
+    for window in (first, second):
+        await window.locator(f'#list li[data-id="{notice}"]').wait_for(state="detached")
+        await window.locator("#empty").wait_for()
+        assert await category_badges(window) == {}
+
+    # An announcement: alice deletes her copy, bob keeps his.
+    announcement = await insert(db, "*", "Welcome, everyone", type="system")
+    for window in (first, second, bob):
+        await wait_badge(window, "1")
+    await show_all_messages(bob)
+    await first.locator(f'li[data-id="{announcement}"] .msg-delete').click()
+    for window in (first, second):
+        await window.locator(f'#list li[data-id="{announcement}"]').wait_for(state="detached")
+        await window.wait_for_function("() => document.querySelector('#badge').hidden")
+    await bob.locator(f'#list li[data-id="{announcement}"].unread').wait_for()
+    assert await category_badges(bob) == {"all": "1", "system": "1"}
+
+    await first.reload()
+    await first.locator('#status[data-state="open"]').wait_for()
+    await first.wait_for_function("() => !document.querySelector('#more').disabled")
+    await first.locator("#empty").wait_for()
+    assert await listed_ids(first) == []
+    assert await category_badges(first) == {}
+
+
+async def test_demo_mark_unread_on_one_page_moves_both_badges_up(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    Two pages of alice: a read message has a "mark unread" button; clicking
+    it on one page marks it unread in the database, in both lists, and puts
+    both pages' category badge and bell back up.
+    """
+    first = await open_demo(context, demo_daemon, "alice")
+    second = await open_demo(context, demo_daemon, "alice")
+    await insert(db, "alice", "Still unread", type="system")
+    comment = await insert(db, "alice", "Old comment", type="comment")
+    for window in (first, second):
+        await wait_badge(window, "2")
+        await show_all_messages(window)
+    await first.locator(f'li[data-id="{comment}"] .msg-body').click()
+    await eventually(lambda: is_read(db, comment), "the click's read in the database")
+    for window in (first, second):
+        await wait_badge(window, "1")
+        await window.locator(f'li[data-id="{comment}"]:not(.unread) .msg-unread').wait_for()
+        assert await category_badges(window) == {"all": "1", "system": "1"}
+    mark_unread = second.locator(f'li[data-id="{comment}"] .msg-unread')
+    assert await mark_unread.get_attribute("aria-label") == "Mark unread: Old comment"
+    assert await mark_unread.get_attribute("title") == "Mark unread"
+
+    await mark_unread.click()
+    for window in (first, second):
+        await wait_category_badge(window, "comment", "1")
+        await wait_badge(window, "2")
+        await window.locator(f'li[data-id="{comment}"].unread').wait_for()
+        assert await window.locator(f'li[data-id="{comment}"] .msg-unread').count() == 0
+        assert await category_badges(window) == {"all": "2", "comment": "1", "system": "1"}
+    assert not await is_read(db, comment)
+    # Focus stays on the message whose button went away.
+    assert await second.evaluate("() => document.activeElement.closest('li')?.dataset.id") == (
+        comment
+    )
+
+
+def overlap(a: Any, b: Any) -> bool:
+    """
+    Whether two bounding boxes share any area.
+    """
+    return bool(
+        a["x"] < b["x"] + b["width"]
+        and b["x"] < a["x"] + a["width"]
+        and a["y"] < b["y"] + b["height"]
+        and b["y"] < a["y"] + a["height"]
+    )
+
+
+def inside(inner: Any, outer: Any) -> bool:
+    return bool(
+        inner["x"] >= outer["x"]
+        and inner["y"] >= outer["y"]
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"]
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"]
+    )
+
+
+async def test_demo_message_buttons_fit_a_phone(
+    daemon: RunningDaemon, db: asyncpg.Connection, browser: Any
+) -> None:
+    """On a 375 px wide screen, a read message with a link shows its link and both buttons, and nothing is wider than the screen."""
+    context = await browser.new_context(viewport={"width": 375, "height": 800})
+    context.set_default_timeout(WAIT_MS)
+    try:
+        message = await insert(
+            db,
+            "u1",
+            "A rather long title for a message on a small screen",
+            "And content that wraps onto more than one line of this narrow list",
+            skip_url="https://example.com/orders/17",
+            type="system",
+        )
+        await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+        page = await context.new_page()
+        await page.goto(f"http://127.0.0.1:{daemon.port}/demo#token={daemon.token('u1')}")
+        row = page.locator(f'#list li[data-id="{message}"]')
+        await row.locator(".msg-unread").wait_for()
+        controls = (".msg-body", ".msg-link", ".msg-unread", ".msg-delete")
+        boxes = {control: await row.locator(control).bounding_box() for control in controls}
+        for control, box in boxes.items():
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375, control
+        for index, first in enumerate(controls):
+            for second in controls[index + 1 :]:
+                assert not overlap(boxes[first], boxes[second]), (first, second)
+        # The time stays inside its message, clear of the link and buttons.
+        assert inside(await row.locator(".msg-time").bounding_box(), boxes[".msg-body"])
+        assert await page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    finally:
+        await context.close()
 
 
 async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(

@@ -1,7 +1,7 @@
 // The demo message center: categories with their unread badges (from the
 // client's per-type counts), the total on a bell, the selected category's
 // messages paged with history ("load more", "unread only"), open to mark
-// read, mark a category read, toasts. Everything it knows comes from
+// read, mark unread again, delete, mark a category read, toasts. Everything it knows comes from
 // notifyd.js, so every tab of a user stays in step through the server's
 // events. `notifyd demo` serves it at /?user=<name> with that demo user's
 // token in <meta name="notifyd-demo"> and a form that sends to the demo
@@ -36,6 +36,10 @@ const STRINGS = {
     unreadHint: "Unread: ",
     open: "Open",
     dismiss: "Dismiss",
+    markUnread: "Mark unread",
+    markUnreadLabel: (title) => `Mark unread: ${title}`,
+    delete: "Delete",
+    deleteLabel: (title) => `Delete: ${title}`,
     unread: unreadEn,
     bellLabel: (n) => `Messages, ${unreadEn(n)}`,
     categoryLabel: (name, n) => (n ? `${name}, ${unreadEn(n)}` : name),
@@ -52,8 +56,9 @@ const STRINGS = {
     introHeading: "Try it",
     introText:
       "New messages pop up as toasts and move the badges of their category and the bell; " +
-      "open one to mark it read. Open this page in a second window to watch messages and " +
-      "read state move between them.",
+      "open one to mark it read, and use the buttons beside it to mark it unread again or " +
+      "delete it. Open this page in a second window to watch messages and read state move " +
+      "between them.",
     demoUsers: "Demo users",
     you: (user, others, again) => ["You are ", strong(user), ". Open the page of ", ...others, " in another window, or ", again(`${user}'s again`), "."],
     listJoin: [", ", " or "],
@@ -101,6 +106,10 @@ const STRINGS = {
     unreadHint: "未读：",
     open: "打开",
     dismiss: "关闭",
+    markUnread: "标为未读",
+    markUnreadLabel: (title) => `标为未读：${title}`,
+    delete: "删除",
+    deleteLabel: (title) => `删除：${title}`,
     unread: unreadZh,
     bellLabel: (n) => `消息，${unreadZh(n)}`,
     categoryLabel: (name, n) => (n ? `${name}，${unreadZh(n)}` : name),
@@ -116,7 +125,8 @@ const STRINGS = {
     },
     introHeading: "试一试",
     introText:
-      "新消息会以弹出提示出现，并更新所属分类和铃铛上的角标；打开一条消息即标为已读。" +
+      "新消息会以弹出提示出现，并更新所属分类和铃铛上的角标；打开一条消息即标为已读，" +
+      "用旁边的按钮可以把它重新标为未读或删除。" +
       "在另一个窗口中打开本页，可以看到消息和已读状态在两个窗口之间同步。",
     demoUsers: "演示用户",
     you: (user, others, again) => ["你是 ", strong(user), "。在另一个窗口中打开 ", ...others, " 的页面，或者再打开一个 ", again(`${user} 的页面`), "。"],
@@ -160,6 +170,8 @@ const svg = (path) =>
   `<svg viewBox="0 0 24 24" aria-hidden="true"><path d="${path}" fill="none" stroke="currentColor" stroke-width="2" stroke-linecap="round" stroke-linejoin="round"/></svg>`;
 const ICON_LINK = svg("M14 4h6v6M20 4l-9 9M18 14v5a1 1 0 0 1-1 1H5a1 1 0 0 1-1-1V7a1 1 0 0 1 1-1h5");
 const ICON_CLOSE = svg("M6 6l12 12M18 6 6 18");
+const ICON_UNREAD = svg("M4 7h11M4 12h8M4 17h8M18 15a3 3 0 1 0 0-6 3 3 0 0 0 0 6Z");
+const ICON_DELETE = svg("M4 7h16M9 7V4h6v3M6 7l1 12a1 1 0 0 0 1 1h8a1 1 0 0 0 1-1l1-12M10 11v6M14 11v6");
 const ICONS = {
   all: svg("M4 13h4l2 3h4l2-3h4M4 13l2.5-7h11l2.5 7v5a1 1 0 0 1-1 1H5a1 1 0 0 1-1-1v-5Z"),
   comment: svg("M5 5h14a1 1 0 0 1 1 1v9a1 1 0 0 1-1 1h-8l-4 3v-3H5a1 1 0 0 1-1-1V6a1 1 0 0 1 1-1Z"),
@@ -472,7 +484,9 @@ function start(jwt) {
 
   function render() {
     const sorted = [...messages.values()].sort((a, b) => seqOf(b) - seqOf(a));
+    const focus = focusInList();
     list.replaceChildren(...sorted.map(item));
+    if (focus) restoreFocus(focus);
     const empty = $("#empty");
     empty.hidden = sorted.length > 0 || loading;
     empty.textContent = view.unreadOnly ? T.emptyUnread : T.empty;
@@ -480,6 +494,25 @@ function start(jwt) {
     moreButton.hidden = !more;
     moreButton.disabled = loading;
     moreButton.textContent = loading ? T.loading : T.more;
+  }
+
+  // The list is redrawn at every change: keyboard focus on one of its
+  // controls stays on that control, or on its message when the control is
+  // gone (marked unread), or on the message now in its place (deleted).
+  function focusInList() {
+    const active = document.activeElement;
+    const row = active?.closest?.("#list > li");
+    if (!row) return null;
+    return { id: row.dataset.id, index: [...list.children].indexOf(row), control: active.dataset.control };
+  }
+
+  function restoreFocus({ id, index, control }) {
+    const rows = [...list.children];
+    const row = rows.find((li) => li.dataset.id === id);
+    const target = row
+      ? row.querySelector(`[data-control="${control}"]`) ?? row.querySelector(".msg-body")
+      : rows[Math.min(index, rows.length - 1)]?.querySelector(".msg-body") ?? $("#pane-title");
+    target.focus({ preventScroll: true });
   }
 
   function item(message) {
@@ -492,6 +525,7 @@ function start(jwt) {
     const body = document.createElement("button");
     body.type = "button";
     body.className = "msg-body";
+    body.dataset.control = "open";
     const dot = document.createElement("span");
     dot.className = "dot";
     const title = document.createElement("span");
@@ -530,6 +564,7 @@ function start(jwt) {
       // The server passes only http(s) URLs and /paths: safe as a link.
       const link = document.createElement("a");
       link.className = "msg-link";
+      link.dataset.control = "link";
       link.href = message.skipUrl;
       link.rel = "noopener";
       link.innerHTML = ICON_LINK;
@@ -537,11 +572,37 @@ function start(jwt) {
       link.addEventListener("click", () => client.markRead([message.id]).catch(showError));
       li.append(link);
     }
-    // RESERVED: "mark unread" and "delete" buttons per message go here once
-    // the server has the `unread` and `delete` actions (the client's
-    // markUnread/delete); the `read` (isRead "0") and `deleted` events that
-    // would follow are already handled above.
+    // The list changes when the server's events arrive (a `read` with
+    // isRead "0", a `deleted`), on every tab and session of the user alike;
+    // the counts and badges come with them.
+    const actions = document.createElement("span");
+    actions.className = "msg-actions";
+    if (!unread) {
+      actions.append(
+        actionButton("unread", ICON_UNREAD, T.markUnread, T.markUnreadLabel(message.title), () =>
+          client.markUnread([message.id]),
+        ),
+      );
+    }
+    actions.append(
+      actionButton("delete", ICON_DELETE, T.delete, T.deleteLabel(message.title), () =>
+        client.delete([message.id]),
+      ),
+    );
+    li.append(actions);
     return li;
+  }
+
+  function actionButton(control, icon, tip, label, act) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = `msg-action msg-${control}`;
+    button.dataset.control = control;
+    button.innerHTML = icon;
+    button.title = tip;
+    button.setAttribute("aria-label", label);
+    button.addEventListener("click", () => act().catch(showError));
+    return button;
   }
 
   function toast(message) {
