@@ -1320,10 +1320,8 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
             " WHERE title = 'Lunch at noon?'"
         )
         assert (row["send_user"], row["content"]) == ("alice", "The usual place, table for two")
-        # The form sends the category as demo_send's `type`; a server that
-        # does not take it yet stores none, and the message is under "other".
-        assert row["type"] in ("private", None)
-        sent_category = "private" if row["type"] == "private" else "other"
+        # The form's category is demo_send's `type`: under "Private messages".
+        assert row["type"] == "private"
 
         await show_all_messages(bob)
         titles = await bob.eval_on_selector_all(
@@ -1339,12 +1337,14 @@ async def test_demo_form_sends_from_alice_to_bob_and_screenshots_the_page(
             "Welcome to notifyd",
         ]
         assert await bob.locator("#list li.unread").count() == 6
+        sent = bob.locator("#list li", has_text="Lunch at noon?")
+        assert await sent.get_attribute("data-category") == "private"
         assert await category_badges(bob) == {
             "all": "6",
             "comment": "1",
             "like": "1",
             "follow": "1",
-            sent_category: "1",
+            "private": "1",
             "system": "2",
         }
         await bob.screenshot(path=str(SCREENSHOT), animations="disabled")
