@@ -177,7 +177,7 @@ HARNESS = """<!doctype html>
   const options = JSON.parse(new URLSearchParams(location.search).get("options") || "{}");
   const t = (window.t = {
     ids: [], titles: [], states: [], hellos: [], resyncs: 0, unread: null,
-    unreadEvents: [], countsAtMessage: [],
+    unreadEvents: [], countsAtMessage: [], reads: [], deleted: [],
   });
   const client = (window.client = createClient({
     token: () => fetch("/notifyd-token").then((response) => response.text()),
@@ -194,6 +194,8 @@ HARNESS = """<!doctype html>
   client.on("state", ({ state }) => t.states.push(state));
   client.on("hello", (hello) => t.hellos.push(hello));
   client.on("resync", () => (t.resyncs += 1));
+  client.on("read", (read) => t.reads.push(read));
+  client.on("deleted", ({ ids }) => t.deleted.push(...ids));
   client.on("unread", ({ count, byType }) => {
     t.unread = count;
     t.unreadEvents.push({ count, byType });
@@ -821,6 +823,54 @@ async def test_client_counts_per_type_from_the_server_in_every_tab(
     for tab in (leader, follower):
         await tab.wait_for_function("() => window.t.unread === 1")
         assert await tab.evaluate("() => window.client.counts") == only_untyped
+
+
+async def test_client_mark_unread_and_delete_from_a_follower_tab_reach_every_tab(
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """
+    A follower tab's markUnread and delete go out on the leader's socket;
+    both tabs get the `read` event with isRead "0", the `deleted` event and
+    the new counts. delete() with more ids than one frame takes (1200
+    unknown ones and the real one) still deletes the real one.
+    """
+    leader = await open_harness(context, app, daemon, "u1")
+    follower = await context.new_page()
+    await follower.goto(f"{app.origin}/harness")
+    await wait_open(follower)
+    assert await follower.evaluate("() => window.client.role") == "follower"
+    message = await insert(db, "u1", "Read it, then not", type="comment")
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+    for tab in (leader, follower):
+        await tab.wait_for_function("() => window.t.reads.length === 1")
+        assert await tab.evaluate("() => window.client.counts") == {"total": 0, "byType": {}}
+
+    await follower.evaluate("(id) => window.client.markUnread(id)", message)
+    for tab in (leader, follower):
+        await tab.wait_for_function("() => window.t.reads.length === 2")
+        assert (await tab.evaluate("() => window.t.reads"))[1] == {
+            "ids": [message],
+            "isRead": "0",
+        }
+        await tab.wait_for_function("() => window.t.unread === 1")
+        assert await tab.evaluate("() => window.client.counts") == {
+            "total": 1,
+            "byType": {"comment": 1},
+        }
+    assert not await is_read(db, message)
+
+    unknown = [f"no-such-message-{i}" for i in range(1200)]
+    await follower.evaluate(
+        "(ids) => window.client.delete(ids)", [*unknown[:600], message, *unknown[600:]]
+    )
+    for tab in (leader, follower):
+        await tab.wait_for_function("() => window.t.deleted.length === 1")
+        assert await tab.evaluate("() => window.t.deleted") == [message]
+        await tab.wait_for_function("() => window.t.unread === 0")
+        assert await tab.evaluate("() => window.client.counts") == {"total": 0, "byType": {}}
+    page = await leader.evaluate("() => window.client.history({ limit: 5 })")
+    assert page["messages"] == []
+    assert sessions(daemon, "u1") == 1
 
 
 async def test_client_gives_up_after_repeated_4401_and_on_4409(
