@@ -77,7 +77,8 @@ class UnreadLedger:
     ) -> list[tuple[str, ByType]]:
         """
         Apply one window; return ``(user, counts)`` for each user whose
-        counts changed, with the new counts.
+        counts changed, with the new counts (the ledger's own mapping: read
+        it before the next settle).
 
         ``recounted``: exact counts at the window's end (they win);
         ``new_unread``: the window's unread rows per user and category;
@@ -103,6 +104,19 @@ class UnreadLedger:
             fresh = exact(user)
             if fresh is not None:
                 new = _positive(fresh)
+            elif not deleted_announcements:
+                # Only additions (the common case, once per new message):
+                # the counts grow in place, and any addition is a change.
+                adds = added(user)
+                if not adds and not announcements:
+                    continue
+                if adds:
+                    for category, n in adds.items():
+                        old[category] = old.get(category, 0) + n
+                for category in announcements:
+                    old[category] = old.get(category, 0) + 1
+                changed.append((user, old))
+                continue
             else:
                 new = dict(old)
                 for category, n in (added(user) or {}).items():

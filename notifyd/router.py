@@ -209,17 +209,24 @@ class Router:
             announcements=account.new_announcements,
             deleted_announcements=counted_deletes,
         )
-        # Many users share their counts (after an announcement, most of
-        # them): each distinct set of counts is encoded and framed once.
-        frames: dict[tuple[tuple[str, int], ...], tuple[str, bytes]] = {}
+        # After an announcement every user's counts change and many share
+        # them: each distinct set of counts is then encoded and framed once.
+        # Otherwise the users whose counts changed rarely share them.
+        frames: dict[tuple[tuple[str, int], ...], tuple[str, bytes]] | None = (
+            {} if account.new_announcements or counted_deletes else None
+        )
         unflushed = account.unflushed.add
         sessions_of = hub.sessions_of
         for user, by_type in changed:
-            key = tuple(sorted(by_type.items()))
-            encoded = frames.get(key)
+            encoded = None
+            if frames is not None:
+                key = tuple(sorted(by_type.items()))
+                encoded = frames.get(key)
             if encoded is None:
                 text = protocol.encode_unread(by_type)
-                encoded = frames[key] = (text, protocol.text_frame(text.encode()))
+                encoded = (text, protocol.text_frame(text.encode()))
+                if frames is not None:
+                    frames[key] = encoded
             for session in sessions_of(user) or ():
                 if session.push(encoded[0], flush=False, wire=encoded[1]):
                     unflushed(session)
