@@ -176,6 +176,10 @@ class Delivery:
                 raise
             except Exception as exc:
                 self._reader.drop_prefetch()
+                if not self._reader.resuming:
+                    # Only a window cut part-way is carried on; any other
+                    # failed read starts its window again, with a new account.
+                    self._account = None
                 self._requeue(joining)
                 attempt += 1
                 delay = backoff_delay(attempt, initial=0.1, maximum=self._retry_max, jitter=0)
