@@ -399,3 +399,24 @@ async def test_a_forged_forwarded_for_changes_neither_limits_nor_logs(dsn, tmp_p
         assert "203.0.113" not in server.output()
         for ws in (first, second, around):
             await ws.close()
+
+
+async def test_metrics_loopback_only_goes_by_the_forwarded_client(start_daemon):
+    """With NOTIFYD_METRICS_LOOPBACK_ONLY, a remote client forwarded by a local proxy is refused; a forged header from elsewhere changes nothing."""
+    daemon = await start_daemon(trusted_proxies=["127.0.0.1"], metrics_loopback_only=True)
+
+    async def status(source: str, forwarded: str | None) -> int:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", daemon.port, local_addr=(source, 0)
+        )
+        header = f"X-Forwarded-For: {forwarded}\r\n" if forwarded else ""
+        writer.write(f"GET /metrics HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.close()
+        return int(line.split()[1])
+
+    assert await status("127.0.0.1", None) == 200
+    assert await status("127.0.0.1", "127.0.0.5") == 200
+    assert await status("127.0.0.1", "203.0.113.5") == 403
+    # 127.0.0.2 is on this machine but not a trusted proxy: its header is ignored.
+    assert await status("127.0.0.2", "203.0.113.5") == 200
