@@ -41,9 +41,9 @@ class LoopLag:
         return max((lag for _, lag in self._samples), default=0.0)
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        # perf_counter, not loop.time(): uvloop's clock counts whole milliseconds.
         while True:
-            due = loop.time() + self.interval_s
+            due = time.perf_counter() + self.interval_s
             await asyncio.sleep(self.interval_s)
-            now = loop.time()
+            now = time.perf_counter()
             self.record(time.monotonic(), max(0.0, now - due))
