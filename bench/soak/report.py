@@ -96,7 +96,8 @@ def render(results: dict[str, Any]) -> str:
         f"{trends['warmup_s']:.0f} s warm-up. The noise is twice the slope's "
         "standard error: a slope within it is what the scatter of the samples "
         "alone gives about 95 % of the time.",
-        f"- machine: {_machine(results['machine'])}.",
+        f"- notifyd at commit {results.get('commit', 'unknown')}; machine: "
+        f"{_machine(results['machine'])}.",
         "",
         "## Verdict",
         "",

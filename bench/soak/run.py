@@ -17,6 +17,7 @@ import os
 import random
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -115,6 +116,25 @@ class Writer:
                 await asyncio.sleep(0.2)
         if conn is not None:
             await conn.close()
+
+
+def _commit() -> str:
+    """
+    The commit measured, with ``+changes`` when the work tree differs from it.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "notifyd"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
 
 
 def _rss_kb(pid: int) -> int:
@@ -260,6 +280,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             },
             "machine": machine(),
             "notifyd_source": source_fingerprint(),
+            "commit": _commit(),
             "sessions_live_at_start": live,
             "writer": {"attempted": writer.attempted, "failed": writer.failed},
             "events": events,
