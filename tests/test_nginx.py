@@ -159,6 +159,7 @@ async def _running_nginx(config: str, directory: Path, port: int) -> AsyncIterat
                 await asyncio.sleep(0.05)
             else:
                 writer.close()
+                await writer.wait_closed()
                 break
         yield
     finally:
@@ -225,7 +226,8 @@ class Proxied:
             with urllib.request.urlopen(request, timeout=TIMEOUT, context=self.tls) as response:
                 return int(response.status), response.read()
         except urllib.error.HTTPError as error:
-            return error.code, error.read()
+            with error:  # it holds the response's socket
+                return error.code, error.read()
 
     def serving(self, line_fragment: str) -> int:
         """
@@ -336,8 +338,9 @@ async def test_only_the_client_and_health_paths_are_served_through_nginx(dsn, tm
         opener = urllib.request.build_opener(_NoRedirect())
         with pytest.raises(urllib.error.HTTPError) as redirect:
             await asyncio.to_thread(opener.open, request, None, TIMEOUT)
-        assert redirect.value.code == 301
-        assert redirect.value.headers["Location"].startswith("https://")
+        with redirect.value as response:
+            assert response.code == 301
+            assert response.headers["Location"].startswith("https://")
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -413,6 +416,7 @@ async def test_metrics_loopback_only_goes_by_the_forwarded_client(start_daemon):
         writer.write(f"GET /metrics HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode())
         line = await asyncio.wait_for(reader.readline(), TIMEOUT)
         writer.close()
+        await writer.wait_closed()
         return int(line.split()[1])
 
     assert await status("127.0.0.1", None) == 200
