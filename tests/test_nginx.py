@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from . import test_browser
 from .conftest import SECRET, TIMEOUT, insert, missing_tool
 from .processes import (
     NotifydProcess,
@@ -45,6 +46,10 @@ from .processes import (
     serve_env,
     wait_until_healthy,
 )
+
+# Chromium, for the browser client through nginx (as the browser tests have it).
+browser = test_browser.browser
+AppServer = test_browser.AppServer
 
 SHIPPED = Path(__file__).resolve().parent.parent / "contrib" / "nginx" / "notifyd.conf"
 ORIGIN = "https://app.example.com"
@@ -424,3 +429,65 @@ async def test_metrics_loopback_only_goes_by_the_forwarded_client(start_daemon):
     assert await status("127.0.0.1", "203.0.113.5") == 403
     # 127.0.0.2 is on this machine but not a trusted proxy: its header is ignored.
     assert await status("127.0.0.2", "203.0.113.5") == 200
+
+
+BROWSER_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>through nginx</title>
+<script type="module">
+  import { createClient } from "NOTIFYD_JS";
+  window.got = [];
+  const client = createClient({
+    token: () => fetch("/notifyd-token").then((response) => response.text()),
+    restartDelayMs: 200,
+  });
+  client.on("message", (message) => window.got.push(message.title));
+  client.on("state", ({ state }) => { document.body.dataset.state = state; });
+</script>
+"""
+
+
+async def test_notifyd_js_in_chromium_through_nginx_resumes_on_the_other_instance(
+    dsn, db, tmp_path, browser
+):
+    """notifyd.js loaded through nginx over TLS opens wss:// through it; when its instance stops it reconnects through nginx and gets each message once."""
+    app = AppServer()
+    await app.start()
+    try:
+        async with _behind_nginx(dsn, tmp_path, NOTIFYD_ALLOWED_ORIGINS=app.origin) as proxied:
+            app.token = mint("alice")
+            app.pages["/"] = BROWSER_PAGE.replace(
+                "NOTIFYD_JS", f"https://localhost:{proxied.https_port}/notifyd.js"
+            )
+            # Chromium does not know the test's self-signed certificate (the
+            # websockets clients above verify it against that certificate).
+            context = await browser.new_context(ignore_https_errors=True)
+            try:
+                page = await context.new_page()
+                await page.goto(app.origin + "/")
+                await page.wait_for_function(
+                    "() => document.body.dataset.state === 'open'", timeout=TIMEOUT * 1000
+                )
+                await insert(db, "alice", "one")
+                await page.wait_for_function(
+                    "() => window.got.includes('one')", timeout=TIMEOUT * 1000
+                )
+                serving = proxied.serving("opened: user=alice")
+                stopped = proxied.instances[serving]
+                assert stopped is not None
+                assert await stopped.stop() == 0
+                await insert(db, "alice", "while away")
+                await page.wait_for_function(
+                    "() => window.got.includes('while away')", timeout=3 * TIMEOUT * 1000
+                )
+                await insert(db, "alice", "after")
+                await page.wait_for_function(
+                    "() => window.got.includes('after')", timeout=TIMEOUT * 1000
+                )
+                assert await page.evaluate("window.got") == ["one", "while away", "after"]
+                other = proxied.instances[1 - serving]
+                assert other is not None and "opened: user=alice" in other.output()
+            finally:
+                await context.close()
+    finally:
+        await app.stop()
