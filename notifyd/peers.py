@@ -121,7 +121,12 @@ class TrustedProxies:
         if current is None or not self.trusts(current):
             return None
         forwarded: IPAddress | None = None
-        hops = [hop for value in forwarded_for for hop in value.split(",")]
+        # Only the last _MAX_HOPS hops are split out, however long the header.
+        hops: list[str] = []
+        for value in reversed(list(forwarded_for)):
+            hops = value.rsplit(",", _MAX_HOPS) + hops
+            if len(hops) > _MAX_HOPS:
+                break
         for hop in reversed(hops[-_MAX_HOPS:]):
             address = parse_address(hop)
             if address is None:
