@@ -123,6 +123,11 @@ UNREAD_BY_TYPE_OF = f"""
     ) AS by_type)
 """
 
+# How far ahead a window reports the next expire_at: a value Python cannot
+# hold (past the year 9999, or 'infinity') must never reach the driver, and
+# delivery wakes up more often than this anyway.
+EXPIRY_HORIZON = "now() + interval '1 hour'"
+
 # The first page is one statement, so one snapshot and one clock (now()):
 # the new rows, the read/delete events, the withdrawals of what expired, the
 # unread counts of users with events or withdrawals (and of joining
@@ -174,7 +179,8 @@ WITH ev AS (
     ) AS u
 )
 SELECT pg_current_snapshot()::text AS snap, now() AS clock,
-       (SELECT min(expire_at) FROM {TABLE} WHERE expire_at > now()) AS next_expiry,
+       least((SELECT min(expire_at) FROM {TABLE} WHERE expire_at > now()), {EXPIRY_HORIZON})
+           AS next_expiry,
        (SELECT json_agg(e) FROM (
             SELECT * FROM ev WHERE kind <> 'expire' UNION ALL SELECT * FROM withdrawn
         ) AS e)::text AS events,
@@ -202,7 +208,8 @@ UNION ALL (
 WINDOW_LEAN = f"""
 SELECT pg_current_snapshot()::text AS snap, now() AS clock,
        EXISTS (SELECT 1 FROM {EVENTS} WHERE {NEW_SINCE}) AS has_events,
-       (SELECT min(expire_at) FROM {TABLE} WHERE expire_at > $4) AS next_expiry,
+       least((SELECT min(expire_at) FROM {TABLE} WHERE expire_at > $4), {EXPIRY_HORIZON})
+           AS next_expiry,
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
        NULL AS skip_url, NULL AS is_read
