@@ -98,16 +98,28 @@ async def test_a_message_already_expired_at_insert_is_never_pushed_nor_counted(
     assert unread == {"event": "unread", "count": 2, "byType": {"comment": 2}}
     assert unread["byType"] == await truth_live(db, "alice")
     assert await _history(client) == ["marker", "never"]
+    # The same in a window with read events (read in the other statement
+    # shape): a row already expired is still not read.
+    async with db.transaction():
+        await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE title = 'never'")
+        await insert(db, "alice", "old too", type="like", expire_at=await _soon(db, -60))
+        await insert(db, "alice", "marker 2", type="like")
+    received = await client.messages_until("marker 2")
+    assert [m["title"] for m in received] == ["marker 2"]
+    assert (await _next(client, "unread"))["byType"] == {"comment": 1, "like": 1}
 
 
 async def test_a_message_expiring_while_two_sessions_hold_it_is_withdrawn_from_both(
-    daemon, open_client, db
+    start_daemon, open_client, db
 ):
     """
     Pushed to two sessions of one user, a message is withdrawn from both at
     its expire_at: a deleted event with its id, then the unread counts
-    without it, no earlier than expire_at and within the documented bound.
+    without it, no earlier than expire_at and within the documented bound
+    (the listener's probe, which also wakes delivery, is slowed down so
+    that only the expiry timer can be in time).
     """
+    daemon = await start_daemon(probe_interval_s=30.0, probe_timeout_s=30.0)
     tabs = [await open_client(daemon.url("alice")) for _ in range(2)]
     await insert(db, "alice", "stays", type="comment")
     expire_at = await _soon(db, 1.5)
@@ -353,3 +365,25 @@ async def test_an_expire_at_column_of_another_type_is_reported_in_one_line(empty
     with pytest.raises(SchemaError, match="expire_at is text"):
         async with Daemon(settings, TokenVerifier.from_settings(settings)):
             pass
+
+
+async def test_a_window_read_in_pages_leaves_out_expired_rows_on_every_page(
+    start_daemon, open_client, db
+):
+    """
+    One INSERT of more rows than a page, every third one already expired:
+    every page of the window (first page and the rest) leaves them out.
+    """
+    daemon = await start_daemon(fetch_batch=4)
+    client = await open_client(daemon.url("alice"))
+    await db.execute(
+        "INSERT INTO t_message_real_time (to_user, title, type, expire_at) "
+        "SELECT 'alice', 'p' || g, 'bulk', "
+        "CASE WHEN g % 3 = 0 THEN now() - interval '1 minute' END "
+        "FROM generate_series(1, 60) AS g"
+    )
+    await insert(db, "alice", "marker", type="bulk")
+    received = await client.messages_until("marker")
+    want = [f"p{g}" for g in range(1, 61) if g % 3 != 0] + ["marker"]
+    assert [m["title"] for m in received] == want
+    assert (await _next(client, "unread"))["byType"] == {"bulk": 41}
