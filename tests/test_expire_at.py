@@ -24,6 +24,8 @@ from notifyd.db import Database, schema_sql
 from notifyd.exceptions import DatabaseError, SchemaError
 
 from .conftest import TIMEOUT, insert, make_settings
+from .receiver import Receiver, until
+from .test_sinks import WEBHOOK_SECRET, dispatch_states, webhook_settings
 
 # docs/protocol.md promises a withdrawal within 1 s of expire_at; the test
 # allows more for a loaded machine, and still less than the 5 s safety sweep,
@@ -387,3 +389,42 @@ async def test_a_window_read_in_pages_leaves_out_expired_rows_on_every_page(
     want = [f"p{g}" for g in range(1, 61) if g % 3 != 0] + ["marker"]
     assert [m["title"] for m in received] == want
     assert (await _next(client, "unread"))["byType"] == {"bulk": 41}
+
+
+@pytest.fixture
+async def receiver() -> Any:
+    """
+    A running webhook receiver that checks signatures with the test secret.
+    """
+    server = Receiver(WEBHOOK_SECRET.encode())
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_the_webhook_does_not_post_a_message_that_expired_before_its_turn(
+    db, start_daemon, receiver
+):
+    """
+    A message still waiting for the webhook when its expire_at passes (the
+    receiver was down) is settled as gone, not posted; the one queued behind
+    it goes out once the receiver is back.
+    """
+    daemon = await start_daemon(**webhook_settings(receiver))
+    stats = daemon.daemon.stats.sinks["webhook"]
+    receiver.stop()
+    expire_at = await _soon(db, 1.0)
+    short = await insert(db, "alice", "sale ends soon", expire_at=expire_at)
+    lasting = await insert(db, "alice", "lasting")
+    await until(lambda: stats.failed >= 1, what="a failed attempt while the receiver is down")
+    await _until_past(db, expire_at)
+    receiver.start()
+    marker = await insert(db, "alice", "marker")
+    posts = await receiver.wait_for(lambda posts: marker in [p.message["id"] for p in posts])
+    assert [post.message["id"] for post in posts] == [lasting, marker]
+    states = await dispatch_states(db)
+    assert states[short] == "gone"
+    assert (
+        await db.fetchval("SELECT last_error FROM t_message_dispatch WHERE message_id = $1", short)
+        == "the message expired before it was sent"
+    )
