@@ -128,6 +128,12 @@ UNREAD_BY_TYPE_OF = f"""
 # delivery wakes up more often than this anyway.
 EXPIRY_HORIZON = "now() + interval '1 hour'"
 
+# The first expire_at after a moment: one probe of the expire_at index.
+# Written as ORDER BY ... LIMIT 1 rather than min(): the same plan, planned
+# in less time (the lean window read is planned anew on every execution).
+NEXT_EXPIRY_AFTER = f"""(SELECT expire_at FROM {TABLE}
+        WHERE expire_at > {{after}} ORDER BY expire_at LIMIT 1)"""
+
 # The first page is one statement, so one snapshot and one clock (now()):
 # the new rows, the read/delete events, the withdrawals of what expired, the
 # unread counts of users with events or withdrawals (and of joining
@@ -179,7 +185,7 @@ WITH ev AS (
     ) AS u
 )
 SELECT pg_current_snapshot()::text AS snap, now() AS clock,
-       least((SELECT min(expire_at) FROM {TABLE} WHERE expire_at > now()), {EXPIRY_HORIZON})
+       least({NEXT_EXPIRY_AFTER.format(after="now()")}, {EXPIRY_HORIZON})
            AS next_expiry,
        (SELECT json_agg(e) FROM (
             SELECT * FROM ev WHERE kind <> 'expire' UNION ALL SELECT * FROM withdrawn
@@ -208,7 +214,7 @@ UNION ALL (
 WINDOW_LEAN = f"""
 SELECT pg_current_snapshot()::text AS snap, now() AS clock,
        EXISTS (SELECT 1 FROM {EVENTS} WHERE {NEW_SINCE}) AS has_events,
-       least((SELECT min(expire_at) FROM {TABLE} WHERE expire_at > $4), {EXPIRY_HORIZON})
+       least({NEXT_EXPIRY_AFTER.format(after="$4")}, {EXPIRY_HORIZON})
            AS next_expiry,
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
