@@ -5,8 +5,8 @@
 -- (the seed entity's columns only) adds what delivery needs without touching
 -- the existing rows' data.
 --
--- Applications only ever INSERT into t_message_real_time (and UPDATE is_read,
--- DELETE to retract); they never set seq or xact_id.
+-- Applications only ever INSERT into t_message_real_time (and UPDATE is_read
+-- or expire_at, DELETE to retract); they never set seq or xact_id.
 
 CREATE TABLE IF NOT EXISTS t_message_real_time (
     id        text PRIMARY KEY DEFAULT gen_random_uuid()::text,
