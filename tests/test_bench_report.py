@@ -336,3 +336,19 @@ def test_frame_row_reads_the_tag_and_id_of_both_servers_frames() -> None:
     assert frame_row(notifyd) == ("pl3", "r-1")
     assert frame_row(naive) == ("iso", "r-2")
     assert frame_row(b'{"event":"unread","count":3}') is None
+
+
+def test_push_figures_from_another_run_say_which_run_they_come_from() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["push"] = push_results()
+    results["push"]["measured"] = {
+        "command": "python -m bench --push-only",
+        "mode": "full",
+        "date": "2099-01-01 00:00 UTC",
+        "load_average_at_start": [3.0, 2.0, 1.0],
+    }
+    text = render(results)
+    assert "These figures come from a separate run, `python -m bench --push-only`" in text
+    assert f"the rest of this report is from the run of {results['machine']['date']}" in text
+    results["push"]["measured"]["date"] = results["machine"]["date"]
+    assert "separate run" not in render(results)
