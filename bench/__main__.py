@@ -48,7 +48,11 @@ from .run import interrupt_on_sigterm, run
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run (< 2 minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: shorter steps, one run per case, the push pipeline with 1,000 sessions only",
+    )
     parser.add_argument(
         "--users", type=int, default=1000, help="online users messages go to (default 1000)"
     )

@@ -62,8 +62,8 @@ def make_plan(quick: bool, users: int) -> Plan:
             writer_procs=2, writer_conns=8, single_steps=(1000, 2000, 4000),
             batch_steps=(10_000, 20_000), step_s=2.0, drain_s=3.0, announcements=2,
             hello_rows=100_000, hello_connects=20, trigger_s=1.5, trigger_rounds=1,
-            attempts=2, calm_budget_s=5.0, pipeline_reps=1, pipeline_s=3.0, ceiling_s=3.0,
-            ceiling_reps=1,
+            attempts=2, calm_budget_s=5.0, pipeline_sessions=(1000,), pipeline_reps=1,
+            pipeline_s=3.0, ceiling_s=3.0, ceiling_reps=1,
         )  # fmt: skip
     return Plan(
         mode="full", users=users, sessions=max(users, 10_000), client_procs=2,

@@ -352,3 +352,13 @@ def test_push_figures_from_another_run_say_which_run_they_come_from() -> None:
     assert f"the rest of this report is from the run of {results['machine']['date']}" in text
     results["push"]["measured"]["date"] = results["machine"]["date"]
     assert "separate run" not in render(results)
+
+
+def test_loads_a_quick_run_skipped_are_listed_as_not_measured() -> None:
+    push = push_results()
+    push["session_counts"] = [1000]
+    push["summary"] = [s for s in push["summary"] if s["sessions"] == 1000]
+    targets = push_targets(push)
+    skipped = [t for t in targets if "10,000 sessions" in t.name]
+    assert len(skipped) == 6
+    assert all(t.met is None and t.measured == "not measured in this run" for t in skipped)

@@ -30,6 +30,10 @@ CPU_SERVER_RATIO = 1.0  # server CPU per delivery at most the naive relay's
 CPU_PG_RATIO = 1.2  # Postgres CPU per delivery at most this times naive's
 CEILING_SHARE = 0.85  # of the no-trigger throughput, offline users
 ISOLATED_P99_MS = 5.0
+# The loads the targets name; a run that measured fewer (--quick) shows the
+# others as not measured.
+TARGET_SESSIONS = (1000, 10_000)
+TARGET_RATES = (500, 2000)
 
 _CLOCKS = {
     "commit_timestamp": "the row's commit timestamp (`pg_xact_commit_timestamp(xmin)`, "
@@ -234,10 +238,21 @@ def _isolated_target(push: dict[str, Any]) -> Target:
     return Target(
         f"Isolated message (idle system, {num((iso or {}).get('messages'))} messages "
         f"{num((iso or {}).get('gap_s', 0) * 1000)} ms apart): p99 < {num(ISOLATED_P99_MS)} ms",
-        f"p99 {num(p99, 2)} ms (naive {num(nv.get('p99'), 2)} ms, {_x(_ratio(p99, nv.get('p99')))})",
+        f"p99 {num(p99, 2)} ms (naive {num(nv.get('p99'), 2)} ms, {_x(_ratio(p99, nv.get('p99')))}); "
+        f"other load before: {num((iso or {}).get('other_load_before_cores'), 2)} cores",
         _ratio(p99, nv.get("p99")),
         None if p99 is None else p99 < ISOLATED_P99_MS,
     )
+
+
+def _unmeasured(push: dict[str, Any], sessions: int, rate: int, target: Target) -> Target:
+    """
+    ``target``, or the same target marked not measured when this run had
+    no figures at that load.
+    """
+    if pair(push, sessions, rate) == (None, None):
+        return Target(target.name, "not measured in this run", None, None)
+    return target
 
 
 def push_targets(push: dict[str, Any]) -> list[Target]:
@@ -245,10 +260,12 @@ def push_targets(push: dict[str, Any]) -> list[Target]:
     Every target of the push pipeline, in the order they are stated.
     """
     out: list[Target] = []
-    grid = [(s, r) for s in push.get("session_counts", []) for r in push.get("rates", [])]
-    out += [_latency_target(push, s, r) for s, r in grid]
-    out += [_cpu_target(push, s, r, "server_cpu_us") for s, r in grid]
-    out += [_cpu_target(push, s, r, "pg_cpu_us") for s, r in grid]
+    sessions = sorted({*TARGET_SESSIONS, *push.get("session_counts", [])})
+    rates = sorted({*TARGET_RATES, *push.get("rates", [])})
+    grid = [(s, r) for s in sessions for r in rates]
+    out += [_unmeasured(push, s, r, _latency_target(push, s, r)) for s, r in grid]
+    for key in ("server_cpu_us", "pg_cpu_us"):
+        out += [_unmeasured(push, s, r, _cpu_target(push, s, r, key)) for s, r in grid]
     out += _ceiling_targets(push)
     out.append(_isolated_target(push))
     out.append(
