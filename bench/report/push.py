@@ -468,6 +468,17 @@ def push_section(r: dict[str, Any], plots: Sequence[str] = ()) -> list[str]:
             f"{run_date}.",
             "",
         ]
+    loads = sorted(
+        r["other_load_before_cores"]
+        for r in push.get("runs", [])
+        if r.get("other_load_before_cores") is not None
+    )
+    if loads:
+        out += [
+            f"Other tenants of the machine used a median of {loads[len(loads) // 2]:.2f} cores "
+            f"(at most {loads[-1]:.2f}) just before each pipeline run.",
+            "",
+        ]
     targets = push_targets(push)
     out += ["### Targets", ""]
     out += table(
