@@ -1,7 +1,8 @@
 """
 The benchmark report's push-pipeline section and plots, from fixed results:
 each target's verdict at and beyond its bound, every figure with its ratio
-in the Markdown, the accounting of the commit ceiling, and real PNG files.
+in the Markdown, the accounting of the commit ceiling, real PNG files, and
+the pgbench script and summary the writers use.
 No timing is measured here (speed is the benchmark's business).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from bench.accounting import Row, account
+from bench.pgbench import Writes, insert_script, parse_summary
 from bench.receipts import frame_row
 from bench.report import render
 from bench.report.common import TIMES
@@ -362,3 +364,47 @@ def test_loads_a_quick_run_skipped_are_listed_as_not_measured() -> None:
     skipped = [t for t in targets if "10,000 sessions" in t.name]
     assert len(skipped) == 6
     assert all(t.met is None and t.measured == "not measured in this run" for t in skipped)
+
+
+PGBENCH_OUTPUT = """\
+transaction type: /tmp/bench-x.sql
+scaling factor: 1
+query mode: prepared
+number of clients: 16
+number of threads: 2
+maximum number of tries: 1
+duration: 10 s
+number of transactions actually processed: 4123
+number of failed transactions: 0 (0.000%)
+latency average = 31.204 ms
+latency stddev = 20.101 ms
+rate limit schedule lag: avg 25.932 (max 140.118) ms
+initial connection time = 12.345 ms
+tps = 412.301234 (without initial connection time)
+"""
+
+
+def test_pgbench_summary_is_read_into_figures() -> None:
+    summary = parse_summary(PGBENCH_OUTPUT)
+    assert summary == {
+        "processed": 4123.0,
+        "failed": 0.0,
+        "tps": 412.301234,
+        "latency_avg_ms": 31.204,
+        "lag_avg_ms": 25.932,
+        "skipped": None,
+    }
+
+
+def test_pgbench_script_is_one_single_row_insert_to_a_random_user() -> None:
+    script = insert_script(Writes("t_message_real_time", "pl3", "user-", 1000))
+    assert script.startswith("\\set u random(0, 999)\n")
+    assert script.count("INSERT INTO t_message_real_time ") == 1
+    assert "'user-' || :u" in script and "'pl3:' ||" in script
+    for bad in (
+        Writes("t; DROP TABLE x", "pl3", "user-", 10),
+        Writes("t_message_real_time", "pl'3", "user-", 10),
+        Writes("t_message_real_time", "pl3", "user-", 0),
+    ):
+        with pytest.raises(ValueError):
+            insert_script(bad)
