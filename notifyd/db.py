@@ -22,6 +22,7 @@ from . import queries
 from .backoff import backoff_delay
 from .cursor import Cursor, Snapshot
 from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError, describe
+from .pacing import Lease
 from .queries import CHANNEL, EVENTS, RECEIPTS, TABLE
 from .settings import Settings
 
@@ -196,8 +197,9 @@ class Window:
     One page of newly committed rows, in ``seq`` order.
 
     ``end`` is the snapshot that bounds the window; ``complete`` is true on
-    its last page. The first page also carries the window's events and the
-    unread counts taken at ``end``.
+    its last page. The first page also carries the window's events, the
+    unread counts taken at ``end`` and the polling lease as the same
+    statement saw it (None on later pages).
     """
 
     rows: list[Row]
@@ -206,6 +208,7 @@ class Window:
     events: list[Event] = field(default_factory=list)
     # user -> category -> unread count, at ``end``.
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    lease: Lease | None = None
 
 
 class Database:
@@ -294,7 +297,12 @@ class Database:
                 head = next(r for r in records if r["snap"] is not None)
                 if not head["has_events"]:
                     rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
-                    return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
+                    return Window(
+                        rows,
+                        Snapshot.from_pg(head["snap"]),
+                        complete=len(rows) < limit,
+                        lease=_lease(head),
+                    )
             records = await self._pool.fetch(
                 queries.WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
             )
@@ -306,6 +314,7 @@ class Database:
             complete=len(rows) < limit,
             events=[_event(e) for e in json.loads(head["events"] or "[]")],
             counts=json.loads(head["counts"] or "{}"),
+            lease=_lease(head),
         )
 
     async def window_rest(
@@ -436,6 +445,18 @@ class Database:
             status = await self._pool.execute(queries.PRUNE_EVENTS, older_than_s)
         return int(status.split()[-1])
 
+    async def renew_lease(self, ms: int) -> Lease:
+        """
+        Start or extend the polling lease to ``ms`` milliseconds from now
+        (never shortening it) and wake every instance with a NOTIFY; returns
+        the lease as set.
+        """
+        with as_database_error("renewing the polling lease failed"):
+            head = await self._pool.fetchrow(queries.RENEW_LEASE, ms)
+        if head is None:  # the sequence has exactly one row
+            raise DatabaseError("renewing the polling lease returned no row")
+        return _lease(head)
+
     async def notify(self, payload: str) -> float:
         """
         Send a notification on notifyd's channel (the listener's probe);
@@ -522,6 +543,8 @@ class Database:
         for table in (RECEIPTS, EVENTS, queries.HIDDEN):
             if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                 problems.append(f"table {table} does not exist: run `notifyd init-db`")
+        if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", queries.LEASE):
+            problems.append(f"sequence {queries.LEASE} does not exist: run `notifyd init-db`")
         if problems:
             return problems
         allowed = await self._pool.fetchrow(queries.PRIVILEGES)
@@ -533,6 +556,7 @@ class Database:
             "receipts": f"SELECT, INSERT and DELETE on {RECEIPTS}",
             "hidden": f"SELECT and INSERT on {queries.HIDDEN}",
             "events": f"SELECT and DELETE on {EVENTS}",
+            "lease": f"SELECT and UPDATE on sequence {queries.LEASE}",
         }
         problems += [
             f"the database role lacks {what}: apply role.sql (`notifyd init-db --role`)"
@@ -587,6 +611,10 @@ class Database:
         args: list[Any] = [user, json.dumps(claims, default=str)][:arity]
         with as_database_error("the revocation check failed"):
             return await self._pool.fetchval(query, *args) is True
+
+
+def _lease(head: Row) -> Lease:
+    return Lease(int(head["lease_until"]), int(head["lease_now"]))
 
 
 def _event(data: dict[str, Any]) -> Event:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ListenerVitals", "Vitals"]
+__all__ = ["ListenerVitals", "Vitals", "WakeVitals"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,17 @@ class ListenerVitals:
 
 
 @dataclass(frozen=True, slots=True)
+class WakeVitals:
+    """
+    How delivery learns of commits: the ``NOTIFYD_WAKE`` setting and the
+    mode in force (``notify``, ``polling`` or ``draining``).
+    """
+
+    setting: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
 class Vitals:
     """
     ``alive``: no background task died. ``ready``: alive, listening, and the
@@ -40,6 +51,7 @@ class Vitals:
     sessions: int
     users: int
     delivered: int
+    wake: WakeVitals | None = None
 
     def health_report(self) -> dict[str, Any]:
         """
@@ -62,6 +74,11 @@ class Vitals:
             "sessions": self.sessions,
             "users": self.users,
             "delivered": self.delivered,
+            **(
+                {"wake": {"setting": self.wake.setting, "mode": self.wake.mode}}
+                if self.wake is not None
+                else {}
+            ),
         }
 
     def status_line(self) -> str:
