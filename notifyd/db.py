@@ -457,6 +457,15 @@ class Database:
             raise DatabaseError("renewing the polling lease returned no row")
         return _lease(head)
 
+    async def next_xact_id(self) -> int:
+        """
+        A new transaction id: every transaction that had one before this
+        call has a lower one.
+        """
+        with as_database_error("taking a transaction id failed"):
+            xact_id = await self._pool.fetchval(queries.NEXT_XACT_ID)
+        return int(xact_id)
+
     async def notify(self, payload: str) -> float:
         """
         Send a notification on notifyd's channel (the listener's probe);

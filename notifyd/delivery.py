@@ -175,13 +175,14 @@ class Delivery:
                     self.watermark = await self._db.snapshot()
                     self.ready.set()
                 counts = await self._read_new([j.session.user for j in joining])
-                await self._renew_lease()
                 if counts is None:
                     # A retried window has no counts for them: next round.
                     self._requeue(joining)
                     self._wakeup.set()
                 else:
                     await self._admit_all(joining, counts)
+                await self._renew_lease()
+                await self._take_horizon()
                 if self._collector is not None:
                     hub = self._hub
                     self._collector.after_round(
@@ -273,6 +274,21 @@ class Delivery:
             self.stats.polling_leases += 1
         self._pace(lambda pacer: pacer.renewed(time.monotonic(), lease))
 
+    async def _take_horizon(self) -> None:
+        """
+        Give a draining pacer the transaction id it waits for. A failure
+        only leaves it draining (reading on its own clock) until the next
+        try, after the next read.
+        """
+        if not self._pacer.horizon_needed:
+            return
+        try:
+            horizon = await self._db.next_xact_id()
+        except DatabaseError as exc:
+            logger.debug("taking a transaction id failed (%s); still draining", describe(exc))
+            return
+        self._pace(lambda pacer: pacer.horizon(horizon))
+
     def _pace(self, update: Callable[[Pacer], None]) -> None:
         """
         Apply ``update`` to the pacer and log a change of mode.
@@ -325,10 +341,8 @@ class Delivery:
         if lease is not None:
             # The lease and last.end come from the same statement (a
             # window's pages all share its first page's end snapshot).
-            seen, in_progress = lease, last.end.xip
-            self._pace(
-                lambda pacer: pacer.observed(time.monotonic(), seen, in_progress, len(transactions))
-            )
+            seen, end = lease, last.end
+            self._pace(lambda pacer: pacer.observed(time.monotonic(), seen, end, len(transactions)))
         return counts
 
     def _maybe_prefetch(self, end: Snapshot) -> None:

@@ -13,11 +13,16 @@ Turning the NOTIFYs back on is the delicate part. A transaction whose
 trigger ran under the lease commits whenever it commits, with no NOTIFY to
 announce it. The first read that sees the lease over was made with a
 snapshot taken after the lease ended (see ``LEASE_COLUMNS`` in
-:mod:`notifyd.queries`), so every such transaction is either visible in it
-or among its in-progress transactions. Delivery keeps reading
-(:attr:`Mode.DRAINING`, the interval doubling up to :data:`DRAIN_MAX_INTERVAL`)
-until none of those is still in progress in a later read's snapshot; only
-then does it wait for NOTIFYs again (:attr:`Mode.NOTIFY`).
+:mod:`notifyd.queries`), so every such transaction had its id then: it is
+either visible in that snapshot, or in progress in it. In progress means
+in the snapshot's in-progress list, or at or past its ``xmax`` (Postgres
+sets ``xmax`` one past the newest *finished* transaction, so a running
+transaction newer than that is in no list), up to a *horizon*: a
+transaction id taken right after that read (:attr:`Pacer.horizon_needed`).
+Delivery keeps reading (:attr:`Mode.DRAINING`, the interval doubling up to
+:data:`DRAIN_MAX_INTERVAL`) until a later read's snapshot shows every one of
+them finished; only then does it wait for NOTIFYs again
+(:attr:`Mode.NOTIFY`).
 
 A lease seen to have started and ended between two reads (its end differs
 from the one known) is treated like one that ended after polling, whoever
@@ -32,8 +37,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Collection
 from dataclasses import dataclass
+
+from .cursor import Snapshot
 
 __all__ = [
     "DRAIN_MAX_INTERVAL",
@@ -126,8 +132,12 @@ class Pacer:
         self._poll_above = poll_above
         self._interval = interval
         self.mode = Mode.NOTIFY
-        # The transactions a lease's end may have left behind, while draining.
+        # The transactions a lease's end may have left behind, while
+        # draining: these ids, and every id in [_range_low, _range_high)
+        # (the high end None until the horizon is known).
         self._draining: frozenset[int] = frozenset()
+        self._range_low = 0
+        self._range_high: int | None = 0
         self._drain_interval = interval
         # The last lease seen, and when (local clock); None before the first read.
         self._lease: Lease | None = None
@@ -137,12 +147,24 @@ class Pacer:
         self._rate_at: float | None = None
         self._renew_not_before = -math.inf
 
+    def waits_for(self, xact_id: int) -> bool:
+        """
+        Whether draining still waits for this transaction to finish.
+        """
+        if self.mode is not Mode.DRAINING:
+            return False
+        high = self._range_high
+        return xact_id in self._draining or (
+            self._range_low <= xact_id and (high is None or xact_id < high)
+        )
+
     @property
-    def draining(self) -> frozenset[int]:
+    def horizon_needed(self) -> bool:
         """
-        The transactions still waited for while draining.
+        Whether draining waits for :meth:`horizon`: a transaction id taken
+        after the read that saw the lease's end.
         """
-        return self._draining
+        return self.mode is Mode.DRAINING and self._range_high is None
 
     def rate(self, now: float) -> float:
         """
@@ -153,12 +175,10 @@ class Pacer:
             return 0.0
         return self._rate * math.exp(-max(0.0, now - self._rate_at) / RATE_TAU_S)
 
-    def observed(
-        self, now: float, lease: Lease, in_progress: Collection[int], transactions: int
-    ) -> None:
+    def observed(self, now: float, lease: Lease, snapshot: Snapshot, transactions: int) -> None:
         """
         A window was read: ``lease`` as its first statement saw it,
-        ``in_progress`` its end snapshot's in-progress transactions, and
+        ``snapshot`` the window's end (taken by the same statement), and
         ``transactions`` how many transactions' rows (and events) it read.
         """
         self._rate = self.rate(now) + transactions / RATE_TAU_S
@@ -167,21 +187,44 @@ class Pacer:
         self._lease, self._lease_seen_at = lease, now
         if lease.in_force:
             self.mode = Mode.POLLING
-            self._draining = frozenset()
         elif self.mode is Mode.POLLING or known is None or known.until_ms != lease.until_ms:
             # Over, and either polled for or never seen in force: its
             # writers are all visible or in progress in this snapshot.
-            self._drain(frozenset(in_progress))
+            self._draining = snapshot.xip
+            self._range_low, self._range_high = snapshot.xmax, None
+            self._drain_interval = self._interval
+            self.mode = Mode.DRAINING
         elif self.mode is Mode.DRAINING:
-            self._draining &= frozenset(in_progress)
+            self._shrink(snapshot)
             self._drain_interval = min(2 * self._drain_interval, DRAIN_MAX_INTERVAL)
-            if not self._draining:
-                self.mode = Mode.NOTIFY
+            self._maybe_drained()
 
-    def _drain(self, in_progress: frozenset[int]) -> None:
-        self._draining = in_progress
-        self._drain_interval = self._interval
-        self.mode = Mode.DRAINING if in_progress else Mode.NOTIFY
+    def horizon(self, xact_id: int) -> None:
+        """
+        A transaction id taken after the read that saw the lease's end
+        (every transaction that may have skipped its NOTIFY has a lower
+        one).
+        """
+        if self.horizon_needed:
+            self._range_high = xact_id
+            self._maybe_drained()
+
+    def _shrink(self, snapshot: Snapshot) -> None:
+        """
+        Forget what ``snapshot`` shows finished: an id below its ``xmax``
+        and not in its in-progress list.
+        """
+        xmax, xip = snapshot.xmax, snapshot.xip
+        self._draining = frozenset(x for x in self._draining if x >= xmax or x in xip)
+        high = self._range_high
+        cut = max(self._range_low, xmax if high is None else min(high, xmax))
+        self._draining |= frozenset(x for x in xip if self._range_low <= x < cut)
+        self._range_low = cut
+
+    def _maybe_drained(self) -> None:
+        high = self._range_high
+        if not self._draining and high is not None and self._range_low >= high:
+            self.mode = Mode.NOTIFY
 
     def next_read_in(self) -> float | None:
         """
@@ -228,7 +271,6 @@ class Pacer:
         self._lease, self._lease_seen_at = lease, now
         if lease.in_force:
             self.mode = Mode.POLLING
-            self._draining = frozenset()
 
     def renewal_failed(self, now: float) -> None:
         """

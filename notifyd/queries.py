@@ -20,6 +20,7 @@ __all__ = [
     "MARK_ALL_READ",
     "MARK_READ",
     "MARK_UNREAD",
+    "NEXT_XACT_ID",
     "PRIVILEGES",
     "PRUNE_EVENTS",
     "RECEIPTS",
@@ -319,6 +320,14 @@ SELECT set_config('synchronous_commit', 'off', true) AS unflushed,
        {_MS.format(clock="clock_timestamp()")} AS lease_now,
        pg_notify('{CHANNEL}', 'poll') AS notified
 FROM {LEASE}
+"""
+
+# A transaction id of its own, taken for draining (notifyd.pacing): Postgres
+# hands them out in order, so every transaction that had one before has a
+# lower one. Its commit is not waited for either.
+NEXT_XACT_ID = """
+SELECT pg_current_xact_id()::text AS xact_id,
+       set_config('synchronous_commit', 'off', true) AS unflushed
 """
 
 PRUNE_EVENTS = f"DELETE FROM {EVENTS} WHERE at < now() - make_interval(secs => $1)"

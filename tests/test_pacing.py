@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from notifyd.cursor import Snapshot
 from notifyd.pacing import (
     DRAIN_MAX_INTERVAL,
     RENEW_RETRY_S,
@@ -21,6 +22,14 @@ INTERVAL = 0.002
 T0_MS = 1_700_000_000_000
 
 
+def snap(xmax: int = 100, *in_progress: int) -> Snapshot:
+    """A snapshot: nothing finished at or past ``xmax``, ``in_progress`` below it."""
+    return Snapshot(min((*in_progress, xmax)), xmax, frozenset(in_progress))
+
+
+NOTHING = snap()
+
+
 def over(now_ms: int = T0_MS) -> Lease:
     """A lease that was never taken (or ended long ago), seen at ``now_ms``."""
     return Lease(0, now_ms)
@@ -31,7 +40,9 @@ def busy(pacer: Pacer, *, per_s: float, seconds: float, start: float = 0.0) -> f
     now = start
     for _ in range(round(seconds * 100)):
         now += 0.01
-        pacer.observed(now, over(T0_MS + round(now * 1000)), (), round(per_s / 100))
+        pacer.observed(now, over(T0_MS + round(now * 1000)), NOTHING, round(per_s / 100))
+        if pacer.horizon_needed:
+            pacer.horizon(NOTHING.xmax)
     return now
 
 
@@ -62,7 +73,7 @@ def test_the_lease_is_extended_once_less_than_three_quarters_remain():
     now = busy(pacer, per_s=1000, seconds=1)
     pacer.renewed(now, Lease(T0_MS + 1000, T0_MS))
     assert pacer.renewal(now + 0.2) is None
-    pacer.observed(now + 0.3, Lease(T0_MS + 1000, T0_MS + 300), (), 300)
+    pacer.observed(now + 0.3, Lease(T0_MS + 1000, T0_MS + 300), NOTHING, 300)
     assert pacer.renewal(now + 0.3) is Renewal.EXTEND
 
 
@@ -82,7 +93,7 @@ def test_hysteresis_keeps_extending_above_half_the_threshold_but_never_starts_th
 def test_another_instances_lease_makes_a_non_renewing_instance_poll():
     """poll_above None never renews, but a lease seen in a read means POLLING."""
     pacer = Pacer(None, INTERVAL)
-    pacer.observed(1.0, Lease(T0_MS + 800, T0_MS), (), 0)
+    pacer.observed(1.0, Lease(T0_MS + 800, T0_MS), NOTHING, 0)
     assert pacer.mode is Mode.POLLING
     assert pacer.next_read_in() == INTERVAL
     assert pacer.renewal(1.0) is None
@@ -93,38 +104,62 @@ def test_another_instances_lease_makes_a_non_renewing_instance_poll():
 def test_draining_waits_out_every_transaction_in_progress_at_the_lease_end():
     """The first read after the end takes its in-progress set; later reads shrink it; then NOTIFY."""
     pacer = Pacer(None, INTERVAL)
-    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), {5, 6}, 0)
+    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), snap(10, 5, 6), 0)
     assert pacer.mode is Mode.POLLING
-    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), {7, 8, 9}, 0)
+    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), snap(10, 7, 8, 9), 0)
     assert pacer.mode is Mode.DRAINING
-    assert pacer.draining == {7, 8, 9}
-    # 10 started after the lease's end: it did send its NOTIFY, not waited for.
-    pacer.observed(2.1, Lease(T0_MS + 1000, T0_MS + 1100), {8, 9, 10}, 1)
+    assert pacer.horizon_needed
+    pacer.horizon(10)
+    assert [x for x in range(20) if pacer.waits_for(x)] == [7, 8, 9]
+    # 12 started after the lease's end: it did send its NOTIFY, not waited for.
+    pacer.observed(2.1, Lease(T0_MS + 1000, T0_MS + 1100), snap(13, 8, 9, 12), 1)
     assert pacer.mode is Mode.DRAINING
-    assert pacer.draining == {8, 9}
-    pacer.observed(2.2, Lease(T0_MS + 1000, T0_MS + 1200), {9, 10}, 1)
-    assert pacer.draining == {9}
-    pacer.observed(2.3, Lease(T0_MS + 1000, T0_MS + 1300), {10}, 1)
+    assert [x for x in range(20) if pacer.waits_for(x)] == [8, 9]
+    pacer.observed(2.2, Lease(T0_MS + 1000, T0_MS + 1200), snap(13, 9, 12), 1)
+    assert [x for x in range(20) if pacer.waits_for(x)] == [9]
+    pacer.observed(2.3, Lease(T0_MS + 1000, T0_MS + 1300), snap(13, 12), 1)
     assert pacer.mode is Mode.NOTIFY
     assert pacer.next_read_in() is None
 
 
-def test_a_lease_end_with_nothing_in_progress_goes_straight_back_to_notify():
-    """No transaction in progress at the first read after the end: nothing to drain."""
+def test_a_transaction_past_the_snapshots_xmax_is_waited_for_up_to_the_horizon():
+    """Running but newer than every finished one (so in no list): waited for all the same."""
     pacer = Pacer(None, INTERVAL)
-    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), {5}, 0)
-    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1500), (), 0)
+    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), NOTHING, 0)
+    # 50 is running: xmax stops at 50 (one past the newest finished), xip is empty.
+    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), snap(50), 0)
+    assert pacer.waits_for(50) and pacer.waits_for(10**9)  # horizon not known yet
+    pacer.observed(2.1, Lease(T0_MS + 1000, T0_MS + 1100), snap(50), 0)
+    assert pacer.mode is Mode.DRAINING  # no horizon, no end
+    pacer.horizon(52)
+    assert [x for x in range(60) if pacer.waits_for(x)] == [50, 51]
+    pacer.observed(2.2, Lease(T0_MS + 1000, T0_MS + 1200), snap(50), 0)
+    assert pacer.mode is Mode.DRAINING  # still nothing newer finished: 50 may be running
+    pacer.observed(2.3, Lease(T0_MS + 1000, T0_MS + 1300), snap(53, 50), 0)
+    assert [x for x in range(60) if pacer.waits_for(x)] == [50]
+    pacer.observed(2.4, Lease(T0_MS + 1000, T0_MS + 1400), snap(53), 0)
+    assert pacer.mode is Mode.NOTIFY
+
+
+def test_a_lease_end_with_nothing_in_progress_needs_only_the_horizon():
+    """Nothing in progress at the first read after the end: back to NOTIFY with the horizon."""
+    pacer = Pacer(None, INTERVAL)
+    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), snap(10, 5), 0)
+    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1500), snap(10), 0)
+    assert pacer.mode is Mode.DRAINING
+    pacer.horizon(10)
     assert pacer.mode is Mode.NOTIFY
 
 
 def test_draining_reads_ever_less_often_up_to_a_tenth_of_a_second():
     """The wait between drain reads doubles from the interval and stops at 0.1 s."""
     pacer = Pacer(None, INTERVAL)
-    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), (), 0)
-    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), {42}, 0)
+    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), NOTHING, 0)
+    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), snap(100, 42), 0)
+    pacer.horizon(100)
     waits = [pacer.next_read_in()]
     for step in range(12):
-        pacer.observed(2.0 + step, Lease(T0_MS + 1000, T0_MS + 2000 + step), {42}, 0)
+        pacer.observed(2.0 + step, Lease(T0_MS + 1000, T0_MS + 2000 + step), snap(100, 42), 0)
         waits.append(pacer.next_read_in())
     assert waits[:4] == [INTERVAL, 2 * INTERVAL, 4 * INTERVAL, 8 * INTERVAL]
     assert max(w for w in waits if w is not None) == DRAIN_MAX_INTERVAL
@@ -135,34 +170,40 @@ def test_draining_reads_ever_less_often_up_to_a_tenth_of_a_second():
 def test_a_lease_that_came_and_went_between_two_reads_is_drained_too():
     """A lease end never seen in force (another instance's, between reads) still drains."""
     pacer = Pacer(None, INTERVAL)
-    pacer.observed(1.0, over(), (), 0)
-    assert pacer.mode is Mode.NOTIFY  # nothing in progress to drain
-    pacer.observed(1.5, over(T0_MS + 500), (), 0)
+    pacer.observed(1.0, over(), NOTHING, 0)
+    pacer.horizon(100)
+    assert pacer.mode is Mode.NOTIFY
+    pacer.observed(1.5, over(T0_MS + 500), NOTHING, 0)
     assert pacer.mode is Mode.NOTIFY
     # Someone held the lease until T0+2000; this instance only sees it over.
-    pacer.observed(3.0, Lease(T0_MS + 2000, T0_MS + 3000), {11}, 0)
+    pacer.observed(3.0, Lease(T0_MS + 2000, T0_MS + 3000), snap(100, 11), 0)
     assert pacer.mode is Mode.DRAINING
-    assert pacer.draining == {11}
+    assert pacer.waits_for(11)
 
 
 def test_the_first_read_of_an_instance_drains_what_an_earlier_lease_may_have_left():
     """At start the lease's history is unknown: whatever is in progress is waited out."""
     pacer = Pacer(200, INTERVAL)
-    pacer.observed(1.0, Lease(T0_MS - 10, T0_MS), {3}, 0)
+    pacer.observed(1.0, Lease(T0_MS - 10, T0_MS), snap(10, 3), 0)
     assert pacer.mode is Mode.DRAINING
+    assert pacer.waits_for(3)
 
 
 def test_a_new_lease_during_draining_polls_again_and_its_end_drains_anew():
     """DRAINING -> POLLING on a new lease; its end takes a fresh in-progress set."""
     pacer = Pacer(None, INTERVAL)
-    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), (), 0)
-    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), {1}, 0)
+    pacer.observed(1.0, Lease(T0_MS + 1000, T0_MS), NOTHING, 0)
+    pacer.observed(2.0, Lease(T0_MS + 1000, T0_MS + 1001), snap(10, 1), 0)
+    pacer.horizon(10)
     assert pacer.mode is Mode.DRAINING
-    pacer.observed(2.1, Lease(T0_MS + 2500, T0_MS + 1100), {1}, 0)
+    pacer.observed(2.1, Lease(T0_MS + 2500, T0_MS + 1100), snap(10, 1), 0)
     assert pacer.mode is Mode.POLLING
-    pacer.observed(3.6, Lease(T0_MS + 2500, T0_MS + 2600), {1, 2}, 0)
+    assert not pacer.waits_for(1)
+    pacer.observed(3.6, Lease(T0_MS + 2500, T0_MS + 2600), snap(20, 1, 2), 0)
     assert pacer.mode is Mode.DRAINING
-    assert pacer.draining == {1, 2}
+    assert pacer.horizon_needed
+    pacer.horizon(20)
+    assert [x for x in range(30) if pacer.waits_for(x)] == [1, 2]
 
 
 def test_a_failed_renewal_is_not_retried_at_once():
