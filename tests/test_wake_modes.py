@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ import asyncpg
 import pytest
 
 from notifyd.db import Database
+from notifyd.metrics import registry_for, render_metrics
 from notifyd.pacing import Mode
 
 from .conftest import TIMEOUT, RunningDaemon, insert
@@ -244,6 +246,14 @@ async def test_a_busy_instance_turns_notifies_off_and_a_notify_instance_still_de
     vitals = busy.daemon.vitals()
     assert vitals.wake is not None and vitals.wake.setting == "auto"
     assert quiet.daemon.vitals().health_report()["wake"]["setting"] == "notify"
+    text = render_metrics(registry_for(busy.daemon.vitals, busy.daemon.stats)).decode()
+    modes_exported = re.findall(r'notifyd_wake_mode\{mode="(\w+)"\} ([01])\.0', text)
+    assert sorted(m for m, _ in modes_exported) == ["draining", "notify", "polling"]
+    assert [v for _, v in modes_exported].count("1") == 1
+    leases = re.search(r"notifyd_polling_leases_total ([0-9.]+)", text)
+    assert leases is not None and float(leases.group(1)) >= 1
+    rows = re.search(r"notifyd_rows_read_total ([0-9.]+)", text)
+    assert rows is not None and float(rows.group(1)) >= committed
 
 
 async def test_modes_switching_under_load_and_a_killed_listener_lose_nothing(
