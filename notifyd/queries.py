@@ -48,8 +48,8 @@ _MS = "floor(extract(epoch FROM {clock}) * 1000)::bigint"
 # (docs/deployment.md, "Wake-ups under load"): its end and the server's clock.
 # now() is the statement's start, before its snapshot was taken: a lease seen
 # over here was over before the snapshot, so every transaction that skipped
-# its NOTIFY under it is either visible in the snapshot or in its
-# in-progress list (notifyd.pacing relies on that).
+# its NOTIFY under it is either visible in the snapshot or was still in
+# progress when it was taken (notifyd.pacing relies on that).
 LEASE_COLUMNS = f"""(SELECT last_value FROM {LEASE}) AS lease_until,
        {_MS.format(clock="now()")} AS lease_now"""
 
