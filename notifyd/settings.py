@@ -82,6 +82,19 @@ class Settings(BaseSettings):
         description="Under load, the shortest time between two reads of new rows, so one "
         "query serves several commits; 0 reads once per wake-up.",
     )
+    wake: Literal["auto", "notify"] = Field(
+        default="auto",
+        description="auto: while this instance reads more than NOTIFYD_POLL_ABOVE writing "
+        "transactions a second, it polls and the triggers skip their NOTIFY, so the "
+        "application's commits do not queue for the NOTIFY lock; notify: always wake up "
+        "on NOTIFY (other instances' polling is still followed). See docs/deployment.md.",
+    )
+    poll_above: float = Field(
+        default=200.0,
+        gt=0,
+        description="Writing transactions a second above which NOTIFYD_WAKE=auto starts "
+        "polling; it stops below half of it.",
+    )
     event_retention_s: float = Field(
         default=3600.0,
         gt=0,
