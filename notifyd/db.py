@@ -29,6 +29,7 @@ __all__ = [
     "CHANNEL",
     "DATABASE_ERRORS",
     "Database",
+    "OwnConnection",
     "Row",
     "as_database_error",
     "connect_database",
@@ -600,3 +601,95 @@ def _event(data: dict[str, Any]) -> Event:
         data["readers"],
         None if inserted is None else int(inserted),
     )
+
+
+class OwnConnection:
+    """
+    A connection of its own, outside the pool, for session state that must
+    live exactly as long as the session: an advisory lock
+    (:class:`~notifyd.dispatch.SenderLock`). Every method raises
+    :class:`DatabaseError` when Postgres is unusable, like :class:`Database`.
+    """
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, settings: Mapping[str, str], statement_timeout: float, what: str
+    ) -> OwnConnection:
+        """
+        Connect to ``dsn`` with these server ``settings`` (GUCs for the
+        session); every statement is given up after ``statement_timeout`` s.
+        """
+        with as_database_error(f"cannot open the {what}"):
+            connection = await asyncpg.connect(
+                dsn,
+                timeout=statement_timeout,
+                command_timeout=statement_timeout,
+                server_settings=dict(settings),
+            )
+        return cls(connection)
+
+    @property
+    def closed(self) -> bool:
+        """
+        Whether the session has ended (closed here or by the server).
+        """
+        return self._connection.is_closed()
+
+    @property
+    def backend_pid(self) -> int:
+        """
+        The server process of the session.
+        """
+        return self._connection.get_server_pid()
+
+    async def wait_for_advisory_lock(self, name: str) -> bool:
+        """
+        Take the session-level advisory lock keyed by ``hashtextextended(name,
+        0)``, waiting up to the session's ``lock_timeout``; False when it
+        was still held elsewhere by then.
+        """
+        with as_database_error(f"waiting for the advisory lock {name!r} failed"):
+            try:
+                await self._connection.fetchval(
+                    "SELECT pg_advisory_lock(hashtextextended($1, 0))", name
+                )
+            except asyncpg.LockNotAvailableError:
+                return False
+        return True
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        """
+        Run a query; its rows.
+        """
+        with as_database_error("query failed"):
+            rows: list[Row] = await self._connection.fetch(query, *args)
+        return rows
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """
+        Run a one-value query.
+        """
+        with as_database_error("query failed"):
+            return await self._connection.fetchval(query, *args)
+
+    def terminate(self) -> None:
+        """
+        Drop the connection at once.
+        """
+        self._connection.terminate()
+
+    async def close(self) -> None:
+        """
+        End the session gracefully, or drop it when that does not work within
+        2 s; raises nothing but a cancellation.
+        """
+        try:
+            await self._connection.close(timeout=2)
+        except asyncio.CancelledError:
+            self._connection.terminate()
+            raise
+        except Exception:
+            self._connection.terminate()
