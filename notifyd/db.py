@@ -8,10 +8,10 @@ The LISTEN connection is not here: it is a dedicated connection owned by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -30,6 +30,7 @@ __all__ = [
     "DATABASE_ERRORS",
     "Database",
     "OwnConnection",
+    "Pool",
     "Row",
     "as_database_error",
     "connect_database",
@@ -56,7 +57,7 @@ DATABASE_ERRORS = (
 )
 
 
-@contextmanager
+@contextlib.contextmanager
 def as_database_error(failed: str) -> Iterator[None]:
     """
     Turn asyncpg's and the socket's errors raised inside into
@@ -159,6 +160,103 @@ async def _plan_per_execution(connection: asyncpg.Connection) -> None:
     await connection.execute("SET plan_cache_mode = force_custom_plan")
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """
+    Whether asyncpg refused to start a statement on a connection the server
+    had already closed, before writing a byte of it.
+
+    When the server ends an idle connection (a failover's shutdown,
+    ``pg_terminate_backend``, ``idle_session_timeout``) it sends a FATAL
+    error and closes. asyncpg reads the error as soon as it arrives and
+    parks the connection in its error state, but only counts it closed when
+    it reads the end of the stream, a moment later. A statement started in
+    between fails at once with "cannot switch to state N; another
+    operation (2) is in progress", with nothing sent: safe to run again
+    elsewhere, whatever it does.
+    """
+    return (
+        isinstance(exc, asyncpg.InternalClientError)
+        and str(exc).startswith("cannot switch to state")
+    ) or (isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc))
+
+
+class Pool:
+    """
+    asyncpg's pool, minus its connections that the server has already closed.
+
+    A statement that asyncpg refuses to start because the server ended its
+    connection (see :func:`_never_sent`) is run again on another one, the
+    dead one dropped; at most once per connection in the pool, so a
+    failover that ended all of them costs no failed statement when the
+    server is back. Anything else is raised as asyncpg raised it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        rows: list[Row] = await self._run("fetch", query, args)
+        return rows
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._run("fetchval", query, args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        row: Row | None = await self._run("fetchrow", query, args)
+        return row
+
+    async def execute(self, query: str, *args: Any) -> str:
+        status: str = await self._run("execute", query, args)
+        return status
+
+    def acquire(self) -> Any:
+        """
+        asyncpg's ``acquire()``: a connection as it comes, for callers that
+        start with a statement of their own (prefer :meth:`transaction`).
+        """
+        return self._pool.acquire()
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, *, readonly: bool = False
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Row]]:
+        """
+        A pooled connection inside a transaction that has begun (committed
+        on exit, rolled back on an exception); a dead connection is found
+        by the BEGIN and replaced.
+        """
+        for attempt in range(self._pool.get_max_size() + 1):
+            async with contextlib.AsyncExitStack() as stack:
+                connection = await stack.enter_async_context(self._pool.acquire())
+                try:
+                    await stack.enter_async_context(connection.transaction(readonly=readonly))
+                except Exception as exc:
+                    if not _never_sent(exc) or attempt == self._pool.get_max_size():
+                        raise
+                    connection.terminate()
+                    continue
+                yield connection
+                return
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+
+    async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
+        for attempt in range(self._pool.get_max_size() + 1):
+            async with self._pool.acquire() as connection:
+                try:
+                    return await getattr(connection, method)(query, *args)
+                except Exception as exc:
+                    if not _never_sent(exc) or attempt == self._pool.get_max_size():
+                        raise
+                    # Dropped, so the pool opens a new one in its place.
+                    connection.terminate()
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
 def role_sql() -> str:
     """
     The least-privilege role for the daemon (``role.sql``).
@@ -219,7 +317,7 @@ class Database:
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+        self._pool = Pool(pool)
 
     @classmethod
     async def connect(cls, dsn: str, *, size: int = 4) -> Database:
@@ -249,7 +347,7 @@ class Database:
         return database
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> Pool:
         """
         The pool, for modules that keep their own statements
         (:mod:`notifyd.dispatch`).
@@ -321,7 +419,7 @@ class Database:
         """
         rows: list[Row] = []
         with as_database_error("reading the rest of a window failed"):
-            async with self._pool.acquire() as connection, connection.transaction(readonly=True):
+            async with self._pool.transaction(readonly=True) as connection:
                 cursor = await connection.cursor(
                     queries.WINDOW_REST,
                     since.to_pg(),
@@ -387,7 +485,7 @@ class Database:
         hidden; a 'deleted' event tells every session.
         """
         with as_database_error("deleting messages failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
+            async with self._pool.transaction() as connection:
                 await connection.execute("SELECT set_config('notifyd.hiding', 'on', true)")
                 hidden = await connection.fetchval(queries.HIDE, user, list(ids))
         return int(hidden)
@@ -398,7 +496,7 @@ class Database:
         given); the event says "all" instead of listing ids.
         """
         with as_database_error("marking all messages read failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
+            async with self._pool.transaction() as connection:
                 await connection.execute(
                     "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
                 )
@@ -478,7 +576,7 @@ class Database:
         transaction; both are idempotent.
         """
         with as_database_error("applying the schema failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
+            async with self._pool.transaction() as connection:
                 await connection.execute(schema_sql())
                 if role:
                     await connection.execute(role_sql())
@@ -559,14 +657,12 @@ class Database:
         """
         with as_database_error("checking NOTIFYD_REVOCATION_SQL failed"):
             try:
-                async with self._pool.acquire() as connection:
-                    # In a transaction of its own: asyncpg's prepare leaves
-                    # the implicit one open, and with it a lock on the app's
-                    # table that would block the app's DDL until the next
-                    # query.
-                    async with connection.transaction(readonly=True):
-                        statement = await connection.prepare(query)
-                        arity = len(statement.get_parameters())
+                # In a transaction of its own: asyncpg's prepare leaves the
+                # implicit one open, and with it a lock on the app's table
+                # that would block the app's DDL until the next query.
+                async with self._pool.transaction(readonly=True) as connection:
+                    statement = await connection.prepare(query)
+                    arity = len(statement.get_parameters())
             except asyncpg.PostgresError as exc:
                 raise ConfigError(
                     f"NOTIFYD_REVOCATION_SQL is not usable: {describe(exc)}"

@@ -215,7 +215,7 @@ class DispatchStore:
         another instance is filling right now.
         """
         with as_database_error(f"filling the {self._sink} dispatch failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
+            async with self._pool.transaction() as connection:
                 stored = await connection.fetchval(_LOCK_STATE, self._sink)
                 if stored is None:
                     return None

@@ -6,7 +6,9 @@ TCP proxies in front of PostgreSQL that misbehave in one defined way:
   some other server connection;
 - one cuts the first connection whose replies pass a number of bytes: a
   connection lost in the middle of a long read;
-- one forwards everything: closing it is a server that vanishes.
+- one forwards everything: closing it is a server that vanishes;
+- one holds back the end of a stream the server closed, after its last
+  bytes: a terminated connection, seen between its FATAL and its end.
 
 Every proxy, when closed, cuts the connections it carries and stops
 listening, as a server that went away.
@@ -99,6 +101,33 @@ async def connection_cutting_proxy(
 
     async with _proxy(dsn, forward_then_cut) as url:
         yield url, cut
+
+
+@contextlib.asynccontextmanager
+async def close_holding_proxy(dsn: str) -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Event]]:
+    """
+    Serve a proxy to ``dsn``'s server that forwards everything but holds
+    back the end of a server's stream; yield a DSN through it, an event set
+    when a server closed a connection (its last bytes forwarded), and one
+    the test sets to let that close through to the client. Between the two
+    the client has the server's last words (a FATAL error) but not the end
+    of the stream: what a client sees of a terminated connection for a
+    moment (a loop iteration locally, longer over a network).
+    """
+    closed = asyncio.Event()
+    let_close = asyncio.Event()
+
+    async def forward_then_hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        closed.set()
+        await let_close.wait()
+        writer.close()
+
+    async with _proxy(dsn, forward_then_hold) as url:
+        yield url, closed, let_close
 
 
 @contextlib.asynccontextmanager
