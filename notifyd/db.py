@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -160,6 +161,23 @@ async def _plan_per_execution(connection: asyncpg.Connection) -> None:
     await connection.execute("SET plan_cache_mode = force_custom_plan")
 
 
+# What a client waits for at most when its action needs the database (read,
+# unread, delete, read_all, history): a free pooled connection, a lock on a
+# table (an application's ALTER TABLE holds ACCESS EXCLUSIVE until it
+# commits), the statement itself, and the whole exchange (a server that
+# answers nothing). Past any of them the client is answered `unavailable`,
+# at once instead of after the lock, and nothing queues up behind it.
+CLIENT_ACQUIRE_S = 1.0
+CLIENT_LOCK_TIMEOUT_MS = 1000
+CLIENT_STATEMENT_TIMEOUT_MS = 3000
+CLIENT_BUDGET_S = 5.0
+
+# Transaction-local settings, one round trip for all of them.
+_SET_LOCAL = (
+    "SELECT set_config(name, value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)"
+)
+
+
 def _never_sent(exc: BaseException) -> bool:
     """
     Whether asyncpg refused to start a statement on a connection the server
@@ -180,6 +198,11 @@ def _never_sent(exc: BaseException) -> bool:
     ) or (isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc))
 
 
+# Pooled sessions are replaced at most this often while writes are refused
+# as read-only: each refusal would otherwise cost every connection a reconnect.
+_RENEW_EVERY_S = 1.0
+
+
 class Pool:
     """
     asyncpg's pool, minus its connections that the server has already closed.
@@ -193,6 +216,7 @@ class Pool:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._renewed_at = -_RENEW_EVERY_S
 
     async def fetch(self, query: str, *args: Any) -> list[Row]:
         rows: list[Row] = await self._run("fetch", query, args)
@@ -218,16 +242,24 @@ class Pool:
 
     @contextlib.asynccontextmanager
     async def transaction(
-        self, *, readonly: bool = False
+        self, *, readonly: bool = False, acquire_timeout: float | None = None
     ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Row]]:
         """
         A pooled connection inside a transaction that has begun (committed
         on exit, rolled back on an exception); a dead connection is found
-        by the BEGIN and replaced.
+        by the BEGIN and replaced. With ``acquire_timeout``, waiting longer
+        than that for a free connection raises :class:`DatabaseError`.
         """
         for attempt in range(self._pool.get_max_size() + 1):
             async with contextlib.AsyncExitStack() as stack:
-                connection = await stack.enter_async_context(self._pool.acquire())
+                try:
+                    connection = await stack.enter_async_context(
+                        self._pool.acquire(timeout=acquire_timeout)
+                    )
+                except TimeoutError:
+                    raise DatabaseError(
+                        f"no database connection free within {acquire_timeout:g}s"
+                    ) from None
                 try:
                     await stack.enter_async_context(connection.transaction(readonly=readonly))
                 except Exception as exc:
@@ -235,7 +267,11 @@ class Pool:
                         raise
                     connection.terminate()
                     continue
-                yield connection
+                try:
+                    yield connection
+                except asyncpg.ReadOnlySQLTransactionError:
+                    await self._renew_sessions()
+                    raise
                 return
 
     async def close(self) -> None:
@@ -244,11 +280,28 @@ class Pool:
     def terminate(self) -> None:
         self._pool.terminate()
 
+    async def _renew_sessions(self) -> None:
+        """
+        A write was refused as read-only (``default_transaction_read_only``
+        on, or a standby reached by mistake): replace every pooled
+        connection as it is next released, so that once the database
+        accepts writes again (or the DSN leads to the primary) the next
+        session sees it, instead of connections that were opened read-only
+        refusing writes for good. At most once per _RENEW_EVERY_S.
+        """
+        now = time.monotonic()
+        if now - self._renewed_at >= _RENEW_EVERY_S:
+            self._renewed_at = now
+            await self._pool.expire_connections()
+
     async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         for attempt in range(self._pool.get_max_size() + 1):
             async with self._pool.acquire() as connection:
                 try:
                     return await getattr(connection, method)(query, *args)
+                except asyncpg.ReadOnlySQLTransactionError:
+                    await self._renew_sessions()
+                    raise
                 except Exception as exc:
                     if not _never_sent(exc) or attempt == self._pool.get_max_size():
                         raise
@@ -460,13 +513,42 @@ class Database:
             result[record["i"] - 1].append(record)
         return result
 
+    @contextlib.asynccontextmanager
+    async def _for_client(
+        self, failed: str, *, readonly: bool = False, settings: Mapping[str, str] | None = None
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Row]]:
+        """
+        A transaction for a client's action, within the CLIENT_* bounds
+        (and with ``settings`` set locally); every failure, a bound passed
+        included, is a :class:`DatabaseError` reading ``"<failed>: ..."``.
+        """
+        local = {
+            "lock_timeout": str(CLIENT_LOCK_TIMEOUT_MS),
+            "statement_timeout": str(CLIENT_STATEMENT_TIMEOUT_MS),
+            **(settings or {}),
+        }
+        with as_database_error(failed):
+            try:
+                async with (
+                    asyncio.timeout(CLIENT_BUDGET_S),
+                    self._pool.transaction(
+                        readonly=readonly, acquire_timeout=CLIENT_ACQUIRE_S
+                    ) as connection,
+                ):
+                    await connection.execute(_SET_LOCAL, list(local), list(local.values()))
+                    yield connection
+            except DatabaseError as exc:
+                raise DatabaseError(f"{failed}: {exc}") from exc
+            except TimeoutError:
+                raise DatabaseError(f"{failed}: no answer within {CLIENT_BUDGET_S:g}s") from None
+
     async def mark_read(self, user: str, ids: Sequence[str]) -> int:
         """
         Mark the user's messages (and announcements) with these ids read;
         returns how many changed. The triggers tell every session.
         """
-        with as_database_error("marking messages read failed"):
-            changed = await self._pool.fetchval(queries.MARK_READ, user, list(ids))
+        async with self._for_client("marking messages read failed") as connection:
+            changed = await connection.fetchval(queries.MARK_READ, user, list(ids))
         return int(changed)
 
     async def mark_unread(self, user: str, ids: Sequence[str]) -> int:
@@ -474,8 +556,8 @@ class Database:
         Mark the user's messages (and announcements) with these ids unread
         again; returns how many changed. The triggers tell every session.
         """
-        with as_database_error("marking messages unread failed"):
-            changed = await self._pool.fetchval(queries.MARK_UNREAD, user, list(ids))
+        async with self._for_client("marking messages unread failed") as connection:
+            changed = await connection.fetchval(queries.MARK_UNREAD, user, list(ids))
         return int(changed)
 
     async def hide(self, user: str, ids: Sequence[str]) -> int:
@@ -484,10 +566,10 @@ class Database:
         user's inbox: hidden for this user, and read. Returns how many were
         hidden; a 'deleted' event tells every session.
         """
-        with as_database_error("deleting messages failed"):
-            async with self._pool.transaction() as connection:
-                await connection.execute("SELECT set_config('notifyd.hiding', 'on', true)")
-                hidden = await connection.fetchval(queries.HIDE, user, list(ids))
+        async with self._for_client(
+            "deleting messages failed", settings={"notifyd.hiding": "on"}
+        ) as connection:
+            hidden = await connection.fetchval(queries.HIDE, user, list(ids))
         return int(hidden)
 
     async def mark_all_read(self, user: str, type: str | None) -> int:
@@ -495,12 +577,10 @@ class Database:
         Mark all of the user's unread messages read (of one ``type`` when
         given); the event says "all" instead of listing ids.
         """
-        with as_database_error("marking all messages read failed"):
-            async with self._pool.transaction() as connection:
-                await connection.execute(
-                    "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
-                )
-                changed = await connection.fetchval(queries.MARK_ALL_READ, user, type)
+        async with self._for_client(
+            "marking all messages read failed", settings={"notifyd.read_all": type or "*"}
+        ) as connection:
+            changed = await connection.fetchval(queries.MARK_ALL_READ, user, type)
         return int(changed)
 
     async def history(
@@ -516,8 +596,8 @@ class Database:
         Up to ``limit`` of the user's messages older than ``before_seq``,
         newest first, and whether there are more.
         """
-        with as_database_error("reading history failed"):
-            rows = await self._pool.fetch(
+        async with self._for_client("reading history failed", readonly=True) as connection:
+            rows = await connection.fetch(
                 queries.HISTORY,
                 user,
                 before_seq if before_seq is not None else 2**63 - 1,
