@@ -792,19 +792,36 @@ class OwnConnection:
 
     @classmethod
     async def open(
-        cls, dsn: str, *, settings: Mapping[str, str], statement_timeout: float, what: str
+        cls,
+        dsn: str,
+        *,
+        application_name: str,
+        settings: Mapping[str, str],
+        statement_timeout: float,
+        what: str,
     ) -> OwnConnection:
         """
-        Connect to ``dsn`` with these server ``settings`` (GUCs for the
-        session); every statement is given up after ``statement_timeout`` s.
+        Connect to ``dsn`` and set these ``settings`` (GUCs) for the session;
+        every statement is given up after ``statement_timeout`` s. Only
+        ``application_name`` is a startup parameter: poolers refuse others.
         """
         with as_database_error(f"cannot open the {what}"):
             connection = await asyncpg.connect(
                 dsn,
                 timeout=statement_timeout,
                 command_timeout=statement_timeout,
-                server_settings=dict(settings),
+                server_settings={"application_name": application_name},
             )
+            try:
+                await connection.execute(
+                    "SELECT set_config(name, value, false) "
+                    "FROM unnest($1::text[], $2::text[]) AS s(name, value)",
+                    list(settings),
+                    list(settings.values()),
+                )
+            except BaseException:
+                connection.terminate()
+                raise
         return cls(connection)
 
     @property

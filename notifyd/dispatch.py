@@ -303,8 +303,8 @@ class SenderLock:
     the claim to be the sender (:attr:`held` turns false).
 
     The connection must reach Postgres directly or through a session-mode
-    pooler: a transaction-mode pooler would hand the lock's session to
-    another client.
+    pooler (a transaction-mode pooler would hand the lock's session to
+    another client): give it the LISTEN connection's DSN.
     """
 
     def __init__(self, dsn: str, sink: str, *, wait: float) -> None:
@@ -396,11 +396,8 @@ class SenderLock:
         name = f"notifyd {self._sink} sender {socket.gethostname()}:{os.getpid()}"
         self._connection = await OwnConnection.open(
             self._dsn,
-            settings={
-                **_SENDER_SESSION,
-                "application_name": name[:63],
-                "lock_timeout": str(max(1, round(self._wait * 1000))),
-            },
+            application_name=name[:63],
+            settings={**_SENDER_SESSION, "lock_timeout": str(max(1, round(self._wait * 1000)))},
             statement_timeout=self._wait + _SENDER_STATEMENT_S,
             what=f"{self._sink} sender connection",
         )

@@ -119,7 +119,10 @@ class WebhookSink:
         Check the dispatch tables and rights; mark where this sink begins.
         """
         assert self._context.database is not None
-        dsn = self._context.settings.dsn
+        # The lock needs a session of its own: the LISTEN DSN is the one that
+        # reaches Postgres directly when NOTIFYD_DSN goes through a
+        # transaction-mode pooler.
+        dsn = self._context.settings.listen_dsn or self._context.settings.dsn
         assert dsn is not None  # the database is connected, so it has a DSN
         self._store = store = DispatchStore(self._context.database, self._context.name)
         problems = await store.problems()
