@@ -77,6 +77,10 @@ def _command(args: argparse.Namespace, notifyd_env: dict[str, str]) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["soak"]:
+        from .soak.run import main as soak
+
+        return soak(sys.argv[2:])
     parser = _parser()
     args = parser.parse_args()
     if args.users < 100:
