@@ -188,6 +188,11 @@ class WebhookSink:
         sending = False
         while True:
             self._wake.clear()
+            if sending and not lock.held:
+                # Its session ended under it (cut, terminated): noticed by
+                # the statement that failed, or here.
+                sending = False
+                logger.warning("webhook: lost the sender lock; waiting to take it again")
             try:
                 if not await lock.acquire():
                     # Another instance sends; this one waited in the lock's
@@ -221,9 +226,6 @@ class WebhookSink:
                 due_in = 0.0 if more else await store.head_due_in()
                 failures = 0
             except DatabaseError as exc:
-                if sending and not lock.held:
-                    sending = False
-                    logger.warning("webhook: lost the sender lock; waiting to take it again")
                 failures += 1
                 due_in = backoff_delay(failures, initial=0.1, maximum=self._poll, jitter=0)
                 logger.warning(
