@@ -180,8 +180,9 @@ _SET_LOCAL = (
 
 def _never_sent(exc: BaseException) -> bool:
     """
-    Whether asyncpg refused to start a statement on a connection the server
-    had already closed, before writing a byte of it.
+    Whether a statement failed because the server had already ended its
+    pooled connection while it was idle, so that the statement never ran:
+    safe to run again elsewhere, whatever it does.
 
     When the server ends an idle connection (a failover's shutdown,
     ``pg_terminate_backend``, ``idle_session_timeout``) it sends a FATAL
@@ -189,13 +190,25 @@ def _never_sent(exc: BaseException) -> bool:
     parks the connection in its error state, but only counts it closed when
     it reads the end of the stream, a moment later. A statement started in
     between fails at once with "cannot switch to state N; another
-    operation (2) is in progress", with nothing sent: safe to run again
-    elsewhere, whatever it does.
+    operation (2) is in progress", with nothing sent. A statement sent
+    before the FATAL arrived fails with it; only ``idle_session_timeout``
+    says that the session was idle (the others may have ended a statement
+    that was running, and a commit's fate would be unknown).
     """
-    return (
-        isinstance(exc, asyncpg.InternalClientError)
-        and str(exc).startswith("cannot switch to state")
-    ) or (isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc))
+    if isinstance(exc, asyncpg.InternalClientError):
+        return str(exc).startswith("cannot switch to state")
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        return isinstance(exc.__cause__, asyncpg.IdleSessionTimeoutError)
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+
+
+def _drop(connection: asyncpg.pool.PoolConnectionProxy[Row]) -> None:
+    """
+    Close a dead pooled connection, so that the pool opens a new one in its
+    place; one whose loss asyncpg has already noticed is back in the pool.
+    """
+    with contextlib.suppress(asyncpg.InterfaceError):
+        connection.terminate()
 
 
 # Pooled sessions are replaced at most this often while writes are refused
@@ -265,7 +278,7 @@ class Pool:
                 except Exception as exc:
                     if not _never_sent(exc) or attempt == self._pool.get_max_size():
                         raise
-                    connection.terminate()
+                    _drop(connection)
                     continue
                 try:
                     yield connection
@@ -305,8 +318,7 @@ class Pool:
                 except Exception as exc:
                     if not _never_sent(exc) or attempt == self._pool.get_max_size():
                         raise
-                    # Dropped, so the pool opens a new one in its place.
-                    connection.terminate()
+                    _drop(connection)
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
 

@@ -24,8 +24,8 @@ import asyncpg
 
 from notifyd.db import Database
 
-from .conftest import insert
-from .pgproxy import close_holding_proxy
+from .conftest import TIMEOUT, insert
+from .pgproxy import close_holding_proxy, reply_holding_proxy
 from .receiver import until_async
 
 
@@ -93,3 +93,23 @@ async def test_a_transaction_after_the_server_ended_an_idle_connection_begins_on
         await database.snapshot()
         await terminate_idle(database, db, closed)
         assert await database.hide("alice", [message]) == 1
+
+
+async def test_a_statement_sent_after_an_idle_session_timeout_runs_again_on_a_live_connection(
+    dsn,
+):
+    """idle_session_timeout ended the session, its FATAL still on the way when a statement went out: it runs on a new connection."""
+    async with reply_holding_proxy(dsn) as (url, replies):
+        database = await Database.connect(url, size=1)
+        try:
+            await database.fetchval("SELECT set_config('idle_session_timeout', '100', false)")
+            replies.hold()
+            # The server ends the idle session; its FATAL and close are held.
+            await asyncio.wait_for(replies.server_closed.wait(), TIMEOUT)
+            read = asyncio.create_task(database.snapshot())
+            await asyncio.wait_for(replies.client_spoke.wait(), TIMEOUT)
+            replies.release()
+            assert (await read).xmax > 0
+        finally:
+            replies.release()
+            await database.close()
