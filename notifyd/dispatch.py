@@ -21,8 +21,9 @@ How a message moves through it:
    keepalives) or a cut connection hands it to the next instance within
    seconds, while a live instance that is merely slow keeps it.
 3. *finish*: the row is marked ``sent`` after a 2xx, or ``seen``,
-   ``rejected``, ``expired``, ``gone``; a failed attempt moves ``next_at``
-   by the backoff, and the rows behind it wait (order is kept).
+   ``rejected``, ``expired``, ``gone`` (deleted, or past its ``expire_at``
+   when its turn came); a failed attempt moves ``next_at`` by the backoff,
+   and the rows behind it wait (order is kept).
 
 "Seen" (for the offline fallback) is ``t_message_seen``: every instance
 records the messages it pushed to at least one live session; a message read
@@ -93,6 +94,7 @@ SELECT d.message_id, d.seq AS dispatch_seq, d.attempts, m.id IS NOT NULL AS pres
     m.seq, m.id::text AS id, m.title::text AS title, m.content::text AS content,
     m.type::text AS type, m.send_user::text AS send_user, m.to_user::text AS to_user,
     m.send_time, m.skip_url::text AS skip_url, m.is_read::text AS is_read,
+    coalesce(m.expire_at <= now(), false) AS lapsed,
     (m.is_read::text = '1' AND m.to_user::text <> '*'
      OR EXISTS (SELECT 1 FROM {SEEN} AS s WHERE s.message_id = d.message_id)) AS seen
 FROM head AS d LEFT JOIN t_message_real_time AS m ON m.id::text = d.message_id
@@ -358,7 +360,8 @@ class SenderLock:
         """
         The next rows to send, oldest first, up to the first not yet due,
         joined with their messages (``present`` false when the message was
-        deleted). Only while the lock is held.
+        deleted, ``lapsed`` true when it is past its ``expire_at``). Only
+        while the lock is held.
         """
         connection = self._holding(f"reading due {self._sink} dispatch rows failed")
         try:

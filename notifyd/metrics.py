@@ -100,6 +100,13 @@ class _InstanceCollector:
             value=vitals.loop_lag_s,
         )
         listener = vitals.listener
+        # The same judgement as /readyz and the systemd watchdog, so an
+        # alert on it fires exactly when those say no.
+        yield GaugeMetricFamily(
+            "notifyd_ready",
+            "1 when the instance is ready (/readyz 200: LISTEN up and its probe recent)",
+            value=1.0 if vitals.ready else 0.0,
+        )
         yield GaugeMetricFamily(
             "notifyd_listen_connected",
             "1 when the LISTEN connection is up",
