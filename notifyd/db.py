@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -163,6 +171,164 @@ async def _plan_per_execution(connection: asyncpg.Connection) -> None:
     await connection.execute("SET plan_cache_mode = force_custom_plan")
 
 
+async def _plan_window_reads(connection: asyncpg.Connection, *, generic: bool) -> None:
+    """
+    Init hook of the window-read connections: reuse one plan per statement
+    (``generic``) or plan every execution with its parameters, as
+    :class:`WindowPlans` decided when the connection was opened.
+    """
+    mode = "force_generic_plan" if generic else "force_custom_plan"
+    await connection.execute(f"SET plan_cache_mode = {mode}")
+
+
+def index_bounded(
+    plan: Mapping[str, Any], tables: Sequence[str], partial_indexes: Collection[str] = ()
+) -> bool:
+    """
+    Whether every scan of ``tables`` in an EXPLAIN (FORMAT JSON) plan reads
+    an index range (or a bitmap of index ranges, or all of a partial index)
+    rather than the whole relation: no sequential scan, and no full index
+    walked end to end with the window's condition left as a filter (the
+    ``seq`` order could tempt a generic plan into that).
+    """
+    for node in _plan_nodes(plan):
+        if node.get("Relation Name") not in tables:
+            continue
+        kind = node["Node Type"]
+        if kind in ("Index Scan", "Index Only Scan") and (
+            "Index Cond" in node or node.get("Index Name") in partial_indexes
+        ):
+            continue
+        if kind == "Bitmap Heap Scan":
+            continue  # its Bitmap Index Scans below carry index conditions
+        return False
+    return True
+
+
+def _plan_nodes(node: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    yield node
+    for child in node.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+_probe_names = itertools.count()
+
+# How often the window reads' plan mode is decided again.
+WINDOW_PLAN_CHECK_S = 60.0
+
+# The window statements, each with arguments for the probe of its generic
+# plan (the values do not matter: a generic plan ignores them).
+_WINDOW_PROBES = (
+    (queries.WINDOW_LEAN, "'1:1:', '{}', 100, NULL"),
+    (queries.WINDOW_FIRST, "'1:1:', '{}', 100, '{}', NULL"),
+)
+
+
+class WindowPlans:
+    """
+    The connections that read delivery's windows, and whether they reuse
+    one plan per statement.
+
+    A window read is planned in about three times the time it takes to run
+    it. Postgres would reuse a generic plan after five executions of a
+    prepared statement, but one made before the table has statistics (a new
+    or truncated table, before autovacuum's first ANALYZE) can be a
+    sequential scan, kept until the next ANALYZE while the table grows. So
+    these connections plan every execution until the message table has been
+    analyzed and the generic plans of both window statements reach the
+    message and event tables only through index ranges; the verdict is
+    taken again every WINDOW_PLAN_CHECK_S (an ANALYZE invalidates cached
+    plans, so a table that changed shape is replanned anyway), and a
+    changed one replaces the connections as they are next released.
+    """
+
+    def __init__(self) -> None:
+        self.generic = False
+        self._due = 0.0
+        self._pool: Pool | None = None
+
+    async def init(self, connection: asyncpg.Connection) -> None:
+        await _plan_window_reads(connection, generic=self.generic)
+
+    def attach(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def check_if_due(self) -> None:
+        if time.monotonic() >= self._due:
+            await self.check()
+
+    async def check(self) -> bool:
+        """
+        Decide again whether window reads reuse a generic plan; returns the
+        verdict.
+        """
+        assert self._pool is not None
+        self._due = time.monotonic() + WINDOW_PLAN_CHECK_S
+        try:
+            async with self._pool.transaction(readonly=True) as connection:
+                generic = await self._generic_is_safe(connection)
+        except DATABASE_ERRORS as exc:
+            # Planning every read is always safe; the window read that
+            # follows meets the same trouble, if any, and reports it.
+            logger.warning("checking the window reads' plans failed: %s", describe(exc))
+            generic = False
+        if generic != self.generic:
+            self.generic = generic
+            logger.info(
+                "window reads now %s", "reuse their plans" if generic else "plan every read"
+            )
+            await self._pool.renew()
+        return generic
+
+    @staticmethod
+    async def _generic_is_safe(connection: asyncpg.pool.PoolConnectionProxy[Row]) -> bool:
+        # reltuples is -1 until the first VACUUM or ANALYZE.
+        analyzed = {
+            record["relname"]: record["analyzed"]
+            for record in await connection.fetch(
+                "SELECT relname, reltuples >= 0 AS analyzed FROM pg_class "
+                "WHERE oid = ANY(ARRAY[$1::regclass, $2::regclass])",
+                TABLE,
+                EVENTS,
+            )
+        }
+        if not analyzed[TABLE]:
+            return False
+        partial_indexes = {
+            record["relname"]
+            for record in await connection.fetch(
+                "SELECT c.relname FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = ANY(ARRAY[$1::regclass, $2::regclass]) "
+                "AND i.indpred IS NOT NULL",
+                TABLE,
+                EVENTS,
+            )
+        }
+        # A PREPAREd statement under force_generic_plan: its EXPLAIN EXECUTE
+        # shows the plan a reused one would run (EXPLAIN (GENERIC_PLAN)
+        # needs PostgreSQL 16). Inside the transaction, which ends with it.
+        await connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        for query, probe_args in _WINDOW_PROBES:
+            # A name of its own each time: a PREPARE outlives the transaction
+            # of a probe that failed before its DEALLOCATE.
+            name = f"notifyd_window_probe_{next(_probe_names)}"
+            await connection.execute(f"PREPARE {name} AS {query}")
+            explained = await connection.fetchval(
+                f"EXPLAIN (FORMAT JSON) EXECUTE {name}({probe_args})"
+            )
+            await connection.execute(f"DEALLOCATE {name}")
+            plan = json.loads(explained)[0]["Plan"]
+            if not index_bounded(plan, (TABLE,), partial_indexes):
+                return False
+            # The event table stays small (events are pruned) and may be
+            # read whole when its statistics say it is tiny: the ANALYZE
+            # that autovacuum runs as it grows replans the statement. Never
+            # analyzed, it must be read by index.
+            if not analyzed[EVENTS] and not index_bounded(plan, (EVENTS,), partial_indexes):
+                return False
+        return True
+
+
 # What a client waits for at most when its action needs the database (read,
 # unread, delete, read_all, history): a free pooled connection, a lock on a
 # table (an application's ALTER TABLE holds ACCESS EXCLUSIVE until it
@@ -295,6 +461,13 @@ class Pool:
     def terminate(self) -> None:
         self._pool.terminate()
 
+    async def renew(self) -> None:
+        """
+        Replace every connection as it is next released (its init hook runs
+        again on the new one).
+        """
+        await self._pool.expire_connections()
+
     async def _renew_sessions(self) -> None:
         """
         A write was refused as read-only (``default_transaction_read_only``
@@ -390,8 +563,13 @@ class Database:
     unwrapped, so callers catch that alone.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, windows: asyncpg.Pool, plans: WindowPlans) -> None:
         self._pool = Pool(pool)
+        # Window reads on connections of their own: their plan mode is not
+        # the one every other statement needs (see WindowPlans).
+        self._windows = Pool(windows)
+        self._plans = plans
+        plans.attach(self._windows)
 
     @classmethod
     async def connect(cls, dsn: str, *, size: int = 4) -> Database:
@@ -399,6 +577,7 @@ class Database:
         Open the pool; raises :class:`DatabaseError` when Postgres cannot be
         reached and :class:`ReplicaError` when it is a hot standby.
         """
+        plans = WindowPlans()
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -412,7 +591,20 @@ class Database:
             raise ConfigError(f"invalid NOTIFYD_DSN: {describe(exc)}") from None
         except DATABASE_ERRORS as exc:
             raise DatabaseError(f"cannot connect to the database: {describe(exc)}") from exc
-        database = cls(pool)
+        try:
+            # Two: the window being read and the next one, prefetched.
+            windows = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=2,
+                command_timeout=60,
+                init=plans.init,
+                reset=_keep_session,
+            )
+        except DATABASE_ERRORS as exc:
+            pool.terminate()
+            raise DatabaseError(f"cannot connect to the database: {describe(exc)}") from exc
+        database = cls(pool, windows, plans)
         try:
             await refuse_standby(pool, "NOTIFYD_DSN")
         except BaseException:
@@ -428,14 +620,29 @@ class Database:
         """
         return self._pool
 
+    @property
+    def window_pool(self) -> Pool:
+        """
+        The connections that read delivery's windows.
+        """
+        return self._windows
+
+    @property
+    def window_plans(self) -> WindowPlans:
+        """
+        Whether window reads reuse their plans (and the check that decides).
+        """
+        return self._plans
+
     async def close(self) -> None:
         """
-        Close the pool, aborting connections that do not close in time.
+        Close the pools, aborting connections that do not close in time.
         """
-        try:
-            await self._pool.close()
-        except Exception:
-            self._pool.terminate()
+        for pool in (self._windows, self._pool):
+            try:
+                await pool.close()
+            except Exception:
+                pool.terminate()
 
     async def snapshot(self) -> Snapshot:
         """
@@ -475,8 +682,9 @@ class Database:
         """
         xip = [str(x) for x in since.xip]
         with as_database_error("reading new rows failed"):
+            await self._plans.check_if_due()
             if not count_users:
-                records = await self._pool.fetch(
+                records = await self._windows.fetch(
                     queries.WINDOW_LEAN, since.to_pg(), xip, limit, swept_to
                 )
                 head = next(r for r in records if r["snap"] is not None)
@@ -493,7 +701,7 @@ class Database:
                         next_expiry=next_expiry,
                         lease=_lease(head),
                     )
-            records = await self._pool.fetch(
+            records = await self._windows.fetch(
                 queries.WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users), swept_to
             )
         head = next(r for r in records if r["snap"] is not None)

@@ -44,7 +44,7 @@ async def test_window_reads_stay_custom_planned_after_many_reads_of_an_empty_tab
         )
         window = await database.window(base, limit=100)
         assert [row["to_user"] for row in window.rows] == [f"u{g}" for g in range(1, 101)]
-        async with database.pool.acquire() as connection:
+        async with database.window_pool.acquire() as connection:
             plans = await connection.fetch(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
                 "WHERE statement LIKE '%has_events%' "
