@@ -159,14 +159,16 @@ async def _plan_per_execution(connection: asyncpg.Connection) -> None:
 
     asyncpg prepares each statement once per connection, and after five
     executions Postgres may switch a prepared statement to a generic plan,
-    costed on the table as it was then. The window queries are first run
+    costed on the table as it was then. notifyd's statements are first run
     against an empty or small table (a new deployment, a truncated one) and
     a generic plan made then is a sequential scan that Postgres keeps until
-    the next ANALYZE: each read then walks the whole table, and delivery
-    slows down as the table grows. With the snapshot's xmax in hand the
-    planner always picks the index, at a fraction of a millisecond of
-    planning per query. Set here rather than as a startup parameter, which
-    poolers such as PgBouncer refuse.
+    the next ANALYZE: each read then walks the whole table, and the
+    statement slows down as the table grows. With the parameters in hand
+    the planner picks the index, at a fraction of a millisecond of planning
+    per query. (The window reads, where that planning is most of the cost,
+    have connections of their own: see :class:`WindowPlans`.) Set here
+    rather than as a startup parameter, which poolers such as PgBouncer
+    refuse.
     """
     await connection.execute("SET plan_cache_mode = force_custom_plan")
 
@@ -213,8 +215,9 @@ def _plan_nodes(node: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
 
 _probe_names = itertools.count()
 
-# How often the window reads' plan mode is decided again.
-WINDOW_PLAN_CHECK_S = 60.0
+# How often the window reads' plan mode is decided again: a check plans
+# both window statements once more, a few milliseconds of Postgres CPU.
+WINDOW_PLAN_CHECK_S = 10.0
 
 # The window statements, each with arguments for the probe of its generic
 # plan (the values do not matter: a generic plan ignores them).

@@ -146,7 +146,8 @@ EXPIRY_HORIZON = "now() + interval '1 hour'"
 
 # The first expire_at after a moment: one probe of the expire_at index.
 # Written as ORDER BY ... LIMIT 1 rather than min(): the same plan, planned
-# in less time (the lean window read is planned anew on every execution).
+# in less time (the lean window read is planned anew on every execution
+# until its generic plan is known to be safe: db.WindowPlans).
 NEXT_EXPIRY_AFTER = f"""(SELECT expire_at FROM {TABLE}
         WHERE expire_at > {{after}} ORDER BY expire_at LIMIT 1)"""
 
@@ -222,12 +223,13 @@ UNION ALL (
 
 # The first page when no session is joining, as one statement too: most
 # windows have no read/delete events, and this shape costs Postgres less than
-# half the planning of WINDOW_FIRST (planned anew on every execution, since
-# its best plan depends on the snapshot). When events exist, or the first
-# expiry after the last window's clock ($4) has come (next_expiry <= clock),
-# the caller reads the window again with WINDOW_FIRST: nothing was routed
-# yet, so only the end snapshot moves. Otherwise next_expiry is the next one
-# to come, one probe of the expire_at index.
+# half the planning of WINDOW_FIRST (planned anew on every execution until
+# the table is analyzed and the generic plan reads by index: db.WindowPlans).
+# When events exist, or the first expiry after the last window's clock ($4)
+# has come (next_expiry <= clock), the caller reads the window again with
+# WINDOW_FIRST: nothing was routed yet, so only the end snapshot moves.
+# Otherwise next_expiry is the next one to come, one probe of the expire_at
+# index.
 WINDOW_LEAN = f"""
 SELECT pg_current_snapshot()::text AS snap, now() AS clock,
        EXISTS (SELECT 1 FROM {EVENTS} WHERE {NEW_SINCE}) AS has_events,
