@@ -45,6 +45,7 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # client frame over the size limit
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # server restarting: reconnect and resume
+    TRY_AGAIN_LATER = 1013  # overloaded by handshakes: reconnect after the retry hint
     UNAUTHORIZED = 4401  # bad or expired token
     AUTH_TIMEOUT = 4408  # no auth frame in time
     REPLACED = 4409  # a newer session of the same user took this one's place
@@ -57,6 +58,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.MESSAGE_TOO_BIG: "frame too big",
     CloseCode.INTERNAL_ERROR: "internal error",
     CloseCode.SERVICE_RESTART: "server restarting",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.AUTH_TIMEOUT: "no auth in time",
     CloseCode.REPLACED: "replaced by a newer session",

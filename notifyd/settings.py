@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         description="Frames per second a session may send (bursts of 4 s worth); past "
         "it the session is closed with 1008. 0: no limit.",
     )
+    max_pending_handshakes: int = Field(
+        default=1000,
+        ge=0,
+        description="WebSocket handshakes accepted but not yet live sessions (hello sent), all "
+        "clients together; past it new ones are shed at once with a retry hint (503 and "
+        "Retry-After, or close 1013 for browsers) instead of waiting to time out. 0: no limit.",
+    )
     max_read_ids: int = Field(default=1000, ge=1, le=100_000)
     max_concurrent_history: int = Field(
         default=2, ge=1, description="history queries running at once, all sessions together."

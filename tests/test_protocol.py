@@ -309,13 +309,14 @@ def test_protocol_error_carries_code_and_message() -> None:
 
 
 def test_close_code_values_are_exactly_the_documented_set() -> None:
-    """CloseCode holds exactly 1000,1008,1009,1011,1012,4401,4408,4409,4429."""
+    """CloseCode holds exactly 1000,1008,1009,1011,1012,1013,4401,4408,4409,4429."""
     assert sorted(int(code) for code in CloseCode) == [
         1000,
         1008,
         1009,
         1011,
         1012,
+        1013,
         4401,
         4408,
         4409,

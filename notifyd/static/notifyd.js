@@ -784,6 +784,13 @@ export class NotifydClient {
       this.#scheduleReconnect(Math.random() * this.#options.restartDelayMs, detail);
       return;
     }
+    if (code === 1013) {
+      // The server is shedding handshakes: wait at least its hint, plus the
+      // jittered backoff, which keeps growing while it keeps shedding.
+      const hint = Number(/retry_ms=(\d+)/.exec(reason || "")?.[1] ?? 0);
+      this.#scheduleReconnect(hint + this.#nextDelay(), detail);
+      return;
+    }
     // 4401 (a fresh token is asked for), 1006, 1011, 4429, 4408, 1008, ...
     this.#scheduleReconnect(this.#nextDelay(), detail);
   }
