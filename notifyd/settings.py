@@ -147,7 +147,7 @@ class Settings(BaseSettings):
         "it the session is closed with 1008. 0: no limit.",
     )
     max_pending_handshakes: int = Field(
-        default=1000,
+        default=2000,
         ge=0,
         description="WebSocket handshakes accepted but not yet live sessions (hello sent), all "
         "clients together; past it new ones are shed at once with a retry hint (503 and "
