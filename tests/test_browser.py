@@ -1459,3 +1459,35 @@ async def test_client_refreshes_its_token_in_place_before_it_expires(
     await insert(db, "u1", "after-refresh")
     await page.wait_for_function("() => window.t.titles.includes('after-refresh')")
     assert await page.evaluate("() => window.t.states") == ["connecting", "open"]
+
+
+async def test_client_shed_with_1013_waits_the_servers_hint_then_connects(
+    start_daemon: StartDaemon, context: Any, app: AppServer, open_client: Any
+) -> None:
+    """
+    With the pending-handshake limit taken, the browser's handshake is
+    closed with 1013 and a retry_ms of at least 1 s: the client waits at
+    least that long (its own backoff here stays below 1 s), and connects
+    once there is room.
+    """
+    running = await start_daemon(max_pending_handshakes=1, auth_timeout_s=30)
+    held = await open_client(running.url(None), hello=False)  # never authenticates
+    app.token = running.token("u1")
+    app.pages["/harness"] = HARNESS.replace(
+        "MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js"
+    )
+    page = await context.new_page()
+    await page.goto(harness_url(app))
+    await page.evaluate(
+        """() => {
+          window.t.shed = [];
+          window.client.on("state", (d) => { if (d.code === 1013) window.t.shed.push(d.delay); });
+        }"""
+    )
+    await page.wait_for_function("() => window.t.shed.length > 0", timeout=WAIT_MS)
+    delays = await page.evaluate("() => window.t.shed")
+    assert min(delays) >= 1000, delays
+
+    await held.send({"action": "auth", "token": running.token("held")})
+    await held.recv_event("hello")
+    await wait_open(page)
