@@ -154,6 +154,30 @@ async def test_handshakes_that_end_free_their_place(
         await client.close()
 
 
+async def test_handshake_refused_by_websockets_after_admission_frees_its_place(
+    start_daemon: Callable[..., Awaitable[RunningDaemon]],
+) -> None:
+    """
+    A handshake that admission accepted but websockets then refused (here a
+    wrong Sec-WebSocket-Version: 400, no handler ever runs) does not keep
+    its place once its connection is gone.
+    """
+    daemon = await start_daemon(max_pending_handshakes=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(
+        b"GET /ws/message HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 7\r\n\r\n"
+    )
+    status = await asyncio.wait_for(reader.readline(), TIMEOUT)
+    assert status.split()[1] == b"400", status
+    await asyncio.wait_for(reader.read(), TIMEOUT)  # the server closes it
+    writer.close()
+    ws = await _connect_honouring_retry_after(daemon.url("after"))
+    assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["event"] == "hello"
+    await ws.close()
+
+
 class StormSession:
     """
     A client that stays connected whatever happens: it reconnects with its
