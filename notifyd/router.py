@@ -8,12 +8,23 @@ here when delivery admits it, with its greeting queued first, and
 unregistered here when it ends. Nothing here awaits: a window's rows are
 queued for every session, then each session's frames are written in one
 system call (:meth:`WindowAccount.flush`).
+
+A session that opted in (``?counts=inline``) gets the unread counts a
+window's new messages leave on the last of those messages' frames, instead
+of a separate ``unread`` event: one frame per message. That is done only
+where those counts are the ones the ``unread`` event would carry and the
+frame cannot be dropped or overtaken: the user's counts only grew by the
+window's own rows (no read, delete or unread-again event of theirs, no
+announcement, no recount), the frame is the user's last in the window and
+goes straight to the socket (not into a slow session's outbox, whose
+overflow would drop it for a ``resync``), and the ledger settles to the
+same counts. Otherwise the ``unread`` event is sent as before.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -49,6 +60,13 @@ class WindowAccount:
     # The category of each announcement the window inserted.
     new_announcements: list[str] = field(default_factory=list)
     unflushed: set[Session] = field(default_factory=set)
+    # Users whose counts the window's events move (recounted, or everyone's
+    # after an announcement's event): their counts never travel inline.
+    moved_by_events: set[str] = field(default_factory=set)
+    everyone_moved: bool = False
+    # user -> the counts their last message carried, and the sessions it
+    # carried them to (which then get no unread event for them).
+    inlined: dict[str, tuple[ByType, list[Session]]] = field(default_factory=dict)
 
     def flush(self) -> None:
         """
@@ -111,7 +129,11 @@ class Router:
         """
         The account of a window whose first page is ``window``.
         """
-        return WindowAccount(window.counts, window.events)
+        account = WindowAccount(window.counts, window.events)
+        if window.events or window.counts:
+            account.moved_by_events = {*window.counts, *(event.user for event in window.events)}
+            account.everyone_moved = "*" in account.moved_by_events
+        return account
 
     def route(self, window: Window, base: Snapshot, account: WindowAccount) -> None:
         """
@@ -127,6 +149,12 @@ class Router:
         # Past an announcement, no user's own row is their last in the window.
         star_seq = last_seq.get("*", -1)
         final_seq = rows[-1]["seq"] if window.complete and rows else None
+        # Whether a user's last row in the window (only the last page has
+        # one) may carry their counts: not when an announcement's event
+        # moves everyone's, nor after an announcement row (checked per row).
+        inline = not account.everyone_moved
+        moved_by_events = account.moved_by_events
+        new_announcements = account.new_announcements
         cursors = WindowCursors(base, window.end)
         stats = self._stats
         now = time.time()
@@ -135,8 +163,8 @@ class Router:
             user = row["to_user"]
             seq = row["seq"]
             if user == "*":
-                sessions: Iterable[Session] = list(hub)
-                account.new_announcements.append(row["type"] or "")
+                sessions: list[Session] = list(hub)
+                new_announcements.append(row["type"] or "")
                 is_last = seq == final_seq
             else:
                 own = hub.sessions_of(user)
@@ -164,6 +192,10 @@ class Router:
             wire = protocol.text_frame(payload)
             count = 0
             unflushed = account.unflushed.add
+            if is_last and inline and not new_announcements and user not in moved_by_events:
+                plain = self._push_with_counts(user, sessions, payload, account)
+                count = len(sessions) - len(plain)
+                sessions = plain
             for session in sessions:
                 if session.push(frame, cursor, flush=False, wire=wire):
                     unflushed(session)
@@ -178,6 +210,36 @@ class Router:
         if online is not None and self._on_routed is not None:
             self._on_routed(rows, online)
 
+    def _push_with_counts(
+        self, user: str, sessions: list[Session], payload: bytes, account: WindowAccount
+    ) -> list[Session]:
+        """
+        Send the user's last message of the window, with the counts it
+        leaves, to their sessions that asked for that and take it straight
+        away; returns the sessions still to be sent the plain frame.
+        """
+        adds = account.new_unread.get(user)
+        if not adds or not any(session.inline_counts for session in sessions):
+            return sessions
+        counts = self.unread.after_adding(user, adds)
+        if counts is None:
+            return sessions
+        encoded = protocol.with_counts(payload, counts)
+        frame, wire = encoded.decode(), protocol.text_frame(encoded)
+        carried: list[Session] = []
+        plain: list[Session] = []
+        unflushed = account.unflushed.add
+        for session in sessions:
+            if session.inline_counts and session.push_direct(frame, wire):
+                unflushed(session)
+                carried.append(session)
+            else:
+                plain.append(session)
+        if carried:
+            account.inlined[user] = (counts, carried)
+            self._stats.inline_counts += len(carried)
+        return plain
+
     def settle(self, account: WindowAccount, base: Snapshot) -> None:
         """
         After a whole window: push its read/delete events, then every unread
@@ -190,7 +252,9 @@ class Router:
             else:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
             wire = protocol.text_frame(frame.encode())
-            targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
+            targets: Sequence[Session] = (
+                list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
+            )
             for session in targets:
                 if session.push(frame, flush=False, wire=wire):
                     account.unflushed.add(session)
@@ -217,7 +281,19 @@ class Router:
         )
         unflushed = account.unflushed.add
         sessions_of = hub.sessions_of
+        inlined = account.inlined
         for user, by_type in changed:
+            targets = sessions_of(user) or ()
+            carried = inlined.get(user) if inlined else None
+            if carried is not None:
+                if carried[0] == by_type:
+                    # Their last message carried these counts already.
+                    targets = [s for s in targets if s not in carried[1]]
+                else:
+                    # Not what the ledger settled to: the event corrects it.
+                    self._stats.inline_count_mismatches += 1
+            if not targets:
+                continue
             encoded = None
             if frames is not None:
                 key = tuple(sorted(by_type.items()))
@@ -227,7 +303,7 @@ class Router:
                 encoded = (text, protocol.text_frame(text.encode()))
                 if frames is not None:
                     frames[key] = encoded
-            for session in sessions_of(user) or ():
+            for session in targets:
                 if session.push(encoded[0], flush=False, wire=encoded[1]):
                     unflushed(session)
         account.flush()

@@ -60,6 +60,11 @@ class Stats:
     resyncs: int = 0
     slow_client_closes: int = 0
     repair_rows: int = 0
+    # Message frames that carried their user's unread counts (?counts=inline),
+    # and the times the ledger then settled to other counts (an unread event
+    # corrected them; never expected).
+    inline_counts: int = 0
+    inline_count_mismatches: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     # Hostile-client limits that said no, by limit name (docs/security.md).
     limit_trips: Counter[str] = field(default_factory=Counter)
