@@ -71,10 +71,11 @@ class UnreadLedger:
         old = self._counts.get(user)
         if old is None:
             return None
+        # Both hold positive counts only, so their sum needs no _positive.
         after = dict(old)
         for category, n in adds.items():
             after[category] = after.get(category, 0) + n
-        return _positive(after)
+        return after
 
     def forget(self, user: str) -> None:
         """

@@ -157,8 +157,13 @@ class Router:
         new_announcements = account.new_announcements
         cursors = WindowCursors(base, window.end)
         stats = self._stats
+        observe = stats.latency.observe
+        new_unread = account.new_unread
+        unflushed = account.unflushed.add
+        message_frame, text_frame, dumps = protocol.message_frame, protocol.text_frame, orjson.dumps
         now = time.time()
         online: list[bool] | None = [] if self._on_routed is not None else None
+        delivered = routed = 0
         for row in rows:
             user = row["to_user"]
             seq = row["seq"]
@@ -174,35 +179,38 @@ class Router:
                     continue
                 sessions = own
                 if row["is_read"] == "0":
-                    added = account.new_unread.setdefault(user, {})
+                    added = new_unread.get(user)
+                    if added is None:
+                        added = new_unread[user] = {}
                     category = row["type"] or ""
                     added[category] = added.get(category, 0) + 1
                 is_last = last_seq.get(user) == seq and seq > star_seq
             cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
-            fields = protocol.message_frame(row, cursor)
+            fields = message_frame(row, cursor)
             if fields["skipUrl"] is None and row["skip_url"] is not None:
                 stats.unsafe_skip_urls += 1
             sent_at = row["send_time"]
             if sent_at.tzinfo is not None:
-                stats.latency.observe(now - sent_at.timestamp())
-            if self.repairing:
-                stats.repair_rows += 1
-            payload = orjson.dumps(fields)
-            frame = payload.decode()
-            wire = protocol.text_frame(payload)
+                observe(now - sent_at.timestamp())
+            routed += 1
+            # Encoded and framed once, whatever the number of sessions.
+            payload = dumps(fields)
+            wire = text_frame(payload)
             count = 0
-            unflushed = account.unflushed.add
             if is_last and inline and not new_announcements and user not in moved_by_events:
                 plain = self._push_with_counts(user, sessions, payload, account)
                 count = len(sessions) - len(plain)
                 sessions = plain
             for session in sessions:
-                if session.push(frame, cursor, flush=False, wire=wire):
+                if session.push_encoded(payload, wire, cursor):
                     unflushed(session)
                 count += 1
-            stats.delivered += count
+            delivered += count
             if online is not None:
                 online.append(count > 0)
+        stats.delivered += delivered
+        if self.repairing:
+            stats.repair_rows += routed
         if not window.complete:
             # Later pages follow; the last one is flushed with the window's
             # events and unread counts, in one write per session.
@@ -219,18 +227,23 @@ class Router:
         away; returns the sessions still to be sent the plain frame.
         """
         adds = account.new_unread.get(user)
-        if not adds or not any(session.inline_counts for session in sessions):
+        if not adds:
+            return sessions
+        for session in sessions:
+            if session.inline_counts:
+                break
+        else:
             return sessions
         counts = self.unread.after_adding(user, adds)
         if counts is None:
             return sessions
         encoded = protocol.with_counts(payload, counts)
-        frame, wire = encoded.decode(), protocol.text_frame(encoded)
+        wire = protocol.text_frame(encoded)
         carried: list[Session] = []
         plain: list[Session] = []
         unflushed = account.unflushed.add
         for session in sessions:
-            if session.inline_counts and session.push_direct(frame, wire):
+            if session.inline_counts and session.push_direct(encoded, wire):
                 unflushed(session)
                 carried.append(session)
             else:
@@ -251,12 +264,13 @@ class Router:
                 frame = protocol.encode_deleted(event.ids or [])
             else:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
-            wire = protocol.text_frame(frame.encode())
+            payload = frame.encode()
+            wire = protocol.text_frame(payload)
             targets: Sequence[Session] = (
                 list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
             )
             for session in targets:
-                if session.push(frame, flush=False, wire=wire):
+                if session.push_encoded(payload, wire):
                     account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [
@@ -276,7 +290,7 @@ class Router:
         # After an announcement every user's counts change and many share
         # them: each distinct set of counts is then encoded and framed once.
         # Otherwise the users whose counts changed rarely share them.
-        frames: dict[tuple[tuple[str, int], ...], tuple[str, bytes]] | None = (
+        frames: dict[tuple[tuple[str, int], ...], tuple[bytes, bytes]] | None = (
             {} if account.new_announcements or counted_deletes else None
         )
         unflushed = account.unflushed.add
@@ -288,6 +302,8 @@ class Router:
             if carried is not None:
                 if carried[0] == by_type:
                     # Their last message carried these counts already.
+                    if len(carried[1]) == len(targets):
+                        continue
                     targets = [s for s in targets if s not in carried[1]]
                 else:
                     # Not what the ledger settled to: the event corrects it.
@@ -299,11 +315,11 @@ class Router:
                 key = tuple(sorted(by_type.items()))
                 encoded = frames.get(key)
             if encoded is None:
-                text = protocol.encode_unread(by_type)
-                encoded = (text, protocol.text_frame(text.encode()))
+                payload = protocol.encode_unread(by_type).encode()
+                encoded = (payload, protocol.text_frame(payload))
                 if frames is not None:
                     frames[key] = encoded
             for session in targets:
-                if session.push(encoded[0], flush=False, wire=encoded[1]):
+                if session.push_encoded(*encoded):
                     unflushed(session)
         account.flush()

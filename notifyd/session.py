@@ -107,10 +107,25 @@ class Session:
         :func:`protocol.text_frame`, so a frame fanned out to many sessions is
         encoded once; it is used only on connections without extensions.
         """
-        if self.push_direct(frame, wire):
+        payload = frame.encode()
+        if self.push_direct(payload, wire if wire is not None else text_frame(payload)):
             if flush:
                 self.flush()
             return True
+        return self._queue(frame, cursor)
+
+    def push_encoded(self, payload: bytes, wire: bytes, cursor: str | None = None) -> bool:
+        """
+        :meth:`push` with ``flush=False`` of a frame encoded once for every
+        session it goes to: ``payload`` (its UTF-8 JSON) and ``wire`` (framed
+        by :func:`protocol.text_frame`). Only a frame that has to wait in
+        the outbox is decoded again.
+        """
+        if self.push_direct(payload, wire):
+            return True
+        return self._queue(payload.decode(), cursor)
+
+    def _queue(self, frame: str, cursor: str | None) -> bool:
         if self.close_code is not None:
             return False
         if not self.outbox.put(frame, cursor):
@@ -118,10 +133,11 @@ class Session:
         self._start_writer()
         return False
 
-    def push_direct(self, frame: str, wire: bytes | None = None) -> bool:
+    def push_direct(self, payload: bytes, wire: bytes) -> bool:
         """
         Send a frame the direct way of :meth:`push` (pending until
-        :meth:`flush`), or do nothing: never queues it. Returns whether it
+        :meth:`flush`), or do nothing: never queues it. ``payload`` is the
+        frame's UTF-8 JSON, ``wire`` the same framed. Returns whether it
         was sent.
 
         For a frame that must not wait in the outbox, where an overflow
@@ -147,7 +163,7 @@ class Session:
         if protocol.extensions:
             # Compression: websockets frames it, per connection.
             try:
-                protocol.send_text(frame.encode())
+                protocol.send_text(payload)
             except Exception:  # a broken connection: its handler cleans up
                 logger.debug("session %s: direct write failed", self.id, exc_info=True)
                 self.close(CloseCode.NORMAL)
@@ -159,12 +175,11 @@ class Session:
                 pending += chunks
             self._pending_bytes += sum(map(len, chunks))
         else:
-            chunk = wire if wire is not None else text_frame(frame.encode())
             if pending is None:
-                self._pending = [chunk]
+                self._pending = [wire]
             else:
-                pending.append(chunk)
-            self._pending_bytes += len(chunk)
+                pending.append(wire)
+            self._pending_bytes += len(wire)
         return True
 
     def flush(self) -> None:
