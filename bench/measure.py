@@ -22,6 +22,7 @@ from .control import ROOT
 
 __all__ = [
     "busy_seconds",
+    "cluster_cpu_seconds",
     "cpu_seconds",
     "fanout_floor",
     "gc_pauses",
@@ -78,6 +79,17 @@ def tree_cpu_seconds(parent: int) -> float:
         if int(entry.name) == parent or int(fields[1]) == parent:
             total += (int(fields[11]) + int(fields[12])) / _TICKS
     return total
+
+
+def cluster_cpu_seconds(postmaster: int) -> float:
+    """
+    CPU seconds of a PostgreSQL cluster: the postmaster, the backends it has
+    reaped (its cutime and cstime: connections that came and went, such as
+    pgbench's) and those still running.
+    """
+    fields = _stat_fields(postmaster)
+    reaped = (int(fields[13]) + int(fields[14])) / _TICKS
+    return tree_cpu_seconds(postmaster) + reaped
 
 
 def gc_pauses(log: Path | None, start: float, end: float) -> list[tuple[int, float]]:

@@ -41,6 +41,18 @@ class Plan:
     single_p99_ms: float = 20.0
     batch_p99_ms: float = 100.0
     writers_synchronous_commit: str = "off"
+    # The push-pipeline phases (pgbench writers, synchronous_commit on).
+    pipeline_sessions: tuple[int, ...] = (1000, 10_000)
+    pipeline_rates: tuple[int, ...] = (500, 2000)  # commits/s
+    pipeline_reps: int = 3  # alternating runs per server, session count and rate
+    pipeline_s: float = 10.0
+    pipeline_clients: int = 16  # pgbench connections pacing the rate
+    ceiling_clients: int = 16
+    ceiling_sessions: int = 1000
+    ceiling_s: float = 8.0
+    ceiling_reps: int = 3
+    isolated_messages: int = 50
+    isolated_gap_s: float = 0.2
 
 
 def make_plan(quick: bool, users: int) -> Plan:
@@ -50,7 +62,8 @@ def make_plan(quick: bool, users: int) -> Plan:
             writer_procs=2, writer_conns=8, single_steps=(1000, 2000, 4000),
             batch_steps=(10_000, 20_000), step_s=2.0, drain_s=3.0, announcements=2,
             hello_rows=100_000, hello_connects=20, trigger_s=1.5, trigger_rounds=1,
-            attempts=2, calm_budget_s=5.0,
+            attempts=2, calm_budget_s=5.0, pipeline_sessions=(1000,), pipeline_reps=1,
+            pipeline_s=3.0, ceiling_s=3.0, ceiling_reps=1,
         )  # fmt: skip
     return Plan(
         mode="full", users=users, sessions=max(users, 10_000), client_procs=2,

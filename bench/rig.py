@@ -36,7 +36,13 @@ __all__ = [
     "start_writers",
 ]
 
-PG_SETTINGS = {"max_connections": "300", "shared_buffers": "256MB"}
+# track_commit_timestamp: the push-pipeline phases measure latency from each
+# row's commit timestamp (bench/accounting.py).
+PG_SETTINGS = {
+    "max_connections": "300",
+    "shared_buffers": "256MB",
+    "track_commit_timestamp": "on",
+}
 
 
 @contextlib.contextmanager

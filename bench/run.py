@@ -20,6 +20,7 @@ from notifyd.db import schema_sql
 from .measure import machine
 from .naive_server import NAIVE_SCHEMA, NAIVE_TABLE
 from .phases.profile import profile_phase
+from .phases.push import push_phases
 from .phases.ramp import ramp
 from .phases.session_open import connect_times
 from .phases.side import Side, close_side, open_side
@@ -44,11 +45,17 @@ def interrupt_on_sigterm() -> None:
 
 
 async def run(
-    plan: Plan, dsn: str, pg_pid: int | None, logs: Path, notifyd_env: dict[str, str]
+    plan: Plan,
+    dsn: str,
+    pg_pid: int | None,
+    logs: Path,
+    notifyd_env: dict[str, str],
+    only_push: bool = False,
 ) -> dict[str, Any]:
     """
-    The phases in order on a freshly applied schema. SIGTERM cancels the run;
-    whatever it started is stopped either way.
+    The phases in order on a freshly applied schema (with ``only_push``,
+    the push-pipeline phases alone). SIGTERM cancels the run; whatever it
+    started is stopped either way.
     """
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -69,6 +76,9 @@ async def run(
             f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}"
         )
         progress(f"schema applied; Postgres {results['machine']['postgres']}")
+        if only_push:
+            results["push"] = await push_phases(rig)
+            return results
         writers = await start_writers(
             rig, "writers", plan.writer_conns, plan.writers_synchronous_commit
         )
@@ -94,6 +104,7 @@ async def run(
             await rig.retire(writer)
         progress("trigger cost (no server running)")
         results["trigger"] = await trigger_phase(rig)
+        results["push"] = await push_phases(rig)
     finally:
         await rig.close()
         loop.remove_signal_handler(signal.SIGTERM)

@@ -34,6 +34,7 @@ from .exceptions import NotifydError, SchemaError
 from .handshake import Admission
 from .hub import Hub
 from .incidents import Incidents
+from .lag import LoopLag
 from .listener import Listener
 from .metrics import registry_for, render_metrics
 from .protocol import CloseCode
@@ -80,6 +81,7 @@ class Instance:
         listener: Listener,
         sinks: SinkManager | None,
         tasks: Supervisor,
+        lag: LoopLag,
         cleanup: contextlib.AsyncExitStack,
         demo_users: dict[str, str] | None,
     ) -> None:
@@ -92,6 +94,7 @@ class Instance:
         self.listener = listener
         self.sinks = sinks
         self._tasks = tasks
+        self._lag = lag
         self._cleanup = cleanup
         self._stopped = False
         incidents = Incidents(stats)
@@ -181,6 +184,8 @@ class Instance:
             sessions=self.hub.session_count,
             users=self.hub.user_count,
             delivered=self.stats.delivered,
+            tasks=len(asyncio.all_tasks()),
+            loop_lag_s=self._lag.worst(),
         )
 
     async def stop(self, code: CloseCode = CloseCode.SERVICE_RESTART) -> None:
@@ -232,6 +237,7 @@ class Daemon:
         hub: Hub[Session] = Hub(settings.max_sessions_per_user)
         collector = Collector()
         tasks = Supervisor()
+        lag = LoopLag()
         async with contextlib.AsyncExitStack() as cleanup:
             # Sink settings are checked before waiting for the database.
             sinks = SinkManager(settings, stats) if settings.sinks else None
@@ -272,6 +278,7 @@ class Daemon:
             cleanup.push_async_callback(tasks.shutdown)
             tasks.spawn(delivery.run(), "delivery")
             tasks.spawn(listener.run(), "listener")
+            tasks.spawn(lag.run(), "loop-lag")
             if sinks is not None:
                 tasks.spawn(sinks.run(), "sinks")
             await tasks.until(delivery.ready.wait())
@@ -285,6 +292,7 @@ class Daemon:
                 listener=listener,
                 sinks=sinks,
                 tasks=tasks,
+                lag=lag,
                 cleanup=cleanup.pop_all(),
                 demo_users=self._demo_users,
             )

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -196,8 +197,11 @@ class Window:
     One page of newly committed rows, in ``seq`` order.
 
     ``end`` is the snapshot that bounds the window; ``complete`` is true on
-    its last page. The first page also carries the window's events and the
-    unread counts taken at ``end``.
+    its last page. The first page also carries the window's events (the
+    withdrawals of what expired among them) and the unread counts taken at
+    ``end``, the clock they were taken at (``now()`` of its statement: no row
+    past its ``expire_at`` at ``clock`` is in the window) and the next
+    ``expire_at`` after it, if any.
     """
 
     rows: list[Row]
@@ -206,6 +210,8 @@ class Window:
     events: list[Event] = field(default_factory=list)
     # user -> category -> unread count, at ``end``.
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    clock: datetime | None = None
+    next_expiry: datetime | None = None
 
 
 class Database:
@@ -268,9 +274,18 @@ class Database:
         """
         The current snapshot: everything committed so far is visible in it.
         """
+        return (await self.snapshot_and_clock())[0]
+
+    async def snapshot_and_clock(self) -> tuple[Snapshot, datetime]:
+        """
+        The current snapshot and the database's clock (``now()``) with it.
+        """
         with as_database_error("reading the current snapshot failed"):
-            text = await self._pool.fetchval("SELECT pg_current_snapshot()::text")
-        return Snapshot.from_pg(text)
+            record = await self._pool.fetchrow(
+                "SELECT pg_current_snapshot()::text AS snap, now() AS clock"
+            )
+        assert record is not None  # a SELECT without FROM always returns its row
+        return Snapshot.from_pg(record["snap"]), record["clock"]
 
     async def window(
         self,
@@ -278,25 +293,40 @@ class Database:
         *,
         limit: int,
         count_users: Sequence[str] = (),
+        swept_to: datetime | None = None,
     ) -> Window:
         """
-        The first ``limit`` rows committed after ``since``, in ``seq`` order.
+        The first ``limit`` rows committed after ``since``, in ``seq`` order,
+        leaving out those already past their ``expire_at``.
 
-        This fixes the window's end snapshot and also returns the window's
-        events and the unread counts of the users with events and of
-        ``count_users``; when the page is full, :meth:`window_rest` reads
-        the rest.
+        This fixes the window's end snapshot and clock and also returns the
+        window's events, the withdrawals of rows ``since`` saw whose
+        ``expire_at`` passed after ``swept_to`` (the previous window's clock;
+        None: none are withdrawn), and the unread counts of the users with
+        either and of ``count_users``; when the page is full,
+        :meth:`window_rest` reads the rest.
         """
         xip = [str(x) for x in since.xip]
         with as_database_error("reading new rows failed"):
             if not count_users:
-                records = await self._pool.fetch(queries.WINDOW_LEAN, since.to_pg(), xip, limit)
+                records = await self._pool.fetch(
+                    queries.WINDOW_LEAN, since.to_pg(), xip, limit, swept_to
+                )
                 head = next(r for r in records if r["snap"] is not None)
-                if not head["has_events"]:
+                next_expiry = head["next_expiry"]
+                if not head["has_events"] and not (
+                    next_expiry is not None and next_expiry <= head["clock"]
+                ):
                     rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
-                    return Window(rows, Snapshot.from_pg(head["snap"]), complete=len(rows) < limit)
+                    return Window(
+                        rows,
+                        Snapshot.from_pg(head["snap"]),
+                        complete=len(rows) < limit,
+                        clock=head["clock"],
+                        next_expiry=next_expiry,
+                    )
             records = await self._pool.fetch(
-                queries.WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users)
+                queries.WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users), swept_to
             )
         head = next(r for r in records if r["snap"] is not None)
         rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
@@ -306,14 +336,23 @@ class Database:
             complete=len(rows) < limit,
             events=[_event(e) for e in json.loads(head["events"] or "[]")],
             counts=json.loads(head["counts"] or "{}"),
+            clock=head["clock"],
+            next_expiry=head["next_expiry"],
         )
 
     async def window_rest(
-        self, since: Snapshot, end: Snapshot, *, after_seq: int, pages: Iterator[int]
+        self,
+        since: Snapshot,
+        end: Snapshot,
+        *,
+        after_seq: int,
+        pages: Iterator[int],
+        clock: datetime | None = None,
     ) -> AsyncGenerator[Window, None]:
         """
-        The rows of the window from ``since`` to ``end`` after ``after_seq``,
-        in ``seq`` order, one page per size the endless ``pages`` yields; the
+        The rows of the window from ``since`` to ``end`` after ``after_seq``
+        and not past their ``expire_at`` at ``clock`` (the first page's; None:
+        now), in ``seq`` order, one page per size the endless ``pages`` yields; the
         last page is shorter than its size (possibly empty) and the only one
         marked complete. Holds a pool connection until closed: use with
         :func:`contextlib.aclosing`.
@@ -327,6 +366,7 @@ class Database:
                     [str(x) for x in since.xip],
                     after_seq,
                     end.to_pg(),
+                    clock,
                 )
                 for size in pages:
                     rows = await cursor.fetch(size)
@@ -340,11 +380,17 @@ class Database:
         yield Window(rows, end, complete=True)
 
     async def catch_up(
-        self, requests: Sequence[tuple[str, Cursor]], end: Snapshot, *, limit: int
+        self,
+        requests: Sequence[tuple[str, Cursor]],
+        end: Snapshot,
+        *,
+        limit: int,
+        clock: datetime | None = None,
     ) -> list[list[Row]]:
         """
         For each (user, cursor): the user's rows the cursor does not cover and
-        ``end`` saw, newest first, at most ``limit``.
+        ``end`` saw, not past their ``expire_at`` at ``clock`` (``end``'s
+        window's; None: now), newest first, at most ``limit``.
         """
         if not requests:
             return []
@@ -354,7 +400,7 @@ class Database:
         seqs = [cursor.seq for _, cursor in requests]
         with as_database_error("reading missed rows failed"):
             records = await self._pool.fetch(
-                queries.CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit
+                queries.CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit, clock
             )
         result: list[list[Row]] = [[] for _ in requests]
         for record in records:
@@ -493,9 +539,9 @@ class Database:
         # The catalogs, not information_schema: the latter hides columns the
         # role has no rights on, which would read as "missing".
         columns = {
-            r["attname"]
+            r["attname"]: r["type_name"]
             for r in await self._pool.fetch(
-                "SELECT attname FROM pg_attribute "
+                "SELECT attname, format_type(atttypid, atttypmod) AS type_name FROM pg_attribute "
                 "WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
                 TABLE,
             )
@@ -507,6 +553,13 @@ class Database:
             for name in queries.REQUIRED_COLUMNS
             if name not in columns
         ]
+        expire_at_type = columns.get("expire_at", queries.EXPIRE_AT_TYPE)
+        if expire_at_type != queries.EXPIRE_AT_TYPE:
+            problems.append(
+                f"column {TABLE}.expire_at is {expire_at_type}, not timestamptz: convert it "
+                f"(ALTER TABLE {TABLE} ALTER COLUMN expire_at TYPE timestamptz USING ...) "
+                "or rename it, then run `notifyd init-db`"
+            )
         enabled = {
             r["tgname"]
             for r in await self._pool.fetch(

@@ -18,6 +18,17 @@ One task does all of it, in order:
 Correctness does not depend on notifications: a lost or late NOTIFY only
 delays delivery until the next wake-up, and a listener outage is repaired by
 the first read after it.
+
+Expiring messages follow the same rule with a clock beside the watermark:
+delivery keeps the *sweep time*, the database clock of its last window, up
+to which every expiry of a row it routed has been withdrawn. Each window
+withdraws (as ``deleted`` events, with recounted counts, in the same
+statement) the rows the watermark saw whose ``expire_at`` lies between the
+sweep time and the window's own clock, and leaves out new rows already past
+it; the sweep time then moves to that clock. A timer wakes delivery at the
+next known ``expire_at`` (which each window reads) and at least every
+``_SWEEP_EVERY_S`` seconds, so a withdrawal follows its ``expire_at`` by one
+read.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from . import replay
 from .backoff import backoff_delay
@@ -47,6 +59,12 @@ __all__ = ["Delivery"]
 logger = logging.getLogger(__name__)
 
 _CATCH_UP_BATCH = 500
+
+# A read at least this often while rows may expire, should the next known
+# expire_at ever be stale; and this much past an expiry on the local clock,
+# so that the database's clock has surely reached it when the read starts.
+_SWEEP_EVERY_S = 5.0
+_EXPIRY_MARGIN_S = 0.005
 
 
 @dataclass(eq=False)
@@ -94,8 +112,15 @@ class Delivery:
         self._wakeup = asyncio.Event()
         self._pending: list[_Join] = []
         self.watermark: Snapshot | None = None
-        # The account of a window whose reading failed part-way.
+        # The database clock up to which expiries were withdrawn (moves with
+        # the watermark), and when (time.monotonic()) the next known
+        # expire_at comes.
+        self._swept_to: datetime | None = None
+        self._expiry_due: float | None = None
+        # The account of a window whose reading failed part-way, and its
+        # first page's clock and next expire_at (as of when it was read).
         self._account: WindowAccount | None = None
+        self._opened: tuple[datetime | None, datetime | None, float] | None = None
         self._prune_every = 60.0
         self._event_retention = event_retention
         self._min_interval = min_interval
@@ -148,7 +173,7 @@ class Delivery:
             joining, self._pending = self._pending, []
             try:
                 if self.watermark is None:
-                    self.watermark = await self._db.snapshot()
+                    self.watermark, self._swept_to = await self._db.snapshot_and_clock()
                     self.ready.set()
                 counts = await self._read_new([j.session.user for j in joining])
                 if counts is None:
@@ -180,6 +205,7 @@ class Delivery:
                     # Only a window cut part-way is carried on; any other
                     # failed read starts its window again, with a new account.
                     self._account = None
+                    self._opened = None
                 self._requeue(joining)
                 attempt += 1
                 delay = backoff_delay(attempt, initial=0.1, maximum=self._retry_max, jitter=0)
@@ -192,7 +218,7 @@ class Delivery:
             # swallow a cancellation that races with the event being set,
             # and this loop must stop when cancelled.
             try:
-                async with asyncio.timeout(None if self.listening else self._poll_interval):
+                async with asyncio.timeout(self._wait_limit()):
                     await self._wakeup.wait()
             except TimeoutError:
                 pass
@@ -204,6 +230,16 @@ class Delivery:
                 await asyncio.sleep(delay)
             self._last_read = time.monotonic()
             self._wakeup.clear()
+
+    def _wait_limit(self) -> float:
+        """
+        How long to wait for a wake-up: until the next known expire_at, at
+        most ``_SWEEP_EVERY_S`` (and ``poll_interval`` while not listening).
+        """
+        limit = _SWEEP_EVERY_S if self.listening else min(_SWEEP_EVERY_S, self._poll_interval)
+        if self._expiry_due is not None:
+            limit = min(limit, max(0.0, self._expiry_due - time.monotonic()))
+        return limit
 
     def _requeue(self, requests: list[_Join]) -> None:
         self._pending[:0] = [r for r in requests if not r.admitted.done()]
@@ -221,25 +257,32 @@ class Delivery:
         router = self._router
         counts: dict[str, ByType] | None = None
         last: Window | None = None
-        async with contextlib.aclosing(self._reader.pages(base, count_users)) as pages:
+        swept_to = self._swept_to
+        reading = self._reader.pages(base, count_users, swept_to)
+        async with contextlib.aclosing(reading) as pages:
             async for window in pages:
                 if self._account is None:
                     # The first page of a new window.
+                    self._opened = (window.clock, window.next_expiry, time.monotonic())
                     if window.complete:
-                        self._maybe_prefetch(window.end)
+                        self._maybe_prefetch(window.end, _later(swept_to, window.clock))
                     self._account = router.open_window(window)
                     if not (self._reader.first_prefetched and count_users):
                         counts = window.counts
                 router.route(window, base, self._account)
                 last = window
         assert last is not None and self._account is not None  # pages() yields at least one
+        assert self._opened is not None  # set with the account
         account, self._account = self._account, None
+        (clock, next_expiry, read_at), self._opened = self._opened, None
         router.repairing = False
         self.watermark = last.end
+        self._swept_to = _later(swept_to, clock)
+        self._expiry_due = _due(clock, next_expiry, read_at)
         router.settle(account, base)
         return counts
 
-    def _maybe_prefetch(self, end: Snapshot) -> None:
+    def _maybe_prefetch(self, end: Snapshot, swept_to: datetime | None) -> None:
         """
         Under load, ask for the next window (from ``end``) before routing
         this one, so the query's round trip overlaps the routing and the
@@ -259,7 +302,7 @@ class Delivery:
             return
         self._wakeup.clear()
         self._last_read = now
-        self._reader.prefetch(end)
+        self._reader.prefetch(end, swept_to)
 
     async def _admit_all(self, requests: list[_Join], counts: dict[str, ByType]) -> None:
         end = self.watermark
@@ -284,6 +327,7 @@ class Delivery:
                 [(request.session.user, cursor) for request, cursor in chunk],
                 end,
                 limit=self._replay_limit + 1,
+                clock=self._swept_to,
             )
             for (request, cursor), rows in zip(chunk, results, strict=True):
                 user = request.session.user
@@ -299,3 +343,24 @@ class Delivery:
         self._router.register(request.session, greeting, unread)
         if not request.admitted.done():
             request.admitted.set_result(None)
+
+
+def _later(swept_to: datetime | None, clock: datetime | None) -> datetime | None:
+    """
+    The sweep time after a window read at ``clock``: it never moves back,
+    should the database's clock step back.
+    """
+    if swept_to is None or clock is None:
+        return clock if swept_to is None else swept_to
+    return max(swept_to, clock)
+
+
+def _due(clock: datetime | None, next_expiry: datetime | None, read_at: float) -> float | None:
+    """
+    When (``time.monotonic()``) the next known expiry comes: its distance
+    from the read's database clock, from when the read was made here, so
+    that the two hosts' clocks never need to agree.
+    """
+    if clock is None or next_expiry is None:
+        return None
+    return read_at + (next_expiry - clock).total_seconds() + _EXPIRY_MARGIN_S

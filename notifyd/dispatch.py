@@ -16,7 +16,8 @@ How a message moves through it:
    stops the claim there: sending is oldest first, and a backlog drains in
    order.
 3. *finish*: the row is marked ``sent`` after a 2xx, or ``seen``,
-   ``rejected``, ``expired``, ``gone``; a failed attempt moves ``next_at``
+   ``rejected``, ``expired``, ``gone`` (deleted, or past its ``expire_at``
+   when its turn came); a failed attempt moves ``next_at``
    by the backoff. An instance that dies holding a lease leaves the row
    pending: another instance sends it once the lease runs out.
 
@@ -93,6 +94,7 @@ RETURNING d.message_id, d.seq AS dispatch_seq, d.attempts, m.id IS NOT NULL AS p
     m.seq, m.id::text AS id, m.title::text AS title, m.content::text AS content,
     m.type::text AS type, m.send_user::text AS send_user, m.to_user::text AS to_user,
     m.send_time, m.skip_url::text AS skip_url, m.is_read::text AS is_read,
+    coalesce(m.expire_at <= now(), false) AS lapsed,
     (m.is_read::text = '1' AND m.to_user::text <> '*'
      OR EXISTS (SELECT 1 FROM {SEEN} AS s WHERE s.message_id = d.message_id)) AS seen
 """
@@ -218,7 +220,8 @@ class DispatchStore:
     async def claim(self, *, limit: int, lease: float) -> list[Row]:
         """
         Lease the next due rows, oldest first, joined with their messages
-        (``present`` false when the message was deleted).
+        (``present`` false when the message was deleted, ``lapsed`` true when
+        it is past its ``expire_at``).
         """
         with as_database_error(f"claiming {self._sink} dispatch rows failed"):
             rows = await self._pool.fetch(_CLAIM, self._sink, limit, lease)

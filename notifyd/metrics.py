@@ -101,6 +101,14 @@ class _InstanceCollector:
             "Sessions closed with 4401 when their token expired",
             value=stats.expired_sessions,
         )
+        yield GaugeMetricFamily(
+            "notifyd_asyncio_tasks", "asyncio tasks alive in the process", value=vitals.tasks
+        )
+        yield GaugeMetricFamily(
+            "notifyd_event_loop_lag_seconds",
+            "Largest delay of a due timer over the last 10 s",
+            value=vitals.loop_lag_s,
+        )
         listener = vitals.listener
         yield GaugeMetricFamily(
             "notifyd_listen_connected",

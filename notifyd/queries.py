@@ -12,6 +12,7 @@ __all__ = [
     "CATCH_UP",
     "CHANNEL",
     "EVENTS",
+    "EXPIRE_AT_TYPE",
     "HIDDEN",
     "HIDE",
     "HISTORY",
@@ -29,6 +30,7 @@ __all__ = [
     "WINDOW_LEAN",
     "WINDOW_REST",
     "columns_for",
+    "live_at",
 ]
 
 CHANNEL = "notifyd"
@@ -46,6 +48,18 @@ COLUMNS = """
     to_user::text AS to_user, send_time, skip_url::text AS skip_url,
     is_read::text AS is_read
 """
+
+
+def live_at(clock: str, alias: str = "") -> str:
+    """
+    The condition that a message (``alias`` when given) has not expired at
+    ``clock``, an SQL timestamptz expression: its ``expire_at`` is NULL
+    (never) or later. Every statement that pushes, replays, lists or counts
+    messages applies it, with one clock per statement (delivery's window
+    passes its first page's ``now()`` to the pages and replays after it).
+    """
+    column = f"{alias}.expire_at" if alias else "expire_at"
+    return f"({column} IS NULL OR {column} > {clock})"
 
 
 # Not a message this user deleted from their inbox (``m`` is the message).
@@ -90,16 +104,17 @@ NEW_SINCE = """(
 # type under ""; types with nothing unread left out): own unread rows plus
 # announcements without a receipt. Grouped in the index on (to_user, type)
 # of unread rows, so the cost is one index range of the user's unread rows,
-# not of their whole inbox.
+# not of their whole inbox; expire_at is in that index, so leaving out the
+# expired ones (at the statement's now()) stays index-only.
 UNREAD_BY_TYPE_OF = f"""
     (SELECT coalesce(json_object_agg(t, n), json_build_object()) FROM (
         SELECT coalesce(t, '') AS t, sum(n)::bigint AS n FROM (
             SELECT type::text AS t, count(*) AS n FROM {TABLE}
-            WHERE to_user = {{user}} AND is_read = '0'
+            WHERE to_user = {{user}} AND is_read = '0' AND {live_at("now()")}
             GROUP BY type
             UNION ALL
             SELECT a.type::text, count(*) FROM {TABLE} AS a
-            WHERE a.to_user = '*' AND NOT EXISTS (
+            WHERE a.to_user = '*' AND {live_at("now()", "a")} AND NOT EXISTS (
                 SELECT 1 FROM {RECEIPTS} AS r
                 WHERE r.user_id = {{user}} AND r.message_id = a.id::text)
             GROUP BY a.type
@@ -108,32 +123,81 @@ UNREAD_BY_TYPE_OF = f"""
     ) AS by_type)
 """
 
-# The first page is one statement, so one snapshot: the new rows, the
-# read/delete events, the unread counts of users with events (and of joining
-# sessions, $4) and the snapshot itself are one consistent view. Counts taken
-# here already include this window's rows and events.
+# How far ahead a window reports the next expire_at: a value Python cannot
+# hold (past the year 9999, or 'infinity') must never reach the driver, and
+# delivery wakes up more often than this anyway.
+EXPIRY_HORIZON = "now() + interval '1 hour'"
+
+# The first expire_at after a moment: one probe of the expire_at index.
+# Written as ORDER BY ... LIMIT 1 rather than min(): the same plan, planned
+# in less time (the lean window read is planned anew on every execution).
+NEXT_EXPIRY_AFTER = f"""(SELECT expire_at FROM {TABLE}
+        WHERE expire_at > {{after}} ORDER BY expire_at LIMIT 1)"""
+
+# The first page is one statement, so one snapshot and one clock (now()):
+# the new rows, the read/delete events, the withdrawals of what expired, the
+# unread counts of users with events or withdrawals (and of joining
+# sessions, $4) and the snapshot itself are one consistent view. Counts
+# taken here already include this window's rows, events and expiries.
+#
+# Expiry ($5: the clock of the last window, up to which expiries were
+# already withdrawn): a row the previous windows saw (visible in the base
+# snapshot $1, so pushed and counted unless it had expired by then) whose
+# expire_at passed since $5, or that an UPDATE in this window moved to the
+# past ('expire' events), is withdrawn as a 'deleted' event; its user is
+# recounted, and an announcement carries its readers, as the app's DELETE
+# does. New rows already past their expire_at are not read at all. An
+# announcement the app deletes after it expired ($5 or earlier) was taken
+# off the counts then: its event loses "inserted" so it is not again.
 WINDOW_FIRST = f"""
 WITH ev AS (
     SELECT xact_id::text AS xact_id, to_user, kind, ids, type, readers,
-           inserted::text AS inserted
+           CASE WHEN expire_at <= $5 THEN NULL ELSE inserted::text END AS inserted
     FROM {EVENTS}
     WHERE {NEW_SINCE}
+), expired AS (
+    SELECT m.id::text AS id, m.to_user::text AS to_user, m.type::text AS type,
+           m.xact_id, m.seq
+    FROM {TABLE} AS m
+    WHERE m.expire_at > $5 AND m.expire_at <= now()
+      AND pg_visible_in_snapshot(m.xact_id, $1::text::pg_snapshot)
+    UNION
+    SELECT m.id::text, m.to_user::text, m.type::text, m.xact_id, m.seq
+    FROM ev JOIN {TABLE} AS m ON m.id::text = ANY(ev.ids) AND m.to_user::text = ev.to_user
+    WHERE ev.kind = 'expire' AND m.expire_at <= now()
+      AND pg_visible_in_snapshot(m.xact_id, $1::text::pg_snapshot)
+), withdrawn AS (
+    SELECT '0' AS xact_id, to_user, 'deleted' AS kind, array_agg(id ORDER BY seq) AS ids,
+           NULL::text AS type, NULL::text[] AS readers, NULL::text AS inserted
+    FROM expired WHERE to_user <> '*'
+    GROUP BY to_user
+    UNION ALL
+    SELECT '0', '*', 'deleted', ARRAY[e.id], e.type,
+           coalesce((SELECT array_agg(r.user_id) FROM {RECEIPTS} AS r
+                     WHERE r.message_id = e.id), '{{}}'),
+           e.xact_id::text
+    FROM expired AS e WHERE e.to_user = '*'
 ), counted AS (
     SELECT DISTINCT usr FROM (
         SELECT to_user AS usr FROM ev WHERE to_user <> '*'
+        UNION ALL SELECT to_user FROM withdrawn WHERE to_user <> '*'
         UNION ALL SELECT unnest($4::text[])
     ) AS u
 )
-SELECT pg_current_snapshot()::text AS snap,
-       (SELECT json_agg(ev) FROM ev)::text AS events,
+SELECT pg_current_snapshot()::text AS snap, now() AS clock,
+       least({NEXT_EXPIRY_AFTER.format(after="now()")}, {EXPIRY_HORIZON})
+           AS next_expiry,
+       (SELECT json_agg(e) FROM (
+            SELECT * FROM ev WHERE kind <> 'expire' UNION ALL SELECT * FROM withdrawn
+        ) AS e)::text AS events,
        (SELECT json_object_agg(usr, {UNREAD_BY_TYPE_OF.format(user="usr")}) FROM counted)::text
            AS counts,
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
        NULL AS skip_url, NULL AS is_read
 UNION ALL (
-    SELECT NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
-    WHERE {NEW_SINCE}
+    SELECT NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
+    WHERE {NEW_SINCE} AND {live_at("now()")}
     ORDER BY seq
     LIMIT $3
 )
@@ -142,18 +206,22 @@ UNION ALL (
 # The first page when no session is joining, as one statement too: most
 # windows have no read/delete events, and this shape costs Postgres less than
 # half the planning of WINDOW_FIRST (planned anew on every execution, since
-# its best plan depends on the snapshot). When events exist, the caller reads
-# the window again with WINDOW_FIRST: nothing was routed yet, so only the
-# end snapshot moves.
+# its best plan depends on the snapshot). When events exist, or the first
+# expiry after the last window's clock ($4) has come (next_expiry <= clock),
+# the caller reads the window again with WINDOW_FIRST: nothing was routed
+# yet, so only the end snapshot moves. Otherwise next_expiry is the next one
+# to come, one probe of the expire_at index.
 WINDOW_LEAN = f"""
-SELECT pg_current_snapshot()::text AS snap,
+SELECT pg_current_snapshot()::text AS snap, now() AS clock,
        EXISTS (SELECT 1 FROM {EVENTS} WHERE {NEW_SINCE}) AS has_events,
+       least({NEXT_EXPIRY_AFTER.format(after="$4")}, {EXPIRY_HORIZON})
+           AS next_expiry,
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
        NULL AS skip_url, NULL AS is_read
 UNION ALL (
-    SELECT NULL, NULL, {COLUMNS} FROM {TABLE}
-    WHERE {NEW_SINCE}
+    SELECT NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
+    WHERE {NEW_SINCE} AND {live_at("now()")}
     ORDER BY seq
     LIMIT $3
 )
@@ -162,17 +230,19 @@ UNION ALL (
 # The rest of a window after its first page: bounded by the first page's
 # snapshot, so the window does not grow while it is being read. Read through
 # one cursor, so the rows are found and sorted once however many pages they
-# fill.
+# fill. $5 is the first page's clock: a window has one (NULL: now()).
 WINDOW_REST = f"""
 SELECT {COLUMNS} FROM {TABLE}
 WHERE {NEW_SINCE}
   AND seq > $3
   AND pg_visible_in_snapshot(xact_id, $4::text::pg_snapshot)
+  AND {live_at("coalesce($5::timestamptz, now())")}
 ORDER BY seq
 """
 
 # One user's rows that a client at a cursor does not have and that the
-# delivery snapshot $5 saw; newest first, so an overflow keeps the newest.
+# delivery snapshot $5 saw and that had not expired at its clock $7 (NULL:
+# now()); newest first, so an overflow keeps the newest.
 CATCH_UP = f"""
 SELECT b.i, m.*
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[])
@@ -185,6 +255,7 @@ CROSS JOIN LATERAL (
       AND NOT (b.fin IS NOT NULL AND seq <= b.s0
                AND pg_visible_in_snapshot(xact_id, b.fin::pg_snapshot))
       AND pg_visible_in_snapshot(xact_id, $5::text::pg_snapshot)
+      AND {live_at("coalesce($7::timestamptz, now())")}
     ORDER BY seq DESC
     LIMIT $6
 ) AS m
@@ -267,20 +338,21 @@ WITH own AS (
 SELECT (SELECT count(*) FROM own) + (SELECT count(*) FROM announcements)
 """
 
-# Newest first, the user's own rows and announcements merged by seq; one
-# extra row tells whether there is more.
+# Newest first, the user's own rows and announcements merged by seq, those
+# past their expire_at left out; one extra row tells whether there is more.
 HISTORY = f"""
 SELECT * FROM (
     (SELECT {columns_for("$1")} FROM {TABLE} AS m
      WHERE to_user = $1 AND seq < $2 AND ($3::text IS NULL OR type = $3)
-       AND (NOT $4 OR is_read = '0') AND {NOT_HIDDEN.format(user="$1")}
+       AND (NOT $4 OR is_read = '0') AND {live_at("now()")}
+       AND {NOT_HIDDEN.format(user="$1")}
      ORDER BY seq DESC LIMIT $5)
     UNION ALL
     (SELECT {columns_for("$1")} FROM {TABLE} AS m
      WHERE to_user = '*' AND seq < $2 AND ($3::text IS NULL OR type = $3)
        AND (NOT $4 OR NOT EXISTS (SELECT 1 FROM {RECEIPTS} AS r
                                   WHERE r.user_id = $1 AND r.message_id = m.id::text))
-       AND {NOT_HIDDEN.format(user="$1")}
+       AND {live_at("now()")} AND {NOT_HIDDEN.format(user="$1")}
      ORDER BY seq DESC LIMIT $5)
 ) AS h
 ORDER BY seq DESC
@@ -301,8 +373,12 @@ REQUIRED_TRIGGERS = (
 
 REQUIRED_COLUMNS = (
     "id", "title", "send_user", "to_user", "type", "content",
-    "send_time", "skip_url", "is_read", "seq", "xact_id",
+    "send_time", "skip_url", "is_read", "seq", "xact_id", "expire_at",
 )  # fmt: skip
+
+# The one type expire_at may have: a timestamp without time zone (or text)
+# cannot be compared with the clock unambiguously.
+EXPIRE_AT_TYPE = "timestamp with time zone"
 
 
 # What the daemon's own role must be allowed to do.

@@ -5,8 +5,8 @@
 -- (the seed entity's columns only) adds what delivery needs without touching
 -- the existing rows' data.
 --
--- Applications only ever INSERT into t_message_real_time (and UPDATE is_read,
--- DELETE to retract); they never set seq or xact_id.
+-- Applications only ever INSERT into t_message_real_time (and UPDATE is_read
+-- or expire_at, DELETE to retract); they never set seq or xact_id.
 
 CREATE TABLE IF NOT EXISTS t_message_real_time (
     id        text PRIMARY KEY DEFAULT gen_random_uuid()::text,
@@ -32,6 +32,33 @@ ALTER TABLE t_message_real_time
 -- rows that commit out of seq order are never skipped.
 ALTER TABLE t_message_real_time
     ADD COLUMN IF NOT EXISTS xact_id xid8 NOT NULL DEFAULT pg_current_xact_id();
+
+-- When the message stops being shown (NULL: never). Past it, a message is
+-- not pushed, replayed, listed or counted, and sessions that hold it are
+-- sent a 'deleted' event (docs/protocol.md, "Expiring messages"). Added
+-- without a default, so adding it rewrites no row.
+ALTER TABLE t_message_real_time
+    ADD COLUMN IF NOT EXISTS expire_at timestamptz;
+
+-- An application's own expire_at of another type (text, a timestamp without
+-- time zone) cannot be compared with the clock unambiguously: refuse, and
+-- say what to do, rather than fail later in every read.
+DO $$
+DECLARE
+    found_type text;
+BEGIN
+    SELECT format_type(atttypid, atttypmod) INTO found_type
+    FROM pg_attribute
+    WHERE attrelid = 't_message_real_time'::regclass AND attname = 'expire_at'
+      AND attnum > 0 AND NOT attisdropped;
+    IF found_type <> 'timestamp with time zone' THEN
+        RAISE EXCEPTION 'column t_message_real_time.expire_at is %, not timestamptz: '
+            'convert it (ALTER TABLE t_message_real_time ALTER COLUMN expire_at '
+            'TYPE timestamptz USING ...) or rename it, then run notifyd init-db again',
+            found_type;
+    END IF;
+END
+$$;
 
 -- An earlier application's table may lack the defaults that let apps omit
 -- id, send_time and is_read; add them without rewriting any row.
@@ -66,10 +93,18 @@ CREATE INDEX IF NOT EXISTS t_message_real_time_user_seq
     ON t_message_real_time (to_user, seq DESC);
 
 -- "This user's unread, by type": the unread counts per category are one
--- index-only range per user. It replaces the index on (to_user) alone.
-CREATE INDEX IF NOT EXISTS t_message_real_time_user_unread_type
-    ON t_message_real_time (to_user, type) WHERE is_read = '0';
+-- index-only range per user, expire_at included so that leaving out expired
+-- messages needs no visit to the table. It replaces the indexes on
+-- (to_user, type) and on (to_user) alone.
+CREATE INDEX IF NOT EXISTS t_message_real_time_user_unread_expiry
+    ON t_message_real_time (to_user, type, expire_at) WHERE is_read = '0';
+DROP INDEX IF EXISTS t_message_real_time_user_unread_type;
 DROP INDEX IF EXISTS t_message_real_time_user_unread;
+
+-- "What expired since the last sweep" and "when is the next expiry": one
+-- short range each, over the rows that expire at all.
+CREATE INDEX IF NOT EXISTS t_message_real_time_expire_at
+    ON t_message_real_time (expire_at) WHERE expire_at IS NOT NULL;
 
 -- Resume of one user from a cursor: rows of transactions at or after the
 -- cursor snapshot's xmin.
@@ -124,13 +159,33 @@ CREATE TABLE IF NOT EXISTS t_message_event (
     xact_id  xid8 NOT NULL DEFAULT pg_current_xact_id(),
     at       timestamptz NOT NULL DEFAULT now(),
     to_user  text NOT NULL,
-    kind     text NOT NULL CHECK (kind IN ('read', 'unread', 'deleted')),
+    kind     text NOT NULL CHECK (kind IN ('read', 'unread', 'deleted', 'expire')),
     ids      text[],
     type     text,
     readers  text[],
     -- For a deleted announcement: the transaction that had inserted it.
     inserted xid8
 );
+
+-- For a deleted announcement: its expire_at, so that one that had already
+-- expired (and been taken off the counts then) is not taken off again.
+ALTER TABLE t_message_event ADD COLUMN IF NOT EXISTS expire_at timestamptz;
+
+-- 'expire': an UPDATE moved the expire_at of these messages; delivery
+-- withdraws those that are now past it. Added to an existing table's check.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = 't_message_event'::regclass AND contype = 'c'
+          AND pg_get_constraintdef(oid) LIKE '%''expire''%'
+    ) THEN
+        ALTER TABLE t_message_event DROP CONSTRAINT IF EXISTS t_message_event_kind_check;
+        ALTER TABLE t_message_event ADD CONSTRAINT t_message_event_kind_check
+            CHECK (kind IN ('read', 'unread', 'deleted', 'expire'));
+    END IF;
+END
+$$;
 
 CREATE INDEX IF NOT EXISTS t_message_event_xact ON t_message_event (xact_id);
 CREATE INDEX IF NOT EXISTS t_message_event_at ON t_message_event (at);
@@ -146,6 +201,7 @@ CREATE OR REPLACE FUNCTION notifyd_log_update() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 DECLARE
     read_all text := notifyd_read_all_type();
+    logged boolean;
 BEGIN
     -- A message a user deletes is also marked read: its 'deleted' event
     -- says all there is to say (notifyd_log_hidden).
@@ -161,7 +217,15 @@ BEGIN
     FROM new_rows n JOIN old_rows o ON o.id = n.id
     WHERE o.is_read IS DISTINCT FROM n.is_read AND n.to_user <> '*'
     GROUP BY n.to_user, n.is_read::text = '0';
-    IF FOUND THEN
+    logged := FOUND;
+    -- A moved expire_at: delivery decides, on its own clock, whether the
+    -- messages are now past it (withdrawn) or not yet (a later sweep).
+    INSERT INTO t_message_event (to_user, kind, ids)
+    SELECT n.to_user::text, 'expire', array_agg(n.id::text ORDER BY n.seq)
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE o.expire_at IS DISTINCT FROM n.expire_at
+    GROUP BY n.to_user;
+    IF logged OR FOUND THEN
         PERFORM pg_notify('notifyd', 'e');
     END IF;
     RETURN NULL;
@@ -180,10 +244,10 @@ BEGIN
         RETURNING r.message_id, r.user_id
     )
     -- With its type, so the per-category count it leaves is known too.
-    INSERT INTO t_message_event (to_user, kind, ids, readers, inserted, type)
+    INSERT INTO t_message_event (to_user, kind, ids, readers, inserted, type, expire_at)
     SELECT '*', 'deleted', ARRAY[o.id::text],
            coalesce((SELECT array_agg(g.user_id) FROM gone g WHERE g.message_id = o.id::text), '{}'),
-           o.xact_id, o.type::text
+           o.xact_id, o.type::text, o.expire_at
     FROM old_rows o
     WHERE o.to_user = '*';
 

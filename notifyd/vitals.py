@@ -40,6 +40,9 @@ class Vitals:
     sessions: int
     users: int
     delivered: int
+    # The loop's own load: what a soak watches for growth.
+    tasks: int = 0
+    loop_lag_s: float = 0.0
 
     def health_report(self) -> dict[str, Any]:
         """
@@ -62,6 +65,8 @@ class Vitals:
             "sessions": self.sessions,
             "users": self.users,
             "delivered": self.delivered,
+            "tasks": self.tasks,
+            "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
         }
 
     def status_line(self) -> str:

@@ -1267,6 +1267,42 @@ async def test_demo_delete_on_one_page_leaves_both_lists_and_moves_both_badges(
     assert await category_badges(first) == {}
 
 
+async def test_demo_expiry_withdraws_from_both_pages_and_moves_both_badges(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    Two pages of alice: a message and an announcement with an expire_at
+    show on both, then at their expire_at leave both lists, and both pages'
+    category badges and bell drop to what is left; a reload lists what is
+    left only.
+    """
+    first = await open_demo(context, demo_daemon, "alice")
+    second = await open_demo(context, demo_daemon, "alice")
+    expire_at = await db.fetchval("SELECT clock_timestamp() + interval '4 seconds'")
+    stays = await insert(db, "alice", "New comment", type="comment")
+    sale = await insert(db, "alice", "Flash sale", type="system", expire_at=expire_at)
+    notice = await insert(db, "*", "Sale for everyone", type="system", expire_at=expire_at)
+    for window in (first, second):
+        await wait_badge(window, "3")
+        await show_all_messages(window)
+        await window.wait_for_function("() => document.querySelectorAll('#list li').length === 3")
+        assert await category_badges(window) == {"all": "3", "comment": "1", "system": "2"}
+    for window in (first, second):
+        for gone in (sale, notice):
+            await window.locator(f'#list li[data-id="{gone}"]').wait_for(state="detached")
+        await wait_category_badge(window, "system", None)
+        await wait_badge(window, "1")
+        assert await listed_ids(window) == [stays]
+        assert await category_badges(window) == {"all": "1", "comment": "1"}
+    await first.reload()
+    await first.locator('#status[data-state="open"]').wait_for()
+    await first.wait_for_function("() => !document.querySelector('#more').disabled")
+    await show_all_messages(first)
+    await first.wait_for_function("() => document.querySelectorAll('#list li').length === 1")
+    assert await listed_ids(first) == [stays]
+    assert await category_badges(first) == {"all": "1", "comment": "1"}
+
+
 async def test_demo_mark_unread_on_one_page_moves_both_badges_up(
     demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
 ) -> None:

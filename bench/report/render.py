@@ -5,8 +5,11 @@ the tables and the prose in their order, the profile and notifyd's log.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .common import TIMES, Results, latencies, num, table
 from .prose import method, where_the_time_goes
+from .push import push_section
 from .tables import figures, ramp_table, targets
 
 __all__ = ["render"]
@@ -29,7 +32,11 @@ def _sources(r: Results) -> str:
     return text + "."
 
 
-def render(r: Results) -> str:
+def render(r: Results, plots: Sequence[str] = ()) -> str:
+    """
+    The report; ``plots`` are PNG files next to it, embedded in the push
+    pipeline's section.
+    """
     m, plan = r["machine"], r["plan"]
     out: list[str] = ["# notifyd performance", ""]
     out += [
@@ -97,7 +104,8 @@ def render(r: Results) -> str:
         "",
     ]
     out += table(("Figure", "notifyd", "naive", "ratio", "better"), figures(r))
-    out += ["", *where_the_time_goes(r)]
+    out += ["", *push_section(r, plots)]
+    out += [*where_the_time_goes(r)]
     out += ["", "## Ramps", ""]
     for kind in ("notifyd", "naive"):
         for mode, title in (

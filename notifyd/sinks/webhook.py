@@ -258,6 +258,12 @@ class WebhookSink:
             await store.finish([message_id], "gone", "the message was deleted before it was sent")
             self._stats.skipped += 1
             return True
+        if row["lapsed"]:
+            # Withdrawn from the inbox at its expire_at: a late POST (an SMS
+            # about a sale that ended) would contradict it.
+            await store.finish([message_id], "gone", "the message expired before it was sent")
+            self._stats.skipped += 1
+            return True
         if self._offline and row["seen"]:
             await store.finish([message_id], "seen")
             self._stats.skipped += 1

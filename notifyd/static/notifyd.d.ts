@@ -84,7 +84,7 @@ export interface ReadEvent {
 }
 
 export interface DeletedEvent {
-  /** Gone from this user's inbox: deleted by the app, or by `delete()` in any tab or session. */
+  /** Gone from this user's inbox: deleted by the app, by `delete()` in any tab or session, or expired (its `expire_at` passed). */
   ids: string[];
 }
 

@@ -1,0 +1,130 @@
+"""
+``docs/soak.md`` from a soak run's results: the verdict first (loss,
+duplicates, growth), then the trends, the events and the samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["TRENDED", "render"]
+
+# The figures fitted for growth, with the unit each is shown in.
+TRENDED = {
+    "rss_mb": "RSS (MB)",
+    "fds": "open descriptors",
+    "tasks": "asyncio tasks",
+    "loop_lag_ms": "event-loop lag (ms, worst of 10 s)",
+}
+
+
+def _number(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _machine(info: dict[str, Any]) -> str:
+    load = info.get("load_average_at_start")
+    return (
+        f"{info.get('nproc', '?')} cores ({info.get('cpu_model', 'unknown')}), "
+        f"{info.get('memory_gib', '?')} GiB, Python {info.get('python', '?')}, "
+        f"{info.get('date', '')}" + (f", load average {load[0]:.2f} at the start" if load else "")
+    )
+
+
+def verdict(results: dict[str, Any]) -> list[str]:
+    """
+    One line per target: nothing lost, nothing twice, nothing growing.
+    """
+    account = results["accounting"]
+    lines = [
+        f"- **{account['lost']} lost, {account['duplicates']} duplicated**, "
+        f"{account['not_in_table']} delivered that the table does not hold, of "
+        f"{account['committed']:,} committed messages "
+        f"({account['resyncs']} resyncs, {account['unrecovered_resumes']} resumes not proven)."
+    ]
+    trends = results["trends"]
+    for key, label in TRENDED.items():
+        trend = trends.get(key)
+        if trend is None:
+            lines.append(f"- {label}: not sampled.")
+            continue
+        beyond = abs(trend["slope_per_h"]) > trend["noise_per_h"]
+        lines.append(
+            f"- {label}: {_number(trend['slope_per_h'])} per hour, noise "
+            f"±{_number(trend['noise_per_h'])} per hour: "
+            + ("**a slope beyond noise**" if beyond else "no slope beyond noise")
+            + f" (from {_number(trend['first'])} to {_number(trend['last'])},"
+            f" range {_number(trend['low'])} to {_number(trend['high'])})."
+        )
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    config = results["config"]
+    account = results["accounting"]
+    trends = results["trends"]
+    out = [
+        "# Soak",
+        "",
+        "Written by `python -m bench soak"
+        + (f" --minutes {config['minutes']:g}" if config["minutes"] != 30 else "")
+        + "` (README says how to run it). notifyd runs as a child process "
+        "against an embedded PostgreSQL; sessions in "
+        f"{config['client_procs']} client processes each hold one user, resume "
+        "from their last cursor whenever they reconnect, and count every "
+        "message id they receive; at the end each user's count is compared "
+        "with the table.",
+        "",
+        f"- {config['minutes']:g} minutes, {config['sessions']:,} sessions "
+        f"({results['sessions_live_at_start']:,} live at the start), "
+        f"{config['rate']:g} single-row commits/s "
+        f"({results['writer']['attempted']:,} attempted, "
+        f"{results['writer']['failed']:,} failed while PostgreSQL was down);",
+        f"- {config['reconnect_share']:.0%} of the sessions reconnect each minute "
+        f"({account['reconnects_asked']:,} reconnections asked, "
+        f"{account['connects']:,} connections in all);",
+        f"- PostgreSQL restarted every {config['pg_restart_every']:g} minutes, the "
+        f"LISTEN connection killed every {config['listener_kill_every']:g} "
+        "minutes (where no restart falls);",
+        f"- sampled every {config['sample_every']:g} s; trends fitted after a "
+        f"{trends['warmup_s']:.0f} s warm-up. The noise is twice the slope's "
+        "standard error: a slope within it is what the scatter of the samples "
+        "alone gives about 95 % of the time.",
+        f"- notifyd at commit {results.get('commit', 'unknown')}; machine: "
+        f"{_machine(results['machine'])}.",
+        "",
+        "## Verdict",
+        "",
+        *verdict(results),
+        "",
+        "## Events",
+        "",
+        "| at | what | detail |",
+        "|---|---|---|",
+    ]
+    for event in results["events"]:
+        detail = ", ".join(f"{k} {v}" for k, v in event.items() if k not in ("at_s", "what"))
+        out.append(f"| {event['at_s'] / 60:.1f} min | {event['what']} | {detail} |")
+    out += [
+        "",
+        "## Samples",
+        "",
+        "| t (min) | RSS (MB) | fds | tasks | loop lag (ms) | sessions | server CPU (s) | received |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    samples = results["samples"]
+    # About thirty rows, the last sample always included.
+    step = max(1, len(samples) // 30)
+    for sample in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
+        out.append(
+            f"| {sample['t_s'] / 60:.1f} | {sample['rss_mb']:.1f} | {sample['fds']} | "
+            f"{sample.get('tasks', '—')} | {sample.get('loop_lag_ms', '—')} | "
+            f"{sample.get('sessions', '—')} | {sample['cpu_s']:.0f} | {sample['received']:,} |"
+        )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,401 @@
+"""
+The soak run: an embedded PostgreSQL, notifyd as a child process, sessions
+in client processes (``clients.py``) and a paced writer, for ``--minutes``;
+meanwhile a share of the sessions reconnects every minute, Postgres is
+restarted and the LISTEN connection is killed on a schedule, and the server
+is sampled. At the end every user's unique message count is compared with
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from notifyd.db import schema_sql
+from notifyd.demo.embedded import EmbeddedPostgres
+
+from ..control import ROOT, Child, free_port, raise_nofile, wait_healthy
+from ..measure import cpu_seconds, machine, source_fingerprint
+from ..progress import progress
+from ..rig import PG_SETTINGS
+from .report import TRENDED, render
+from .trend import fit
+
+__all__ = ["main"]
+
+_INSERT = (
+    "INSERT INTO t_message_real_time (to_user, title, content, type, send_user) "
+    "VALUES ($1, 'Soak message', $2, $3, 'soak-writer')"
+)
+_TYPES = ("comment", "like", "system")
+_KILL_LISTENER = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'"
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
+    p.add_argument("--sessions", type=int, default=5000, help="one per user (default 5000)")
+    p.add_argument("--rate", type=float, default=500.0, help="commits/s (default 500)")
+    p.add_argument(
+        "--reconnect-share",
+        type=float,
+        default=0.05,
+        help="share of the sessions that reconnect each minute, spread over it (default 0.05)",
+    )
+    p.add_argument("--pg-restart-every", type=float, default=10.0, help="minutes (default 10)")
+    p.add_argument("--listener-kill-every", type=float, default=5.0, help="minutes (default 5)")
+    p.add_argument("--sample-every", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "soak.md")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "soak.json")
+    p.add_argument("--keep-logs", action="store_true")
+    return p
+
+
+@dataclass
+class Writer:
+    """
+    Single-row autocommit INSERTs at ``rate`` to random users, through
+    restarts: a failed statement is counted and the connection remade. The
+    table, not this count, is what deliveries are checked against.
+    """
+
+    dsn: str
+    rate: float
+    users: list[str]
+    connections: int = 4
+    attempted: int = 0
+    failed: int = 0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._one(k) for k in range(self.connections)))
+
+    async def _one(self, k: int) -> None:
+        pick = random.Random(k)
+        period = self.connections / self.rate
+        conn: asyncpg.Connection | None = None
+        due = time.monotonic() + pick.uniform(0, period)
+        while not self.stopping.is_set():
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -1.0:
+                due = time.monotonic()  # after an outage: the pace, not a burst
+            due += period
+            self.attempted += 1
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(self.dsn, timeout=5)
+                await conn.execute(
+                    _INSERT, pick.choice(self.users), f"{time.time_ns()}", pick.choice(_TYPES)
+                )
+            except Exception:
+                # Anything a restart can cause, asyncpg's InternalClientError
+                # ("cannot switch to state") included: a failed commit here is
+                # not a failed soak; the table decides what committed.
+                self.failed += 1
+                if conn is not None:
+                    conn.terminate()
+                conn = None
+                await asyncio.sleep(0.2)
+        if conn is not None:
+            await conn.close()
+
+
+def _commit() -> str:
+    """
+    The commit measured, with ``+changes`` when the work tree differs from it.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "notifyd"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def _health(port: int) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    body: dict[str, Any] = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    return body
+
+
+def schedule(minutes: float, every: float, skip_every: float | None = None) -> list[float]:
+    """
+    Offsets in seconds, ``every`` minutes apart, strictly inside the run;
+    those that fall on a multiple of ``skip_every`` are left to that event.
+    """
+    if every <= 0:
+        return []
+    offsets = []
+    k = 1
+    while k * every < minutes:
+        at = k * every
+        if (
+            skip_every is None
+            or skip_every <= 0
+            or abs(at / skip_every - round(at / skip_every)) > 1e-9
+        ):
+            offsets.append(at * 60)
+        k += 1
+    return offsets
+
+
+async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    embedded = EmbeddedPostgres(settings=PG_SETTINGS)
+    children: list[Child] = []
+    try:
+        progress("starting embedded PostgreSQL")
+        await asyncio.to_thread(embedded.start, 120)
+        dsn = embedded.dsn
+        admin = await asyncpg.connect(dsn)
+        await admin.execute(schema_sql())
+        await admin.close()
+
+        secret = secrets.token_urlsafe(32)
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFYD_", "PG"))}
+        env.update(
+            NOTIFYD_DSN=dsn, NOTIFYD_HOST="127.0.0.1", NOTIFYD_PORT=str(port),
+            NOTIFYD_JWT_SECRET=secret, NOTIFYD_LOG_LEVEL="WARNING",
+        )  # fmt: skip
+        server = await Child.spawn(
+            "notifyd", [sys.executable, "-m", "notifyd", "serve"], logs / "notifyd.log", env=env
+        )
+        children.append(server)
+        await wait_healthy(server, port, 60)
+
+        users = [f"soak-{i}" for i in range(args.sessions)]
+        k = args.client_procs
+        for i in range(k):
+            config = json.dumps(
+                {"url": f"ws://127.0.0.1:{port}", "secret": secret, "users": users[i::k]}
+            )
+            children.append(
+                await Child.spawn(
+                    f"clients-{i}",
+                    [sys.executable, "-m", "bench.soak.clients", config],
+                    logs / f"clients-{i}.log",
+                    control=True,
+                )
+            )
+        clients = children[1:]
+        progress(f"opening {args.sessions} sessions")
+        opened = await asyncio.gather(*(c.request({"cmd": "open"}, timeout=900) for c in clients))
+        live = sum(r["live"] for r in opened)
+        progress(f"  {live} live")
+
+        writer = Writer(dsn, args.rate, users)
+        writing = asyncio.create_task(writer.run())
+        duration = args.minutes * 60
+        restarts = schedule(args.minutes, args.pg_restart_every)
+        kills = schedule(args.minutes, args.listener_kill_every, args.pg_restart_every)
+        events: list[dict[str, Any]] = []
+        samples: list[dict[str, Any]] = []
+        tick = 6.0  # reconnections are spread over the minute in ten steps
+        per_tick = args.sessions * args.reconnect_share / 10 / k
+        carry = 0.0
+        started = time.monotonic()
+        next_sample = next_tick = 0.0
+        cpu0 = cpu_seconds(server.pid)
+        progress(f"soaking for {args.minutes:g} min")
+        while (now := time.monotonic() - started) < duration:
+            if not server.running:
+                raise RuntimeError(f"notifyd exited: {server.log_tail()}")
+            if restarts and now >= restarts[0]:
+                restarts.pop(0)
+                t0 = time.monotonic()
+                await asyncio.to_thread(embedded.restart)
+                events.append({"at_s": round(now, 1), "what": "postgres restart",
+                               "took_s": round(time.monotonic() - t0, 2)})  # fmt: skip
+                progress(f"  {now / 60:.1f} min: PostgreSQL restarted")
+            if kills and now >= kills[0]:
+                kills.pop(0)
+                conn = await asyncpg.connect(dsn)
+                try:
+                    killed = await conn.fetchval(_KILL_LISTENER)
+                finally:
+                    await conn.close()
+                events.append({"at_s": round(now, 1), "what": "listener killed", "killed": killed})
+                progress(f"  {now / 60:.1f} min: LISTEN connection killed ({killed})")
+            if now >= next_tick:
+                next_tick += tick
+                carry += per_tick
+                n, carry = int(carry), carry - int(carry)
+                if n:
+                    seed = int(now * 1000)
+                    await asyncio.gather(
+                        *(c.request({"cmd": "reconnect", "n": n, "seed": seed + j}, timeout=60)
+                          for j, c in enumerate(clients))
+                    )  # fmt: skip
+            if now >= next_sample:
+                next_sample += args.sample_every
+                samples.append(await _sample(server, port, clients, now, cpu0))
+            await asyncio.sleep(0.2)
+        writer.stopping.set()
+        await writing
+        progress("writer stopped; waiting for the last deliveries")
+        accounting = await _account(dsn, clients, users)
+        samples.append(await _sample(server, port, clients, time.monotonic() - started, cpu0))
+        return {
+            "config": {
+                key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()
+            },
+            "machine": machine(),
+            "notifyd_source": source_fingerprint(),
+            "commit": _commit(),
+            "sessions_live_at_start": live,
+            "writer": {"attempted": writer.attempted, "failed": writer.failed},
+            "events": events,
+            "samples": samples,
+            "accounting": accounting,
+            "trends": _trends(samples, warmup_s=min(120.0, duration / 10)),
+        }
+    finally:
+        for child in reversed(children):
+            with contextlib.suppress(Exception):
+                await child.stop(timeout=20)
+        await asyncio.to_thread(embedded.cleanup)
+
+
+async def _sample(
+    server: Child, port: int, clients: list[Child], now: float, cpu0: float
+) -> dict[str, Any]:
+    sample: dict[str, Any] = {
+        "t_s": round(now, 1),
+        "rss_mb": round(_rss_kb(server.pid) / 1024, 2),
+        "fds": len(os.listdir(f"/proc/{server.pid}/fd")),
+        "cpu_s": round(cpu_seconds(server.pid) - cpu0, 2),
+    }
+    try:
+        health = await _health(port)
+    except (OSError, TimeoutError, ValueError, IndexError) as exc:
+        sample["health_error"] = repr(exc)
+    else:
+        sample.update(
+            tasks=health["tasks"],
+            loop_lag_ms=health["loop_lag_ms"],
+            sessions=health["sessions"],
+            ready=health["status"] == "ok",
+        )
+    stats = await asyncio.gather(*(c.request({"cmd": "stats"}, timeout=60) for c in clients))
+    sample["client_live"] = sum(s["live"] for s in stats)
+    sample["received"] = sum(s["unique"] for s in stats)
+    return sample
+
+
+async def _account(dsn: str, clients: list[Child], users: list[str]) -> dict[str, Any]:
+    """
+    Wait (up to two minutes) until the clients hold as many unique messages
+    as the table has, then compare per user.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT to_user, count(*) AS n FROM t_message_real_time GROUP BY to_user"
+        )
+    finally:
+        await conn.close()
+    committed = {r["to_user"]: int(r["n"]) for r in rows}
+    total = sum(committed.get(u, 0) for u in users)
+    deadline = time.monotonic() + 120
+    while True:
+        stats = await asyncio.gather(*(c.request({"cmd": "stats"}, timeout=60) for c in clients))
+        unique = sum(s["unique"] for s in stats)
+        if unique >= total or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    counts: dict[str, int] = {}
+    for c in clients:
+        counts.update((await c.request({"cmd": "counts"}, timeout=60))["counts"])
+    lost = sum(max(0, committed.get(u, 0) - counts.get(u, 0)) for u in users)
+    extra = sum(max(0, counts.get(u, 0) - committed.get(u, 0)) for u in users)
+    return {
+        "committed": total,
+        "received_unique": unique,
+        "lost": lost,
+        "not_in_table": extra,
+        "duplicates": sum(s["duplicates"] for s in stats),
+        "resyncs": sum(s["resyncs"] for s in stats),
+        "unrecovered_resumes": sum(s["unrecovered"] for s in stats),
+        "connects": sum(s["connects"] for s in stats),
+        "reconnects_asked": sum(s["reconnects_asked"] for s in stats),
+    }
+
+
+def _trends(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    """
+    Each sampled figure's trend after the warm-up (sessions opening, caches
+    filling), with the warm-up it left out.
+    """
+    kept = [s for s in samples if s["t_s"] >= warmup_s]
+    trends: dict[str, Any] = {"warmup_s": warmup_s}
+    for key in TRENDED:
+        points = [(float(s["t_s"]), float(s[key])) for s in kept if key in s]
+        if len(points) >= 3:
+            trends[key] = asdict(fit(points))
+    return trends
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    raise_nofile()
+    logs = Path(tempfile.mkdtemp(prefix="notifyd-soak-"))
+    progress(f"soak: logs in {logs}")
+    ok = False
+    try:
+        results = asyncio.run(soak(args, logs))
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(results))
+        progress(f"done: {args.out} and {args.results}")
+        ok = True
+    except KeyboardInterrupt:
+        progress("interrupted; cleaning up")
+    finally:
+        if ok and not args.keep_logs:
+            shutil.rmtree(logs, ignore_errors=True)
+        else:
+            progress(f"logs kept in {logs}")
+    return 0 if ok else 1

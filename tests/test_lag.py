@@ -1,0 +1,57 @@
+"""
+The event loop's lag and task count: measured in the instance, reported by
+/healthz and /metrics (what a soak run samples for growth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+from notifyd.lag import LoopLag
+
+from .conftest import TIMEOUT
+
+
+def test_worst_lag_forgets_samples_older_than_the_window() -> None:
+    lag = LoopLag(window_s=10.0)
+    lag.record(100.0, 0.5)
+    lag.record(105.0, 0.1)
+    assert lag.worst() == 0.5
+    lag.record(111.0, 0.2)
+    assert lag.worst() == 0.2
+
+
+def test_no_sample_means_no_lag() -> None:
+    assert LoopLag().worst() == 0.0
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return bytes(response.read())
+
+
+async def test_a_blocked_loop_shows_as_lag_in_health_and_metrics(daemon) -> None:
+    # The stimulus: one callback that holds the loop for 0.6 s, as a long
+    # synchronous step in a handler would; the timer due during it runs up
+    # to one sampling interval (0.1 s) less late than that.
+    asyncio.get_running_loop().call_soon(time.sleep, 0.6)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        health = json.loads(
+            await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/healthz")
+        )
+        if health["loop_lag_ms"] >= 450 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert health["loop_lag_ms"] >= 450, health
+    assert health["tasks"] > 0
+    metrics = (await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/metrics")).decode()
+    lines = dict(
+        line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#")
+    )
+    assert float(lines["notifyd_event_loop_lag_seconds"]) >= 0.45
+    # delivery, the listener, the lag timer and this scrape's handler at least
+    assert float(lines["notifyd_asyncio_tasks"]) >= 4

@@ -1,0 +1,117 @@
+"""
+The soak's arithmetic and its page: slopes and their noise, the schedule of
+restarts and listener kills, and a verdict that says what it saw.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bench.soak.report import render
+from bench.soak.run import schedule
+from bench.soak.trend import fit
+
+
+def test_a_straight_line_has_its_slope_per_hour_and_no_noise() -> None:
+    trend = fit([(t, 100.0 + 2.0 * t / 3600) for t in range(0, 1800, 10)])
+    assert trend.slope_per_h == pytest.approx(2.0)
+    assert trend.noise_per_h == pytest.approx(0.0, abs=1e-9)
+    assert trend.beyond_noise
+
+
+def test_scatter_around_a_flat_level_is_no_slope_beyond_noise() -> None:
+    pick = random.Random(7)
+    trend = fit([(float(t), 50.0 + pick.gauss(0, 1)) for t in range(0, 1800, 10)])
+    assert not trend.beyond_noise
+    assert trend.noise_per_h > 0
+
+
+def test_a_small_leak_under_scatter_is_found() -> None:
+    pick = random.Random(7)
+    # 10 MB per hour under 1 MB of scatter, 30 minutes of 10 s samples
+    trend = fit([(float(t), 50.0 + 10.0 * t / 3600 + pick.gauss(0, 1)) for t in range(0, 1800, 10)])
+    assert trend.beyond_noise
+    assert trend.slope_per_h == pytest.approx(10.0, rel=0.2)
+
+
+def test_fit_refuses_too_few_samples_or_no_time() -> None:
+    with pytest.raises(ValueError):
+        fit([(0.0, 1.0), (1.0, 2.0)])
+    with pytest.raises(ValueError):
+        fit([(5.0, 1.0), (5.0, 2.0), (5.0, 3.0)])
+
+
+def test_schedule_stays_inside_the_run_and_leaves_restart_minutes_to_restarts() -> None:
+    assert schedule(30, 10) == [600.0, 1200.0]
+    assert schedule(30, 5, 10) == [300.0, 900.0, 1500.0]
+    assert schedule(30, 0) == []
+
+
+def _results(lost: int, rss_slope: float) -> dict:
+    trend = {
+        "samples": 170,
+        "first": 60.0,
+        "last": 61.0,
+        "low": 59.5,
+        "high": 61.5,
+        "mean": 60.5,
+        "slope_per_h": rss_slope,
+        "noise_per_h": 1.0,
+    }
+    return {
+        "config": {
+            "minutes": 30.0,
+            "sessions": 5000,
+            "rate": 500.0,
+            "reconnect_share": 0.05,
+            "pg_restart_every": 10.0,
+            "listener_kill_every": 5.0,
+            "sample_every": 10.0,
+            "client_procs": 2,
+        },
+        "machine": {"nproc": 2, "cpu_model": "test cpu", "memory_gib": 8, "python": "3.11"},
+        "sessions_live_at_start": 5000,
+        "writer": {"attempted": 900_000, "failed": 12},
+        "events": [{"at_s": 600.0, "what": "postgres restart", "took_s": 0.5}],
+        "samples": [
+            {
+                "t_s": float(t),
+                "rss_mb": 60.0,
+                "fds": 5020,
+                "cpu_s": t / 10,
+                "received": t * 500,
+                "tasks": 10_010,
+                "loop_lag_ms": 3.0,
+                "sessions": 5000,
+            }
+            for t in range(0, 1800, 10)
+        ],
+        "accounting": {
+            "committed": 899_988,
+            "received_unique": 899_988 - lost,
+            "lost": lost,
+            "not_in_table": 0,
+            "duplicates": 0,
+            "resyncs": 0,
+            "unrecovered_resumes": 0,
+            "connects": 12_500,
+            "reconnects_asked": 7500,
+        },
+        "trends": {"warmup_s": 120.0, "rss_mb": trend},
+    }
+
+
+def test_the_page_states_loss_and_each_trend_against_its_noise() -> None:
+    page = render(_results(lost=0, rss_slope=0.4))
+    assert "**0 lost, 0 duplicated**" in page
+    assert "RSS (MB): 0.4 per hour, noise ±1.00 per hour: no slope beyond noise" in page
+    assert "open descriptors: not sampled." in page
+    assert "| 10.0 min | postgres restart | took_s 0.5 |" in page
+
+
+def test_the_page_flags_a_slope_beyond_noise_and_a_loss() -> None:
+    page = render(_results(lost=3, rss_slope=4.0))
+    assert "**3 lost, 0 duplicated**" in page
+    assert "**a slope beyond noise**" in page
