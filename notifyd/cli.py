@@ -124,9 +124,10 @@ def _verifier(settings: Settings) -> TokenVerifier | None:
     The token verifier, or None in the path-user development mode.
     """
     if settings.dev_insecure_user_from_path:
-        if not settings.is_loopback:
+        if not settings.local_only:
             raise ConfigError(
-                "NOTIFYD_DEV_INSECURE_USER_FROM_PATH is only allowed on a loopback NOTIFYD_HOST"
+                "NOTIFYD_DEV_INSECURE_USER_FROM_PATH is only allowed on a loopback NOTIFYD_HOST "
+                "without NOTIFYD_TRUSTED_PROXIES"
             )
         logger.warning(
             "development mode: the user id is taken from the path WITHOUT a token; never expose this"
@@ -150,7 +151,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
     daemon = Daemon(settings, _verifier(settings))
     warning = origin_warning(
-        allowed_origins=settings.allowed_origins, is_loopback=settings.is_loopback
+        allowed_origins=settings.allowed_origins, is_loopback=settings.local_only
     )
     if warning is not None:
         logger.warning("%s", warning)

@@ -46,7 +46,7 @@ from .sinks.manager import SinkManager
 from .stats import Stats
 from .systemd import SystemdNotifier, supervise
 from .tasks import Supervisor
-from .vitals import ListenerVitals, Vitals
+from .vitals import ListenerVitals, Vitals, WakeVitals
 
 __all__ = ["Daemon", "Instance", "Stopped"]
 
@@ -186,6 +186,7 @@ class Instance:
             delivered=self.stats.delivered,
             tasks=len(asyncio.all_tasks()),
             loop_lag_s=self._lag.worst(),
+            wake=WakeVitals(setting=settings.wake, mode=str(self.delivery.pacer.mode)),
         )
 
     async def stop(self, code: CloseCode = CloseCode.SERVICE_RESTART) -> None:
@@ -261,6 +262,7 @@ class Daemon:
                 poll_interval=settings.poll_interval_s,
                 event_retention=settings.event_retention_s,
                 min_interval=settings.batch_interval_ms / 1000,
+                poll_above=settings.poll_above if settings.wake == "auto" else None,
                 stats=stats,
                 on_routed=sinks.offer if sinks is not None else None,
                 collector=collector,

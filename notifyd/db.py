@@ -23,6 +23,7 @@ from . import queries
 from .backoff import backoff_delay
 from .cursor import Cursor, Snapshot
 from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError, describe
+from .pacing import Lease
 from .queries import CHANNEL, EVENTS, RECEIPTS, TABLE
 from .settings import Settings
 
@@ -201,7 +202,8 @@ class Window:
     withdrawals of what expired among them) and the unread counts taken at
     ``end``, the clock they were taken at (``now()`` of its statement: no row
     past its ``expire_at`` at ``clock`` is in the window) and the next
-    ``expire_at`` after it, if any.
+    ``expire_at`` after it, if any; and the polling lease as the same
+    statement saw it (None on later pages).
     """
 
     rows: list[Row]
@@ -212,6 +214,7 @@ class Window:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     clock: datetime | None = None
     next_expiry: datetime | None = None
+    lease: Lease | None = None
 
 
 class Database:
@@ -324,6 +327,7 @@ class Database:
                         complete=len(rows) < limit,
                         clock=head["clock"],
                         next_expiry=next_expiry,
+                        lease=_lease(head),
                     )
             records = await self._pool.fetch(
                 queries.WINDOW_FIRST, since.to_pg(), xip, limit, list(count_users), swept_to
@@ -338,6 +342,7 @@ class Database:
             counts=json.loads(head["counts"] or "{}"),
             clock=head["clock"],
             next_expiry=head["next_expiry"],
+            lease=_lease(head),
         )
 
     async def window_rest(
@@ -482,6 +487,27 @@ class Database:
             status = await self._pool.execute(queries.PRUNE_EVENTS, older_than_s)
         return int(status.split()[-1])
 
+    async def renew_lease(self, ms: int) -> Lease:
+        """
+        Start or extend the polling lease to ``ms`` milliseconds from now
+        (never shortening it) and wake every instance with a NOTIFY; returns
+        the lease as set.
+        """
+        with as_database_error("renewing the polling lease failed"):
+            head = await self._pool.fetchrow(queries.RENEW_LEASE, ms)
+        if head is None:  # the sequence has exactly one row
+            raise DatabaseError("renewing the polling lease returned no row")
+        return _lease(head)
+
+    async def next_xact_id(self) -> int:
+        """
+        A new transaction id: every transaction that had one before this
+        call has a lower one.
+        """
+        with as_database_error("taking a transaction id failed"):
+            xact_id = await self._pool.fetchval(queries.NEXT_XACT_ID)
+        return int(xact_id)
+
     async def notify(self, payload: str) -> float:
         """
         Send a notification on notifyd's channel (the listener's probe);
@@ -575,6 +601,8 @@ class Database:
         for table in (RECEIPTS, EVENTS, queries.HIDDEN):
             if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
                 problems.append(f"table {table} does not exist: run `notifyd init-db`")
+        if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", queries.LEASE):
+            problems.append(f"sequence {queries.LEASE} does not exist: run `notifyd init-db`")
         if problems:
             return problems
         allowed = await self._pool.fetchrow(queries.PRIVILEGES)
@@ -586,6 +614,7 @@ class Database:
             "receipts": f"SELECT, INSERT and DELETE on {RECEIPTS}",
             "hidden": f"SELECT and INSERT on {queries.HIDDEN}",
             "events": f"SELECT and DELETE on {EVENTS}",
+            "lease": f"SELECT and UPDATE on sequence {queries.LEASE}",
         }
         problems += [
             f"the database role lacks {what}: apply role.sql (`notifyd init-db --role`)"
@@ -640,6 +669,10 @@ class Database:
         args: list[Any] = [user, json.dumps(claims, default=str)][:arity]
         with as_database_error("the revocation check failed"):
             return await self._pool.fetchval(query, *args) is True
+
+
+def _lease(head: Row) -> Lease:
+    return Lease(int(head["lease_until"]), int(head["lease_now"]))
 
 
 def _event(data: dict[str, Any]) -> Event:

@@ -29,6 +29,11 @@ it; the sweep time then moves to that clock. A timer wakes delivery at the
 next known ``expire_at`` (which each window reads) and at least every
 ``_SWEEP_EVERY_S`` seconds, so a withdrawal follows its ``expire_at`` by one
 read.
+
+Under load the wake-ups come from delivery's own clock instead: its
+:class:`~notifyd.pacing.Pacer` says when to read next and when to renew the
+polling lease that turns the triggers' NOTIFYs off (docs/deployment.md,
+"Wake-ups under load").
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ from .backoff import backoff_delay
 from .collector import Collector
 from .cursor import Cursor, Snapshot
 from .db import Database, Row, Window
-from .exceptions import CursorError, describe
+from .exceptions import CursorError, DatabaseError, describe
 from .hub import Hub
 from .ledger import ByType
+from .pacing import LEASE_S, Lease, Mode, Pacer, Renewal
 from .router import Router, WindowAccount
 from .session import Session
 from .stats import Stats
@@ -65,6 +71,10 @@ _CATCH_UP_BATCH = 500
 # so that the database's clock has surely reached it when the read starts.
 _SWEEP_EVERY_S = 5.0
 _EXPIRY_MARGIN_S = 0.005
+
+# The shortest wait between two reads while polling: a read every
+# millisecond already serves every commit of that millisecond.
+_MIN_POLL_INTERVAL = 0.001
 
 
 @dataclass(eq=False)
@@ -91,6 +101,7 @@ class Delivery:
         poll_interval: float,
         event_retention: float = 3600.0,
         min_interval: float = 0.0,
+        poll_above: float | None = None,
         retry_max: float = 5.0,
         stats: Stats | None = None,
         on_routed: Callable[[list[Row], list[bool]], None] | None = None,
@@ -99,6 +110,9 @@ class Delivery:
         """
         ``on_routed`` (the sinks) gets each routed page of rows and, per
         row, whether it reached a live session here; it must not block.
+        ``poll_above``: writing transactions a second above which this
+        instance takes the polling lease; None never takes it (leases of
+        other instances are obeyed all the same).
         """
         self._db = database
         self._collector = collector
@@ -127,6 +141,16 @@ class Delivery:
         self.listening = False
         self.ready = asyncio.Event()
         self._last_read = 0.0
+        self._pacer = Pacer(poll_above, max(min_interval, _MIN_POLL_INTERVAL))
+        self._renewal_failing = False
+
+    @property
+    def pacer(self) -> Pacer:
+        """
+        The wake-up mode and the lease as this instance sees them (read
+        only: for vitals and tests).
+        """
+        return self._pacer
 
     def wake(self) -> None:
         """
@@ -182,6 +206,8 @@ class Delivery:
                     self._wakeup.set()
                 else:
                     await self._admit_all(joining, counts)
+                await self._renew_lease()
+                await self._take_horizon()
                 if self._collector is not None:
                     hub = self._hub
                     self._collector.after_round(
@@ -217,11 +243,13 @@ class Delivery:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can
             # swallow a cancellation that races with the event being set,
             # and this loop must stop when cancelled.
-            try:
-                async with asyncio.timeout(self._wait_limit()):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+            timeout = self._wait_limit()
+            if timeout > 0:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
             # Under load, start reads at most every ``min_interval`` seconds,
             # so one query serves the commits of that interval instead of one
             # query per commit; an isolated commit is read at once.
@@ -234,12 +262,68 @@ class Delivery:
     def _wait_limit(self) -> float:
         """
         How long to wait for a wake-up: until the next known expire_at, at
-        most ``_SWEEP_EVERY_S`` (and ``poll_interval`` while not listening).
+        most ``_SWEEP_EVERY_S`` (and ``poll_interval`` while not listening),
+        and while a lease is in force or draining, the pacer's interval from
+        the last read.
         """
         limit = _SWEEP_EVERY_S if self.listening else min(_SWEEP_EVERY_S, self._poll_interval)
         if self._expiry_due is not None:
             limit = min(limit, max(0.0, self._expiry_due - time.monotonic()))
+        paced = self._pacer.next_read_in()
+        if paced is not None:
+            limit = min(limit, self._last_read + paced - time.monotonic())
         return limit
+
+    async def _renew_lease(self) -> None:
+        """
+        Start or extend the polling lease when the pacer asks for it. A
+        failure is logged once and otherwise changes nothing: the triggers
+        keep notifying, and delivery keeps waking up on their NOTIFYs.
+        """
+        renewal = self._pacer.renewal(time.monotonic())
+        if renewal is None:
+            return
+        try:
+            lease = await self._db.renew_lease(round(LEASE_S * 1000))
+        except DatabaseError as exc:
+            self._pacer.renewal_failed(time.monotonic())
+            if not self._renewal_failing:
+                self._renewal_failing = True
+                logger.warning(
+                    "renewing the polling lease failed (%s); the triggers keep notifying",
+                    describe(exc),
+                )
+            return
+        if self._renewal_failing:
+            self._renewal_failing = False
+            logger.info("the polling lease is renewed again")
+        if renewal is Renewal.START:
+            self.stats.polling_leases += 1
+        self._pace(lambda pacer: pacer.renewed(time.monotonic(), lease))
+
+    async def _take_horizon(self) -> None:
+        """
+        Give a draining pacer the transaction id it waits for. A failure
+        only leaves it draining (reading on its own clock) until the next
+        try, after the next read.
+        """
+        if not self._pacer.horizon_needed:
+            return
+        try:
+            horizon = await self._db.next_xact_id()
+        except DatabaseError as exc:
+            logger.debug("taking a transaction id failed (%s); still draining", describe(exc))
+            return
+        self._pace(lambda pacer: pacer.horizon(horizon))
+
+    def _pace(self, update: Callable[[Pacer], None]) -> None:
+        """
+        Apply ``update`` to the pacer and log a change of mode.
+        """
+        before = self._pacer.mode
+        update(self._pacer)
+        if self._pacer.mode is not before:
+            logger.debug("wake-ups: %s -> %s", before, self._pacer.mode)
 
     def _requeue(self, requests: list[_Join]) -> None:
         self._pending[:0] = [r for r in requests if not r.admitted.done()]
@@ -257,10 +341,18 @@ class Delivery:
         router = self._router
         counts: dict[str, ByType] | None = None
         last: Window | None = None
+        lease: Lease | None = None
+        # Distinct writing transactions of the window, for the pacer's rate.
+        transactions: set[int] = set()
         swept_to = self._swept_to
         reading = self._reader.pages(base, count_users, swept_to)
         async with contextlib.aclosing(reading) as pages:
             async for window in pages:
+                self.stats.rows_read += len(window.rows)
+                transactions.update(row["xact_id"] for row in window.rows)
+                transactions.update(event.xact_id for event in window.events)
+                if window.lease is not None:
+                    lease = window.lease
                 if self._account is None:
                     # The first page of a new window.
                     self._opened = (window.clock, window.next_expiry, time.monotonic())
@@ -280,6 +372,11 @@ class Delivery:
         self._swept_to = _later(swept_to, clock)
         self._expiry_due = _due(clock, next_expiry, read_at)
         router.settle(account, base)
+        if lease is not None:
+            # The lease and last.end come from the same statement (a
+            # window's pages all share its first page's end snapshot).
+            seen, end = lease, last.end
+            self._pace(lambda pacer: pacer.observed(time.monotonic(), seen, end, len(transactions)))
         return counts
 
     def _maybe_prefetch(self, end: Snapshot, swept_to: datetime | None) -> None:
@@ -293,8 +390,16 @@ class Delivery:
         listener is up; at most one read starts per ``min_interval``.
         """
         now = time.monotonic()
+        # While a lease is in force no NOTIFY announces commits: the next
+        # poll being due counts as the announcement.
+        interval = self._pacer.next_read_in()
+        poll_due = (
+            self._pacer.mode is Mode.POLLING
+            and interval is not None
+            and now - self._last_read >= interval
+        )
         if (
-            not self._wakeup.is_set()
+            not (self._wakeup.is_set() or poll_due)
             or not self.listening
             or self._pending
             or now - self._last_read < self._min_interval

@@ -10,6 +10,11 @@ released when the TCP connection is gone. A handshake that passes is
 upgraded; without a token there, the first frame must authenticate
 (:mod:`notifyd.server`). The handshake's query may also opt the session in
 to unread counts carried on message frames (``counts=inline``).
+
+Behind a trusted reverse proxy (:mod:`notifyd.peers`) the client is the
+address it forwarded: every request's connection is told so first, and
+the limits, the refusals' log lines and ``/metrics``' loopback check go by
+that address.
 """
 
 from __future__ import annotations
@@ -31,17 +36,29 @@ from .credentials import (
     offered_subprotocols,
     token_from_handshake,
 )
-from .incidents import Incidents, peer_address
+from .incidents import Incidents, peer_address, tcp_peer_address
 from .limits import AddressCounter, AddressRateLimiter, address_key
 from .origin import OriginPolicy
+from .peers import FORWARDED_FOR, TrustedProxies
 from .routes import plain_response
 from .settings import Settings
 
-__all__ = ["INLINE_COUNTS", "Admission", "Handshake", "select_subprotocol"]
+__all__ = ["INLINE_COUNTS", "Admission", "Handshake", "PeerConnection", "select_subprotocol"]
 
 # ``?counts=inline`` opts a session in to unread counts on message frames
 # (docs/protocol.md); any other value, or none, keeps the unread events.
 INLINE_COUNTS = "inline"
+
+
+class PeerConnection(ServerConnection):
+    """
+    A server connection that knows its client's address when a trusted
+    proxy forwarded it (``forwarded_client``; None: the TCP peer is the
+    client). Read by :func:`notifyd.incidents.peer_address` and the logs.
+    """
+
+    # A class default: a connection not behind a proxy stores nothing.
+    forwarded_client: str | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +89,23 @@ class Admission:
         )
         self._handshake_rate = AddressRateLimiter(settings.handshakes_per_s_per_address)
         self.per_address = AddressCounter(settings.max_connections_per_address)
+        self._proxies = TrustedProxies.from_list(settings.trusted_proxies)
+
+    def identify(self, connection: ServerConnection, request: Request) -> str:
+        """
+        The client's address for this request, recorded on the connection
+        when a trusted proxy forwarded it; ``X-Forwarded-For`` from any
+        other peer changes nothing.
+        """
+        peer = tcp_peer_address(connection)
+        if not self._proxies:
+            return peer
+        forwarded = self._proxies.forwarded_client(peer, request.headers.get_all(FORWARDED_FOR))
+        if forwarded is None:
+            return peer
+        if isinstance(connection, PeerConnection):
+            connection.forwarded_client = forwarded
+        return forwarded
 
     def admit(
         self,

@@ -16,7 +16,7 @@ from websockets.asyncio.server import ServerConnection
 
 from .stats import Stats
 
-__all__ = ["Incidents", "peer_address"]
+__all__ = ["Incidents", "peer_address", "tcp_peer_address"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,18 @@ class Incidents:
 
 def peer_address(connection: ServerConnection) -> str:
     """
-    The client's IP address as text, or ``?`` when the socket has none.
+    The client's IP address as text: the one a trusted proxy forwarded
+    (:class:`notifyd.handshake.PeerConnection`), else the TCP peer's, or
+    ``?`` when the socket has none.
+    """
+    forwarded: str | None = getattr(connection, "forwarded_client", None)
+    return tcp_peer_address(connection) if forwarded is None else forwarded
+
+
+def tcp_peer_address(connection: ServerConnection) -> str:
+    """
+    The TCP peer's IP address as text (a proxy's, behind one), or ``?``
+    when the socket has none.
     """
     try:
         return str(connection.remote_address[0])

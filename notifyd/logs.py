@@ -16,7 +16,7 @@ import json
 import logging
 from typing import TextIO
 
-__all__ = ["JsonFormatter", "KeyValueFormatter", "configure_logging", "remote_of"]
+__all__ = ["JsonFormatter", "KeyValueFormatter", "configure_logging", "remote_of", "via_of"]
 
 # websockets' own per-connection lines; notifyd logs "session opened" and
 # "session closed" with the user and the close code in their place.
@@ -31,7 +31,9 @@ def _quote(value: str) -> str:
 
 def remote_of(record: logging.LogRecord) -> str | None:
     """
-    The peer ``host:port`` of the WebSocket connection a record is about.
+    The client of the WebSocket connection a record is about: the peer
+    ``host:port``, or behind a trusted proxy the address it forwarded
+    (proxies do not forward the client's port).
 
     websockets' connection loggers, and notifyd's calls with
     ``extra={"websocket": connection}``, attach the connection to the record.
@@ -39,8 +41,26 @@ def remote_of(record: logging.LogRecord) -> str | None:
     connection = getattr(record, "websocket", None)
     if connection is None:
         return None
+    forwarded = getattr(connection, "forwarded_client", None)
+    if forwarded is not None:
+        return str(forwarded)
+    return _peer_of(connection)
+
+
+def via_of(record: logging.LogRecord) -> str | None:
+    """
+    The proxy's ``host:port`` when the record's client came through a
+    trusted proxy; None otherwise.
+    """
+    connection = getattr(record, "websocket", None)
+    if getattr(connection, "forwarded_client", None) is None:
+        return None
+    return _peer_of(connection)
+
+
+def _peer_of(connection: object) -> str | None:
     try:
-        host, port = connection.remote_address[:2]
+        host, port = connection.remote_address[:2]  # type: ignore[attr-defined]
     except (AttributeError, TypeError, ValueError):
         return None
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -54,7 +74,8 @@ class _ReplacedLines(logging.Filter):
 class KeyValueFormatter(logging.Formatter):
     """
     ``level=INFO logger=notifyd.listener msg="LISTEN connection established"``,
-    plus ``remote=`` for a record about a WebSocket connection.
+    plus ``remote=`` for a record about a WebSocket connection (and ``via=``
+    the proxy it came through, behind a trusted one).
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -62,6 +83,9 @@ class KeyValueFormatter(logging.Formatter):
         remote = remote_of(record)
         if remote is not None:
             line += f" remote={_quote(remote)}"
+        via = via_of(record)
+        if via is not None:
+            line += f" via={_quote(via)}"
         if record.exc_info:
             line += f" exc={_quote(self.formatException(record.exc_info))}"
         return line
@@ -77,6 +101,9 @@ class JsonFormatter(logging.Formatter):
         remote = remote_of(record)
         if remote is not None:
             event["remote"] = remote
+        via = via_of(record)
+        if via is not None:
+            event["via"] = via
         if record.exc_info:
             event["exc"] = self.formatException(record.exc_info)
         return json.dumps(event, ensure_ascii=False)

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 
 from .limits import LIMIT_NAMES
+from .pacing import Mode
 from .stats import Stats
 from .vitals import Vitals
 
@@ -50,6 +51,25 @@ class _InstanceCollector:
             buckets=[(bound, float(count)) for bound, count in histogram.cumulative()],
             sum_value=histogram.total,
         )
+        yield CounterMetricFamily(
+            "notifyd_rows_read",
+            "Rows read by delivery's windows, whether or not a session here wanted them",
+            value=stats.rows_read,
+        )
+        yield CounterMetricFamily(
+            "notifyd_polling_leases",
+            "Polling leases this instance started (the triggers' NOTIFYs went off)",
+            value=stats.polling_leases,
+        )
+        if vitals.wake is not None:
+            mode = GaugeMetricFamily(
+                "notifyd_wake_mode",
+                "1 for how delivery learns of commits now: notify, polling or draining",
+                labels=["mode"],
+            )
+            for name in Mode:
+                mode.add_metric([name.value], 1.0 if vitals.wake.mode == name.value else 0.0)
+            yield mode
         yield CounterMetricFamily(
             "notifyd_gap_repair_rows",
             "Rows delivered by the first read after LISTEN came back",
@@ -110,6 +130,13 @@ class _InstanceCollector:
             value=vitals.loop_lag_s,
         )
         listener = vitals.listener
+        # The same judgement as /readyz and the systemd watchdog, so an
+        # alert on it fires exactly when those say no.
+        yield GaugeMetricFamily(
+            "notifyd_ready",
+            "1 when the instance is ready (/readyz 200: LISTEN up and its probe recent)",
+            value=1.0 if vitals.ready else 0.0,
+        )
         yield GaugeMetricFamily(
             "notifyd_listen_connected",
             "1 when the LISTEN connection is up",

@@ -96,11 +96,14 @@ class OriginPolicy:
 def origin_warning(*, allowed_origins: Iterable[str], is_loopback: bool) -> str | None:
     """
     The warning ``serve`` logs at start when browsers on any site could
-    open sessions on a reachable port; None when there is nothing to say.
+    open sessions on a reachable port (``is_loopback``: only this machine
+    reaches it, :attr:`~notifyd.settings.Settings.local_only`); None when
+    there is nothing to say.
     """
     if is_loopback or OriginPolicy.from_list(allowed_origins).restricts:
         return None
     return (
-        "NOTIFYD_ALLOWED_ORIGINS is empty and NOTIFYD_HOST is not loopback: pages on any "
+        "NOTIFYD_ALLOWED_ORIGINS is empty and other machines can reach the port (NOTIFYD_HOST "
+        "is not loopback, or NOTIFYD_TRUSTED_PROXIES names a proxy in front): pages on any "
         "site can open WebSocket sessions with your users' cookies; list your app's origins"
     )

@@ -17,12 +17,15 @@ __all__ = [
     "HIDE",
     "HISTORY",
     "INSERT",
+    "LEASE",
     "MARK_ALL_READ",
     "MARK_READ",
     "MARK_UNREAD",
+    "NEXT_XACT_ID",
     "PRIVILEGES",
     "PRUNE_EVENTS",
     "RECEIPTS",
+    "RENEW_LEASE",
     "REQUIRED_COLUMNS",
     "REQUIRED_TRIGGERS",
     "TABLE",
@@ -38,6 +41,19 @@ TABLE = "t_message_real_time"
 RECEIPTS = "t_message_receipt"
 EVENTS = "t_message_event"
 HIDDEN = "t_message_hidden"
+LEASE = "notifyd_poll_lease"
+
+# Epoch milliseconds, floored, as the triggers' notifyd_wake() computes them.
+_MS = "floor(extract(epoch FROM {clock}) * 1000)::bigint"
+
+# Every window's head row tells delivery the polling lease as it is now
+# (docs/deployment.md, "Wake-ups under load"): its end and the server's clock.
+# now() is the statement's start, before its snapshot was taken: a lease seen
+# over here was over before the snapshot, so every transaction that skipped
+# its NOTIFY under it is either visible in the snapshot or was still in
+# progress when it was taken (notifyd.pacing relies on that).
+LEASE_COLUMNS = f"""(SELECT last_value FROM {LEASE}) AS lease_until,
+       {_MS.format(clock="now()")} AS lease_now"""
 
 
 # Every column is cast to what the protocol sends, so an application's
@@ -192,11 +208,12 @@ SELECT pg_current_snapshot()::text AS snap, now() AS clock,
         ) AS e)::text AS events,
        (SELECT json_object_agg(usr, {UNREAD_BY_TYPE_OF.format(user="usr")}) FROM counted)::text
            AS counts,
+       {LEASE_COLUMNS},
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
        NULL AS skip_url, NULL AS is_read
 UNION ALL (
-    SELECT NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
     WHERE {NEW_SINCE} AND {live_at("now()")}
     ORDER BY seq
     LIMIT $3
@@ -214,13 +231,14 @@ UNION ALL (
 WINDOW_LEAN = f"""
 SELECT pg_current_snapshot()::text AS snap, now() AS clock,
        EXISTS (SELECT 1 FROM {EVENTS} WHERE {NEW_SINCE}) AS has_events,
+       {LEASE_COLUMNS},
        least({NEXT_EXPIRY_AFTER.format(after="$4")}, {EXPIRY_HORIZON})
            AS next_expiry,
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
        NULL AS skip_url, NULL AS is_read
 UNION ALL (
-    SELECT NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
     WHERE {NEW_SINCE} AND {live_at("now()")}
     ORDER BY seq
     LIMIT $3
@@ -359,6 +377,31 @@ ORDER BY seq DESC
 LIMIT $5
 """
 
+# Start or extend the polling lease to $1 ms from now (never shorten one:
+# another instance may hold it longer), and NOTIFY every instance: one that
+# waits for NOTIFYs must learn of the lease before it goes deaf. Every
+# renewal notifies, not only a start: an instance held up past its lease's
+# end extends a lease that already ran out, which others may have stopped
+# polling for. The commit is not waited for (nothing here needs to survive a
+# crash), and the notifying transaction takes the NOTIFY lock four times a
+# second at most, not once per message.
+RENEW_LEASE = f"""
+SELECT set_config('synchronous_commit', 'off', true) AS unflushed,
+       setval('{LEASE}', greatest(last_value, {_MS.format(clock="clock_timestamp()")} + $1))
+           AS lease_until,
+       {_MS.format(clock="clock_timestamp()")} AS lease_now,
+       pg_notify('{CHANNEL}', 'poll') AS notified
+FROM {LEASE}
+"""
+
+# A transaction id of its own, taken for draining (notifyd.pacing): Postgres
+# hands them out in order, so every transaction that had one before has a
+# lower one. Its commit is not waited for either.
+NEXT_XACT_ID = """
+SELECT pg_current_xact_id()::text AS xact_id,
+       set_config('synchronous_commit', 'off', true) AS unflushed
+"""
+
 PRUNE_EVENTS = f"DELETE FROM {EVENTS} WHERE at < now() - make_interval(secs => $1)"
 
 INSERT = f"""
@@ -391,5 +434,7 @@ SELECT
     has_table_privilege('{HIDDEN}', 'SELECT') AND has_table_privilege('{HIDDEN}', 'INSERT')
         AS hidden,
     has_table_privilege('{EVENTS}', 'SELECT') AND has_table_privilege('{EVENTS}', 'DELETE')
-        AS events
+        AS events,
+    has_sequence_privilege('{LEASE}', 'SELECT') AND has_sequence_privilege('{LEASE}', 'UPDATE')
+        AS lease
 """

@@ -4,8 +4,8 @@
 -- notifyd_daemon can read messages, change nothing but is_read, add and take
 -- back read receipts for announcements, hide messages from one user's inbox
 -- (a user's "delete"), prune its own event log and keep the webhook's
--- dispatch tables. It cannot insert, delete or rewrite messages. Give the
--- daemon a login role in it:
+-- dispatch tables, and set the polling lease. It cannot insert, delete or
+-- rewrite messages. Give the daemon a login role in it:
 --
 --   CREATE ROLE notifyd LOGIN PASSWORD '...' IN ROLE notifyd_daemon;
 
@@ -36,3 +36,8 @@ REVOKE ALL ON t_message_dispatch, t_message_dispatch_state, t_message_seen FROM 
 GRANT SELECT, INSERT, UPDATE, DELETE ON t_message_dispatch TO notifyd_daemon;
 GRANT SELECT, INSERT, UPDATE ON t_message_dispatch_state TO notifyd_daemon;
 GRANT SELECT, INSERT, DELETE ON t_message_seen TO notifyd_daemon;
+
+-- The polling lease (schema.sql): read with every window, set by setval()
+-- while the daemon is reading continuously.
+REVOKE ALL ON SEQUENCE notifyd_poll_lease FROM notifyd_daemon;
+GRANT SELECT, UPDATE ON SEQUENCE notifyd_poll_lease TO notifyd_daemon;

@@ -31,7 +31,7 @@ from .actions import Actions
 from .auth import Identity
 from .delivery import Delivery
 from .exceptions import ProtocolError
-from .handshake import Admission, Handshake, select_subprotocol
+from .handshake import Admission, Handshake, PeerConnection, select_subprotocol
 from .incidents import Incidents, peer_address
 from .limits import TokenBucket
 from .outbox import Outbox
@@ -108,6 +108,7 @@ class PushServer:
             ping_timeout=settings.ping_timeout_s,
             close_timeout=5,
             server_header="notifyd",
+            create_connection=PeerConnection,
         )
         scheme = "wss" if settings.tls_cert_file else "ws"
         logger.info("listening on %s://%s:%d/ws/message", scheme, settings.host, self.port)
@@ -137,7 +138,8 @@ class PushServer:
         self.access.close()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        answer = self._routes.respond(request, connection.remote_address)
+        client = self.admission.identify(connection, request)
+        answer = self._routes.respond(request, (client,))
         if not isinstance(answer, WebSocketRoute):
             return answer
         admitted = self.admission.admit(connection, request, answer.path_user, answer.query_string)

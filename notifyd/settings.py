@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .exceptions import ConfigError
+from .peers import TrustedProxies
 
 ENV_PREFIX = "NOTIFYD_"
 
@@ -80,6 +81,19 @@ class Settings(BaseSettings):
         ge=0,
         description="Under load, the shortest time between two reads of new rows, so one "
         "query serves several commits; 0 reads once per wake-up.",
+    )
+    wake: Literal["auto", "notify"] = Field(
+        default="auto",
+        description="auto: while this instance reads more than NOTIFYD_POLL_ABOVE writing "
+        "transactions a second, it polls and the triggers skip their NOTIFY, so the "
+        "application's commits do not queue for the NOTIFY lock; notify: always wake up "
+        "on NOTIFY (other instances' polling is still followed). See docs/deployment.md.",
+    )
+    poll_above: float = Field(
+        default=200.0,
+        gt=0,
+        description="Writing transactions a second above which NOTIFYD_WAKE=auto starts "
+        "polling; it stops below half of it.",
     )
     event_retention_s: float = Field(
         default=3600.0,
@@ -145,6 +159,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Frames per second a session may send (bursts of 4 s worth); past "
         "it the session is closed with 1008. 0: no limit.",
+    )
+    trusted_proxies: CommaList = Field(
+        default_factory=list,
+        description="Reverse proxies (addresses or networks: 127.0.0.1, 10.0.0.0/8) whose "
+        "X-Forwarded-For names the client, for the per-address limits and the logs; from "
+        "any other peer the header is ignored. Empty: the TCP peer is the client.",
     )
     max_read_ids: int = Field(default=1000, ge=1, le=100_000)
     max_concurrent_history: int = Field(
@@ -239,6 +259,7 @@ class Settings(BaseSettings):
         "sinks",
         "webhook_types",
         "log_sink_types",
+        "trusted_proxies",
         mode="before",
     )
     @classmethod
@@ -247,10 +268,25 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        # Raises ValueError naming the bad entry: a one-line ConfigError.
+        TrustedProxies.from_list(value)
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def local_only(self) -> bool:
+        """
+        Whether only this machine can reach the port: a loopback ``host``
+        and no reverse proxy in front (which would bring any client in).
+        """
+        return self.is_loopback and not self.trusted_proxies
 
     @property
     def is_loopback(self) -> bool:

@@ -65,6 +65,10 @@ class Stats:
     # corrected them; never expected).
     inline_counts: int = 0
     inline_count_mismatches: int = 0
+    # Rows read by delivery's windows (each once per instance, whether or not
+    # a session here wanted it), and polling leases this instance started.
+    rows_read: int = 0
+    polling_leases: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     # Hostile-client limits that said no, by limit name (docs/security.md).
     limit_trips: Counter[str] = field(default_factory=Counter)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ListenerVitals", "Vitals"]
+__all__ = ["ListenerVitals", "Vitals", "WakeVitals"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,17 @@ class ListenerVitals:
     probe_age_s: float | None
     probe_rtt_s: float | None
     reconnects: int
+
+
+@dataclass(frozen=True, slots=True)
+class WakeVitals:
+    """
+    How delivery learns of commits: the ``NOTIFYD_WAKE`` setting and the
+    mode in force (``notify``, ``polling`` or ``draining``).
+    """
+
+    setting: str
+    mode: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +54,7 @@ class Vitals:
     # The loop's own load: what a soak watches for growth.
     tasks: int = 0
     loop_lag_s: float = 0.0
+    wake: WakeVitals | None = None
 
     def health_report(self) -> dict[str, Any]:
         """
@@ -67,6 +79,11 @@ class Vitals:
             "delivered": self.delivered,
             "tasks": self.tasks,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
+            **(
+                {"wake": {"setting": self.wake.setting, "mode": self.wake.mode}}
+                if self.wake is not None
+                else {}
+            ),
         }
 
     def status_line(self) -> str:

@@ -95,3 +95,39 @@ async def test_a_role_without_the_rights_is_named_at_startup(db, login_role):
     finally:
         await database.close()
     assert problems and "lacks SELECT on t_message_real_time" in problems[0]
+
+
+async def test_the_daemon_role_renews_the_lease_and_an_app_role_inserts_under_it(db, login_role):
+    """notifyd_daemon may set the polling lease; an app role needs no right on it to insert."""
+    await db.execute(role_sql())
+    daemon = await Database.connect(await login_role("IN ROLE notifyd_daemon"))
+    try:
+        lease = await daemon.renew_lease(60_000)
+    finally:
+        await daemon.close()
+    assert lease.in_force
+    app_dsn = await login_role("")
+    role = urlsplit(app_dsn).netloc.partition("@")[0]
+    await db.execute(f"GRANT INSERT ON t_message_real_time TO {role}")
+    app = await asyncpg.connect(app_dsn)
+    try:
+        await app.execute("INSERT INTO t_message_real_time (to_user, title) VALUES ('a', 'x')")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute("SELECT setval('notifyd_poll_lease', 0)")
+    finally:
+        await app.close()
+
+
+async def test_a_role_without_the_lease_grant_is_named_at_startup(db, login_role):
+    """schema_problems names the missing rights on the lease sequence in one line."""
+    await db.execute(role_sql())
+    await db.execute("REVOKE ALL ON SEQUENCE notifyd_poll_lease FROM notifyd_daemon")
+    database = await Database.connect(await login_role("IN ROLE notifyd_daemon"))
+    try:
+        problems = await database.schema_problems()
+    finally:
+        await database.close()
+    assert problems == [
+        "the database role lacks SELECT and UPDATE on sequence notifyd_poll_lease: "
+        "apply role.sql (`notifyd init-db --role`)"
+    ]

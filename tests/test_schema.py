@@ -291,3 +291,21 @@ async def test_schema_problems_names_the_disabled_trigger(dsn, db):
         await database.close()
     assert len(problems) == 1
     assert "notifyd_wake_on_insert" in problems[0] and "disabled" in problems[0]
+
+
+async def test_schema_problems_names_a_missing_lease_sequence(dsn, db):
+    """Without notifyd_poll_lease (a schema from before it), the one problem says init-db."""
+    await db.execute("DROP SEQUENCE notifyd_poll_lease")
+    database = await Database.connect(dsn)
+    try:
+        problems = await database.schema_problems()
+    finally:
+        await database.close()
+    assert problems == ["sequence notifyd_poll_lease does not exist: run `notifyd init-db`"]
+
+
+async def test_applying_schema_again_keeps_a_lease_in_force(dsn, db):
+    """Re-running schema.sql (an upgrade while notifyd polls) leaves the lease's end alone."""
+    until = await db.fetchval("SELECT setval('notifyd_poll_lease', 4102444800000)")
+    await apply_schema(dsn)
+    assert await db.fetchval("SELECT last_value FROM notifyd_poll_lease") == until

@@ -1,0 +1,13 @@
+package com.baomidou.mybatisplus.annotation;
+
+import java.lang.annotation.ElementType;
+import java.lang.annotation.Retention;
+import java.lang.annotation.RetentionPolicy;
+import java.lang.annotation.Target;
+
+/** MyBatis-Plus's @TableName, as far as the seed's entity uses it. */
+@Retention(RetentionPolicy.RUNTIME)
+@Target(ElementType.TYPE)
+public @interface TableName {
+    String value() default "";
+}

@@ -1,0 +1,356 @@
+"""
+Wake-ups under load (docs/deployment.md): the polling lease turns the
+triggers' NOTIFYs off while notifyd reads anyway, and nothing committed is
+left waiting when it is turned back on.
+
+The absence of a NOTIFY is proven with a later sentinel NOTIFY: a listener
+receives notifications in commit order, so whatever the commits before the
+sentinel sent has arrived when the sentinel does. The fallback probe is set
+to 60 s wherever a test proves a prompt delivery, so the probe cannot be
+what delivers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import pytest
+
+from notifyd.db import Database
+from notifyd.metrics import registry_for, render_metrics
+from notifyd.pacing import Mode
+
+from .conftest import TIMEOUT, RunningDaemon, insert
+from .processes import free_port
+from .test_chaos import ResumingClient, _kill_listeners
+
+NOW_MS = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+# The fallback that must not be what delivers in these tests.
+SLOW_PROBE = {"probe_interval_s": 60.0, "probe_timeout_s": 5.0}
+
+
+async def set_lease(connection: asyncpg.Connection, ms_from_now: int) -> None:
+    """The lease's end, ``ms_from_now`` from now (negative: over)."""
+    await connection.execute(
+        f"SELECT setval('notifyd_poll_lease', greatest(0, {NOW_MS} + $1::bigint))", ms_from_now
+    )
+
+
+class Notifications:
+    """A LISTEN on notifyd's channel from a connection of the test's own."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
+        self.payloads: asyncio.Queue[str] = asyncio.Queue()
+        self._sentinels = 0
+
+    def _take(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        self.payloads.put_nowait(payload)
+
+    async def before_sentinel(self, sender: asyncpg.Connection) -> list[str]:
+        """
+        What arrived, in order, from commits made before this call (the
+        probes of running daemons left out).
+        """
+        self._sentinels += 1
+        sentinel = f"sentinel-{self._sentinels}"
+        await sender.execute("SELECT pg_notify('notifyd', $1)", sentinel)
+        received = []
+        while True:
+            payload = await asyncio.wait_for(self.payloads.get(), TIMEOUT)
+            if payload == sentinel:
+                return [p for p in received if not p.startswith("probe:")]
+            received.append(payload)
+
+
+@pytest.fixture
+async def notifications(dsn: str) -> AsyncIterator[Notifications]:
+    connection = await asyncpg.connect(dsn)
+    listening = Notifications(connection)
+    await connection.add_listener("notifyd", listening._take)
+    yield listening
+    await connection.close()
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll ``condition`` until it holds, failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_repeatable_read_transaction_sees_a_lease_cleared_after_it_began(
+    db, dsn, notifications
+):
+    """Begun under a lease, lease cleared before its INSERT: its commit does NOTIFY."""
+    await set_lease(db, 60_000)
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction(isolation="repeatable_read"):
+            # The snapshot is taken here, with the lease in force.
+            assert await app.fetchval(f"SELECT last_value > {NOW_MS} FROM notifyd_poll_lease")
+            await set_lease(db, -1)
+            # Not read through the snapshot: the transaction sees it cleared.
+            assert not await app.fetchval(f"SELECT last_value > {NOW_MS} FROM notifyd_poll_lease")
+            await insert(app, "alice", "under a cleared lease")
+    finally:
+        await app.close()
+    assert await notifications.before_sentinel(db) == ["m"]
+
+
+async def test_a_repeatable_read_transaction_begun_before_a_lease_skips_its_notify(
+    db, dsn, notifications
+):
+    """Begun with no lease, INSERT once one is in force: no NOTIFY at its commit."""
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction(isolation="serializable"):
+            assert await app.fetchval("SELECT count(*) FROM t_message_real_time") == 0
+            await set_lease(db, 60_000)
+            await insert(app, "alice", "under a lease started later")
+    finally:
+        await app.close()
+    assert await notifications.before_sentinel(db) == []
+
+
+async def test_a_table_flag_would_be_read_through_the_snapshot(db, dsn):
+    """Why a sequence: a REPEATABLE READ transaction keeps a table row's old value."""
+    await db.execute("CREATE TABLE flag (on_ boolean)")
+    await db.execute("INSERT INTO flag VALUES (true)")
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction(isolation="repeatable_read"):
+            assert await app.fetchval("SELECT on_ FROM flag")
+            await db.execute("UPDATE flag SET on_ = false")
+            assert await app.fetchval("SELECT on_ FROM flag"), "the snapshot's value"
+    finally:
+        await app.close()
+
+
+async def test_no_trigger_notifies_while_a_lease_is_in_force_and_all_do_after(db, notifications):
+    """Insert, update is_read and delete under a lease: no NOTIFY; once over, m and e again."""
+    await set_lease(db, 60_000)
+    message = await insert(db, "alice", "quiet")
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+    await db.execute("DELETE FROM t_message_real_time WHERE id = $1", message)
+    assert await notifications.before_sentinel(db) == []
+    await set_lease(db, -1)
+    message = await insert(db, "alice", "loud")
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+    assert await notifications.before_sentinel(db) == ["m", "e"]
+
+
+async def test_renewing_the_lease_never_shortens_it_and_notifies(dsn, db, notifications):
+    """renew_lease sets now + ms unless a longer lease is in force, and sends 'poll'."""
+    database = await Database.connect(dsn)
+    try:
+        lease = await database.renew_lease(1000)
+        assert lease.in_force and 990 <= lease.until_ms - lease.now_ms <= 1000
+        await set_lease(db, 30_000)
+        longer = await database.renew_lease(1000)
+        assert longer.until_ms - longer.now_ms > 20_000
+    finally:
+        await database.close()
+    assert await notifications.before_sentinel(db) == ["poll", "poll"]
+
+
+async def test_a_row_that_skipped_its_notify_and_commits_after_the_lease_is_delivered(
+    dsn, db, start_daemon, open_client
+):
+    """Inserted under a lease, committed after it ended: draining delivers it, not the probe."""
+    running = await start_daemon(wake="notify", **SLOW_PROBE)
+    pacer = running.daemon.delivery.pacer
+    client = await open_client(running.url("alice"))
+    await set_lease(db, 1500)
+    await db.execute("SELECT pg_notify('notifyd', 'poll')")  # as renew_lease does
+    await wait_until(lambda: pacer.mode is Mode.POLLING, "polling")
+    app = await asyncpg.connect(dsn)
+    try:
+        transaction = app.transaction()
+        await transaction.start()
+        await insert(app, "alice", "committed while draining")
+        await wait_until(lambda: pacer.mode is not Mode.POLLING, "the lease's end", 2 * TIMEOUT)
+        await transaction.commit()
+    finally:
+        await app.close()
+    await client.messages_until("committed while draining")
+    await wait_until(lambda: pacer.mode is Mode.NOTIFY, "notify mode again")
+
+
+async def test_an_instance_waiting_for_notify_hears_of_another_instances_lease(
+    dsn, start_daemon, open_client
+):
+    """A renewal wakes a wake=notify instance: rows inserted under the lease reach it."""
+    listening = await start_daemon(wake="notify", **SLOW_PROBE)
+    client = await open_client(listening.url("bob"))
+    app = await Database.connect(dsn)
+    try:
+        for n in range(3):
+            await app.renew_lease(1000)  # what a busy instance does
+            # No wait on the other instance: only the renewal's NOTIFY wakes it.
+            await app.insert_message(to_user="bob", title=f"under lease {n}", content="c")
+            await client.messages_until(f"under lease {n}")
+    finally:
+        await app.close()
+    assert listening.daemon.delivery.pacer.mode is not Mode.NOTIFY
+
+
+async def _load(dsn: str, stop: asyncio.Event, commits: Counter[str]) -> None:
+    """Single-row INSERT transactions, one after another, counted."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        while not stop.is_set():
+            await insert(connection, "load", f"load {commits['load']}")
+            commits["load"] += 1
+    finally:
+        await connection.close()
+
+
+async def test_a_busy_instance_turns_notifies_off_and_a_notify_instance_still_delivers(
+    dsn, db, start_daemon, open_client, notifications
+):
+    """A (low poll_above) takes the lease under load; B (wake=notify) delivers every row."""
+    busy = await start_daemon(poll_above=20, **SLOW_PROBE)
+    quiet = await start_daemon(wake="notify", **SLOW_PROBE)
+    client = await open_client(quiet.url("bob"))
+    stop = asyncio.Event()
+    commits = Counter[str]()
+    load = asyncio.create_task(_load(dsn, stop, commits))
+    try:
+        await wait_until(lambda: busy.daemon.stats.polling_leases > 0, "a polling lease")
+        await notifications.before_sentinel(db)  # drop what came before the lease
+        before = commits["load"]
+        modes = Counter[Mode]()
+        for n in range(20):
+            await insert(db, "bob", f"bob {n}")
+            received = await client.messages_until(f"bob {n}")
+            assert [m["title"] for m in received] == [f"bob {n}"]
+            modes[quiet.daemon.delivery.pacer.mode] += 1
+        during = await notifications.before_sentinel(db)
+        committed = commits["load"] - before + 20
+    finally:
+        stop.set()
+        await load
+    # Under the lease the commits stopped notifying (all but those around a
+    # renewal that came late on a busy machine).
+    assert modes[Mode.POLLING] > 0, modes
+    assert committed > 40
+    assert during.count("m") < committed / 4, (during.count("m"), committed)
+    vitals = busy.daemon.vitals()
+    assert vitals.wake is not None and vitals.wake.setting == "auto"
+    assert quiet.daemon.vitals().health_report()["wake"]["setting"] == "notify"
+    text = render_metrics(registry_for(busy.daemon.vitals, busy.daemon.stats)).decode()
+    modes_exported = re.findall(r'notifyd_wake_mode\{mode="(\w+)"\} ([01])\.0', text)
+    assert sorted(m for m, _ in modes_exported) == ["draining", "notify", "polling"]
+    assert [v for _, v in modes_exported].count("1") == 1
+    leases = re.search(r"notifyd_polling_leases_total ([0-9.]+)", text)
+    assert leases is not None and float(leases.group(1)) >= 1
+    rows = re.search(r"notifyd_rows_read_total ([0-9.]+)", text)
+    assert rows is not None and float(rows.group(1)) >= committed
+
+
+async def test_modes_switching_under_load_and_a_killed_listener_lose_nothing(
+    dsn, admin_dsn, start_daemon
+):
+    """Bursts and lulls, long transactions across switches, LISTEN killed at switches: exact."""
+    rng = random.Random(15)
+    users = [f"user{i:02d}" for i in range(12)]
+    auto_port, notify_port = free_port(), free_port()
+    busy = await start_daemon(port=auto_port, poll_above=40, **SLOW_PROBE)
+    quiet = await start_daemon(port=notify_port, wake="notify", **SLOW_PROBE)
+    instances: list[RunningDaemon] = [busy, quiet]
+    clients = [
+        ResumingClient(user, busy.token(user), (auto_port, notify_port)[i % 2])
+        for i, user in enumerate(users)
+    ]
+    client_tasks = [asyncio.create_task(c.run()) for c in clients]
+    deadline = time.monotonic() + 3 * TIMEOUT
+    while not all(c.cursor is not None for c in clients):
+        assert time.monotonic() < deadline, "clients did not connect"
+        await asyncio.sleep(0.02)
+
+    switches = Counter[str]()
+    stop = asyncio.Event()
+    burst = asyncio.Event()
+
+    async def write(number: int) -> None:
+        connection = await asyncpg.connect(dsn)
+        sequence = 0
+        try:
+            while not stop.is_set():
+                sequence += 1
+                async with connection.transaction():
+                    await insert(connection, rng.choice(users), f"w{number}-{sequence}")
+                    if rng.random() < 0.03:  # a long transaction, likely across a switch
+                        await asyncio.sleep(rng.uniform(0.3, 1.5))
+                # Load pacing: flat out in a burst, a few a second in a lull.
+                await asyncio.sleep(0 if burst.is_set() else rng.uniform(0.2, 0.4))
+        finally:
+            await connection.close()
+
+    async def kill_at_switches() -> None:
+        seen = busy.daemon.delivery.pacer.mode
+        while not stop.is_set():
+            mode = busy.daemon.delivery.pacer.mode
+            if mode is not seen:
+                switches[f"{seen}->{mode}"] += 1
+                seen = mode
+                if rng.random() < 0.4:
+                    switches["listener killed"] += 1
+                    await _kill_listeners(admin_dsn)
+            await asyncio.sleep(0.002)
+
+    writers = [asyncio.create_task(write(n)) for n in range(3)]
+    killer = asyncio.create_task(kill_at_switches())
+    pacer = busy.daemon.delivery.pacer
+    try:
+        for _ in range(4):
+            burst.set()
+            await wait_until(lambda: pacer.mode is Mode.POLLING, "a lease under a burst")
+            await asyncio.sleep(rng.uniform(0.3, 1.0))  # load shaping: polling under load
+            burst.clear()
+            await wait_until(lambda: pacer.mode is Mode.NOTIFY, "notify after a lull")
+    finally:
+        stop.set()
+        await asyncio.gather(*writers, killer)
+
+    app = await asyncpg.connect(dsn)
+    try:
+        await app.executemany(
+            "INSERT INTO t_message_real_time (to_user, title) VALUES ($1, 'sentinel')",
+            [(user,) for user in users],
+        )
+        committed: dict[str, set[str]] = {user: set() for user in users}
+        for record in await app.fetch("SELECT id, to_user FROM t_message_real_time"):
+            committed[record["to_user"]].add(record["id"])
+    finally:
+        await app.close()
+    finish = time.monotonic() + 3 * TIMEOUT
+    while not all("sentinel" in c.titles for c in clients):
+        assert time.monotonic() < finish, "clients did not catch up"
+        await asyncio.sleep(0.05)
+    for client in clients:
+        client.stopping = True
+        client.drop()
+    await asyncio.gather(*client_tasks)
+
+    print(f"switches={dict(switches)} rows={sum(map(len, committed.values()))}")
+    assert busy.daemon.stats.polling_leases >= 4, switches
+    assert sum(map(len, committed.values())) > 300, "too little traffic to prove anything"
+    assert switches["listener killed"] >= 1, switches
+    assert any(k.endswith("->notify") for k in switches), switches
+    for client in clients:
+        assert not client.problems, (client.user, client.problems[:3])
+        duplicates = [i for i, n in client.received.items() if n > 1]
+        assert not duplicates, (client.user, duplicates[:3])
+        missing = committed[client.user] - set(client.received)
+        extra = set(client.received) - committed[client.user]
+        assert not missing and not extra, (client.user, len(missing), len(extra))
+    assert all(not i.daemon.failed for i in instances)
