@@ -8,10 +8,11 @@ The LISTEN connection is not here: it is a dedicated connection owned by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -31,6 +32,8 @@ __all__ = [
     "CHANNEL",
     "DATABASE_ERRORS",
     "Database",
+    "OwnConnection",
+    "Pool",
     "Row",
     "as_database_error",
     "connect_database",
@@ -57,7 +60,7 @@ DATABASE_ERRORS = (
 )
 
 
-@contextmanager
+@contextlib.contextmanager
 def as_database_error(failed: str) -> Iterator[None]:
     """
     Turn asyncpg's and the socket's errors raised inside into
@@ -160,6 +163,167 @@ async def _plan_per_execution(connection: asyncpg.Connection) -> None:
     await connection.execute("SET plan_cache_mode = force_custom_plan")
 
 
+# What a client waits for at most when its action needs the database (read,
+# unread, delete, read_all, history): a free pooled connection, a lock on a
+# table (an application's ALTER TABLE holds ACCESS EXCLUSIVE until it
+# commits), the statement itself, and the whole exchange (a server that
+# answers nothing). Past any of them the client is answered `unavailable`,
+# at once instead of after the lock, and nothing queues up behind it.
+CLIENT_ACQUIRE_S = 1.0
+CLIENT_LOCK_TIMEOUT_MS = 1000
+CLIENT_STATEMENT_TIMEOUT_MS = 3000
+CLIENT_BUDGET_S = 5.0
+
+# Transaction-local settings, one round trip for all of them.
+_SET_LOCAL = (
+    "SELECT set_config(name, value, true) FROM unnest($1::text[], $2::text[]) AS s(name, value)"
+)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """
+    Whether a statement failed because the server had already ended its
+    pooled connection while it was idle, so that the statement never ran:
+    safe to run again elsewhere, whatever it does.
+
+    When the server ends an idle connection (a failover's shutdown,
+    ``pg_terminate_backend``, ``idle_session_timeout``) it sends a FATAL
+    error and closes. asyncpg reads the error as soon as it arrives and
+    parks the connection in its error state, but only counts it closed when
+    it reads the end of the stream, a moment later. A statement started in
+    between fails at once with "cannot switch to state N; another
+    operation (2) is in progress", with nothing sent. A statement sent
+    before the FATAL arrived fails with it; only ``idle_session_timeout``
+    says that the session was idle (the others may have ended a statement
+    that was running, and a commit's fate would be unknown).
+    """
+    if isinstance(exc, asyncpg.InternalClientError):
+        return str(exc).startswith("cannot switch to state")
+    if isinstance(exc, asyncpg.ConnectionDoesNotExistError):
+        return isinstance(exc.__cause__, asyncpg.IdleSessionTimeoutError)
+    return isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+
+
+def _drop(connection: asyncpg.pool.PoolConnectionProxy[Row]) -> None:
+    """
+    Close a dead pooled connection, so that the pool opens a new one in its
+    place; one whose loss asyncpg has already noticed is back in the pool.
+    """
+    with contextlib.suppress(asyncpg.InterfaceError):
+        connection.terminate()
+
+
+# Pooled sessions are replaced at most this often while writes are refused
+# as read-only: each refusal would otherwise cost every connection a reconnect.
+_RENEW_EVERY_S = 1.0
+
+
+class Pool:
+    """
+    asyncpg's pool, minus its connections that the server has already closed.
+
+    A statement that asyncpg refuses to start because the server ended its
+    connection (see :func:`_never_sent`) is run again on another one, the
+    dead one dropped; at most once per connection in the pool, so a
+    failover that ended all of them costs no failed statement when the
+    server is back. Anything else is raised as asyncpg raised it.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._renewed_at = -_RENEW_EVERY_S
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        rows: list[Row] = await self._run("fetch", query, args)
+        return rows
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._run("fetchval", query, args)
+
+    async def fetchrow(self, query: str, *args: Any) -> Row | None:
+        row: Row | None = await self._run("fetchrow", query, args)
+        return row
+
+    async def execute(self, query: str, *args: Any) -> str:
+        status: str = await self._run("execute", query, args)
+        return status
+
+    def acquire(self) -> Any:
+        """
+        asyncpg's ``acquire()``: a connection as it comes, for callers that
+        start with a statement of their own (prefer :meth:`transaction`).
+        """
+        return self._pool.acquire()
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self, *, readonly: bool = False, acquire_timeout: float | None = None
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Row]]:
+        """
+        A pooled connection inside a transaction that has begun (committed
+        on exit, rolled back on an exception); a dead connection is found
+        by the BEGIN and replaced. With ``acquire_timeout``, waiting longer
+        than that for a free connection raises :class:`DatabaseError`.
+        """
+        for attempt in range(self._pool.get_max_size() + 1):
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    connection = await stack.enter_async_context(
+                        self._pool.acquire(timeout=acquire_timeout)
+                    )
+                except TimeoutError:
+                    raise DatabaseError(
+                        f"no database connection free within {acquire_timeout:g}s"
+                    ) from None
+                try:
+                    await stack.enter_async_context(connection.transaction(readonly=readonly))
+                except Exception as exc:
+                    if not _never_sent(exc) or attempt == self._pool.get_max_size():
+                        raise
+                    _drop(connection)
+                    continue
+                try:
+                    yield connection
+                except asyncpg.ReadOnlySQLTransactionError:
+                    await self._renew_sessions()
+                    raise
+                return
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+
+    async def _renew_sessions(self) -> None:
+        """
+        A write was refused as read-only (``default_transaction_read_only``
+        on, or a standby reached by mistake): replace every pooled
+        connection as it is next released, so that once the database
+        accepts writes again (or the DSN leads to the primary) the next
+        session sees it, instead of connections that were opened read-only
+        refusing writes for good. At most once per _RENEW_EVERY_S.
+        """
+        now = time.monotonic()
+        if now - self._renewed_at >= _RENEW_EVERY_S:
+            self._renewed_at = now
+            await self._pool.expire_connections()
+
+    async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
+        for attempt in range(self._pool.get_max_size() + 1):
+            async with self._pool.acquire() as connection:
+                try:
+                    return await getattr(connection, method)(query, *args)
+                except asyncpg.ReadOnlySQLTransactionError:
+                    await self._renew_sessions()
+                    raise
+                except Exception as exc:
+                    if not _never_sent(exc) or attempt == self._pool.get_max_size():
+                        raise
+                    _drop(connection)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+
 def role_sql() -> str:
     """
     The least-privilege role for the daemon (``role.sql``).
@@ -227,7 +391,7 @@ class Database:
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+        self._pool = Pool(pool)
 
     @classmethod
     async def connect(cls, dsn: str, *, size: int = 4) -> Database:
@@ -257,7 +421,7 @@ class Database:
         return database
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> Pool:
         """
         The pool, for modules that keep their own statements
         (:mod:`notifyd.dispatch`).
@@ -364,7 +528,7 @@ class Database:
         """
         rows: list[Row] = []
         with as_database_error("reading the rest of a window failed"):
-            async with self._pool.acquire() as connection, connection.transaction(readonly=True):
+            async with self._pool.transaction(readonly=True) as connection:
                 cursor = await connection.cursor(
                     queries.WINDOW_REST,
                     since.to_pg(),
@@ -412,13 +576,42 @@ class Database:
             result[record["i"] - 1].append(record)
         return result
 
+    @contextlib.asynccontextmanager
+    async def _for_client(
+        self, failed: str, *, readonly: bool = False, settings: Mapping[str, str] | None = None
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Row]]:
+        """
+        A transaction for a client's action, within the CLIENT_* bounds
+        (and with ``settings`` set locally); every failure, a bound passed
+        included, is a :class:`DatabaseError` reading ``"<failed>: ..."``.
+        """
+        local = {
+            "lock_timeout": str(CLIENT_LOCK_TIMEOUT_MS),
+            "statement_timeout": str(CLIENT_STATEMENT_TIMEOUT_MS),
+            **(settings or {}),
+        }
+        with as_database_error(failed):
+            try:
+                async with (
+                    asyncio.timeout(CLIENT_BUDGET_S),
+                    self._pool.transaction(
+                        readonly=readonly, acquire_timeout=CLIENT_ACQUIRE_S
+                    ) as connection,
+                ):
+                    await connection.execute(_SET_LOCAL, list(local), list(local.values()))
+                    yield connection
+            except DatabaseError as exc:
+                raise DatabaseError(f"{failed}: {exc}") from exc
+            except TimeoutError:
+                raise DatabaseError(f"{failed}: no answer within {CLIENT_BUDGET_S:g}s") from None
+
     async def mark_read(self, user: str, ids: Sequence[str]) -> int:
         """
         Mark the user's messages (and announcements) with these ids read;
         returns how many changed. The triggers tell every session.
         """
-        with as_database_error("marking messages read failed"):
-            changed = await self._pool.fetchval(queries.MARK_READ, user, list(ids))
+        async with self._for_client("marking messages read failed") as connection:
+            changed = await connection.fetchval(queries.MARK_READ, user, list(ids))
         return int(changed)
 
     async def mark_unread(self, user: str, ids: Sequence[str]) -> int:
@@ -426,8 +619,8 @@ class Database:
         Mark the user's messages (and announcements) with these ids unread
         again; returns how many changed. The triggers tell every session.
         """
-        with as_database_error("marking messages unread failed"):
-            changed = await self._pool.fetchval(queries.MARK_UNREAD, user, list(ids))
+        async with self._for_client("marking messages unread failed") as connection:
+            changed = await connection.fetchval(queries.MARK_UNREAD, user, list(ids))
         return int(changed)
 
     async def hide(self, user: str, ids: Sequence[str]) -> int:
@@ -436,10 +629,10 @@ class Database:
         user's inbox: hidden for this user, and read. Returns how many were
         hidden; a 'deleted' event tells every session.
         """
-        with as_database_error("deleting messages failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute("SELECT set_config('notifyd.hiding', 'on', true)")
-                hidden = await connection.fetchval(queries.HIDE, user, list(ids))
+        async with self._for_client(
+            "deleting messages failed", settings={"notifyd.hiding": "on"}
+        ) as connection:
+            hidden = await connection.fetchval(queries.HIDE, user, list(ids))
         return int(hidden)
 
     async def mark_all_read(self, user: str, type: str | None) -> int:
@@ -447,12 +640,10 @@ class Database:
         Mark all of the user's unread messages read (of one ``type`` when
         given); the event says "all" instead of listing ids.
         """
-        with as_database_error("marking all messages read failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute(
-                    "SELECT set_config('notifyd.read_all', $1, true)", type if type else "*"
-                )
-                changed = await connection.fetchval(queries.MARK_ALL_READ, user, type)
+        async with self._for_client(
+            "marking all messages read failed", settings={"notifyd.read_all": type or "*"}
+        ) as connection:
+            changed = await connection.fetchval(queries.MARK_ALL_READ, user, type)
         return int(changed)
 
     async def history(
@@ -468,8 +659,8 @@ class Database:
         Up to ``limit`` of the user's messages older than ``before_seq``,
         newest first, and whether there are more.
         """
-        with as_database_error("reading history failed"):
-            rows = await self._pool.fetch(
+        async with self._for_client("reading history failed", readonly=True) as connection:
+            rows = await connection.fetch(
                 queries.HISTORY,
                 user,
                 before_seq if before_seq is not None else 2**63 - 1,
@@ -549,7 +740,7 @@ class Database:
         transaction; both are idempotent.
         """
         with as_database_error("applying the schema failed"):
-            async with self._pool.acquire() as connection, connection.transaction():
+            async with self._pool.transaction() as connection:
                 await connection.execute(schema_sql())
                 if role:
                     await connection.execute(role_sql())
@@ -640,14 +831,12 @@ class Database:
         """
         with as_database_error("checking NOTIFYD_REVOCATION_SQL failed"):
             try:
-                async with self._pool.acquire() as connection:
-                    # In a transaction of its own: asyncpg's prepare leaves
-                    # the implicit one open, and with it a lock on the app's
-                    # table that would block the app's DDL until the next
-                    # query.
-                    async with connection.transaction(readonly=True):
-                        statement = await connection.prepare(query)
-                        arity = len(statement.get_parameters())
+                # In a transaction of its own: asyncpg's prepare leaves the
+                # implicit one open, and with it a lock on the app's table
+                # that would block the app's DDL until the next query.
+                async with self._pool.transaction(readonly=True) as connection:
+                    statement = await connection.prepare(query)
+                    arity = len(statement.get_parameters())
             except asyncpg.PostgresError as exc:
                 raise ConfigError(
                     f"NOTIFYD_REVOCATION_SQL is not usable: {describe(exc)}"
@@ -686,3 +875,112 @@ def _event(data: dict[str, Any]) -> Event:
         data["readers"],
         None if inserted is None else int(inserted),
     )
+
+
+class OwnConnection:
+    """
+    A connection of its own, outside the pool, for session state that must
+    live exactly as long as the session: an advisory lock
+    (:class:`~notifyd.dispatch.SenderLock`). Every method raises
+    :class:`DatabaseError` when Postgres is unusable, like :class:`Database`.
+    """
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        application_name: str,
+        settings: Mapping[str, str],
+        statement_timeout: float,
+        what: str,
+    ) -> OwnConnection:
+        """
+        Connect to ``dsn`` and set these ``settings`` (GUCs) for the session;
+        every statement is given up after ``statement_timeout`` s. Only
+        ``application_name`` is a startup parameter: poolers refuse others.
+        """
+        with as_database_error(f"cannot open the {what}"):
+            connection = await asyncpg.connect(
+                dsn,
+                timeout=statement_timeout,
+                command_timeout=statement_timeout,
+                server_settings={"application_name": application_name},
+            )
+            try:
+                await connection.execute(
+                    "SELECT set_config(name, value, false) "
+                    "FROM unnest($1::text[], $2::text[]) AS s(name, value)",
+                    list(settings),
+                    list(settings.values()),
+                )
+            except BaseException:
+                connection.terminate()
+                raise
+        return cls(connection)
+
+    @property
+    def closed(self) -> bool:
+        """
+        Whether the session has ended (closed here or by the server).
+        """
+        return self._connection.is_closed()
+
+    @property
+    def backend_pid(self) -> int:
+        """
+        The server process of the session.
+        """
+        return self._connection.get_server_pid()
+
+    async def wait_for_advisory_lock(self, name: str) -> bool:
+        """
+        Take the session-level advisory lock keyed by ``hashtextextended(name,
+        0)``, waiting up to the session's ``lock_timeout``; False when it
+        was still held elsewhere by then.
+        """
+        with as_database_error(f"waiting for the advisory lock {name!r} failed"):
+            try:
+                await self._connection.fetchval(
+                    "SELECT pg_advisory_lock(hashtextextended($1, 0))", name
+                )
+            except asyncpg.LockNotAvailableError:
+                return False
+        return True
+
+    async def fetch(self, query: str, *args: Any) -> list[Row]:
+        """
+        Run a query; its rows.
+        """
+        with as_database_error("query failed"):
+            rows: list[Row] = await self._connection.fetch(query, *args)
+        return rows
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """
+        Run a one-value query.
+        """
+        with as_database_error("query failed"):
+            return await self._connection.fetchval(query, *args)
+
+    def terminate(self) -> None:
+        """
+        Drop the connection at once.
+        """
+        self._connection.terminate()
+
+    async def close(self) -> None:
+        """
+        End the session gracefully, or drop it when that does not work within
+        2 s; raises nothing but a cancellation.
+        """
+        try:
+            await self._connection.close(timeout=2)
+        except asyncio.CancelledError:
+            self._connection.terminate()
+            raise
+        except Exception:
+            self._connection.terminate()

@@ -217,7 +217,9 @@ class Settings(BaseSettings):
         gt=0,
         description="A message not delivered this long after it was committed is given up.",
     )
-    webhook_batch: int = Field(default=10, ge=1, description="Messages claimed at a time.")
+    webhook_batch: int = Field(
+        default=10, ge=1, description="Pending rows the webhook sender reads at a time."
+    )
     webhook_poll_s: float = Field(
         default=5.0,
         gt=0,

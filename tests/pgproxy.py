@@ -6,7 +6,11 @@ TCP proxies in front of PostgreSQL that misbehave in one defined way:
   some other server connection;
 - one cuts the first connection whose replies pass a number of bytes: a
   connection lost in the middle of a long read;
-- one forwards everything: closing it is a server that vanishes.
+- one forwards everything: closing it is a server that vanishes;
+- one holds back the end of a stream the server closed, after its last
+  bytes: a terminated connection, seen between its FATAL and its end;
+- one holds back every reply on demand: a statement sent to a server that
+  has already ended the session.
 
 Every proxy, when closed, cuts the connections it carries and stops
 listening, as a server that went away.
@@ -102,9 +106,100 @@ async def connection_cutting_proxy(
 
 
 @contextlib.asynccontextmanager
+async def close_holding_proxy(dsn: str) -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Event]]:
+    """
+    Serve a proxy to ``dsn``'s server that forwards everything but holds
+    back the end of a server's stream; yield a DSN through it, an event set
+    when a server closed a connection (its last bytes forwarded), and one
+    the test sets to let that close through to the client. Between the two
+    the client has the server's last words (a FATAL error) but not the end
+    of the stream: what a client sees of a terminated connection for a
+    moment (a loop iteration locally, longer over a network).
+    """
+    closed = asyncio.Event()
+    let_close = asyncio.Event()
+
+    async def forward_then_hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        closed.set()
+        await let_close.wait()
+        writer.close()
+
+    async with _proxy(dsn, forward_then_hold) as url:
+        yield url, closed, let_close
+
+
+class HeldReplies:
+    """
+    The controls of :func:`reply_holding_proxy`.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.released = asyncio.Event()
+        # Set once, while holding, a server has closed its end / a client
+        # has sent bytes.
+        self.server_closed = asyncio.Event()
+        self.client_spoke = asyncio.Event()
+
+    def hold(self) -> None:
+        self.holding = True
+        self.released.clear()
+
+    def release(self) -> None:
+        self.holding = False
+        self.released.set()
+
+
+@contextlib.asynccontextmanager
+async def reply_holding_proxy(dsn: str) -> AsyncIterator[tuple[str, HeldReplies]]:
+    """
+    Serve a proxy to ``dsn``'s server whose replies (server to client) can
+    be held back, end of stream included, and let through later; yield a DSN
+    through it and its controls. A client then sends a statement to a
+    server that has already ended the session, and learns it only after.
+    """
+    controls = HeldReplies()
+
+    async def hold_replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held: list[bytes] = []
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                held.append(data)
+                if not controls.holding:
+                    writer.write(b"".join(held))
+                    held.clear()
+                    await writer.drain()
+            if controls.holding:
+                controls.server_closed.set()
+                await controls.released.wait()
+            writer.write(b"".join(held))
+            await writer.drain()
+        writer.close()
+
+    async def note_requests(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await reader.read(65536):
+                if controls.holding:
+                    controls.client_spoke.set()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async with _proxy(dsn, hold_replies, client_pump=note_requests) as url:
+        yield url, controls
+
+
+@contextlib.asynccontextmanager
 async def _proxy(
     dsn: str,
     server_pump: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]],
+    client_pump: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]
+    ] = _forward,
 ) -> AsyncIterator[str]:
     """
     A proxy to ``dsn``'s server on 127.0.0.1 whose server-to-client stream
@@ -122,7 +217,7 @@ async def _proxy(
         server_reader, server_writer = await asyncio.open_connection(host, port)
         sockets.add(server_writer)
         for pump in (
-            _forward(client_reader, server_writer),
+            client_pump(client_reader, server_writer),
             server_pump(server_reader, client_writer),
         ):
             task = asyncio.create_task(pump)

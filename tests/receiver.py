@@ -40,7 +40,9 @@ class Post:
 
 class Receiver:
     """
-    Records every POST; answers ``status`` (settable while running).
+    Records every POST; answers ``status`` (settable while running). After
+    :meth:`hold`, answers past a number of acknowledgements are held back
+    until :meth:`release`: the POST has arrived, its answer has not.
     """
 
     def __init__(self, secret: bytes, tls: ssl.SSLContext | None = None) -> None:
@@ -48,6 +50,9 @@ class Receiver:
         self.tls = tls
         self.status = 200
         self.posts: list[Post] = []
+        self.answered = 0
+        self._hold_after: int | None = None
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -88,10 +93,17 @@ class Receiver:
                             time.monotonic(),
                         )
                     )
+                if not receiver._may_answer():
+                    # Held: the sender waits for an answer that only comes
+                    # after release() (into a dead socket, if it was killed).
+                    receiver._released.wait(30 * TIMEOUT)
                 status = receiver.status
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender is gone
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -105,10 +117,34 @@ class Receiver:
         self._thread = threading.Thread(target=server.serve_forever, daemon=True)
         self._thread.start()
 
+    def hold(self, after: int) -> None:
+        """
+        Answer the next ``after`` POSTs, then hold every answer back.
+        """
+        with self._lock:
+            self._hold_after = self.answered + after
+            self._released.clear()
+
+    def release(self) -> None:
+        """
+        Answer normally again, the held requests too.
+        """
+        with self._lock:
+            self._hold_after = None
+        self._released.set()
+
+    def _may_answer(self) -> bool:
+        with self._lock:
+            if self._hold_after is not None and self.answered >= self._hold_after:
+                return False
+            self.answered += 1
+            return True
+
     def stop(self) -> None:
         """
         Stop listening: connections are refused until :meth:`start`.
         """
+        self._released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -4,11 +4,13 @@ e-mail, mobile push), once, from the database.
 
 The sink call itself only records and wakes: messages that reached a live
 session are written to ``t_message_seen`` (offline mode), and the sender is
-woken. The sender (``run``) fills and claims the dispatch table
+woken. The sender (``run``) works from the dispatch table
 (:mod:`notifyd.dispatch`), so what is sent does not depend on this
 instance having routed the row: a restart, a second instance or a receiver
 down for an hour change nothing but the timing, and a backlog drains oldest
-first.
+first. Of all instances, the one holding the sink's
+:class:`~notifyd.dispatch.SenderLock` sends; the others wait in the lock's
+queue and take over the moment its session ends.
 
 Each POST carries ``Notifyd-Timestamp``, ``Notifyd-Signature`` (HMAC-SHA256,
 see :mod:`notifyd.sinks.policy`), ``Idempotency-Key`` (the message id) and
@@ -30,7 +32,7 @@ import orjson
 
 from ..backoff import backoff_delay
 from ..db import Row
-from ..dispatch import DispatchStore
+from ..dispatch import DispatchStore, SenderLock
 from ..exceptions import ConfigError, DatabaseError, SchemaError, describe
 from . import SinkContext, SinkMessage
 from .http import HttpError, post
@@ -49,8 +51,6 @@ logger = logging.getLogger(__name__)
 
 _MIN_SECRET_BYTES = 16
 _PRUNE_EVERY_S = 60.0
-# A lease covers the claimed batch's POSTs plus this much.
-_LEASE_MARGIN_S = 5.0
 # Seen marks waiting for the database; past this the oldest are forgotten
 # (they only save a POST).
 _MAX_UNRECORDED_SEEN = 100_000
@@ -109,6 +109,7 @@ class WebhookSink:
         self._poll = settings.webhook_poll_s
         self._ssl = _tls_context(settings.webhook_ca_file) if self._target.tls else None
         self._store: DispatchStore | None = None
+        self._lock: SenderLock | None = None
         self._wake = asyncio.Event()
         self._seen: list[str] = []
         self._seen_added = asyncio.Event()
@@ -118,11 +119,17 @@ class WebhookSink:
         Check the dispatch tables and rights; mark where this sink begins.
         """
         assert self._context.database is not None
+        # The lock needs a session of its own: the LISTEN DSN is the one that
+        # reaches Postgres directly when NOTIFYD_DSN goes through a
+        # transaction-mode pooler.
+        dsn = self._context.settings.listen_dsn or self._context.settings.dsn
+        assert dsn is not None  # the database is connected, so it has a DSN
         self._store = store = DispatchStore(self._context.database, self._context.name)
         problems = await store.problems()
         if problems:
             raise SchemaError(problems[0])
         await store.start()
+        self._lock = SenderLock(dsn, self._context.name, wait=self._poll)
 
     async def __call__(self, message: SinkMessage, online: bool) -> None:
         """
@@ -136,16 +143,21 @@ class WebhookSink:
 
     async def run(self) -> None:
         """
-        Record seen marks, and fill, claim and send, until cancelled.
+        Record seen marks, and wait to be the sender, fill and send, until
+        cancelled.
         """
-        store = self._store
-        assert store is not None
-        async with asyncio.TaskGroup() as tasks:
-            if self._offline:
-                # Apart from sending: a slow receiver must not hold back the
-                # marks other instances' claims depend on.
-                tasks.create_task(self._record_seen(store))
-            tasks.create_task(self._send_loop(store))
+        store, lock = self._store, self._lock
+        assert store is not None and lock is not None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                if self._offline:
+                    # Apart from sending, and on every instance: the sender
+                    # settles rows by the marks the others record.
+                    tasks.create_task(self._record_seen(store))
+                tasks.create_task(self._send_loop(store, lock))
+        finally:
+            # A clean stop hands the queue to the next instance now.
+            await lock.release()
 
     async def _record_seen(self, store: DispatchStore) -> None:
         failures = 0
@@ -166,15 +178,32 @@ class WebhookSink:
                 self._seen_added.set()
                 await asyncio.sleep(delay)
 
-    async def _send_loop(self, store: DispatchStore) -> None:
+    async def _send_loop(self, store: DispatchStore, lock: SenderLock) -> None:
         """
-        Fill, claim and send until cancelled; database trouble is waited out.
+        Wait to be the sender, then fill and send until cancelled; database
+        trouble is waited out.
         """
         last_prune = 0.0
         failures = 0
+        sending = False
         while True:
             self._wake.clear()
+            if sending and not lock.held:
+                # Its session ended under it (cut, terminated): noticed by
+                # the statement that failed, or here.
+                sending = False
+                logger.warning("webhook: lost the sender lock; waiting to take it again")
             try:
+                if not await lock.acquire():
+                    # Another instance sends; this one waited in the lock's
+                    # queue for webhook_poll_s and asks again.
+                    continue
+                if not sending:
+                    sending = True
+                    logger.info(
+                        "webhook: this instance sends now (sender lock held by backend %s)",
+                        lock.backend_pid,
+                    )
                 await self._flush_seen(store)
                 await store.fill(
                     due_in=self._due_in,
@@ -193,7 +222,7 @@ class WebhookSink:
                 if time.monotonic() - last_prune > _PRUNE_EVERY_S:
                     last_prune = time.monotonic()
                     await store.prune(self._max_age)
-                more = await self._send_due(store)
+                more = await self._send_due(store, lock)
                 due_in = 0.0 if more else await store.head_due_in()
                 failures = 0
             except DatabaseError as exc:
@@ -219,39 +248,22 @@ class WebhookSink:
             del self._seen[:-_MAX_UNRECORDED_SEEN]
             raise
 
-    async def _send_due(self, store: DispatchStore) -> bool:
+    async def _send_due(self, store: DispatchStore, lock: SenderLock) -> bool:
         """
-        Claim one batch and send it in order. Returns whether it was a full
-        batch sent without trouble (so more may be due at once).
+        Send the next due rows in order. Returns whether a full batch went
+        without trouble (so more may be due at once).
         """
-        rows = await store.claim(
-            limit=self._batch, lease=self._batch * self._timeout + _LEASE_MARGIN_S
-        )
-        pending = [row["message_id"] for row in rows]
-        try:
-            for index, row in enumerate(rows):
-                if not await self._send_one(store, row):
-                    # Order is kept without a delay here: the claim stops
-                    # at the failed row until it is due again.
-                    await store.release(pending[index + 1 :])
-                    return False
-                pending[index] = ""
-        except BaseException:
-            # Shutdown or a database error mid-batch: hand the rest back now
-            # rather than after the lease (the one in flight may go twice;
-            # its Idempotency-Key tells the receiver).
-            left = [message_id for message_id in pending if message_id]
-            try:
-                async with asyncio.timeout(2):
-                    await store.release(left)
-            except BaseException:
-                pass
-            raise
+        rows = await lock.due(self._batch)
+        for row in rows:
+            if not await self._send_one(store, lock, row):
+                # Order is kept without a delay here: the next read stops at
+                # the failed row until it is due again.
+                return False
         return len(rows) == self._batch
 
-    async def _send_one(self, store: DispatchStore, row: Row) -> bool:
+    async def _send_one(self, store: DispatchStore, lock: SenderLock, row: Row) -> bool:
         """
-        Send or settle one claimed row; False when it must be retried later.
+        Send or settle one due row; False when it must be retried later.
         """
         message_id = row["message_id"]
         if not row["present"]:
@@ -268,6 +280,13 @@ class WebhookSink:
             await store.finish([message_id], "seen")
             self._stats.skipped += 1
             return True
+        if not await lock.still_pending(message_id):
+            # Settled since it was read: a former holder's 2xx recorded
+            # late. Never posted again.
+            return True
+        # From here until the answer is recorded, a death of this instance
+        # makes the next sender post this row again: the one request in
+        # flight, with the same Idempotency-Key.
         message = SinkMessage.from_row(row)
         attempt = row["attempts"] + 1
         if attempt > 1:
