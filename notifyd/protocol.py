@@ -30,6 +30,7 @@ __all__ = [
     "encode_refreshed",
     "encode_resync",
     "text_frame",
+    "with_counts",
 ]
 
 PROTOCOL_VERSION = 1
@@ -158,6 +159,25 @@ def message_frame(row: MessageRow, cursor: str) -> dict[str, Any]:
         "skipUrl": safe_url(row["skip_url"]),
         "isRead": _text(row["is_read"]),
     }
+
+
+def with_counts(message: bytes, by_type: Mapping[str, int]) -> bytes:
+    """
+    An encoded ``message`` frame (a JSON object) with the user's unread
+    counts after it added: ``unread`` (the total) and ``unreadByType`` (as
+    in ``hello``), for a client that asked for them there
+    (``?counts=inline``).
+    """
+    return b"".join(
+        (
+            message[:-1],
+            b',"unread":',
+            str(sum(by_type.values())).encode(),
+            b',"unreadByType":',
+            orjson.dumps(by_type),
+            b"}",
+        )
+    )
 
 
 def encode_message(row: MessageRow, cursor: str) -> str:

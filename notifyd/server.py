@@ -294,6 +294,7 @@ class PushServer:
             Outbox(settings.session_queue_messages, settings.session_queue_bytes),
             send_timeout=settings.slow_client_timeout_s,
             stats=self._stats,
+            inline_counts=handshake.inline_counts,
         )
         self._sessions.add(session)
         logger.info(
