@@ -7,8 +7,8 @@ every message frame, when it arrived.
 Requests are JSON lines on stdin, one JSON reply line each on stdout:
 
 * ``{"cmd": "open", "users": [...], "concurrency": 50, "timeout": 60}``: open
-  one session per user (notifyd: ``?token=``, then wait for ``hello``;
-  naive: ``/ws/message/{user}``);
+  one session per user (notifyd: ``?counts=inline&token=``, then wait for
+  ``hello``; naive: ``/ws/message/{user}``);
 * ``{"cmd": "count", "tags": [...]}``: messages received per tag so far;
 * ``{"cmd": "take", "tag": "..."}``: their latencies (µs) and last receipt
   time, forgotten afterwards;
@@ -80,7 +80,9 @@ class Clients:
 
     def url_for(self, user: str) -> str:
         if self.verifier is not None:
-            return f"{self.url}/ws/message?token={self.verifier.mint(user, ttl_s=86400)}"
+            return (
+                f"{self.url}/ws/message?counts=inline&token={self.verifier.mint(user, ttl_s=86400)}"
+            )
         return f"{self.url}/ws/message/{quote(user, safe='')}"
 
     async def _connect(self, user: str, timeout: float) -> ClientConnection:

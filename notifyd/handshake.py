@@ -8,7 +8,8 @@ any (:mod:`notifyd.credentials` finds it): 401 when invalid, 403 when the
 path names another user. Last, the per-address connection limit (429),
 released when the TCP connection is gone. A handshake that passes is
 upgraded; without a token there, the first frame must authenticate
-(:mod:`notifyd.server`).
+(:mod:`notifyd.server`). The handshake's query may also opt the session in
+to unread counts carried on message frames (``counts=inline``).
 
 Behind a trusted reverse proxy (:mod:`notifyd.peers`) the client is the
 address it forwarded: every request's connection is told so first, and
@@ -42,7 +43,11 @@ from .peers import FORWARDED_FOR, TrustedProxies
 from .routes import plain_response
 from .settings import Settings
 
-__all__ = ["Admission", "Handshake", "PeerConnection", "select_subprotocol"]
+__all__ = ["INLINE_COUNTS", "Admission", "Handshake", "PeerConnection", "select_subprotocol"]
+
+# ``?counts=inline`` opts a session in to unread counts on message frames
+# (docs/protocol.md); any other value, or none, keeps the unread events.
+INLINE_COUNTS = "inline"
 
 
 class PeerConnection(ServerConnection):
@@ -65,6 +70,8 @@ class Handshake:
     identity: Identity | None
     path_user: str | None
     since: str | None
+    # The client asked for a new message's unread counts on its own frame.
+    inline_counts: bool = False
 
 
 class Admission:
@@ -136,7 +143,12 @@ class Admission:
             # Released when the TCP connection is gone, whatever happens to
             # the handshake from here on.
             connection.connection_lost_waiter.add_done_callback(lambda _: counter.release(address))
-        return Handshake(identity, path_user, query.get("since") or None)
+        return Handshake(
+            identity,
+            path_user,
+            query.get("since") or None,
+            inline_counts=query.get("counts") == INLINE_COUNTS,
+        )
 
     def _screen(
         self, connection: ServerConnection, request: Request, address: str

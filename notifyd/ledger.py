@@ -61,6 +61,22 @@ class UnreadLedger:
         """
         self._counts[user] = _positive(by_type)
 
+    def after_adding(self, user: str, adds: Mapping[str, int]) -> ByType | None:
+        """
+        The counts ``user`` will have once a window that only adds
+        ``adds`` (new unread rows by category) is settled, as
+        :meth:`settle` will make them; the ledger is left as it is. None
+        when the user has no counts here.
+        """
+        old = self._counts.get(user)
+        if old is None:
+            return None
+        # Both hold positive counts only, so their sum needs no _positive.
+        after = dict(old)
+        for category, n in adds.items():
+            after[category] = after.get(category, 0) + n
+        return after
+
     def forget(self, user: str) -> None:
         """
         The user's last session left.

@@ -27,6 +27,7 @@ LIMIT_NAMES = (
     "sessions_per_user",  # NOTIFYD_MAX_SESSIONS_PER_USER
     "connections_per_address",  # NOTIFYD_MAX_CONNECTIONS_PER_ADDRESS
     "handshake_rate",  # NOTIFYD_HANDSHAKES_PER_S_PER_ADDRESS
+    "pending_handshakes",  # NOTIFYD_MAX_PENDING_HANDSHAKES
     "frame_rate",  # NOTIFYD_CLIENT_FRAMES_PER_S
     "frame_size",  # NOTIFYD_MAX_FRAME_BYTES
     "read_ids",  # NOTIFYD_MAX_READ_IDS

@@ -81,6 +81,16 @@ class _InstanceCollector:
             value=stats.resyncs,
         )
         yield CounterMetricFamily(
+            "notifyd_inline_counts",
+            "Message frames that carried the unread counts instead of an unread event",
+            value=stats.inline_counts,
+        )
+        yield CounterMetricFamily(
+            "notifyd_inline_count_mismatches",
+            "Inline counts an unread event had to correct (never expected)",
+            value=stats.inline_count_mismatches,
+        )
+        yield CounterMetricFamily(
             "notifyd_slow_client_closes",
             "Sessions closed with 4429",
             value=stats.slow_client_closes,

@@ -30,6 +30,7 @@ __all__ = [
     "encode_refreshed",
     "encode_resync",
     "text_frame",
+    "with_counts",
 ]
 
 PROTOCOL_VERSION = 1
@@ -45,6 +46,7 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # client frame over the size limit
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # server restarting: reconnect and resume
+    TRY_AGAIN_LATER = 1013  # overloaded by handshakes: reconnect after the retry hint
     UNAUTHORIZED = 4401  # bad or expired token
     AUTH_TIMEOUT = 4408  # no auth frame in time
     REPLACED = 4409  # a newer session of the same user took this one's place
@@ -57,6 +59,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.MESSAGE_TOO_BIG: "frame too big",
     CloseCode.INTERNAL_ERROR: "internal error",
     CloseCode.SERVICE_RESTART: "server restarting",
+    CloseCode.TRY_AGAIN_LATER: "try again later",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.AUTH_TIMEOUT: "no auth in time",
     CloseCode.REPLACED: "replaced by a newer session",
@@ -156,6 +159,25 @@ def message_frame(row: MessageRow, cursor: str) -> dict[str, Any]:
         "skipUrl": safe_url(row["skip_url"]),
         "isRead": _text(row["is_read"]),
     }
+
+
+def with_counts(message: bytes, by_type: Mapping[str, int]) -> bytes:
+    """
+    An encoded ``message`` frame (a JSON object) with the user's unread
+    counts after it added: ``unread`` (the total) and ``unreadByType`` (as
+    in ``hello``), for a client that asked for them there
+    (``?counts=inline``).
+    """
+    return b"".join(
+        (
+            message[:-1],
+            b',"unread":',
+            str(sum(by_type.values())).encode(),
+            b',"unreadByType":',
+            orjson.dumps(by_type),
+            b"}",
+        )
+    )
 
 
 def encode_message(row: MessageRow, cursor: str) -> str:

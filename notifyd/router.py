@@ -8,12 +8,23 @@ here when delivery admits it, with its greeting queued first, and
 unregistered here when it ends. Nothing here awaits: a window's rows are
 queued for every session, then each session's frames are written in one
 system call (:meth:`WindowAccount.flush`).
+
+A session that opted in (``?counts=inline``) gets the unread counts a
+window's new messages leave on the last of those messages' frames, instead
+of a separate ``unread`` event: one frame per message. That is done only
+where those counts are the ones the ``unread`` event would carry and the
+frame cannot be dropped or overtaken: the user's counts only grew by the
+window's own rows (no read, delete or unread-again event of theirs, no
+announcement, no recount), the frame is the user's last in the window and
+goes straight to the socket (not into a slow session's outbox, whose
+overflow would drop it for a ``resync``), and the ledger settles to the
+same counts. Otherwise the ``unread`` event is sent as before.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -49,6 +60,13 @@ class WindowAccount:
     # The category of each announcement the window inserted.
     new_announcements: list[str] = field(default_factory=list)
     unflushed: set[Session] = field(default_factory=set)
+    # Users whose counts the window's events move (recounted, or everyone's
+    # after an announcement's event): their counts never travel inline.
+    moved_by_events: set[str] = field(default_factory=set)
+    everyone_moved: bool = False
+    # user -> the counts their last message carried, and the sessions it
+    # carried them to (which then get no unread event for them).
+    inlined: dict[str, tuple[ByType, list[Session]]] = field(default_factory=dict)
 
     def flush(self) -> None:
         """
@@ -111,7 +129,11 @@ class Router:
         """
         The account of a window whose first page is ``window``.
         """
-        return WindowAccount(window.counts, window.events)
+        account = WindowAccount(window.counts, window.events)
+        if window.events or window.counts:
+            account.moved_by_events = {*window.counts, *(event.user for event in window.events)}
+            account.everyone_moved = "*" in account.moved_by_events
+        return account
 
     def route(self, window: Window, base: Snapshot, account: WindowAccount) -> None:
         """
@@ -127,16 +149,27 @@ class Router:
         # Past an announcement, no user's own row is their last in the window.
         star_seq = last_seq.get("*", -1)
         final_seq = rows[-1]["seq"] if window.complete and rows else None
+        # Whether a user's last row in the window (only the last page has
+        # one) may carry their counts: not when an announcement's event
+        # moves everyone's, nor after an announcement row (checked per row).
+        inline = not account.everyone_moved
+        moved_by_events = account.moved_by_events
+        new_announcements = account.new_announcements
         cursors = WindowCursors(base, window.end)
         stats = self._stats
+        observe = stats.latency.observe
+        new_unread = account.new_unread
+        unflushed = account.unflushed.add
+        message_frame, text_frame, dumps = protocol.message_frame, protocol.text_frame, orjson.dumps
         now = time.time()
         online: list[bool] | None = [] if self._on_routed is not None else None
+        delivered = routed = 0
         for row in rows:
             user = row["to_user"]
             seq = row["seq"]
             if user == "*":
-                sessions: Iterable[Session] = list(hub)
-                account.new_announcements.append(row["type"] or "")
+                sessions: list[Session] = list(hub)
+                new_announcements.append(row["type"] or "")
                 is_last = seq == final_seq
             else:
                 own = hub.sessions_of(user)
@@ -146,37 +179,79 @@ class Router:
                     continue
                 sessions = own
                 if row["is_read"] == "0":
-                    added = account.new_unread.setdefault(user, {})
+                    added = new_unread.get(user)
+                    if added is None:
+                        added = new_unread[user] = {}
                     category = row["type"] or ""
                     added[category] = added.get(category, 0) + 1
                 is_last = last_seq.get(user) == seq and seq > star_seq
             cursor = cursors.at_end(seq) if is_last else cursors.within(seq)
-            fields = protocol.message_frame(row, cursor)
+            fields = message_frame(row, cursor)
             if fields["skipUrl"] is None and row["skip_url"] is not None:
                 stats.unsafe_skip_urls += 1
             sent_at = row["send_time"]
             if sent_at.tzinfo is not None:
-                stats.latency.observe(now - sent_at.timestamp())
-            if self.repairing:
-                stats.repair_rows += 1
-            payload = orjson.dumps(fields)
-            frame = payload.decode()
-            wire = protocol.text_frame(payload)
+                observe(now - sent_at.timestamp())
+            routed += 1
+            # Encoded and framed once, whatever the number of sessions.
+            payload = dumps(fields)
+            wire = text_frame(payload)
             count = 0
-            unflushed = account.unflushed.add
+            if is_last and inline and not new_announcements and user not in moved_by_events:
+                plain = self._push_with_counts(user, sessions, payload, account)
+                count = len(sessions) - len(plain)
+                sessions = plain
             for session in sessions:
-                if session.push(frame, cursor, flush=False, wire=wire):
+                if session.push_encoded(payload, wire, cursor):
                     unflushed(session)
                 count += 1
-            stats.delivered += count
+            delivered += count
             if online is not None:
                 online.append(count > 0)
+        stats.delivered += delivered
+        if self.repairing:
+            stats.repair_rows += routed
         if not window.complete:
             # Later pages follow; the last one is flushed with the window's
             # events and unread counts, in one write per session.
             account.flush()
         if online is not None and self._on_routed is not None:
             self._on_routed(rows, online)
+
+    def _push_with_counts(
+        self, user: str, sessions: list[Session], payload: bytes, account: WindowAccount
+    ) -> list[Session]:
+        """
+        Send the user's last message of the window, with the counts it
+        leaves, to their sessions that asked for that and take it straight
+        away; returns the sessions still to be sent the plain frame.
+        """
+        adds = account.new_unread.get(user)
+        if not adds:
+            return sessions
+        for session in sessions:
+            if session.inline_counts:
+                break
+        else:
+            return sessions
+        counts = self.unread.after_adding(user, adds)
+        if counts is None:
+            return sessions
+        encoded = protocol.with_counts(payload, counts)
+        wire = protocol.text_frame(encoded)
+        carried: list[Session] = []
+        plain: list[Session] = []
+        unflushed = account.unflushed.add
+        for session in sessions:
+            if session.inline_counts and session.push_direct(encoded, wire):
+                unflushed(session)
+                carried.append(session)
+            else:
+                plain.append(session)
+        if carried:
+            account.inlined[user] = (counts, carried)
+            self._stats.inline_counts += len(carried)
+        return plain
 
     def settle(self, account: WindowAccount, base: Snapshot) -> None:
         """
@@ -189,10 +264,13 @@ class Router:
                 frame = protocol.encode_deleted(event.ids or [])
             else:
                 frame = protocol.encode_read(event.ids, event.type, read=event.kind == "read")
-            wire = protocol.text_frame(frame.encode())
-            targets = list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
+            payload = frame.encode()
+            wire = protocol.text_frame(payload)
+            targets: Sequence[Session] = (
+                list(hub) if event.user == "*" else hub.sessions_of(event.user) or ()
+            )
             for session in targets:
-                if session.push(frame, flush=False, wire=wire):
+                if session.push_encoded(payload, wire):
                     account.unflushed.add(session)
         # Announcements deleted in this window that had been counted before it.
         counted_deletes = [
@@ -212,22 +290,36 @@ class Router:
         # After an announcement every user's counts change and many share
         # them: each distinct set of counts is then encoded and framed once.
         # Otherwise the users whose counts changed rarely share them.
-        frames: dict[tuple[tuple[str, int], ...], tuple[str, bytes]] | None = (
+        frames: dict[tuple[tuple[str, int], ...], tuple[bytes, bytes]] | None = (
             {} if account.new_announcements or counted_deletes else None
         )
         unflushed = account.unflushed.add
         sessions_of = hub.sessions_of
+        inlined = account.inlined
         for user, by_type in changed:
+            targets = sessions_of(user) or ()
+            carried = inlined.get(user) if inlined else None
+            if carried is not None:
+                if carried[0] == by_type:
+                    # Their last message carried these counts already.
+                    if len(carried[1]) == len(targets):
+                        continue
+                    targets = [s for s in targets if s not in carried[1]]
+                else:
+                    # Not what the ledger settled to: the event corrects it.
+                    self._stats.inline_count_mismatches += 1
+            if not targets:
+                continue
             encoded = None
             if frames is not None:
                 key = tuple(sorted(by_type.items()))
                 encoded = frames.get(key)
             if encoded is None:
-                text = protocol.encode_unread(by_type)
-                encoded = (text, protocol.text_frame(text.encode()))
+                payload = protocol.encode_unread(by_type).encode()
+                encoded = (payload, protocol.text_frame(payload))
                 if frames is not None:
                     frames[key] = encoded
-            for session in sessions_of(user) or ():
-                if session.push(encoded[0], flush=False, wire=encoded[1]):
+            for session in targets:
+                if session.push_encoded(*encoded):
                     unflushed(session)
         account.flush()

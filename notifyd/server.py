@@ -11,15 +11,23 @@ sends its hello and replay. Its frames are answered by
 :mod:`notifyd.actions`, at most ``client_frames_per_s`` (else 1008) and none
 over ``max_frame_bytes`` (websockets closes with 1009). When it ends, it
 leaves delivery; see ``docs/security.md`` for every close code.
+
+At most ``max_pending_handshakes`` handshakes are in progress at once (from
+admission until the session's hello, or until it is refused or lost); past
+that, a handshake is shed at once with a retry hint (503 with Retry-After,
+or 1013 for a browser), so a restart storm is answered rather than left to
+time out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import random
 import time
 import weakref
+from collections.abc import Callable
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -36,7 +44,7 @@ from .incidents import Incidents, peer_address
 from .limits import TokenBucket
 from .outbox import Outbox
 from .protocol import CloseCode, close_reason
-from .routes import Routes, WebSocketRoute
+from .routes import Routes, WebSocketRoute, plain_response
 from .session import Session
 from .settings import Settings
 from .stats import Stats
@@ -45,6 +53,10 @@ from .tls import tls_context
 __all__ = ["PushServer"]
 
 logger = logging.getLogger(__name__)
+
+# The retry hint given to a shed handshake, in seconds, drawn at random so
+# that clients told at the same moment do not all come back at the same one.
+_RETRY_HINT_S = (1, 2)
 
 
 class PushServer:
@@ -79,6 +91,11 @@ class PushServer:
         self._server: Server | None = None
         # The sessions this server opened and has not yet seen end.
         self._sessions: set[Session] = set()
+        # Handshakes accepted and not yet live sessions, each with the
+        # callback that forgets it if its connection is lost first.
+        self._opening: dict[ServerConnection, Callable[[object], None]] = {}
+        # Browser handshakes shed: upgraded only to be closed with 1013.
+        self._shed: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
 
     @property
     def port(self) -> int:
@@ -142,13 +159,63 @@ class PushServer:
         answer = self._routes.respond(request, (client,))
         if not isinstance(answer, WebSocketRoute):
             return answer
+        limit = self._settings.max_pending_handshakes
+        if limit and len(self._opening) >= limit:
+            return self._shed_handshake(connection, request)
         admitted = self.admission.admit(connection, request, answer.path_user, answer.query_string)
         if isinstance(admitted, Response):
             return admitted
         self._handshakes[connection] = admitted
+        self._track_opening(connection)
         return None
 
+    def _shed_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        """
+        Too many handshakes in progress: answer this one at once with a
+        retry hint rather than let it wait and time out.
+
+        A browser cannot read a refused handshake's status or headers (its
+        script only sees close 1006), so a handshake with an Origin header
+        is upgraded and closed with 1013 and ``retry_ms`` in the reason;
+        any other gets 503 with Retry-After.
+        """
+        self._incidents.limit_tripped("pending_handshakes", peer_address(connection))
+        if "Origin" in request.headers:
+            self._shed.add(connection)
+            return None
+        response = plain_response(http.HTTPStatus.SERVICE_UNAVAILABLE, "Overloaded, retry later\n")
+        response.headers["Retry-After"] = str(random.randint(*_RETRY_HINT_S))
+        return response
+
+    def _track_opening(self, connection: ServerConnection) -> None:
+        def lost(_: object) -> None:
+            self._opening.pop(connection, None)
+
+        self._opening[connection] = lost
+        connection.connection_lost_waiter.add_done_callback(lost)
+
+    def _opened(self, connection: ServerConnection) -> None:
+        """
+        The handshake is over (a live session, or refused): it no longer
+        counts against ``max_pending_handshakes``. Idempotent.
+        """
+        lost = self._opening.pop(connection, None)
+        if lost is not None:
+            # Nothing per connection stays behind for the session's life.
+            connection.connection_lost_waiter.remove_done_callback(lost)
+
     async def _handle(self, connection: ServerConnection) -> None:
+        if connection in self._shed:
+            code = CloseCode.TRY_AGAIN_LATER
+            retry_ms = 1000 * random.uniform(*_RETRY_HINT_S)
+            await connection.close(code, f"{close_reason(code)}; retry_ms={retry_ms:.0f}")
+            return
+        try:
+            await self._serve(connection)
+        finally:
+            self._opened(connection)
+
+    async def _serve(self, connection: ServerConnection) -> None:
         opened = await self._open_session(connection)
         if opened is None:
             return
@@ -157,6 +224,7 @@ class PushServer:
         frames: TokenBucket | None = None
         try:
             await self._delivery.join(session, since)
+            self._opened(connection)
             async for data in connection:
                 now = time.monotonic()
                 if frames is None:
@@ -226,6 +294,7 @@ class PushServer:
             Outbox(settings.session_queue_messages, settings.session_queue_bytes),
             send_timeout=settings.slow_client_timeout_s,
             stats=self._stats,
+            inline_counts=handshake.inline_counts,
         )
         self._sessions.add(session)
         logger.info(

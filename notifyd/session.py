@@ -38,7 +38,7 @@ class Session:
 
     __slots__ = (
         "_pending", "_pending_bytes", "_stats", "_writer", "close_code", "close_reason", "connection",
-        "expiry_second", "id", "outbox", "send_timeout", "user",
+        "expiry_second", "id", "inline_counts", "outbox", "send_timeout", "user",
     )  # fmt: skip
 
     def __init__(
@@ -49,12 +49,18 @@ class Session:
         *,
         send_timeout: float,
         stats: Stats | None = None,
+        inline_counts: bool = False,
     ) -> None:
+        """
+        ``inline_counts``: the client opted in to a new message's unread
+        counts on its ``message`` frame (see :mod:`notifyd.router`).
+        """
         self.id = next(_ids)
         self.connection = connection
         self.user = user
         self.outbox = outbox
         self.send_timeout = send_timeout
+        self.inline_counts = inline_counts
         self.close_code: CloseCode | None = None
         self.close_reason: str | None = None
         self._stats = stats if stats is not None else Stats()
@@ -101,49 +107,80 @@ class Session:
         :func:`protocol.text_frame`, so a frame fanned out to many sessions is
         encoded once; it is used only on connections without extensions.
         """
+        payload = frame.encode()
+        if self.push_direct(payload, wire if wire is not None else text_frame(payload)):
+            if flush:
+                self.flush()
+            return True
+        return self._queue(frame, cursor)
+
+    def push_encoded(self, payload: bytes, wire: bytes, cursor: str | None = None) -> bool:
+        """
+        :meth:`push` with ``flush=False`` of a frame encoded once for every
+        session it goes to: ``payload`` (its UTF-8 JSON) and ``wire`` (framed
+        by :func:`protocol.text_frame`). Only a frame that has to wait in
+        the outbox is decoded again.
+        """
+        if self.push_direct(payload, wire):
+            return True
+        return self._queue(payload.decode(), cursor)
+
+    def _queue(self, frame: str, cursor: str | None) -> bool:
         if self.close_code is not None:
             return False
-        if not self.outbox:
-            connection = self.connection
-            transport = connection.transport
-            protocol = connection.protocol
-            pending = self._pending
-            if (
-                transport is not None
-                # Frames already pending this round passed the state check,
-                # and nothing was awaited since: fan-out skips it from the
-                # second frame on.
-                and (pending is not None or protocol.state is State.OPEN)
-                and transport.get_write_buffer_size() + self._pending_bytes < _DIRECT_WRITE_LIMIT
-            ):
-                if protocol.extensions:
-                    # Compression: websockets frames it, per connection.
-                    try:
-                        protocol.send_text(frame.encode())
-                    except Exception:  # a broken connection: its handler cleans up
-                        logger.debug("session %s: direct write failed", self.id, exc_info=True)
-                        self.close(CloseCode.NORMAL)
-                        return False
-                    chunks = protocol.data_to_send()
-                    if pending is None:
-                        self._pending = chunks
-                    else:
-                        pending += chunks
-                    self._pending_bytes += sum(map(len, chunks))
-                else:
-                    chunk = wire if wire is not None else text_frame(frame.encode())
-                    if pending is None:
-                        self._pending = [chunk]
-                    else:
-                        pending.append(chunk)
-                    self._pending_bytes += len(chunk)
-                if flush:
-                    self.flush()
-                return True
         if not self.outbox.put(frame, cursor):
             self._stats.resyncs += 1
         self._start_writer()
         return False
+
+    def push_direct(self, payload: bytes, wire: bytes) -> bool:
+        """
+        Send a frame the direct way of :meth:`push` (pending until
+        :meth:`flush`), or do nothing: never queues it. ``payload`` is the
+        frame's UTF-8 JSON, ``wire`` the same framed. Returns whether it
+        was sent.
+
+        For a frame that must not wait in the outbox, where an overflow
+        would drop it for a ``resync``: a message frame carrying unread
+        counts is sent this way, or not at all (the counts then travel in
+        an ``unread`` event, which an overflow keeps).
+        """
+        if self.close_code is not None or self.outbox:
+            return False
+        connection = self.connection
+        transport = connection.transport
+        protocol = connection.protocol
+        pending = self._pending
+        if (
+            transport is None
+            # Frames already pending this round passed the state check, and
+            # nothing was awaited since: fan-out skips it from the second
+            # frame on.
+            or (pending is None and protocol.state is not State.OPEN)
+            or transport.get_write_buffer_size() + self._pending_bytes >= _DIRECT_WRITE_LIMIT
+        ):
+            return False
+        if protocol.extensions:
+            # Compression: websockets frames it, per connection.
+            try:
+                protocol.send_text(payload)
+            except Exception:  # a broken connection: its handler cleans up
+                logger.debug("session %s: direct write failed", self.id, exc_info=True)
+                self.close(CloseCode.NORMAL)
+                return False
+            chunks = protocol.data_to_send()
+            if pending is None:
+                self._pending = chunks
+            else:
+                pending += chunks
+            self._pending_bytes += sum(map(len, chunks))
+        else:
+            if pending is None:
+                self._pending = [wire]
+            else:
+                pending.append(wire)
+            self._pending_bytes += len(wire)
+        return True
 
     def flush(self) -> None:
         """

@@ -160,6 +160,13 @@ class Settings(BaseSettings):
         description="Frames per second a session may send (bursts of 4 s worth); past "
         "it the session is closed with 1008. 0: no limit.",
     )
+    max_pending_handshakes: int = Field(
+        default=2000,
+        ge=0,
+        description="WebSocket handshakes accepted but not yet live sessions (hello sent), all "
+        "clients together; past it new ones are shed at once with a retry hint (503 and "
+        "Retry-After, or close 1013 for browsers) instead of waiting to time out. 0: no limit.",
+    )
     trusted_proxies: CommaList = Field(
         default_factory=list,
         description="Reverse proxies (addresses or networks: 127.0.0.1, 10.0.0.0/8) whose "

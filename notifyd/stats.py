@@ -60,6 +60,11 @@ class Stats:
     resyncs: int = 0
     slow_client_closes: int = 0
     repair_rows: int = 0
+    # Message frames that carried their user's unread counts (?counts=inline),
+    # and the times the ledger then settled to other counts (an unread event
+    # corrected them; never expected).
+    inline_counts: int = 0
+    inline_count_mismatches: int = 0
     # Rows read by delivery's windows (each once per instance, whether or not
     # a session here wanted it), and polling leases this instance started.
     rows_read: int = 0

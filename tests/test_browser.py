@@ -516,8 +516,9 @@ async def test_docs_example_runs_cross_origin_receives_and_marks_read(
     page.on("websocket", lambda ws: sockets.append(ws.url))
     await page.goto(app.origin + "/")
     await page.wait_for_function("() => document.querySelector('#status').textContent === 'open'")
-    # First-frame auth: the token is in no URL.
-    assert sockets == [f"ws://127.0.0.1:{daemon.port}/ws/message"]
+    # First-frame auth: the token is in no URL (which only asks for the
+    # counts on message frames).
+    assert sockets == [f"ws://127.0.0.1:{daemon.port}/ws/message?counts=inline"]
 
     message_id = await insert(db, "u1", "Your order shipped", "Parcel 1Z999 is on its way")
     item = page.locator(f'#messages li[data-id="{message_id}"]')
@@ -1149,6 +1150,48 @@ async def test_demo_category_badges_move_on_both_pages_of_one_user(
     assert not await is_read(db, notice)
 
 
+async def test_demo_badges_follow_the_counts_carried_on_message_frames(
+    demo_daemon: RunningDaemon, db: asyncpg.Connection, context: Any
+) -> None:
+    """
+    The page's client opts in to counts on message frames: each new message
+    reaches the tab holding the socket as one frame with the counts and no
+    unread frame, and the bell and category badges of both pages of the
+    user (the second one gets the frames relayed) follow those counts.
+    """
+    received: list[dict[str, Any]] = []
+
+    def watch(socket: Any) -> None:
+        socket.on("framereceived", lambda payload: received.append(json.loads(payload)))
+
+    first = await context.new_page()
+    first.on("websocket", watch)
+    await first.goto(f"http://127.0.0.1:{demo_daemon.port}/?user=alice")
+    await first.locator('#status[data-state="open"]').wait_for()
+    second = await open_demo(context, demo_daemon, "alice")
+    [session] = demo_daemon.daemon.hub.sessions_of("alice") or []
+    assert session.inline_counts
+
+    expected = {"all": "1", "comment": "1"}
+    await insert(db, "alice", "A comment", type="comment")
+    for page in (first, second):
+        await wait_badge(page, "1")
+        await wait_category_badge(page, "comment", "1")
+        assert await category_badges(page) == expected
+    await insert(db, "alice", "A like", type="like")
+    await insert(db, "alice", "Another comment", type="comment")
+    expected = {"all": "3", "comment": "2", "like": "1"}
+    for page in (first, second):
+        await wait_badge(page, "3")
+        await wait_category_badge(page, "comment", "2")
+        assert await category_badges(page) == expected
+
+    pushed = [frame for frame in received if frame["event"] in ("message", "unread")]
+    assert [frame["event"] for frame in pushed] == ["message"] * 3
+    assert (pushed[-1]["unread"], pushed[-1]["unreadByType"]) == (3, {"comment": 2, "like": 1})
+    assert demo_daemon.daemon.stats.inline_counts >= 2
+
+
 async def listed_ids(page: Any) -> list[str]:
     return await page.eval_on_selector_all(  # type: ignore[no-any-return]
         "#list li", "(items) => items.map((li) => li.dataset.id)"
@@ -1495,3 +1538,35 @@ async def test_client_refreshes_its_token_in_place_before_it_expires(
     await insert(db, "u1", "after-refresh")
     await page.wait_for_function("() => window.t.titles.includes('after-refresh')")
     assert await page.evaluate("() => window.t.states") == ["connecting", "open"]
+
+
+async def test_client_shed_with_1013_waits_the_servers_hint_then_connects(
+    start_daemon: StartDaemon, context: Any, app: AppServer, open_client: Any
+) -> None:
+    """
+    With the pending-handshake limit taken, the browser's handshake is
+    closed with 1013 and a retry_ms of at least 1 s: the client waits at
+    least that long (its own backoff here stays below 1 s), and connects
+    once there is room.
+    """
+    running = await start_daemon(max_pending_handshakes=1, auth_timeout_s=30)
+    held = await open_client(running.url(None), hello=False)  # never authenticates
+    app.token = running.token("u1")
+    app.pages["/harness"] = HARNESS.replace(
+        "MODULE_URL", f"http://127.0.0.1:{running.port}/notifyd.js"
+    )
+    page = await context.new_page()
+    await page.goto(harness_url(app))
+    await page.evaluate(
+        """() => {
+          window.t.shed = [];
+          window.client.on("state", (d) => { if (d.code === 1013) window.t.shed.push(d.delay); });
+        }"""
+    )
+    await page.wait_for_function("() => window.t.shed.length > 0", timeout=WAIT_MS)
+    delays = await page.evaluate("() => window.t.shed")
+    assert min(delays) >= 1000, delays
+
+    await held.send({"action": "auth", "token": running.token("held")})
+    await held.recv_event("hello")
+    await wait_open(page)

@@ -96,3 +96,13 @@ def test_forget_drops_a_user_whose_last_session_left() -> None:
     counts.forget("alice")
     assert counts.get("alice") is None
     assert len(counts) == 0
+
+
+def test_after_adding_previews_what_settling_the_additions_makes_and_changes_nothing() -> None:
+    """The counts a message frame may carry are the ones settle then reports, taken ahead."""
+    counts = ledger(alice={"comment": 2})
+    preview = counts.after_adding("alice", {"comment": 1, "like": 2})
+    assert preview == {"comment": 3, "like": 2}
+    assert counts.get("alice") == {"comment": 2}
+    assert settle(counts, new_unread={"alice": {"comment": 1, "like": 2}}) == [("alice", preview)]
+    assert counts.after_adding("bob", {"comment": 1}) is None

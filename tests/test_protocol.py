@@ -24,6 +24,7 @@ from notifyd.protocol import (
     encode_message,
     encode_resync,
     encode_unread,
+    with_counts,
 )
 
 MESSAGE_KEYS = [
@@ -309,13 +310,14 @@ def test_protocol_error_carries_code_and_message() -> None:
 
 
 def test_close_code_values_are_exactly_the_documented_set() -> None:
-    """CloseCode holds exactly 1000,1008,1009,1011,1012,4401,4408,4409,4429."""
+    """CloseCode holds exactly 1000,1008,1009,1011,1012,1013,4401,4408,4409,4429."""
     assert sorted(int(code) for code in CloseCode) == [
         1000,
         1008,
         1009,
         1011,
         1012,
+        1013,
         4401,
         4408,
         4409,
@@ -389,3 +391,11 @@ def test_text_frame_is_byte_identical_to_websockets_framing(length: int) -> None
     payload = ("é" * length).encode()[:length]
     expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
     assert text_frame(payload) == expected
+
+
+def test_with_counts_adds_the_unread_fields_to_an_encoded_message_frame() -> None:
+    """A message frame with counts is the same JSON object plus unread and unreadByType."""
+    message = encode_message(make_row(title="通知"), "c1").encode()
+    carried = json.loads(with_counts(message, {"comment": 3, "": 1}))
+    assert carried == {**json.loads(message), "unread": 4, "unreadByType": {"comment": 3, "": 1}}
+    assert json.loads(with_counts(message, {}))["unread"] == 0

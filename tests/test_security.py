@@ -421,11 +421,19 @@ async def test_too_many_ids_in_one_read_is_an_error_and_counts(start_daemon, ope
 
 
 async def test_history_beyond_the_concurrency_limit_is_answered_busy(
-    start_daemon, open_client, admin_dsn, dsn
+    start_daemon, open_client, admin_dsn, dsn, monkeypatch
 ):
     """One slot, held by a query blocked on a table lock: a second request gets `busy`."""
     import asyncpg
 
+    import notifyd.db
+
+    # The slot must stay held while the second request comes in, however
+    # slow this machine: the client actions' lock and time bounds (1 s, 3 s,
+    # 5 s) are what tests/test_locked_database.py proves, not this test.
+    monkeypatch.setattr(notifyd.db, "CLIENT_LOCK_TIMEOUT_MS", 60_000)
+    monkeypatch.setattr(notifyd.db, "CLIENT_STATEMENT_TIMEOUT_MS", 60_000)
+    monkeypatch.setattr(notifyd.db, "CLIENT_BUDGET_S", 60.0)
     daemon = await start_daemon(max_concurrent_history=1)
     first = await open_client(daemon.url("alice"))
     second = await open_client(daemon.url("bob"))

@@ -21,7 +21,11 @@ export interface Message {
   skipUrl: string | null;
   /** "0" unread, "1" read. */
   isRead: "0" | "1";
-  /** Pushed messages may carry the counts after them (then also in `client.counts`). */
+  /**
+   * The counts after this message, on the last of the new messages a
+   * delivery round brought (the client asks for them with `counts=inline`);
+   * applied to `client.counts` before the `message` event fires.
+   */
   unread?: number;
   unreadByType?: Record<string, number>;
   [field: string]: unknown;

@@ -23,7 +23,8 @@
  * - turns `resync` and `hello.recovered === false` into one `resync` event:
  *   the page reloads its list;
  * - keeps the unread counts, in total and per message type (`counts`), from
- *   hello, unread events and the message frames that carry them;
+ *   hello, unread events and the message frames that carry them (it asks
+ *   for those with `counts=inline`: one frame per new message);
  * - shares one WebSocket between the tabs of an origin: the tab holding a
  *   Web Lock is the leader and owns the socket; the others get every frame
  *   relayed over a BroadcastChannel and send their actions through it. When
@@ -97,6 +98,18 @@ function defaultUrl() {
     throw new TypeError("notifyd: pass options.url (the ws:// or wss:// push endpoint)");
   }
   return `${here.protocol === "https:" ? "wss:" : "ws:"}//${here.host}/ws/message`;
+}
+
+// The push endpoint's URL asking for unread counts on message frames
+// (`counts=inline`, docs/protocol.md).
+function withInlineCounts(url) {
+  try {
+    const parsed = new URL(url);
+    parsed.searchParams.set("counts", "inline");
+    return parsed.href;
+  } catch {
+    return `${url}${url.includes("?") ? "&" : "?"}counts=inline`; // a relative URL
+  }
 }
 
 function memoryStore() {
@@ -607,7 +620,10 @@ export class NotifydClient {
     }
     if (attempt !== this.#connectSeq || this.#closed || this.#ws || this.#role === "follower") return;
     this.#tokenExp = tokenExpiry(token);
-    let url = this.#url;
+    // A new message's counts then travel on its own frame: one frame per
+    // message. A server from before that ignores the parameter and sends
+    // unread events, which are handled all the same.
+    let url = withInlineCounts(this.#url);
     if (this.#options.tokenInUrl) {
       const withToken = new URL(url);
       withToken.searchParams.set("token", token);
@@ -782,6 +798,13 @@ export class NotifydClient {
       this.#attempt = 0;
       this.#openedAt = 0;
       this.#scheduleReconnect(Math.random() * this.#options.restartDelayMs, detail);
+      return;
+    }
+    if (code === 1013) {
+      // The server is shedding handshakes: wait at least its hint, plus the
+      // jittered backoff, which keeps growing while it keeps shedding.
+      const hint = Number(/retry_ms=(\d+)/.exec(reason || "")?.[1] ?? 0);
+      this.#scheduleReconnect(hint + this.#nextDelay(), detail);
       return;
     }
     // 4401 (a fresh token is asked for), 1006, 1011, 4429, 4408, 1008, ...

@@ -1,0 +1,446 @@
+"""
+Database failover: a primary with a streaming standby made by
+``pg_basebackup -R`` (:mod:`tests.standby`), ``notifyd serve`` as a
+subprocess with a ``NOTIFYD_DSN`` naming both hosts the libpq way
+(``target_session_attrs=read-write``), real WebSocket sessions and a writer
+committing across the failover. The primary stops, the standby is promoted,
+and notifyd must find the new primary by itself.
+
+What counts as "committed" is what the promoted standby holds: a row the
+standby never received is lost by the database, not by notifyd, and the
+tests check sessions against the new primary's table. The time from the
+promotion to the first delivery is printed (``pytest -s``), never asserted
+beyond a generous deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from notifyd.db import DATABASE_ERRORS, schema_sql
+
+from .conftest import SECRET, TIMEOUT, with_database
+from .processes import (
+    NotifydProcess,
+    free_port,
+    mint,
+    run_cli,
+    running_notifyd,
+    serve_env,
+    wait_until_healthy,
+)
+from .standby import ReplicatedPair, replicated_pair, wait_until_replayed
+
+DATABASE = "app"
+USERS = ("ann", "bob", "cid")
+# Probe and retry settings short enough that a failover is noticed quickly.
+_SERVE_SETTINGS = {
+    "NOTIFYD_JWT_SECRET": SECRET,
+    "NOTIFYD_RECONNECT_MAX_S": "0.5",
+    "NOTIFYD_PROBE_INTERVAL_S": "1",
+    "NOTIFYD_PROBE_TIMEOUT_S": "2",
+    "NOTIFYD_POLL_INTERVAL_S": "0.5",
+}
+_INSERT = "INSERT INTO t_message_real_time (to_user, title, content) VALUES ($1, $2, 'c')"
+# Within this, everything must be back after the promotion (measured: well under a second).
+_FAILOVER_DEADLINE_S = 6 * TIMEOUT
+_POLL_S = 0.05
+
+
+@dataclass
+class Recorder:
+    """
+    A WebSocket session that records every frame it receives, with the time.
+    """
+
+    user: str
+    ws: ClientConnection
+    frames: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, port: int, user: str, since: str | None = None) -> Recorder:
+        url = f"ws://127.0.0.1:{port}/ws/message?token={mint(user)}"
+        if since is not None:
+            url += f"&since={quote(since, safe='')}"
+        recorder = cls(user, await connect(url, open_timeout=TIMEOUT))
+        recorder.task = asyncio.create_task(recorder._read())
+        await recorder.wait_for(lambda frame: frame["event"] == "hello")
+        return recorder
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for text in self.ws:
+                self.frames.append((time.monotonic(), json.loads(text)))
+                self.changed.set()
+
+    async def wait_for(self, predicate: Any, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """
+        The first frame so far matching ``predicate``, waiting for it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            for _, frame in self.frames:
+                if predicate(frame):
+                    return frame
+            assert self.task is not None and not self.task.done(), (
+                f"{self.user}'s session closed: {self.ws.close_code} {self.ws.close_reason}"
+            )
+            self.changed.clear()
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{self.user}: no matching frame within {timeout}s"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [frame for _, frame in self.frames if frame["event"] == "message"]
+
+    def hello(self) -> dict[str, Any]:
+        return next(frame for _, frame in self.frames if frame["event"] == "hello")
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.task is not None:
+            await self.task
+
+
+class Writer:
+    """
+    An application committing one row at a time, round robin over the users,
+    through the multi-host DSN; it reconnects after any error, as an
+    application using libpq's failover would.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self.acknowledged: list[str] = []
+        self.acknowledged_at: dict[str, float] = {}
+        # Rows whose COMMIT got no answer: on the new primary or not.
+        self.unknown: list[str] = []
+        self.errors = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._count = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def wait_acknowledged(self, count: int, timeout: float = _FAILOVER_DEADLINE_S) -> None:
+        """
+        Wait until ``count`` more rows than now were acknowledged.
+        """
+        target = len(self.acknowledged) + count
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged) < target:
+            assert self._task is not None and not self._task.done(), "the writer died"
+            assert time.monotonic() < deadline, f"the writer is stuck ({self.errors} errors)"
+            await asyncio.sleep(_POLL_S)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def _run(self) -> None:
+        connection: asyncpg.Connection | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if connection is None:
+                        connection = await asyncpg.connect(self._dsn, timeout=2)
+                    title = f"w{self._count}"
+                    user = USERS[self._count % len(USERS)]
+                    self._count += 1
+                    try:
+                        await connection.execute(_INSERT, user, title)
+                    except DATABASE_ERRORS:
+                        self.unknown.append(title)
+                        raise
+                    self.acknowledged.append(title)
+                    self.acknowledged_at[title] = time.monotonic()
+                    await asyncio.sleep(0.005)
+                except (*DATABASE_ERRORS, TimeoutError):
+                    self.errors += 1
+                    if connection is not None:
+                        connection.terminate()
+                        connection = None
+                    await asyncio.sleep(_POLL_S)
+        finally:
+            if connection is not None:
+                connection.terminate()
+
+
+def _readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+async def _wait_for_readyz(port: int, status: int, server: NotifydProcess, timeout: float) -> float:
+    """
+    Poll /readyz until it answers ``status``; returns when (monotonic).
+    """
+    deadline = time.monotonic() + timeout
+    while (answer := await asyncio.to_thread(_readyz, port)) != status:
+        assert server.process.returncode is None, server.output()
+        assert time.monotonic() < deadline, f"/readyz stayed {answer}, not {status}"
+        await asyncio.sleep(_POLL_S)
+    return time.monotonic()
+
+
+async def _rows_by_user(dsn: str) -> dict[str, list[str]]:
+    """
+    Each user's titles in the database at ``dsn``, in seq order.
+    """
+    connection = await asyncpg.connect(dsn, timeout=TIMEOUT)
+    try:
+        records = await connection.fetch(
+            "SELECT to_user, title FROM t_message_real_time ORDER BY seq"
+        )
+    finally:
+        await connection.close()
+    rows: dict[str, list[str]] = {user: [] for user in USERS}
+    for record in records:
+        rows[record["to_user"]].append(record["title"])
+    return rows
+
+
+@dataclass
+class Failover:
+    """
+    A replicated pair with notifyd's schema in ``app``, and ``notifyd serve``
+    on it through the two-host DSN.
+    """
+
+    pair: ReplicatedPair
+    server: NotifydProcess
+    port: int
+    dsn: str
+
+    def database_dsn(self, host_dsn: str) -> str:
+        return with_database(host_dsn, DATABASE)
+
+
+@contextlib.asynccontextmanager
+async def _failover(*, synchronous: bool = False) -> AsyncIterator[Failover]:
+    async with replicated_pair(synchronous=synchronous) as pair:
+        assert pair.standby is not None
+        admin = await asyncpg.connect(pair.primary.dsn, timeout=TIMEOUT)
+        try:
+            await admin.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await admin.close()
+        app = await asyncpg.connect(with_database(pair.primary.dsn, DATABASE), timeout=TIMEOUT)
+        try:
+            await app.execute(schema_sql())
+        finally:
+            await app.close()
+        await wait_until_replayed(pair.primary.dsn, pair.standby.dsn, TIMEOUT)
+        dsn = pair.dsn(DATABASE)
+        port = free_port()
+        env = serve_env(dsn, port, **_SERVE_SETTINGS)
+        async with running_notifyd("serve", env=env) as server:
+            await wait_until_healthy(port, server, path="/readyz")
+            yield Failover(pair, server, port, dsn)
+
+
+def _assert_exactly_once(user: str, received: list[str], committed: list[str]) -> None:
+    duplicates = [title for title, n in Counter(received).items() if n > 1]
+    assert not duplicates, f"{user} got {duplicates} twice"
+    missing = [title for title in committed if title not in set(received)]
+    assert not missing, f"{user} never got {missing}"
+    extra = [title for title in received if title not in set(committed)]
+    assert not extra, f"{user} got {extra}, which the new primary does not hold"
+
+
+async def test_failover_to_promoted_standby_delivers_every_replicated_row_once_and_resumes_cursors() -> (
+    None
+):
+    """
+    Primary stopped, standby promoted, writer running throughout: notifyd
+    finds the new primary through the two-host DSN, /readyz is 503 during
+    the outage and 200 after, every live session gets every row the new
+    primary holds exactly once, and a cursor taken before the failover
+    resumes after it with nothing missing and nothing twice.
+    """
+    async with _failover() as setup:
+        live = [await Recorder.open(setup.port, user) for user in USERS for _ in range(2)]
+        leaving = [await Recorder.open(setup.port, user) for user in USERS]
+        writer = Writer(setup.dsn)
+        writer.start()
+        try:
+            await writer.wait_acknowledged(60)
+            # Sessions that go away before the failover, keeping their cursor.
+            cursors: dict[str, tuple[str, list[str]]] = {}
+            for session in leaving:
+                await session.wait_for(lambda frame: frame["event"] == "message")
+                await session.close()
+                before = [frame["title"] for frame in session.messages()]
+                cursors[session.user] = (session.messages()[-1]["cursor"], before)
+            await writer.wait_acknowledged(30)
+
+            stopping = time.monotonic()
+            await asyncio.to_thread(setup.pair.primary.stop, "fast")
+            outage_seen = await _wait_for_readyz(setup.port, 503, setup.server, TIMEOUT)
+            delivered_before_promotion = sum(len(s.messages()) for s in live)
+            await asyncio.to_thread(setup.pair.promote)
+            promoted = time.monotonic()
+            ready_again = await _wait_for_readyz(
+                setup.port, 200, setup.server, _FAILOVER_DEADLINE_S
+            )
+            await writer.wait_acknowledged(60)
+        finally:
+            await writer.stop()
+        assert outage_seen < promoted
+
+        # One last row per user, then everything up to it must be there.
+        assert setup.pair.standby is not None
+        new_primary = setup.database_dsn(setup.pair.standby.dsn)
+        app = await asyncpg.connect(new_primary, timeout=TIMEOUT)
+        try:
+            for user in USERS:
+                await app.execute(_INSERT, user, f"end-{user}")
+        finally:
+            await app.close()
+        for session in live:
+            await session.wait_for(lambda frame, u=session.user: frame.get("title") == f"end-{u}")
+        committed = await _rows_by_user(new_primary)
+        for session in live:
+            _assert_exactly_once(
+                session.user,
+                [frame["title"] for frame in session.messages()],
+                committed[session.user],
+            )
+
+        resumed = []
+        for user, (cursor, before) in cursors.items():
+            session = await Recorder.open(setup.port, user, since=cursor)
+            resumed.append(session)
+            await session.wait_for(lambda frame, u=user: frame.get("title") == f"end-{u}")
+            assert session.hello()["recovered"] is True, session.hello()
+            _assert_exactly_once(
+                user, before + [frame["title"] for frame in session.messages()], committed[user]
+            )
+
+        first_delivery = min(
+            arrived
+            for session in live
+            for arrived, frame in session.frames
+            if frame["event"] == "message" and arrived > promoted
+        )
+        # The baseline, in the same run: commit to delivery before the outage.
+        steady = sorted(
+            arrived - writer.acknowledged_at[frame["title"]]
+            for session in live
+            for arrived, frame in session.frames
+            if frame["event"] == "message"
+            and frame["title"] in writer.acknowledged_at
+            and arrived < stopping
+        )
+        first_new = min(
+            (at, title) for title, at in writer.acknowledged_at.items() if at > promoted
+        )[1]
+        first_new_delivered = min(
+            arrived
+            for session in live
+            for arrived, frame in session.frames
+            if frame.get("title") == first_new
+        )
+        lost = set(writer.acknowledged) - {t for titles in committed.values() for t in titles}
+        print(
+            f"\nfailover: promotion to first delivery {1000 * (first_delivery - promoted):.0f} ms, "
+            f"to /readyz 200 {1000 * (ready_again - promoted):.0f} ms; the first commit on "
+            f"the new primary delivered "
+            f"{1000 * (first_new_delivered - writer.acknowledged_at[first_new]):.1f} ms after "
+            f"it was acknowledged, {1000 * (writer.acknowledged_at[first_new] - promoted):.0f} ms "
+            "after the promotion; commit to delivery "
+            f"before the outage {1000 * steady[len(steady) // 2]:.1f} ms (median); "
+            f"{len(writer.acknowledged)} rows acknowledged, {len(lost)} of them not on the "
+            f"new primary; {delivered_before_promotion} deliveries before the promotion"
+        )
+        for session in live + resumed:
+            await session.close()
+
+
+async def test_synchronous_replication_keeps_every_acknowledged_row_through_a_primary_crash() -> (
+    None
+):
+    """
+    With synchronous_standby_names and synchronous_commit=on, a primary that
+    crashes (immediate stop, no shutdown checkpoint) loses no acknowledged
+    commit: after the promotion every acknowledged row reaches its sessions
+    exactly once.
+    """
+    async with _failover(synchronous=True) as setup:
+        live = [await Recorder.open(setup.port, user) for user in USERS]
+        writer = Writer(setup.dsn)
+        writer.start()
+        try:
+            await writer.wait_acknowledged(60)
+            await asyncio.to_thread(setup.pair.primary.stop, "immediate")
+            await _wait_for_readyz(setup.port, 503, setup.server, TIMEOUT)
+            await asyncio.to_thread(setup.pair.promote)
+            await _wait_for_readyz(setup.port, 200, setup.server, _FAILOVER_DEADLINE_S)
+            await writer.wait_acknowledged(30)
+        finally:
+            await writer.stop()
+        assert setup.pair.standby is not None
+        new_primary = setup.database_dsn(setup.pair.standby.dsn)
+        app = await asyncpg.connect(new_primary, timeout=TIMEOUT)
+        try:
+            for user in USERS:
+                await app.execute(_INSERT, user, f"end-{user}")
+        finally:
+            await app.close()
+        committed = await _rows_by_user(new_primary)
+        held = {title for titles in committed.values() for title in titles}
+        assert set(writer.acknowledged) <= held, (
+            f"acknowledged but lost: {sorted(set(writer.acknowledged) - held)}"
+        )
+        for session in live:
+            await session.wait_for(lambda frame, u=session.user: frame.get("title") == f"end-{u}")
+            _assert_exactly_once(
+                session.user,
+                [frame["title"] for frame in session.messages()],
+                committed[session.user],
+            )
+            await session.close()
+
+
+async def test_check_accepts_a_two_host_dsn_before_and_after_a_failover() -> None:
+    """
+    `notifyd check` with the libpq two-host DSN finds the primary, and after
+    the primary stops and the standby is promoted, finds the new one.
+    """
+    async with _failover() as setup:
+        env = serve_env(setup.dsn, free_port(), **_SERVE_SETTINGS)
+        before = await run_cli("check", env=env, timeout=3 * TIMEOUT)
+        assert before.code == 0, (before.stdout, before.stderr)
+
+        await asyncio.to_thread(setup.pair.primary.stop, "fast")
+        during = await run_cli("check", env=env, timeout=3 * TIMEOUT)
+        assert during.code != 0, during.stdout
+        assert "Traceback" not in during.stdout + during.stderr, (during.stdout, during.stderr)
+
+        await asyncio.to_thread(setup.pair.promote)
+        after = await run_cli("check", env=env, timeout=3 * TIMEOUT)
+        assert after.code == 0, (after.stdout, after.stderr)
