@@ -111,6 +111,14 @@ def test_the_page_states_loss_and_each_trend_against_its_noise() -> None:
     assert "| 10.0 min | postgres restart | took_s 0.5 |" in page
 
 
+def test_a_slope_that_flattens_in_the_second_half_is_called_settling() -> None:
+    results = _results(lost=0, rss_slope=4.0)
+    results["trends"]["rss_mb"]["second_half"] = {"slope_per_h": 0.2, "noise_per_h": 0.5}
+    page = render(results)
+    assert "**a slope beyond noise**" in page
+    assert "over the second half alone 0.2 per hour, noise ±0.5 (within noise)" in page
+
+
 def test_the_page_flags_a_slope_beyond_noise_and_a_loss() -> None:
     page = render(_results(lost=3, rss_slope=4.0))
     assert "**3 lost, 0 duplicated**" in page

@@ -37,6 +37,17 @@ def _machine(info: dict[str, Any]) -> str:
     )
 
 
+def _second_half(trend: dict[str, Any] | None) -> str:
+    if trend is None:
+        return ""
+    beyond = abs(trend["slope_per_h"]) > trend["noise_per_h"]
+    return (
+        f"; over the second half alone {_number(trend['slope_per_h'])} per hour, noise "
+        f"±{_number(trend['noise_per_h'])}"
+        + (" (still beyond noise)" if beyond else " (within noise)")
+    )
+
+
 def verdict(results: dict[str, Any]) -> list[str]:
     """
     One line per target: nothing lost, nothing twice, nothing growing.
@@ -60,7 +71,9 @@ def verdict(results: dict[str, Any]) -> list[str]:
             f"±{_number(trend['noise_per_h'])} per hour: "
             + ("**a slope beyond noise**" if beyond else "no slope beyond noise")
             + f" (from {_number(trend['first'])} to {_number(trend['last'])},"
-            f" range {_number(trend['low'])} to {_number(trend['high'])})."
+            f" range {_number(trend['low'])} to {_number(trend['high'])})"
+            + _second_half(trend.get("second_half"))
+            + "."
         )
     return lines
 
