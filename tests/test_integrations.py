@@ -154,7 +154,13 @@ def _same_instant_in_the_jvm_zone(local: str, sent: str) -> None:
     The frame's sendTime (with its offset) is the instant the app's
     LocalDateTime meant in the JVM's zone, to the millisecond frames carry.
     """
-    expected = datetime.datetime.fromisoformat(local).replace(tzinfo=zoneinfo.ZoneInfo(JVM_ZONE))
+    # Java's clock has nanoseconds; PostgreSQL rounds them to microseconds
+    # (…228999856 is stored as …229000), then frames carry milliseconds.
+    whole, _, fraction = local.partition(".")
+    nanos = int((fraction or "0").ljust(9, "0")[:9])
+    expected = datetime.datetime.fromisoformat(whole).replace(
+        tzinfo=zoneinfo.ZoneInfo(JVM_ZONE)
+    ) + datetime.timedelta(microseconds=round(nanos / 1000))
     expected = expected.replace(microsecond=expected.microsecond // 1000 * 1000)
     actual = datetime.datetime.fromisoformat(sent)
     assert actual.utcoffset() is not None, sent

@@ -22,6 +22,8 @@ from .pipeline import pipeline_runs, summarise
 
 __all__ = ["push_phases"]
 
+SEEDED_ROWS = 100_000
+
 
 async def push_phases(rig: Rig) -> dict[str, Any]:
     """
@@ -32,9 +34,18 @@ async def push_phases(rig: Rig) -> dict[str, Any]:
     await rig.db.execute(
         f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}"
     )
+    # A production inbox table is not empty and has statistics: notifyd
+    # reuses its window reads' plans only once the table is analyzed.
+    await rig.db.execute(
+        f"INSERT INTO {NOTIFYD_TABLE} (to_user, title, content, type, send_user) "
+        "SELECT 'earlier-' || (g % 10000), 'Earlier message', 'seed', 'bench', 'bench-seed' "
+        f"FROM generate_series(1, {SEEDED_ROWS}) AS g"
+    )
+    await rig.db.execute(f"VACUUM ANALYZE {NOTIFYD_TABLE}")
     progress(f"push pipeline: commit time from {COMMIT_CLOCKS[clock]}")
     result: dict[str, Any] = {
         "commit_clock": clock,
+        "seeded_rows": SEEDED_ROWS,
         "rates": list(plan.pipeline_rates),
         "session_counts": list(plan.pipeline_sessions),
         "reps": plan.pipeline_reps,

@@ -429,6 +429,11 @@ def _method(push: dict[str, Any]) -> list[str]:
         "messages received: the server process; and the whole cluster (the postmaster, every live "
         "backend, and the backends it reaped meanwhile: pgbench's connections come and go). Both "
         "servers are up during each run, the other one idle; its sessions are quiet.",
+        f"- **Table.** notifyd's table holds {num(push['seeded_rows'])} earlier messages to other "
+        "users and is analyzed (`VACUUM ANALYZE`) before the runs, as a production inbox table "
+        "would be (notifyd reuses its window reads' plans only on an analyzed table)."
+        if push.get("seeded_rows")
+        else "- **Table.** notifyd's table starts empty and unanalyzed.",
         "- **Sessions.** One per user (`user-0` …), held by the harness's client processes with its "
         "raw WebSocket client, noting each message's id and arrival time (`bench/receipts.py`).",
         f"- **Commit ceiling.** notifyd alone (the naive relay stopped), {num(ceiling.get('sessions'))} "
