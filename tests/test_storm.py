@@ -267,6 +267,76 @@ async def _all_set(
         await asyncio.sleep(0.05)
 
 
+class RoundRobinWriter:
+    """
+    Inserts ``w0``, ``w1``, ... to ``names`` in turn, one commit every 2 ms,
+    until stopped; ``written`` is what it committed.
+    """
+
+    def __init__(self, dsn: str, names: list[str]) -> None:
+        self.dsn = dsn
+        self.names = names
+        self.written: list[str] = []
+        self._stopping = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        connection = await asyncpg.connect(self.dsn)
+        try:
+            n = 0
+            while not self._stopping.is_set():
+                await insert(connection, self.names[n % len(self.names)], f"w{n}")
+                self.written.append(f"w{n}")
+                n += 1
+                await asyncio.sleep(0.002)
+        finally:
+            await connection.close()
+
+    async def past(self, count: int) -> None:
+        """
+        Return once ``count`` rows are committed.
+        """
+        deadline = time.monotonic() + 6 * TIMEOUT
+        while len(self.written) < count:
+            assert not self.task.done(), self.task
+            assert time.monotonic() < deadline, "the writer stalled"
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.task
+
+
+async def _assert_every_row_reached_its_sessions_once(
+    dsn: str, names: list[str], sessions: list[StormSession], *, all_resumed: bool
+) -> None:
+    """
+    A last row per user, then: every session holds every row of its user
+    exactly once, and every resume was proven (``recovered``); with
+    ``all_resumed``, every session resumed at least once.
+    """
+    app = await asyncpg.connect(dsn)
+    try:
+        for name in names:
+            await insert(app, name, f"end-{name}")
+        rows = await app.fetch("SELECT to_user, title FROM t_message_real_time")
+    finally:
+        await app.close()
+    await _all_set([s.done for s in sessions], [s.task for s in sessions], 6 * TIMEOUT)
+    committed: dict[str, set[str]] = {name: set() for name in names}
+    for row in rows:
+        committed[row["to_user"]].add(row["title"])
+    for session in sessions:
+        twice = [t for t, n in Counter(session.titles).items() if n > 1]
+        assert not twice, f"{session.user} got {twice[:5]} twice"
+        assert set(session.titles) == committed[session.user], (
+            f"{session.user} missed {sorted(committed[session.user] - set(session.titles))[:5]}"
+        )
+        resumed = session.hellos[1:]
+        assert all(hello["recovered"] is True for _, hello in resumed)
+        assert resumed or not all_resumed, f"{session.user} never resumed"
+
+
 async def test_every_session_resumes_exactly_once_after_a_sigterm_restart(dsn: str) -> None:
     """
     SESSIONS sessions and a writer running: notifyd serve gets SIGTERM (its
@@ -292,25 +362,8 @@ async def test_every_session_resumes_exactly_once_after_a_sigterm_restart(dsn: s
         tasks = [s.task for s in sessions]
         try:
             await _all_set([s.live for s in sessions], tasks, 6 * TIMEOUT)
-            stop_writer = asyncio.Event()
-            written: list[str] = []
-
-            async def write() -> None:
-                connection = await asyncpg.connect(dsn)
-                try:
-                    n = 0
-                    while not stop_writer.is_set():
-                        await insert(connection, names[n % users], f"w{n}")
-                        written.append(f"w{n}")
-                        n += 1
-                        await asyncio.sleep(0.002)
-                finally:
-                    await connection.close()
-
-            writer = asyncio.create_task(write())
-            while len(written) < 200:
-                assert not writer.done(), writer
-                await asyncio.sleep(0.01)
+            writer = RoundRobinWriter(dsn, names)
+            await writer.past(200)
 
             restarted = time.monotonic()
             code = await first.stop()
@@ -319,38 +372,18 @@ async def test_every_session_resumes_exactly_once_after_a_sigterm_restart(dsn: s
             started = time.monotonic()
             await _all_set([s.live for s in sessions], tasks, 12 * TIMEOUT)
             back = time.monotonic()
-            while len(written) < 400:
-                assert not writer.done(), writer
-                await asyncio.sleep(0.01)
-            stop_writer.set()
-            await writer
-
-            app = await asyncpg.connect(dsn)
-            try:
-                for name in names:
-                    await insert(app, name, f"end-{name}")
-                rows = await app.fetch("SELECT to_user, title FROM t_message_real_time")
-            finally:
-                await app.close()
-            await _all_set([s.done for s in sessions], tasks, 6 * TIMEOUT)
-            committed: dict[str, set[str]] = {name: set() for name in names}
-            for row in rows:
-                committed[row["to_user"]].add(row["title"])
-            for session in sessions:
-                twice = [t for t, n in Counter(session.titles).items() if n > 1]
-                assert not twice, f"{session.user} got {twice[:5]} twice"
-                assert set(session.titles) == committed[session.user], (
-                    f"{session.user} missed {sorted(committed[session.user] - set(session.titles))[:5]}"
-                )
-                resumed = session.hellos[1:]
-                assert resumed and all(hello["recovered"] is True for _, hello in resumed)
+            await writer.past(400)
+            await writer.stop()
+            await _assert_every_row_reached_its_sessions_once(
+                dsn, names, sessions, all_resumed=True
+            )
             shed = sum(s.shed for s in sessions)
             print(
                 f"\nrestart of {sessions_count} sessions: last session live "
                 f"{back - restarted:.2f} s after SIGTERM ({back - started:.2f} s after the new "
                 f"process started); {shed} handshakes shed with 503, "
                 f"{sum(s.refused for s in sessions)} connects refused while down; "
-                f"{len(written)} rows written across the restart"
+                f"{len(writer.written)} rows written across the restart"
             )
             assert second.process.returncode is None
         finally:
@@ -383,62 +416,22 @@ async def test_a_rolling_restart_of_two_instances_loses_nothing(dsn: str) -> Non
         tasks = [s.task for s in sessions]
         try:
             await _all_set([s.live for s in sessions], tasks, 6 * TIMEOUT)
-            stop_writer = asyncio.Event()
-            written: list[str] = []
-
-            async def write() -> None:
-                connection = await asyncpg.connect(dsn)
-                try:
-                    n = 0
-                    while not stop_writer.is_set():
-                        await insert(connection, names[n % users], f"w{n}")
-                        written.append(f"w{n}")
-                        n += 1
-                        await asyncio.sleep(0.002)
-                finally:
-                    await connection.close()
-
-            async def written_past(count: int) -> None:
-                deadline = time.monotonic() + 6 * TIMEOUT
-                while len(written) < count:
-                    assert not writer.done(), writer
-                    assert time.monotonic() < deadline, "the writer stalled"
-                    await asyncio.sleep(0.01)
-
-            writer = asyncio.create_task(write())
-            await written_past(100)
+            writer = RoundRobinWriter(dsn, names)
+            await writer.past(100)
             for k in (0, 1):
                 assert await instances[k].stop() == 0, instances[k].output()
-                await written_past(len(written) + 100)
+                await writer.past(len(writer.written) + 100)
                 instances[k] = await stack.enter_async_context(
                     running_notifyd("serve", env=envs[k])
                 )
                 await wait_until_healthy(ports[k], instances[k], path="/readyz")
                 await _all_set([s.live for s in sessions], tasks, 12 * TIMEOUT)
-            await written_past(len(written) + 100)
-            stop_writer.set()
-            await writer
-
-            app = await asyncpg.connect(dsn)
-            try:
-                for name in names:
-                    await insert(app, name, f"end-{name}")
-                rows = await app.fetch("SELECT to_user, title FROM t_message_real_time")
-            finally:
-                await app.close()
-            await _all_set([s.done for s in sessions], tasks, 6 * TIMEOUT)
-            committed: dict[str, set[str]] = {name: set() for name in names}
-            for row in rows:
-                committed[row["to_user"]].add(row["title"])
-            for session in sessions:
-                twice = [t for t, n in Counter(session.titles).items() if n > 1]
-                assert not twice, f"{session.user} got {twice[:5]} twice"
-                assert set(session.titles) == committed[session.user], (
-                    f"{session.user} missed {sorted(committed[session.user] - set(session.titles))[:5]}"
-                )
-                resumed = session.hellos[1:]
-                assert all(hello["recovered"] is True for _, hello in resumed)
-            # Both stops moved sessions: at least the first instance's half resumed once.
+            await writer.past(len(writer.written) + 100)
+            await writer.stop()
+            await _assert_every_row_reached_its_sessions_once(
+                dsn, names, sessions, all_resumed=False
+            )
+            # Both stops moved sessions: at least the first instance's half resumed.
             assert sum(len(s.hellos) > 1 for s in sessions) >= sessions_count // 2
         finally:
             for session in sessions:
