@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
-import sys
 import time
 from typing import Any
 from urllib.parse import quote
@@ -36,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from notifyd.auth import TokenVerifier
 from notifyd.settings import Settings
 
-from .control import serve_commands
+from .control import run_command_process
 from .raw_session import RawSession, Tally, open_raw
 
 _OPEN_TIMEOUT = 60.0
@@ -193,23 +191,7 @@ class Clients:
         raise ValueError(f"unknown command {command!r}")
 
 
-async def _main(config: dict[str, Any]) -> None:
-    clients = Clients(config["kind"], config["url"], config.get("secret", ""))
-    try:
-        await serve_commands(clients.handle)
-    finally:
-        await clients.close()
-
-
 if __name__ == "__main__":
-    from .control import raise_nofile
-
-    raise_nofile()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_main(json.loads(sys.argv[1])))
-    else:
-        # The instrument should cost as little as it can.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_main(json.loads(sys.argv[1])))
+    run_command_process(
+        lambda config: Clients(config["kind"], config["url"], config.get("secret", ""))
+    )

@@ -17,9 +17,16 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["Child", "free_port", "http_status", "raise_nofile", "wait_healthy"]
+__all__ = [
+    "Child",
+    "free_port",
+    "http_status",
+    "raise_nofile",
+    "run_command_process",
+    "wait_healthy",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 _LINE_LIMIT = 1 << 27
@@ -230,3 +237,35 @@ async def serve_commands(handle: Callable[[dict[str, Any]], Awaitable[dict[str, 
         sys.stdout.flush()
         if request["cmd"] == "quit":
             break
+
+
+class CommandHandler(Protocol):
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def close(self) -> Any: ...
+
+
+def run_command_process(make: Callable[[dict[str, Any]], CommandHandler]) -> None:
+    """
+    The whole life of a client or writer process: raise its descriptor
+    limit, build its handler from the JSON config in ``argv[1]``, answer
+    commands until EOF, then close it; on uvloop when installed (the
+    instrument should cost as little as it can).
+    """
+    raise_nofile()
+    config = json.loads(sys.argv[1])
+
+    async def main() -> None:
+        handler = make(config)
+        try:
+            await serve_commands(handler.handle)
+        finally:
+            await handler.close()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())

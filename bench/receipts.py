@@ -13,13 +13,10 @@ requests as ``bench/clients.py``, plus
 
 from __future__ import annotations
 
-import asyncio
-import json
-import sys
 from typing import Any
 
 from .clients import Clients
-from .control import serve_commands
+from .control import run_command_process
 from .raw_session import Tally
 
 __all__ = ["ReceiptTally", "frame_row"]
@@ -93,23 +90,7 @@ class ReceiptClients(Clients):
         return await super().handle(request)
 
 
-async def _main(config: dict[str, Any]) -> None:
-    clients = ReceiptClients(config["kind"], config["url"], config.get("secret", ""))
-    try:
-        await serve_commands(clients.handle)
-    finally:
-        await clients.close()
-
-
 if __name__ == "__main__":
-    from .control import raise_nofile
-
-    raise_nofile()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(_main(json.loads(sys.argv[1])))
-    else:
-        # The instrument should cost as little as it can.
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_main(json.loads(sys.argv[1])))
+    run_command_process(
+        lambda config: ReceiptClients(config["kind"], config["url"], config.get("secret", ""))
+    )

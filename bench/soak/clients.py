@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import random
-import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -32,7 +31,7 @@ from websockets.exceptions import WebSocketException
 from notifyd.auth import TokenVerifier
 from notifyd.settings import Settings
 
-from ..control import raise_nofile, serve_commands
+from ..control import run_command_process
 
 _TOKEN_TTL_S = 7 * 86400
 
@@ -183,14 +182,7 @@ class SoakClients:
         raise ValueError(f"unknown command {command!r}")
 
 
-async def _main(config: dict[str, Any]) -> None:
-    clients = SoakClients(config["url"], config["secret"], config["users"])
-    try:
-        await serve_commands(clients.handle)
-    finally:
-        await clients.close()
-
-
 if __name__ == "__main__":
-    raise_nofile()
-    asyncio.run(_main(json.loads(sys.argv[1])))
+    run_command_process(
+        lambda config: SoakClients(config["url"], config["secret"], config["users"])
+    )
