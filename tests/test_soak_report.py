@@ -123,3 +123,24 @@ def test_the_page_flags_a_slope_beyond_noise_and_a_loss() -> None:
     page = render(_results(lost=3, rss_slope=4.0))
     assert "**3 lost, 0 duplicated**" in page
     assert "**a slope beyond noise**" in page
+
+
+def test_a_restart_of_notifyd_is_reported_with_the_time_to_the_last_session() -> None:
+    results = _results(lost=0, rss_slope=0.4)
+    results["config"]["notifyd_restart_every"] = 1.0
+    results["events"].append(
+        {
+            "at_s": 60.0,
+            "what": "notifyd restart",
+            "exit": 0,
+            "stop_s": 2.5,
+            "last_live_after_sigterm_s": 21.25,
+            "last_live_after_start_s": 18.75,
+            "all_live": True,
+        }
+    )
+    page = render(results)
+    assert "notifyd itself restarted every 1 minutes" in page
+    assert "the last of 5,000 sessions live again 21.2 s after the SIGTERM" in page
+    results["events"][-1]["all_live"] = False
+    assert "**not every session was live again within 10 minutes**" in render(results)

@@ -59,6 +59,20 @@ def verdict(results: dict[str, Any]) -> list[str]:
         f"{account['committed']:,} committed messages "
         f"({account['resyncs']} resyncs, {account['unrecovered_resumes']} resumes not proven)."
     ]
+    for event in results["events"]:
+        if event["what"] == "notifyd restart":
+            lines.append(
+                f"- notifyd restarted at {event['at_s'] / 60:.1f} min (SIGTERM, then a new process "
+                "on the same port, as systemd does): "
+                + (
+                    f"the last of {results['config']['sessions']:,} sessions live again "
+                    f"{event['last_live_after_sigterm_s']:.1f} s after the SIGTERM "
+                    f"({event['last_live_after_start_s']:.1f} s after the new process started; "
+                    f"the old one took {event['stop_s']:.1f} s to stop)."
+                    if event["all_live"]
+                    else "**not every session was live again within 10 minutes**."
+                )
+            )
     trends = results["trends"]
     for key, label in TRENDED.items():
         trend = trends.get(key)
@@ -85,8 +99,12 @@ def render(results: dict[str, Any]) -> str:
     out = [
         "# Soak",
         "",
-        "Written by `python -m bench soak"
-        + (f" --minutes {config['minutes']:g}" if config["minutes"] != 30 else "")
+        "Written by `"
+        + results.get(
+            "command",
+            "python -m bench soak"
+            + (f" --minutes {config['minutes']:g}" if config["minutes"] != 30 else ""),
+        )
         + "` (README says how to run it). notifyd runs as a child process "
         "against an embedded PostgreSQL; sessions in "
         f"{config['client_procs']} client processes each hold one user, resume "
@@ -104,7 +122,12 @@ def render(results: dict[str, Any]) -> str:
         f"{account['connects']:,} connections in all);",
         f"- PostgreSQL restarted every {config['pg_restart_every']:g} minutes, the "
         f"LISTEN connection killed every {config['listener_kill_every']:g} "
-        "minutes (where no restart falls);",
+        "minutes (where no restart falls)"
+        + (
+            f", notifyd itself restarted every {config['notifyd_restart_every']:g} minutes;"
+            if config.get("notifyd_restart_every")
+            else ";"
+        ),
         f"- sampled every {config['sample_every']:g} s; trends fitted after a "
         f"{trends['warmup_s']:.0f} s warm-up. The noise is twice the slope's "
         "standard error: a slope within it is what the scatter of the samples "

@@ -62,6 +62,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pg-restart-every", type=float, default=10.0, help="minutes (default 10)")
     p.add_argument("--listener-kill-every", type=float, default=5.0, help="minutes (default 5)")
+    p.add_argument(
+        "--notifyd-restart-every",
+        type=float,
+        default=0.0,
+        help="minutes between restarts of notifyd itself, SIGTERM then a new process on the same "
+        "port as systemd does (default 0: never)",
+    )
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "soak.md")
@@ -203,9 +210,13 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             NOTIFYD_DSN=dsn, NOTIFYD_HOST="127.0.0.1", NOTIFYD_PORT=str(port),
             NOTIFYD_JWT_SECRET=secret, NOTIFYD_LOG_LEVEL="WARNING",
         )  # fmt: skip
-        server = await Child.spawn(
-            "notifyd", [sys.executable, "-m", "notifyd", "serve"], logs / "notifyd.log", env=env
-        )
+
+        async def start_server(name: str) -> Child:
+            return await Child.spawn(
+                name, [sys.executable, "-m", "notifyd", "serve"], logs / f"{name}.log", env=env
+            )
+
+        server = await start_server("notifyd")
         children.append(server)
         await wait_healthy(server, port, 60)
 
@@ -234,6 +245,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         duration = args.minutes * 60
         restarts = schedule(args.minutes, args.pg_restart_every)
         kills = schedule(args.minutes, args.listener_kill_every, args.pg_restart_every)
+        server_restarts = schedule(args.minutes, args.notifyd_restart_every)
         events: list[dict[str, Any]] = []
         samples: list[dict[str, Any]] = []
         tick = 6.0  # reconnections are spread over the minute in ten steps
@@ -241,7 +253,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         carry = 0.0
         started = time.monotonic()
         next_sample = next_tick = 0.0
-        cpu0 = cpu_seconds(server.pid)
+        cpu0 = cpu_seconds(server.pid)  # less what earlier processes used, after a restart
         progress(f"soaking for {args.minutes:g} min")
         while (now := time.monotonic() - started) < duration:
             if not server.running:
@@ -253,6 +265,27 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                 events.append({"at_s": round(now, 1), "what": "postgres restart",
                                "took_s": round(time.monotonic() - t0, 2)})  # fmt: skip
                 progress(f"  {now / 60:.1f} min: PostgreSQL restarted")
+            if server_restarts and now >= server_restarts[0]:
+                server_restarts.pop(0)
+                cpu0 -= cpu_seconds(server.pid)
+                t0 = time.monotonic()
+                code = await server.stop(timeout=60)
+                stopped = time.monotonic()
+                server = await start_server(f"notifyd-{len(events) + 1}")
+                children[0] = server
+                cpu0 += cpu_seconds(server.pid)
+                await wait_healthy(server, port, 60)
+                live_s = await _all_live(clients, args.sessions, timeout=600)
+                back = time.monotonic()
+                events.append({"at_s": round(now, 1), "what": "notifyd restart", "exit": code,
+                               "stop_s": round(stopped - t0, 2),
+                               "last_live_after_sigterm_s": round(back - t0, 2),
+                               "last_live_after_start_s": round(back - stopped, 2),
+                               "all_live": live_s is not None})  # fmt: skip
+                progress(
+                    f"  {now / 60:.1f} min: notifyd restarted; last session live "
+                    f"{back - t0:.1f} s after SIGTERM"
+                )
             if kills and now >= kills[0]:
                 kills.pop(0)
                 conn = await asyncpg.connect(dsn)
@@ -300,6 +333,21 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 await child.stop(timeout=20)
         await asyncio.to_thread(embedded.cleanup)
+
+
+async def _all_live(clients: list[Child], sessions: int, timeout: float) -> float | None:
+    """
+    Seconds until every session is live again (has its ``hello``), or None
+    when the deadline passes first.
+    """
+    started = time.monotonic()
+    while True:
+        stats = await asyncio.gather(*(c.request({"cmd": "stats"}, timeout=60) for c in clients))
+        if sum(s["live"] for s in stats) >= sessions:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            return None
+        await asyncio.sleep(0.1)
 
 
 async def _sample(
@@ -399,6 +447,7 @@ def main(argv: list[str]) -> int:
     ok = False
     try:
         results = asyncio.run(soak(args, logs))
+        results["command"] = " ".join(["python -m bench soak", *argv])
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=1) + "\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
