@@ -144,3 +144,5 @@ def test_a_restart_of_notifyd_is_reported_with_the_time_to_the_last_session() ->
     assert "the last of 5,000 sessions live again 21.2 s after the SIGTERM" in page
     results["events"][-1]["all_live"] = False
     assert "**not every session was live again within 10 minutes**" in render(results)
+    assert "Growth is not fitted" in page
+    assert "RSS (MB):" not in page

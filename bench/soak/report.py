@@ -74,6 +74,12 @@ def verdict(results: dict[str, Any]) -> list[str]:
                 )
             )
     trends = results["trends"]
+    if any(event["what"] == "notifyd restart" for event in results["events"]):
+        lines.append(
+            "- Growth is not fitted: notifyd itself was restarted during the run, so the samples "
+            "come from more than one process."
+        )
+        return lines
     for key, label in TRENDED.items():
         trend = trends.get(key)
         if trend is None:
@@ -96,8 +102,9 @@ def render(results: dict[str, Any]) -> str:
     config = results["config"]
     account = results["accounting"]
     trends = results["trends"]
+    restarts = any(event["what"] == "notifyd restart" for event in results["events"])
     out = [
-        "# Soak",
+        "# Restarts under load" if restarts else "# Soak",
         "",
         "Written by `"
         + results.get(

@@ -69,6 +69,13 @@ def parser() -> argparse.ArgumentParser:
         help="minutes between restarts of notifyd itself, SIGTERM then a new process on the same "
         "port as systemd does (default 0: never)",
     )
+    p.add_argument(
+        "--notifyd-env",
+        action="append",
+        default=[],
+        metavar="NOTIFYD_X=VALUE",
+        help="a setting for notifyd (repeatable), e.g. NOTIFYD_MAX_PENDING_HANDSHAKES=0",
+    )
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--client-procs", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "soak.md")
@@ -210,6 +217,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             NOTIFYD_DSN=dsn, NOTIFYD_HOST="127.0.0.1", NOTIFYD_PORT=str(port),
             NOTIFYD_JWT_SECRET=secret, NOTIFYD_LOG_LEVEL="WARNING",
         )  # fmt: skip
+        env.update(item.partition("=")[::2] for item in args.notifyd_env)
 
         async def start_server(name: str) -> Child:
             return await Child.spawn(
