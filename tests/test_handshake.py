@@ -204,11 +204,18 @@ async def test_readyz_reports_ok_once_the_listen_path_is_proven(daemon):
 
 async def test_readyz_is_503_and_healthz_200_while_listen_is_down(daemon, db):
     """Liveness stays up while the LISTEN path is down; readiness does not."""
+    # The daemon is up once delivery is; its LISTEN connection may still be
+    # opening, and a terminate before its LISTEN would end nothing.
+    deadline = time.monotonic() + TIMEOUT
+    while (await _get(f"http://127.0.0.1:{daemon.port}/readyz")).status != 200:
+        assert time.monotonic() < deadline, "readyz never went 200"
+        await asyncio.sleep(0.05)
     daemon.daemon.listener._dsn = "postgresql://nobody@127.0.0.1:1/none"  # cannot reconnect
-    await db.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    ended = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
         "WHERE datname = current_database() AND query ILIKE 'LISTEN%'"
     )
+    assert ended == 1
     deadline = time.monotonic() + TIMEOUT
     while True:
         response = await _get(f"http://127.0.0.1:{daemon.port}/readyz")
