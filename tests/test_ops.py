@@ -5,55 +5,23 @@ Operations: wss:// served directly, and one-line structured logs.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import ssl
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from notifyd.exceptions import ConfigError
 
+from .certificates import self_signed
 from .conftest import SECRET, TIMEOUT, insert
 from .processes import free_port, mint, running_notifyd, serve_env, wait_until_healthy
 
 
-def _self_signed(tmp_path):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file = tmp_path / "cert.pem"
-    key_file = tmp_path / "key.pem"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 async def test_wss_is_served_directly_with_a_configured_certificate(tmp_path, start_daemon, db):
     """With a certificate and key, clients connect over wss:// and get their messages."""
-    cert_file, key_file = _self_signed(tmp_path)
+    cert_file, key_file = self_signed(tmp_path)
     daemon = await start_daemon(tls_cert_file=cert_file, tls_key_file=key_file)
     client_context = ssl.create_default_context(cafile=str(cert_file))
     url = f"wss://localhost:{daemon.port}/ws/message?token={daemon.token('alice')}"
@@ -69,12 +37,12 @@ async def test_wss_is_served_directly_with_a_configured_certificate(tmp_path, st
 
 async def test_a_certificate_without_its_key_is_a_config_error(tmp_path, start_daemon):
     """Only one of the two TLS settings, or a key that does not match, stops the start."""
-    cert_file, _ = _self_signed(tmp_path)
+    cert_file, _ = self_signed(tmp_path)
     with pytest.raises(ConfigError, match="NOTIFYD_TLS_CERT_FILE"):
         await start_daemon(tls_cert_file=cert_file)
     other = tmp_path / "other"
     other.mkdir()
-    _, mismatched = _self_signed(other)
+    _, mismatched = self_signed(other)
     with pytest.raises(ConfigError, match="cannot be used"):
         await start_daemon(tls_cert_file=cert_file, tls_key_file=mismatched)
 

@@ -35,10 +35,10 @@ from notifyd.sinks.policy import (
     verify,
 )
 
+from .certificates import self_signed
 from .conftest import TIMEOUT, insert
 from .processes import clean_env, run_cli
 from .receiver import Receiver, until, until_async
-from .test_ops import _self_signed
 
 WEBHOOK_SECRET = "whsec-" + "k" * 26
 
@@ -189,7 +189,7 @@ def _tls_receiver(tmp_path: Path) -> tuple[Path, Receiver]:
     A started receiver serving https with a self-signed certificate, and
     that certificate's file.
     """
-    cert_file, key_file = _self_signed(tmp_path)
+    cert_file, key_file = self_signed(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(cert_file, key_file)
     receiver = Receiver(WEBHOOK_SECRET.encode(), tls=server_context)
