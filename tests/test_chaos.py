@@ -165,19 +165,39 @@ async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_us
         stop_writing.set()
         await asyncio.gather(*writer_tasks)
 
+    committed = await settle(dsn, USERS, clients, client_tasks, 6 * TIMEOUT)
+
+    assert sum(len(rows) for rows in committed.values()) > 300, (
+        "too little traffic to prove anything"
+    )
+    assert len(events) == 4, events
+    print(f"chaos seed={SEED} events={dict(events)} rows={sum(map(len, committed.values()))}")
+    assert_exactly_the_committed_rows(clients, committed)
+
+
+async def settle(
+    dsn: str,
+    users: list[str],
+    clients: list[ResumingClient],
+    client_tasks: list[asyncio.Task[None]],
+    timeout: float,
+) -> dict[str, set[str]]:
+    """
+    A last row per user; once every client has it, the clients stop.
+    Returns every user's committed row ids.
+    """
     app = await asyncpg.connect(dsn)
     try:
         await app.executemany(
             "INSERT INTO t_message_real_time (to_user, title) VALUES ($1, 'sentinel')",
-            [(user,) for user in USERS],
+            [(user,) for user in users],
         )
-        committed = {user: set() for user in USERS}
+        committed: dict[str, set[str]] = {user: set() for user in users}
         for record in await app.fetch("SELECT id, to_user FROM t_message_real_time"):
             committed[record["to_user"]].add(record["id"])
     finally:
         await app.close()
-
-    finish = time.monotonic() + 6 * TIMEOUT
+    finish = time.monotonic() + timeout
     while not all("sentinel" in c.titles for c in clients):
         assert time.monotonic() < finish, "clients did not catch up"
         await asyncio.sleep(0.05)
@@ -185,12 +205,16 @@ async def test_chaos_every_client_ends_with_exactly_the_committed_rows_of_its_us
         client.stopping = True
         client.drop()
     await asyncio.gather(*client_tasks)
+    return committed
 
-    assert sum(len(rows) for rows in committed.values()) > 300, (
-        "too little traffic to prove anything"
-    )
-    assert len(events) == 4, events
-    print(f"chaos seed={SEED} events={dict(events)} rows={sum(map(len, committed.values()))}")
+
+def assert_exactly_the_committed_rows(
+    clients: list[ResumingClient], committed: dict[str, set[str]]
+) -> None:
+    """
+    Every client saw no protocol problem and holds exactly its user's
+    committed rows, each once.
+    """
     for client in clients:
         assert not client.problems, (client.user, client.problems[:3])
         duplicates = [i for i, n in client.received.items() if n > 1]

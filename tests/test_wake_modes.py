@@ -28,7 +28,7 @@ from notifyd.pacing import Mode
 
 from .conftest import TIMEOUT, RunningDaemon, insert
 from .processes import free_port
-from .test_chaos import ResumingClient, _kill_listeners
+from .test_chaos import ResumingClient, _kill_listeners, assert_exactly_the_committed_rows, settle
 
 NOW_MS = "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 # The fallback that must not be what delivers in these tests.
@@ -321,36 +321,12 @@ async def test_modes_switching_under_load_and_a_killed_listener_lose_nothing(
         stop.set()
         await asyncio.gather(*writers, killer)
 
-    app = await asyncpg.connect(dsn)
-    try:
-        await app.executemany(
-            "INSERT INTO t_message_real_time (to_user, title) VALUES ($1, 'sentinel')",
-            [(user,) for user in users],
-        )
-        committed: dict[str, set[str]] = {user: set() for user in users}
-        for record in await app.fetch("SELECT id, to_user FROM t_message_real_time"):
-            committed[record["to_user"]].add(record["id"])
-    finally:
-        await app.close()
-    finish = time.monotonic() + 3 * TIMEOUT
-    while not all("sentinel" in c.titles for c in clients):
-        assert time.monotonic() < finish, "clients did not catch up"
-        await asyncio.sleep(0.05)
-    for client in clients:
-        client.stopping = True
-        client.drop()
-    await asyncio.gather(*client_tasks)
+    committed = await settle(dsn, users, clients, client_tasks, 3 * TIMEOUT)
 
     print(f"switches={dict(switches)} rows={sum(map(len, committed.values()))}")
     assert busy.daemon.stats.polling_leases >= 4, switches
     assert sum(map(len, committed.values())) > 300, "too little traffic to prove anything"
     assert switches["listener killed"] >= 1, switches
     assert any(k.endswith("->notify") for k in switches), switches
-    for client in clients:
-        assert not client.problems, (client.user, client.problems[:3])
-        duplicates = [i for i, n in client.received.items() if n > 1]
-        assert not duplicates, (client.user, duplicates[:3])
-        missing = committed[client.user] - set(client.received)
-        extra = set(client.received) - committed[client.user]
-        assert not missing and not extra, (client.user, len(missing), len(extra))
+    assert_exactly_the_committed_rows(clients, committed)
     assert all(not i.daemon.failed for i in instances)
