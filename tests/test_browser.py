@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import mimetypes
 import os
 import re
 import shutil
@@ -86,11 +87,13 @@ async def http_get(
 
 class AppServer:
     """
-    The app's origin: serves test pages and the signed-in user's token.
+    The app's origin: serves test pages, other static files and the
+    signed-in user's token.
     """
 
     def __init__(self) -> None:
         self.pages: dict[str, str] = {}
+        self.files: dict[str, tuple[str, bytes]] = {}
         self.token = ""
         self.token_requests = 0
         self.port = 0
@@ -99,6 +102,16 @@ class AppServer:
     @property
     def origin(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def add(self, path: str, body: str | bytes, content_type: str | None = None) -> None:
+        """
+        Serve ``body`` at ``path``, typed by its extension unless given.
+        """
+        if content_type is None:
+            content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+            if content_type.startswith(("text/", "application/javascript")):
+                content_type += "; charset=utf-8"
+        self.files[path] = (content_type, body.encode() if isinstance(body, str) else body)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -118,6 +131,9 @@ class AppServer:
             if path == "/notifyd-token":
                 self.token_requests += 1
                 status, content_type, body = "200 OK", "text/plain", self.token.encode()
+            elif path in self.files:
+                content_type, body = self.files[path]
+                status = "200 OK"
             elif path in self.pages:
                 status, content_type, body = (
                     "200 OK",

@@ -13,7 +13,6 @@ on page-side state or on the database, each with a deadline.
 from __future__ import annotations
 
 import asyncio
-import mimetypes
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from . import test_browser
 from .conftest import TIMEOUT, RunningDaemon, insert
 from .npm import node_modules
-from .test_browser import sessions
+from .test_browser import AppServer, sessions
 
 # Chromium and a fresh profile per test, as the browser tests have them.
 browser = test_browser.browser
@@ -36,60 +35,6 @@ VUE_DIR = ROOT / "contrib" / "vue"
 # By major version: npm picks the newest of each.
 VUE_PACKAGES = ("vue@3", "element-plus@2")
 WAIT_MS = TIMEOUT * 1000
-
-
-class Site:
-    """
-    The app's origin: static files by path, and the signed-in user's token.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[str, tuple[str, bytes]] = {}
-        self.token = ""
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def add(self, path: str, body: str | bytes, content_type: str | None = None) -> None:
-        if content_type is None:
-            content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
-            if content_type.startswith(("text/", "application/javascript")):
-                content_type += "; charset=utf-8"
-        self.files[path] = (content_type, body.encode() if isinstance(body, str) else body)
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request_line = await reader.readline()
-            while (await reader.readline()).strip():
-                pass
-            path = request_line.decode().split()[1].partition("?")[0]
-            if path == "/notifyd-token":
-                status, content_type, body = "200 OK", "text/plain", self.token.encode()
-            elif path in self.files:
-                content_type, body = self.files[path]
-                status = "200 OK"
-            else:
-                status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        finally:
-            writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +54,8 @@ def vendor() -> dict[str, Path]:
 
 
 @pytest.fixture
-async def site(vendor: dict[str, Path]) -> AsyncIterator[Site]:
-    server = Site()
+async def site(vendor: dict[str, Path]) -> AsyncIterator[AppServer]:
+    server = AppServer()
     for path, file in vendor.items():
         server.add(path, file.read_bytes())
     for name in ("useNotifyd.js", "vue-global.js"):
@@ -120,7 +65,7 @@ async def site(vendor: dict[str, Path]) -> AsyncIterator[Site]:
     await server.stop()
 
 
-async def _open_inbox(context: Any, site: Site, daemon: RunningDaemon, user: str) -> Any:
+async def _open_inbox(context: Any, site: AppServer, daemon: RunningDaemon, user: str) -> Any:
     html = (VUE_DIR / "inbox.html").read_text()
     assert html.count("https://push.example.com") == 1
     site.add(
@@ -170,7 +115,7 @@ async def _poll(what: str, check: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def test_vue_inbox_lists_pushes_counts_per_category_and_acts_in_element_plus(
-    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, site: Site
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, site: AppServer
 ) -> None:
     """useNotifyd in an Element Plus page: first page, live pushes with a toast, badges per category, read/unread/delete/read-all reaching the database."""
     await insert(db, "alice", "Old order", type="order")
@@ -227,7 +172,7 @@ async def test_vue_inbox_lists_pushes_counts_per_category_and_acts_in_element_pl
 
 
 async def test_vue_inbox_loads_more_pages_and_keeps_pushes_on_top(
-    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, site: Site
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, site: AppServer
 ) -> None:
     """ "Load more" pages back through history without duplicates, and a push during it stays first."""
     await db.execute(
@@ -277,7 +222,7 @@ SEED_AFTER = """<!doctype html>
 
 
 async def test_the_seed_front_end_after_its_one_line_change_receives_the_row(
-    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, site: Site
+    daemon: RunningDaemon, db: asyncpg.Connection, context: Any, site: AppServer
 ) -> None:
     """The seed's page with only its WebSocket line changed (path user, token in the subprotocol) gets the pushed row."""
     docs = (ROOT / "docs" / "migrating-from-spring.md").read_text()
