@@ -16,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Origin
@@ -335,6 +339,58 @@ async def _assert_every_row_reached_its_sessions_once(
         resumed = session.hellos[1:]
         assert all(hello["recovered"] is True for _, hello in resumed)
         assert resumed or not all_resumed, f"{session.user} never resumed"
+
+
+_QUEUED_CONNECTIONS = 1000
+
+
+def _somaxconn() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(
+    _somaxconn() < _QUEUED_CONNECTIONS,
+    reason=f"net.core.somaxconn below {_QUEUED_CONNECTIONS} caps any listen backlog",
+)
+async def test_a_thousand_connections_queue_while_the_server_cannot_accept(dsn: str) -> None:
+    """
+    notifyd serve is stopped (SIGSTOP), so it accepts nothing: the kernel
+    still completes the TCP handshakes of 1,000 clients arriving together
+    into the listen backlog, where they wait for the server instead of
+    having their SYNs dropped and retried 1, 3, 7 s later (asyncio's default
+    backlog of 100 would complete about 100). Once resumed, it serves them.
+    """
+    port = free_port()
+    env = serve_env(dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_LEVEL="WARNING")
+    async with running_notifyd("serve", env=env) as server:
+        await wait_until_healthy(port, server)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+
+            async def queued() -> None:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), TIMEOUT
+                )
+                writers.append(writer)
+
+            results = await asyncio.gather(
+                *(queued() for _ in range(_QUEUED_CONNECTIONS)), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            assert not failed, f"{len(failed)} of {_QUEUED_CONNECTIONS} not queued: {failed[0]!r}"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+            for writer in writers:
+                writer.close()
+        async with connect(
+            f"ws://127.0.0.1:{port}/ws/message?token={mint('after-queue')}", open_timeout=TIMEOUT
+        ) as ws:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert hello["event"] == "hello"
 
 
 async def test_every_session_resumes_exactly_once_after_a_sigterm_restart(dsn: str) -> None:
