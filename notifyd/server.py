@@ -147,10 +147,12 @@ class PushServer:
 
     async def close_sessions(self, code: CloseCode, timeout: float) -> None:
         """
-        Close every session with ``code`` and wait (bounded) until they are.
+        Close every session with ``code`` and wait (bounded) until their
+        handlers are done: a close frame each, written at once, without
+        waiting for the clients' answers.
         """
         for session in list(self._sessions):
-            session.close(code, _restart_reason(code))
+            session.close_at_once(code, _restart_reason(code))
         if self._server is not None:
             try:
                 async with asyncio.timeout(timeout):
