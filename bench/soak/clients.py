@@ -11,9 +11,13 @@ Requests are JSON lines on stdin (``bench/control.py``), one reply each:
 * ``{"cmd": "reconnect", "n": 25, "seed": 1}``: close ``n`` random live
   sessions; each reconnects at once with ``since`` = its last cursor;
 * ``{"cmd": "stats"}``: live sessions, unique messages, duplicates,
-  resyncs, replays not proven (``recovered: false``), reconnects;
+  resyncs, replays not proven (``recovered: false``), reconnects,
+  handshakes the server shed, seconds waited before attempts;
 * ``{"cmd": "counts"}``: unique message ids received per user;
 * ``{"cmd": "quit"}``.
+
+A session that the server closed or refused comes back when notifyd.js
+would (:class:`Comeback`).
 """
 
 from __future__ import annotations
@@ -27,14 +31,12 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus, WebSocketException
-
 from notifyd.auth import TokenVerifier
 from notifyd.backoff import backoff_delay
 from notifyd.settings import Settings
 
 from ..control import run_command_process
+from ..raw_session import RawSession, Refused, open_raw
 
 _TOKEN_TTL_S = 7 * 86400
 
@@ -103,7 +105,7 @@ class Held:
         self.unrecovered = 0
         self.connects = 0
         self.asked_to_reconnect = False
-        self.ws: ClientConnection | None = None
+        self.ws: RawSession | None = None
         self.live = asyncio.Event()
         self.comeback = Comeback()
         # Handshakes the server shed (503 or 1013), and the seconds waited
@@ -117,6 +119,9 @@ class Held:
             url += f"&since={quote(self.cursor, safe='')}"
         return url
 
+    def take_bytes(self, payload: bytes, _now_ns: int) -> None:
+        self.take(json.loads(payload))
+
     def take(self, frame: dict[str, Any]) -> None:
         event = frame.get("event")
         if event == "message":
@@ -127,6 +132,7 @@ class Held:
         elif event == "resync":
             self.resyncs += 1
         elif event == "hello":
+            self.connects += 1
             if self.connects > 1 and frame.get("recovered") is False:
                 self.unrecovered += 1
             self.comeback.opened(time.monotonic())
@@ -139,40 +145,37 @@ class Held:
         Stay connected until ``stopping``: reconnect (and resume) after any
         close, at once when this side closed, otherwise after the wait
         notifyd.js would make (:class:`Comeback`).
+
+        The sessions are :class:`~bench.raw_session.RawSession`, which cost
+        the client processes a fraction of the websockets library's client:
+        they share the machine's cores with the server they measure.
         """
         while not stopping.is_set():
             self.asked_to_reconnect = False
-            ws: ClientConnection | None = None
+            code: int | None = None
+            reason = ""
             wait: float | None = None
             try:
-                async with connect(
-                    self.url(base),
-                    open_timeout=60,
-                    ping_interval=None,  # the server pings
-                    close_timeout=5,
-                    max_size=1 << 22,
-                    compression=None,
-                ) as ws:
-                    self.ws = ws
-                    self.connects += 1
-                    async for raw in ws:
-                        self.take(json.loads(raw))
-            except InvalidStatus as exc:
-                response = exc.response
-                self.shed += response.status_code == 503
-                wait = self.comeback.after_refusal(
-                    response.status_code, response.headers.get("Retry-After"), time.monotonic()
-                )
-            except (OSError, TimeoutError, WebSocketException):
+                ws = await open_raw(self.url(base), self.take_bytes, True, timeout=60)
+            except Refused as exc:
+                if exc.status is not None:
+                    self.shed += exc.status == 503
+                    wait = self.comeback.after_refusal(
+                        exc.status, exc.retry_after, time.monotonic()
+                    )
+                code, reason = exc.close_code, exc.close_reason
+            except (OSError, TimeoutError, RuntimeError):
                 pass
+            else:
+                self.ws = ws
+                await ws.closed
+                code, reason = ws.close_code, ws.close_reason
             finally:
                 self.ws = None
                 self.live.clear()
             if self.asked_to_reconnect or stopping.is_set():
                 continue
             if wait is None:
-                code = ws.close_code if ws is not None else None
-                reason = (ws.close_reason or "") if ws is not None else ""
                 self.shed += code == _TRY_AGAIN_LATER
                 wait = self.comeback.after_close(code, reason, time.monotonic())
             self.waited_s += wait
@@ -189,7 +192,7 @@ class SoakClients:
         self.reconnects_asked = 0
         self._closes: set[asyncio.Task[None]] = set()
 
-    def _closing(self, ws: ClientConnection) -> None:
+    def _closing(self, ws: RawSession) -> None:
         # The closing handshake runs beside the session's own task, which
         # sees the end of its frames and reconnects (or stops).
         task = asyncio.create_task(ws.close())
