@@ -82,6 +82,7 @@ class Instance:
         sinks: SinkManager | None,
         tasks: Supervisor,
         lag: LoopLag,
+        collector: Collector,
         cleanup: contextlib.AsyncExitStack,
         demo_users: dict[str, str] | None,
     ) -> None:
@@ -95,6 +96,7 @@ class Instance:
         self.sinks = sinks
         self._tasks = tasks
         self._lag = lag
+        self._collector = collector
         self._cleanup = cleanup
         self._stopped = False
         incidents = Incidents(stats)
@@ -197,6 +199,7 @@ class Instance:
         if self._stopped:
             return
         self._stopped = True
+        self._collector.stop()
         self.server.stop_accepting()
         await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
         await self._cleanup.aclose()
@@ -295,6 +298,7 @@ class Daemon:
                 sinks=sinks,
                 tasks=tasks,
                 lag=lag,
+                collector=collector,
                 cleanup=cleanup.pop_all(),
                 demo_users=self._demo_users,
             )
