@@ -12,6 +12,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .replica import ReplicaPolicy
+
 __all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "SinkStats", "Stats"]
 
 # Seconds; the last bucket is +Inf.
@@ -76,6 +78,9 @@ class Stats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     notification_queue_usage: float | None = None
     sinks: dict[str, SinkStats] = field(default_factory=dict)
+    # Reads on a hot standby (NOTIFYD_READ_DSN): where they go now, the
+    # fallbacks to the primary, the last wait for replay. None without one.
+    read_replica: ReplicaPolicy | None = None
 
 
 @dataclass
