@@ -57,6 +57,11 @@ class _InstanceCollector:
             value=stats.rows_read,
         )
         yield CounterMetricFamily(
+            "notifyd_delivery_read_failures",
+            "Delivery reads that failed and were retried (the database unreachable or refusing)",
+            value=stats.read_failures,
+        )
+        yield CounterMetricFamily(
             "notifyd_polling_leases",
             "Polling leases this instance started (the triggers' NOTIFYs went off)",
             value=stats.polling_leases,

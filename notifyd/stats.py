@@ -71,6 +71,9 @@ class Stats:
     # a session here wanted it), and polling leases this instance started.
     rows_read: int = 0
     polling_leases: int = 0
+    # Delivery's reads that failed (the database unreachable or refusing);
+    # each is retried, so this counts waits, not losses.
+    read_failures: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     # Hostile-client limits that said no, by limit name (docs/security.md).
     limit_trips: Counter[str] = field(default_factory=Counter)
