@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -163,6 +164,7 @@ def workers_env(dsn: str, port: int, count: int = 2, **settings: str) -> dict[st
         "NOTIFYD_RECONNECT_MAX_S": "0.3",
         "NOTIFYD_SHUTDOWN_TIMEOUT_S": "3",
         "NOTIFYD_WORKERS": str(count),
+        "NOTIFYD_MAX_SESSIONS_PER_USER": "100",
         **settings,
     }
     return serve_env(dsn, port, strip=SYSTEMD_PREFIXES, **values)
@@ -241,6 +243,10 @@ async def test_ready_waits_for_every_worker_then_watchdog_reload_and_stop(tmp_pa
                 await server.wait_for_output("is ready", timeout=3 * TIMEOUT)
                 await notify.quiet_for("READY=1", 2.0)
                 assert not any("WATCHDOG=1" in m for m in notify.messages)
+                # The ready worker answers for both: not ready. (A connection
+                # the held worker's socket takes gets no answer at all.)
+                answers = [status for status in await readyz_answers(port, 6) if status]
+                assert answers and set(answers) == {503}, answers
             finally:
                 os.kill(held, signal.SIGCONT)
             messages = await notify.until("READY=1", timeout=3 * TIMEOUT)
@@ -257,6 +263,23 @@ async def test_ready_waits_for_every_worker_then_watchdog_reload_and_stop(tmp_pa
             assert all(_is_gone(pid) for pid in pids), "a worker outlived the parent"
     finally:
         notify.sock.close()
+
+
+async def readyz_answers(port: int, attempts: int) -> list[int]:
+    """
+    The status of ``attempts`` GET /readyz, 0 for one not answered in 1 s.
+    """
+
+    def get() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    return [await asyncio.to_thread(get) for _ in range(attempts)]
 
 
 def _is_gone(pid: int) -> bool:
