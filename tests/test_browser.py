@@ -1586,3 +1586,49 @@ async def test_client_shed_with_1013_waits_the_servers_hint_then_connects(
     await held.send({"action": "auth", "token": running.token("held")})
     await held.recv_event("hello")
     await wait_open(page)
+
+
+async def test_client_retries_a_restarting_server_at_its_short_interval_then_backs_off(
+    start_daemon: StartDaemon, db: asyncpg.Connection, context: Any, app: AppServer
+) -> None:
+    """
+    After a 1012, the attempts that nothing accepts (the port closed) are
+    retried after half to one and a half restartRetryMs with the backoff not growing,
+    for restartRetryForMs; then the growing backoff takes over. The client
+    resumes on the server started again on the same port.
+    """
+    first = await start_daemon()
+    port = first.port
+    page = await open_harness(
+        context,
+        app,
+        first,
+        "u1",
+        initialDelayMs=5000,
+        maxDelayMs=30000,
+        restartRetryMs=200,
+        restartRetryForMs=3000,
+    )
+    await page.evaluate(
+        """() => {
+          window.t.retries = [];
+          window.client.on("state", ({ state, code, delay, attempt }) => {
+            if (state === "reconnecting") window.t.retries.push({ code, delay, attempt });
+          });
+        }"""
+    )
+    await first.daemon.stop()
+    await page.wait_for_function(
+        "() => window.t.retries.some((r) => r.attempt >= 1)", timeout=WAIT_MS
+    )
+    retries = await page.evaluate("() => window.t.retries")
+    assert retries[0]["code"] == 1012
+    refused = retries[1 : next(i for i, r in enumerate(retries) if r["attempt"] >= 1)]
+    assert len(refused) >= 5, retries
+    assert all(r["code"] == 1006 and r["attempt"] == 0 for r in refused), retries
+    assert all(100 <= r["delay"] <= 300 for r in refused), retries
+
+    missed = await insert(db, "u1", "while restarting")
+    await start_daemon(port=port)
+    await page.evaluate("() => window.client.reconnect()")  # skip the backoff's wait
+    await page.wait_for_function("(id) => window.t.ids.includes(id)", arg=missed, timeout=WAIT_MS)

@@ -1,7 +1,8 @@
 """
 When the soak's clients come back: as notifyd.js does, so that a restart
 storm in the bench is the one browsers make. A restart (1012) spreads the
-returns over 2 s; a shed handshake waits the server's hint plus the
+returns over 2 s, and for 60 s after it an attempt nothing accepted is
+retried after 0.5 to 1.5 s; a shed handshake waits the server's hint plus the
 backoff; other failures wait the growing, jittered backoff, which starts
 over once a session stayed up 10 s.
 """
@@ -61,3 +62,45 @@ def test_a_session_that_stayed_up_ten_seconds_starts_its_backoff_over() -> None:
     comeback.opened(now=200.0)
     comeback.after_close(1006, "", now=210.0)
     assert comeback.attempt == 1
+
+
+def test_after_a_restart_close_refused_attempts_retry_within_a_second_and_a_half() -> None:
+    random.seed(5)
+    comeback = Comeback()
+    comeback.after_close(1012, "service restart; retry_ms=4000", now=0.0)
+    waits = [comeback.after_unreachable(now=0.1 * i) for i in range(300)]
+    assert all(0.5 <= w <= 1.5 for w in waits)
+    assert min(waits) < 0.6 and max(waits) > 1.4  # jittered over the whole span
+    assert comeback.attempt == 0  # the backoff did not grow meanwhile
+
+
+def test_refused_attempts_go_back_to_the_backoff_sixty_seconds_after_the_restart_close() -> None:
+    random.seed(6)
+    comeback = Comeback()
+    comeback.after_close(1012, "service restart; retry_ms=0", now=0.0)
+    comeback.after_unreachable(now=59.0)
+    assert comeback.attempt == 0
+    comeback.after_unreachable(now=60.0)
+    comeback.after_unreachable(now=61.0)
+    assert comeback.attempt == 2
+
+
+def test_refused_attempts_without_a_restart_close_or_after_a_session_opened_use_the_backoff() -> (
+    None
+):
+    comeback = Comeback()
+    comeback.after_unreachable(now=0.0)
+    assert comeback.attempt == 1
+    comeback.after_close(1012, "service restart; retry_ms=0", now=1.0)
+    comeback.opened(now=2.0)
+    comeback.after_close(1006, "", now=3.0)
+    comeback.after_unreachable(now=4.0)
+    assert comeback.attempt == 2
+
+
+def test_a_shed_handshake_after_a_restart_close_still_waits_its_hint() -> None:
+    random.seed(7)
+    comeback = Comeback()
+    comeback.after_close(1012, "service restart; retry_ms=0", now=0.0)
+    assert 2.0 <= comeback.after_refusal(503, "2", now=1.0) <= 2.5
+    assert 1.5 <= comeback.after_close(1013, "try again later; retry_ms=1500", now=2.0) <= 2.5

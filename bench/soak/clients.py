@@ -46,6 +46,8 @@ _INITIAL_DELAY_S = 0.5
 _MAX_DELAY_S = 30.0
 _RESTART_DELAY_S = 2.0
 _STABLE_AFTER_S = 10.0
+_RESTART_RETRY_S = 1.0
+_RESTART_RETRY_FOR_S = 60.0
 _SERVICE_RESTART = 1012
 _TRY_AGAIN_LATER = 1013
 _RETRY_MS = re.compile(r"retry_ms=(\d+)")
@@ -54,28 +56,45 @@ _RETRY_MS = re.compile(r"retry_ms=(\d+)")
 class Comeback:
     """
     How long a session waits before its next attempt, as notifyd.js decides:
-    a server restart (1012) spreads the returns over ``_RESTART_DELAY_S``; a
-    shed handshake (503 with Retry-After, 1013 with ``retry_ms``) waits the
-    server's hint plus the backoff; any other failure waits the backoff
-    (exponential, full jitter), which starts over once a session stayed up
-    ``_STABLE_AFTER_S``.
+    a server restart (1012) spreads the returns over ``_RESTART_DELAY_S``,
+    and for ``_RESTART_RETRY_FOR_S`` after it an attempt that nothing
+    accepted yet is retried after about ``_RESTART_RETRY_S`` (jittered by
+    half either way) instead of the growing backoff; a shed handshake (503
+    with Retry-After, 1013 with ``retry_ms``) waits the server's hint plus
+    the backoff; any other failure waits the backoff (exponential, full
+    jitter), which starts over once a session stayed up ``_STABLE_AFTER_S``.
     """
 
     def __init__(self) -> None:
         self.attempt = 0
         self.opened_at: float | None = None
+        self.restarted_at: float | None = None
 
     def opened(self, now: float) -> None:
         self.opened_at = now
+        self.restarted_at = None
 
     def after_close(self, code: int | None, reason: str, now: float) -> float:
         if code == _SERVICE_RESTART:
             self.attempt = 0
             self.opened_at = None
+            self.restarted_at = now
             return random.uniform(0, _RESTART_DELAY_S)
         if code == _TRY_AGAIN_LATER:
             hint = _RETRY_MS.search(reason)
             return (int(hint.group(1)) / 1000 if hint else 0.0) + self._backoff(now)
+        return self._backoff(now)
+
+    def after_unreachable(self, now: float) -> float:
+        """
+        The wait after an attempt that ended before the upgrade with no
+        answer from the server (connection refused or reset, a timeout).
+        """
+        # While a restarted server's successor is not listening yet, a
+        # refused attempt costs next to nothing: a growing backoff would only
+        # bring the sessions back long after it listens.
+        if self.restarted_at is not None and now - self.restarted_at < _RESTART_RETRY_FOR_S:
+            return _RESTART_RETRY_S * random.uniform(0.5, 1.5)
         return self._backoff(now)
 
     def after_refusal(self, status: int, retry_after: str | None, now: float) -> float:
@@ -165,7 +184,7 @@ class Held:
                     )
                 code, reason = exc.close_code, exc.close_reason
             except (OSError, TimeoutError, RuntimeError):
-                pass
+                wait = self.comeback.after_unreachable(time.monotonic())
             else:
                 self.ws = ws
                 await ws.closed

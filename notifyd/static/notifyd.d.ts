@@ -150,6 +150,10 @@ export interface ClientOptions {
   maxDelayMs?: number;
   /** After close code 1012 (server restart), reconnect after a random delay below this (ms). Default 2000. */
   restartDelayMs?: number;
+  /** After close code 1012, an attempt refused before the upgrade (the new server not listening yet) is retried after 0.5 to 1.5 times this (ms) instead of the backoff. Default 1000. */
+  restartRetryMs?: number;
+  /** How long after the 1012 (ms) refused attempts are retried that way; then the backoff. Default 60000. */
+  restartRetryForMs?: number;
   /** A session that lasted this long (ms) resets the backoff. Default 10000. */
   stableAfterMs?: number;
   /** Consecutive 4401 closes before giving up with state "unauthorized". Default 3. */

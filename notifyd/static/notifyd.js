@@ -46,6 +46,8 @@ export const DEFAULTS = Object.freeze({
   initialDelayMs: 500,
   maxDelayMs: 30_000,
   restartDelayMs: 2_000,
+  restartRetryMs: 1_000,
+  restartRetryForMs: 60_000,
   stableAfterMs: 10_000,
   maxUnauthorized: 3,
   requestTimeoutMs: 15_000,
@@ -205,6 +207,8 @@ export class NotifydClient {
   #helloed = false;
   #openedAt = 0;
   #attempt = 0;
+  #upgraded = false;
+  #restartedAt = 0;
   #unauthorized = 0;
   #connectSeq = 0;
   #retryTimer = null;
@@ -641,9 +645,12 @@ export class NotifydClient {
     }
     this.#ws = ws;
     this.#helloed = false;
+    this.#upgraded = false;
     this.#openedAt = 0;
     ws.onopen = () => {
-      if (ws !== this.#ws || this.#options.tokenInUrl) return;
+      if (ws !== this.#ws) return;
+      this.#upgraded = true;
+      if (this.#options.tokenInUrl) return;
       const auth = { action: "auth", token };
       if (this.#cursor) auth.since = this.#cursor;
       try { ws.send(JSON.stringify(auth)); } catch { /* onclose follows */ }
@@ -692,6 +699,7 @@ export class NotifydClient {
     this.#helloTimer = null;
     this.#helloed = true;
     this.#openedAt = Date.now();
+    this.#restartedAt = 0;
     this.#unauthorized = 0;
     this.#setState("open");
     this.#pingTimer = setInterval(() => {
@@ -797,7 +805,15 @@ export class NotifydClient {
       // The server is restarting: everyone reconnects at once unless spread.
       this.#attempt = 0;
       this.#openedAt = 0;
+      this.#restartedAt = Date.now();
       this.#scheduleReconnect(Math.random() * this.#options.restartDelayMs, detail);
+      return;
+    }
+    if (!this.#upgraded && this.#restartedAt && Date.now() - this.#restartedAt < this.#options.restartRetryForMs) {
+      // Nothing accepts yet while the restarted server's successor starts: a
+      // refused attempt costs next to nothing, and a growing backoff would
+      // bring the session back long after it listens.
+      this.#scheduleReconnect(this.#options.restartRetryMs * (0.5 + Math.random()), detail);
       return;
     }
     if (code === 1013) {
