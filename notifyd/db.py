@@ -568,8 +568,14 @@ class Window:
     lease: Lease | None = None
 
 
-# How often a read waiting for the standby asks how far it has replayed.
+# How often a read waiting for the standby asks how far it has replayed:
+# every 2 ms while a replay may be a moment away (a commit the standby
+# received with the primary's flush), then every 20 ms, so a commit held
+# back by the primary's WAL writer (synchronous_commit off: up to
+# wal_writer_delay, 200 ms) costs about 20 questions, not a hundred.
 _REPLAY_POLL_S = 0.002
+_REPLAY_POLL_SLOW_S = 0.02
+_REPLAY_POLL_FAST_FOR_S = 0.02
 # Whether a server is a standby, and of which cluster.
 _STANDBY_IDENTITY = (
     "SELECT pg_is_in_recovery() AS standby, "
@@ -715,7 +721,8 @@ class ReadReplica:
         Whether the standby replays ``target`` within ``limit`` seconds, and
         if not, why.
         """
-        deadline = time.monotonic() + limit
+        started = time.monotonic()
+        deadline = started + limit
         while True:
             try:
                 async with asyncio.timeout_at(_loop_time(deadline + 1.0)):
@@ -731,7 +738,8 @@ class ReadReplica:
                     f"has not replayed the primary's {format_lsn(target)} within "
                     f"{limit:g}s (it is at {format_lsn(replayed)})"
                 )
-            await asyncio.sleep(_REPLAY_POLL_S)
+            fast = time.monotonic() - started < _REPLAY_POLL_FAST_FOR_S
+            await asyncio.sleep(_REPLAY_POLL_S if fast else _REPLAY_POLL_SLOW_S)
 
     def failed(self, reason: str, waited_s: float = 0.0) -> None:
         """
