@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
+import pytest
 
 from notifyd.db import schema_sql
 from notifyd.replica import parse_lsn
@@ -53,12 +54,19 @@ class Served:
     standby: str
 
     def metric(self, name: str) -> float:
+        """
+        The metric's value; with workers, the sum of every worker's series.
+        """
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as reply:
             text = reply.read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} not on /metrics")
+        values = [
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith((name + " ", name + "{"))
+        ]
+        if not values:
+            raise AssertionError(f"{name} not on /metrics")
+        return sum(values)
 
     async def wait_metric(self, name: str, predicate: object, timeout: float = TIMEOUT) -> float:
         deadline = time.monotonic() + timeout
@@ -349,10 +357,18 @@ async def test_a_read_dsn_that_is_the_primary_another_cluster_or_nothing_is_said
             assert "NOTIFYD_READ_DSN cannot be reached" in server.output()
 
 
-async def test_chaos_with_replay_paused_and_resumed_delivers_every_committed_row_once() -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_chaos_with_replay_paused_and_resumed_delivers_every_committed_row_once(
+    workers: str,
+) -> None:
+    """
+    With one process or two workers sharing the port (a user's sessions on
+    either), replay paused and resumed while a writer commits and sessions
+    drop and resume: every committed row reaches every session once.
+    """
     rng = random.Random(18)
     users = [f"u{i}" for i in range(6)]
-    async with _served(max_lag_ms=300) as served:
+    async with _served(max_lag_ms=300, NOTIFYD_WORKERS=workers) as served:
         clients = [
             ResumingClient(users[i % len(users)], mint(users[i % len(users)]), served.port)
             for i in range(24)
