@@ -190,9 +190,13 @@ class RawSession(asyncio.Protocol):
             transport.abort()
 
 
-async def open_raw(url: str, tally: Tally, want_hello: bool, timeout: float) -> RawSession:
+async def open_raw(
+    url: str, tally: Tally, want_hello: bool, timeout: float, source: str | None = None
+) -> RawSession:
     """
-    Open one :class:`RawSession` to ``url`` (``ws://host:port/path?query``).
+    Open one :class:`RawSession` to ``url`` (``ws://host:port/path?query``),
+    from the local address ``source`` when given (a loopback alias such as
+    127.0.0.2: one source address has only so many ephemeral ports).
     """
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port
@@ -208,7 +212,10 @@ async def open_raw(url: str, tally: Tally, want_hello: bool, timeout: float) -> 
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, session = await loop.create_connection(
-            lambda: RawSession(tally, request, key, want_hello), host, port
+            lambda: RawSession(tally, request, key, want_hello),
+            host,
+            port,
+            local_addr=None if source is None else (source, 0),
         )
         try:
             await session.opened

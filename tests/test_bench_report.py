@@ -23,6 +23,9 @@ from bench.report import render
 from bench.report.common import TIMES
 from bench.report.plots import PLOT_FILES, matplotlib_missing, render_plots
 from bench.report.push import Target, push_section, push_targets
+from bench.report.scale import instance_costs
+from bench.scale.instances import summarise_instances
+from bench.scale.sessions import descriptor_cap, loopback_sources
 
 from .conftest import missing_tool
 
@@ -408,3 +411,184 @@ def test_pgbench_script_is_one_single_row_insert_to_a_random_user() -> None:
     ):
         with pytest.raises(ValueError):
             insert_script(bad)
+
+
+def _measured() -> dict[str, Any]:
+    return {
+        "machine": {"date": "2025-01-01 00:00 UTC", "nproc": 2, "cpu_model": "test CPU"},
+        "command": "python -m bench scale",
+        "notifyd_source": {"sha256": "abc123"},
+    }
+
+
+def _pipeline_run(p99: float, lost: int = 0) -> dict[str, Any]:
+    return {
+        "rows": 10_000,
+        "lost": lost,
+        "duplicates": 0,
+        "latency_ms": {"n": 10_000, "p50": 2.0, "p99": p99, "p999": p99, "max": p99},
+        "server_cpu_us_per_delivery": 150.0,
+    }
+
+
+def scale_sessions(opened: int = 100_000, target: int = 100_000) -> dict[str, Any]:
+    return {
+        "target": target,
+        "opened": opened,
+        "failed": 0,
+        "stopped_by": None,
+        "capped_by": None if opened == target else "RLIMIT_NOFILE of 20,000 descriptors",
+        "open_s": 250.0,
+        "opens_per_s": opened / 250.0,
+        "stages": [
+            {
+                "sessions": opened // 2,
+                "failed": 0,
+                "seconds": 120.0,
+                "rss_kib": 60_000 + opened * 6,
+            },
+            {"sessions": opened, "failed": 0, "seconds": 130.0, "rss_kib": 60_000 + opened * 12},
+        ],
+        "rss_before_kib": 60_000,
+        "rss_after_kib": 60_000 + opened * 12,
+        "kib_per_session": 12.0,
+        "sources": ["127.0.0.2", "127.0.0.3"],
+        "client_procs": 4,
+        "idle": {"seconds": 60.0, "server_cpu_share": 0.031, "postgres_cpu_share": 0.004},
+        "announcement": {"reps": [{}, {}, {}], "median_last_ms": 1234.0},
+        "pipeline": {"rate": 1000, "runs": [_pipeline_run(8.0), _pipeline_run(12.0, lost=1)]},
+        "load_average": [3.0, 2.0, 1.0, 4.0, 3.0, 2.0],
+        "measured": _measured(),
+    }
+
+
+def _instances_row(variant: str, n: int, pg: float, standby: float | None = None) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "instances": n,
+        "runs": 3,
+        "pg_cpu_us": pg,
+        "standby_cpu_us": standby,
+        "server_cpu_us": None if n == 0 else 100.0,
+        "p99_ms": None if n == 0 else 9.0,
+        "committed_per_s": 1000.0,
+        "rows": 30_000,
+        "lost": 0,
+        "duplicates": 0,
+    }
+
+
+def scale_instances() -> dict[str, Any]:
+    summary = [
+        _instances_row("writes alone", 0, 200.0, 40.0),
+        _instances_row("instances", 1, 260.0),
+        _instances_row("instances", 2, 320.0),
+        _instances_row("instances", 4, 440.0),
+        _instances_row("instances, reads on a standby", 2, 230.0, 100.0),
+    ]
+    return {
+        "counts": [0, 1, 2, 4],
+        "rate": 1000,
+        "users": 1000,
+        "reps": 3,
+        "seconds": 10.0,
+        "runs": [],
+        "summary": summary,
+        "not_measured": ["workers: this notifyd has no NOTIFYD_WORKERS"],
+        "load_average": [3.0, 2.0, 1.0, 4.0, 3.0, 2.0],
+        "measured": _measured(),
+    }
+
+
+def test_scale_section_states_each_sessions_figure_and_where_it_was_measured() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"sessions": scale_sessions()}
+    text = render(results)
+    section = text[text.index("## Scale") :]
+    assert "| sessions held | 100,000 (0 failed to open) |" in section
+    assert "| RSS per session | 12.0 KiB |" in section
+    assert "250.0 s (400 sessions/s, 4 client processes, 2 source addresses)" in section
+    assert "3.1 % of a core over 60 s" in section
+    assert "| 1,234 ms over 3 announcements |" in section
+    # The median of the runs' p99s, and every loss counted.
+    assert "p50 2.0 ms, p99 10.0 ms; 1 lost, 0 twice of 20,000" in section
+    assert "load average 3.0 before, 4.0 after" in section
+    assert "of the 100,000 sessions asked for" not in section
+
+
+def test_sessions_short_of_the_target_say_how_many_were_held_and_why() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"sessions": scale_sessions(opened=19_500)}
+    text = render(results)
+    assert (
+        "**19,500 of the 100,000 sessions asked for were held** (not 100,000): RLIMIT_NOFILE"
+        in text
+    )
+
+
+def test_each_instance_costs_what_it_adds_above_the_writes_alone() -> None:
+    costs = instance_costs(scale_instances()["summary"])
+    assert costs["instances"][1]["pg_added_us"] == pytest.approx(60.0)
+    assert costs["instances"][4]["pg_added_us"] == pytest.approx(240.0)
+    assert costs["instances"][4]["pg_added_per_instance_us"] == pytest.approx(60.0)
+    standby = costs["instances, reads on a standby"][2]
+    assert standby["pg_added_per_instance_us"] == pytest.approx(15.0)
+    assert standby["standby_added_us"] == pytest.approx(60.0)
+    assert 0 not in costs["instances"]
+
+
+def test_instances_table_lists_every_deployment_with_its_cost_and_what_was_not_measured() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"instances": scale_instances()}
+    text = render(results)
+    section = text[text.index("### More instances on one database") :]
+    assert (
+        "| writes alone | 0 | 1,000 | 200 | n/a | n/a | n/a | 40 | n/a | 0 / 0 of 30,000 |"
+        in section
+    )
+    assert (
+        "| instances | 4 | 1,000 | 440 | 240 | 60 | 6.0 | n/a | 9.0 | 0 / 0 of 30,000 |" in section
+    )
+    assert (
+        "| instances, reads on a standby | 2 | 1,000 | 230 | 30 | 15 | 1.5 | 100 | 9.0 |" in section
+    )
+    assert section.index("| writes alone |") < section.index("| instances | 1 |")
+    assert "Not measured in this run: workers: this notifyd has no NOTIFYD_WORKERS." in section
+    assert "instances: 60 µs of primary CPU per message per instance" in section
+
+
+def test_report_without_scale_figures_has_no_scale_section() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results.pop("scale", None)
+    assert "## Scale" not in render(results)
+
+
+def test_instance_runs_are_summarised_as_medians_with_every_loss_counted() -> None:
+    runs = [
+        {
+            "variant": "instances", "instances": 2, "pg_cpu_us_per_message": pg,
+            "standby_cpu_us_per_message": None, "server_cpu_us_per_message": 50.0,
+            "latency_ms": {"p99": p99}, "committed_per_s": 990.0, "rows": 10_000,
+            "lost": lost, "duplicates": 0,
+        }
+        for pg, p99, lost in ((300.0, 5.0, 0), (100.0, 50.0, 2), (310.0, 6.0, 0))
+    ]  # fmt: skip
+    (row,) = summarise_instances(runs)
+    assert row["pg_cpu_us"] == 300.0
+    assert row["p99_ms"] == 6.0
+    assert row["lost"] == 2
+    assert row["rows"] == 30_000
+
+
+def test_one_process_holds_only_as_many_sessions_as_its_descriptor_limit_leaves_room_for() -> None:
+    assert descriptor_cap(100_000, 1_048_576) == (100_000, None)
+    held, why = descriptor_cap(100_000, 20_000)
+    assert held < 20_000
+    assert why is not None and "20,000" in why
+
+
+def test_sessions_are_spread_over_enough_loopback_sources() -> None:
+    assert loopback_sources(5000) == ["127.0.0.2", "127.0.0.3"]
+    sources = loopback_sources(100_000)
+    assert len(sources) == 5
+    assert sources[-1] == "127.0.0.6"

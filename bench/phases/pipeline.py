@@ -20,14 +20,18 @@ from ..pgbench import Writes, pgbench
 from ..progress import progress
 from ..rig import Rig
 
-__all__ = ["pipeline_runs", "summarise"]
+__all__ = ["one_run", "pipeline_runs", "summarise"]
 
 _PREFIX = "user-"
 
 
-async def _one_run(
+async def one_run(
     rig: Rig, contender: Contender, rate: int, tag: str, clock: str
 ) -> dict[str, Any]:
+    """
+    One paced pgbench run into ``contender``: its rows accounted for, the
+    commit-to-receipt latencies, the server's and Postgres's CPU per delivery.
+    """
     plan = rig.plan
     server = contender.server
     calm = await rig.wait_calm()
@@ -91,7 +95,7 @@ async def pipeline_runs(
             turn += 1
             for contender in order:
                 tag = f"pl{first_tag + len(runs)}"
-                run = await _one_run(rig, contender, rate, tag, clock)
+                run = await one_run(rig, contender, rate, tag, clock)
                 run["rep"] = rep
                 runs.append(run)
                 progress(_line(run))
