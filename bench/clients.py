@@ -113,6 +113,7 @@ class Clients:
     ) -> dict[str, Any]:
         semaphore = asyncio.Semaphore(concurrency)
         errors: list[str] = []
+        failed: list[str] = []
         started = time.perf_counter()
 
         async def one(index: int, user: str) -> None:
@@ -124,6 +125,7 @@ class Clients:
                     )
                 except Exception as exc:
                     errors.append(f"{user}: {exc!r}")
+                    failed.append(user)
                     return
             self.sessions.append(session)
 
@@ -136,6 +138,7 @@ class Clients:
             "opened": len(users) - len(errors),
             "failed": len(errors),
             "errors": errors[:3],
+            "failed_users": failed,
             "seconds": time.perf_counter() - started,
         }
 

@@ -45,6 +45,7 @@ async def open_sessions(
         "failed": sum(r["failed"] for r in replies),
         "seconds": max(r["seconds"] for r in replies),
         "errors": [e for r in replies for e in r["errors"]][:3],
+        "failed_users": [u for r in replies for u in r.get("failed_users", [])],
     }
     if result["failed"]:
         progress(f"  {result['failed']} sessions failed to open, e.g. {result['errors'][:1]}")

@@ -57,7 +57,11 @@ def _sessions(s: dict[str, Any]) -> list[str]:
     out += table(
         ("Figure", "Measured"),
         [
-            ("sessions held", f"{num(opened)} ({num(s.get('failed'))} failed to open)"),
+            (
+                "sessions held",
+                f"{num(opened)} ({num(s.get('opened_on_retry'))} on a retry, "
+                f"{num(s.get('failed'))} failed to open)",
+            ),
             (
                 "server RSS before / after",
                 f"{num(s['rss_before_kib'] / 1024, 0)} / {num(s['rss_after_kib'] / 1024, 0)} MiB",

@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--client-procs", type=int, default=4, help="client processes (default 4)")
     p.add_argument("--stages", type=int, default=4, help="sessions open in N steps (default 4)")
     p.add_argument(
-        "--concurrency", type=int, default=100, help="handshakes in flight per client process"
+        "--concurrency", type=int, default=50, help="handshakes in flight per client process (50)"
     )
     p.add_argument("--idle-s", type=float, default=60.0, help="idle window (default 60 s)")
     p.add_argument("--rate", type=int, default=1000, help="commits/s (default 1000)")
