@@ -32,6 +32,7 @@ __all__ = [
     "rss_kib",
     "source_fingerprint",
     "tree_cpu_seconds",
+    "tree_rss_kib",
     "wait_quiet",
 ]
 
@@ -119,6 +120,23 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def tree_rss_kib(parent: int) -> int:
+    """
+    Resident set size of ``parent`` and its live children (a notifyd with
+    workers), summed in KiB.
+    """
+    total = rss_kib(parent)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == parent:
+            continue
+        try:
+            if int(_stat_fields(int(entry.name))[1]) == parent:
+                total += rss_kib(int(entry.name))
+        except (OSError, IndexError, RuntimeError):
+            continue
+    return total
 
 
 def percentiles(values: list[int]) -> dict[str, float | int | None]:

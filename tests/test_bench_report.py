@@ -515,6 +515,14 @@ def test_scale_section_states_each_sessions_figure_and_where_it_was_measured() -
     assert "p50 2.0 ms, p99 10.0 ms; 1 lost, 0 twice of 20,000" in section
     assert "load average 3.0 before, 4.0 after" in section
     assert "of the 100,000 sessions asked for" not in section
+    assert "worker processes" not in section
+
+
+def test_sessions_held_by_workers_say_that_memory_and_cpu_are_their_sum() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"sessions": scale_sessions() | {"workers": 6}}
+    section = render(results).split("### Sessions on one instance", 1)[1]
+    assert "ran 6 worker processes (`NOTIFYD_WORKERS=6`)" in section
 
 
 def test_sessions_short_of_the_target_say_how_many_were_held_and_why() -> None:
@@ -586,6 +594,8 @@ def test_one_process_holds_only_as_many_sessions_as_its_descriptor_limit_leaves_
     held, why = descriptor_cap(100_000, 20_000)
     assert held < 20_000
     assert why is not None and "20,000" in why
+    # Worker processes each have their own descriptor table.
+    assert descriptor_cap(100_000, 20_000, processes=6) == (100_000, None)
 
 
 def test_sessions_are_spread_over_enough_loopback_sources() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..accounting import account, tagged_rows
 from ..contenders import Contender, take_receipts
-from ..measure import cluster_cpu_seconds, cpu_seconds, wait_quiet
+from ..measure import cluster_cpu_seconds, tree_cpu_seconds, wait_quiet
 from ..pgbench import Writes, pgbench
 from ..progress import progress
 from ..rig import Rig
@@ -30,12 +30,13 @@ async def one_run(
 ) -> dict[str, Any]:
     """
     One paced pgbench run into ``contender``: its rows accounted for, the
-    commit-to-receipt latencies, the server's and Postgres's CPU per delivery.
+    commit-to-receipt latencies, the server's (with its worker processes, if
+    any) and Postgres's CPU per delivery.
     """
     plan = rig.plan
     server = contender.server
     calm = await rig.wait_calm()
-    cpu0, wall0 = cpu_seconds(server.pid), time.monotonic()
+    cpu0, wall0 = tree_cpu_seconds(server.pid), time.monotonic()
     pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     writes = Writes(contender.table, tag, _PREFIX, len(contender.users))
     summary = await pgbench(
@@ -44,7 +45,7 @@ async def one_run(
     )  # fmt: skip
     rows = await tagged_rows(rig.db, contender.table, tag, clock)
     receipts = await take_receipts(contender, tag, len(rows), plan.drain_s)
-    cpu1, wall1 = cpu_seconds(server.pid), time.monotonic()
+    cpu1, wall1 = tree_cpu_seconds(server.pid), time.monotonic()
     pg1 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     counts = account(rows, receipts)
     delivered = counts["received"]

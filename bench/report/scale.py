@@ -45,6 +45,13 @@ def _sessions(s: dict[str, Any]) -> list[str]:
     rows = sum(r["rows"] for r in runs)
     cpu = _median([r["server_cpu_us_per_delivery"] for r in runs])
     out = ["### Sessions on one instance", "", _measured(s), ""]
+    workers = s.get("workers", 1)
+    if workers > 1:
+        out += [
+            f"The instance ran {workers} worker processes (`NOTIFYD_WORKERS={workers}`) sharing "
+            "its port; RSS and CPU are the sum over its processes.",
+            "",
+        ]
     if opened < target:
         why = s.get("capped_by") or s.get("stopped_by") or "unknown"
         out += [

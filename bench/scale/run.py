@@ -59,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=PHASES, help="run one phase; the other's figures are kept")
     p.add_argument("--sessions", type=int, default=100_000, help="(default 100000)")
     p.add_argument("--client-procs", type=int, default=4, help="client processes (default 4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="NOTIFYD_WORKERS of the instance holding the sessions (default 1: one process)",
+    )
     p.add_argument("--stages", type=int, default=4, help="sessions open in N steps (default 4)")
     p.add_argument(
         "--concurrency", type=int, default=50, help="handshakes in flight per client process (50)"
@@ -124,7 +130,8 @@ async def _scale(
         result["postgres"] = await rig.db.fetchval("SHOW server_version")
         if args.only in (None, "sessions"):
             sessions = SessionsPlan(
-                sessions=args.sessions, limit=limit, client_procs=args.client_procs, stages=args.stages,
+                sessions=args.sessions, limit=limit, workers=args.workers,
+                client_procs=args.client_procs, stages=args.stages,
                 concurrency=args.concurrency, idle_s=args.idle_s, rate=args.rate, reps=args.reps,
             )  # fmt: skip
             load0 = os.getloadavg()
@@ -180,6 +187,8 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if not args.results.is_file():
         parser().error(f"the scale figures join {args.results}, which does not exist")
+    if args.workers > 1 and "workers" not in Settings.model_fields:
+        parser().error("--workers: this notifyd has no NOTIFYD_WORKERS")
     notifyd_env = dict(item.partition("=")[::2] for item in args.notifyd_env)
     if any(not key.startswith("NOTIFYD_") for key in notifyd_env):
         parser().error("--notifyd-env takes NOTIFYD_NAME=VALUE")

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..contenders import Contender, close_contender
 from ..control import Child
-from ..measure import cluster_cpu_seconds, cpu_seconds, rss_kib, wait_quiet
+from ..measure import cluster_cpu_seconds, tree_cpu_seconds, tree_rss_kib, wait_quiet
 from ..phases.announcement import announcements
 from ..phases.pipeline import one_run
 from ..progress import progress
@@ -44,6 +44,7 @@ class SessionsPlan:
 
     sessions: int  # the target
     limit: int  # the descriptor limit of every process
+    workers: int  # NOTIFYD_WORKERS of the instance (1: one process)
     client_procs: int
     stages: int  # sessions are opened in this many equal steps
     concurrency: int  # handshakes in flight per client process
@@ -52,18 +53,21 @@ class SessionsPlan:
     reps: int  # paced runs at that rate
 
 
-def descriptor_cap(sessions: int, limit: int) -> tuple[int, str | None]:
+def descriptor_cap(sessions: int, limit: int, processes: int = 1) -> tuple[int, str | None]:
     """
-    How many of ``sessions`` one process can hold under a descriptor limit
-    of ``limit`` (less a reserve for its database connections, listening
-    socket and logs), and why fewer when it is fewer.
+    How many of ``sessions`` an instance of ``processes`` processes (its
+    workers) can hold under a descriptor limit of ``limit`` each (less a
+    reserve for database connections, the listening socket and logs), and
+    why fewer when it is fewer.
     """
-    room = limit - _RESERVED_FDS
+    room = (limit - _RESERVED_FDS) * processes
     if sessions <= room:
         return sessions, None
     return room, (
-        f"RLIMIT_NOFILE of {limit:,} descriptors per process: the hard limit could not be "
-        "raised here (raising it takes root with CAP_SYS_RESOURCE; fs.nr_open is the ceiling)"
+        f"RLIMIT_NOFILE of {limit:,} descriptors per process"
+        + (f" ({processes} worker processes)" if processes > 1 else "")
+        + ": the hard limit could not be raised here (raising it takes root with "
+        "CAP_SYS_RESOURCE; fs.nr_open is the ceiling)"
     )
 
 
@@ -79,7 +83,8 @@ def loopback_sources(sessions: int) -> list[str]:
 
 
 async def _start(rig: Rig, plan: SessionsPlan, users: list[str]) -> Contender:
-    server, port = await start_server(rig, "notifyd", name="notifyd-sessions")
+    settings = {"NOTIFYD_WORKERS": str(plan.workers)} if plan.workers > 1 else {}
+    server, port = await start_server(rig, "notifyd", name="notifyd-sessions", settings=settings)
     config = json.dumps({"kind": "notifyd", "url": f"ws://127.0.0.1:{port}", "secret": rig.secret})
     clients: list[Child] = [
         await rig.spawn(
@@ -99,7 +104,7 @@ async def _open_in_stages(
     """
     server = contender.server
     await wait_quiet(server.pid, timeout=30)
-    rss0 = rss_kib(server.pid)
+    rss0 = tree_rss_kib(server.pid)
     stages: list[dict[str, Any]] = []
     opened = failed = 0
     open_s = 0.0
@@ -133,7 +138,7 @@ async def _open_in_stages(
         open_s += seconds
         failed += stage_failed
         await wait_quiet(server.pid, timeout=60)
-        rss = rss_kib(server.pid)
+        rss = tree_rss_kib(server.pid)
         stages.append(
             {"sessions": opened, "failed": stage_failed, "opened_on_retry": retried,
              "seconds": seconds, "rss_kib": rss}
@@ -171,10 +176,10 @@ async def _idle(rig: Rig, server: Child, seconds: float) -> dict[str, Any]:
     is written (the server's pings, the probe, the clients' pongs).
     """
     await wait_quiet(server.pid, timeout=60)
-    cpu0, wall0 = cpu_seconds(server.pid), time.monotonic()
+    cpu0, wall0 = tree_cpu_seconds(server.pid), time.monotonic()
     pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     await asyncio.sleep(seconds)  # the measuring window itself
-    cpu1, wall1 = cpu_seconds(server.pid), time.monotonic()
+    cpu1, wall1 = tree_cpu_seconds(server.pid), time.monotonic()
     pg1 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     wall = wall1 - wall0
     return {
@@ -188,7 +193,7 @@ async def sessions_phase(rig: Rig, plan: SessionsPlan, clock: str) -> dict[str, 
     """
     Every figure of the many-sessions phase (``results["scale"]["sessions"]``).
     """
-    held, capped_by = descriptor_cap(plan.sessions, plan.limit)
+    held, capped_by = descriptor_cap(plan.sessions, plan.limit, plan.workers)
     if capped_by:
         progress(f"only {held} of {plan.sessions} sessions fit: {capped_by}")
     # Each client process holds its share under the same limit.
@@ -206,6 +211,7 @@ async def sessions_phase(rig: Rig, plan: SessionsPlan, clock: str) -> dict[str, 
         result["target"] = plan.sessions
         result["capped_by"] = capped_by
         result["descriptor_limit"] = plan.limit
+        result["workers"] = plan.workers
         held = result["opened"]
         contender.users = users[:held] if result["stopped_by"] else users
         progress(f"idle for {plan.idle_s:.0f}s with {held} sessions")
@@ -226,7 +232,7 @@ async def sessions_phase(rig: Rig, plan: SessionsPlan, clock: str) -> dict[str, 
             )
             await wait_quiet(contender.server.pid, timeout=15)
         result["pipeline"] = {"rate": plan.rate, "runs": runs}
-        result["server_rss_end_kib"] = rss_kib(contender.server.pid)
+        result["server_rss_end_kib"] = tree_rss_kib(contender.server.pid)
     finally:
         await close_contender(rig, contender)
     return result
