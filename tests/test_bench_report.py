@@ -447,8 +447,27 @@ def scale_sessions(opened: int = 100_000, target: int = 100_000) -> dict[str, An
                 "failed": 0,
                 "seconds": 120.0,
                 "rss_kib": 60_000 + opened * 6,
+                "announcement_last_ms": 500.0,
+                "p50_ms": 2.0,
+                "p99_ms": 8.0,
+                "lost": 0,
+                "duplicates": 0,
+                "committed_per_s": 1000.0,
+                "server_cpu_us_per_delivery": 140.0,
             },
-            {"sessions": opened, "failed": 0, "seconds": 130.0, "rss_kib": 60_000 + opened * 12},
+            {
+                "sessions": opened,
+                "failed": 0,
+                "seconds": 130.0,
+                "rss_kib": 60_000 + opened * 12,
+                "announcement_last_ms": 1250.0,
+                "p50_ms": 2.5,
+                "p99_ms": 12.0,
+                "lost": 0,
+                "duplicates": 0,
+                "committed_per_s": 1000.0,
+                "server_cpu_us_per_delivery": 150.0,
+            },
         ],
         "rss_before_kib": 60_000,
         "rss_after_kib": 60_000 + opened * 12,
@@ -514,6 +533,10 @@ def test_scale_section_states_each_sessions_figure_and_where_it_was_measured() -
     # The median of the runs' p99s, and every loss counted.
     assert "p50 2.0 ms, p99 10.0 ms; 1 lost, 0 twice of 20,000" in section
     assert "load average 3.0 before, 4.0 after" in section
+    # Each stage against the first, measured in the same run.
+    stage = "| 100,000 | 130.0 s | 1,230 MiB | 1,250 ms | 2.50 | 12.0 ms | 1.50 | 150 | 0 / 0 |"
+    assert stage in section
+    assert "| 50,000 | 120.0 s | 645 MiB | 500 ms | 1.00 | 8.0 ms | 1.00 | 140 | 0 / 0 |" in section
     assert "of the 100,000 sessions asked for" not in section
     assert "worker processes" not in section
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .common import TIMES, Results, num, table
+from .common import TIMES, Results, num, ratio, table
 
 __all__ = ["instance_costs", "scale_section"]
 
@@ -102,18 +102,30 @@ def _sessions(s: dict[str, Any]) -> list[str]:
     )
     stages = s.get("stages") or []
     if stages:
-        out += ["", "Opened in stages (RSS after each):", ""]
+        first = stages[0]
+        out += [
+            "",
+            "Opened in stages; after each, the server's RSS, one announcement to every open "
+            f"session and one paced run at {num(pipeline.get('rate'))} commits/s (the same run's "
+            f"first stage is the baseline of the ratios):",
+            "",
+        ]
         out += table(
-            ("sessions", "stage took", "server RSS"),
+            ("sessions", "stage took", "server RSS", "announcement, last", f"{TIMES} first stage",
+             "p99", f"{TIMES} first stage", "server µs/delivery", "lost / twice"),
             [
                 (
-                    num(st["sessions"]),
-                    f"{num(st['seconds'], 1)} s",
+                    num(st["sessions"]), f"{num(st['seconds'], 1)} s",
                     f"{num(st['rss_kib'] / 1024)} MiB",
+                    f"{num(st.get('announcement_last_ms'))} ms",
+                    ratio(st.get("announcement_last_ms"), first.get("announcement_last_ms")),
+                    f"{num(st.get('p99_ms'), 1)} ms", ratio(st.get("p99_ms"), first.get("p99_ms")),
+                    num(st.get("server_cpu_us_per_delivery")),
+                    f"{num(st.get('lost'))} / {num(st.get('duplicates'))}",
                 )
                 for st in stages
             ],
-        )
+        )  # fmt: skip
     return out
 
 
@@ -228,9 +240,8 @@ def scale_section(r: Results) -> list[str]:
     out = [
         "## Scale",
         "",
-        f"`python -m bench scale` (its own run; the rest of this page is not affected). "
-        f"The capacity model built on these figures is in [scaling.md](scaling.md). Ratios use "
-        f"{TIMES}.",
+        "`python -m bench scale` (its own run; the rest of this page is not affected). "
+        "The capacity model built on these figures is in [scaling.md](scaling.md).",
         "",
     ]
     if "sessions" in scale:

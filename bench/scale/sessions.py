@@ -95,8 +95,39 @@ async def _start(rig: Rig, plan: SessionsPlan, users: list[str]) -> Contender:
     return Contender("notifyd", server, port, clients, users)
 
 
+async def _at_stage(
+    rig: Rig, contender: Contender, plan: SessionsPlan, opened: int, clock: str, stage: int
+) -> dict[str, Any]:
+    """
+    One announcement and one paced run with the sessions open so far: how
+    the figures grow with the count, measured in the same run.
+    """
+    announced = await announcements(rig, contender.clients, opened, count=1, first=100 + stage)
+    everyone = contender.users
+    contender.users = everyone[:opened]
+    try:
+        run = await one_run(rig, contender, plan.rate, f"st{stage}", clock)
+    finally:
+        contender.users = everyone
+    await wait_quiet(contender.server.pid, timeout=15)
+    return {
+        "announcement_last_ms": announced["median_last_ms"],
+        "p50_ms": run["latency_ms"]["p50"],
+        "p99_ms": run["latency_ms"]["p99"],
+        "lost": run["lost"],
+        "duplicates": run["duplicates"],
+        "committed_per_s": run["committed_per_s"],
+        "server_cpu_us_per_delivery": run["server_cpu_us_per_delivery"],
+    }
+
+
 async def _open_in_stages(
-    rig: Rig, contender: Contender, plan: SessionsPlan, total: int, sources: list[str]
+    rig: Rig,
+    contender: Contender,
+    plan: SessionsPlan,
+    total: int,
+    sources: list[str],
+    clock: str,
 ) -> dict[str, Any]:
     """
     Open the plan's sessions stage by stage, reading the server's RSS after
@@ -150,6 +181,7 @@ async def _open_in_stages(
         if stage_failed > size // 100:
             stopped_by = f"{stage_failed} of {size} failed to open, e.g. {errors[:1]}"
             break
+        stages[-1].update(await _at_stage(rig, contender, plan, opened, clock, len(stages)))
         if not server.running:
             stopped_by = f"notifyd exited ({server.process.returncode}): {server.log_tail(3)}"
             break
@@ -207,7 +239,7 @@ async def sessions_phase(rig: Rig, plan: SessionsPlan, clock: str) -> dict[str, 
     )
     contender = await _start(rig, plan, users)
     try:
-        result = await _open_in_stages(rig, contender, plan, held, sources)
+        result = await _open_in_stages(rig, contender, plan, held, sources, clock)
         result["target"] = plan.sessions
         result["capped_by"] = capped_by
         result["descriptor_limit"] = plan.limit
