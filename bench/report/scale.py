@@ -169,7 +169,9 @@ def _instances(s: dict[str, Any]) -> list[str]:
         f"of {num(s['seconds'])} s per case, alternating, medians. CPU is per committed message: "
         "the primary's whole cluster (every backend, the WAL writer, the checkpointer), and the "
         "standby's when there is one. *Writes alone* runs no notifyd: what the application's "
-        "commits cost by themselves, the baseline every added instance is measured against. "
+        "commits cost by themselves, the baseline every added instance is measured against; "
+        "the bench holds the polling lease meanwhile, so that the triggers skip their NOTIFY as "
+        "they do while instances poll at this rate. "
         "An instance that reads more than `NOTIFYD_POLL_ABOVE` (200) writing transactions a second "
         "polls, one read per `NOTIFYD_BATCH_INTERVAL_MS`: its cost is per second more than per "
         "message, hence the share of a core.",

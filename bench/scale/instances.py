@@ -115,6 +115,21 @@ async def _open_fleet(rig: Rig, variant: Variant, count: int, users: list[str]) 
     return _Fleet(servers, contenders)
 
 
+async def _hold_lease(rig: Rig, seconds: float) -> None:
+    """
+    Hold the polling lease for ``seconds`` from now (0: end it), as a
+    polling instance does: the triggers skip their NOTIFY meanwhile. The
+    writes alone are measured so, the way they run while instances poll at
+    the phase's rate; with a NOTIFY each, commits would queue for the
+    notify lock and fall short of the rate.
+    """
+    await rig.db.execute(
+        "SELECT setval('notifyd_poll_lease', "
+        "floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint + $1::bigint)",
+        int(seconds * 1000),
+    )
+
+
 def _tree_cpu(pids: list[int]) -> float:
     """
     CPU seconds of these processes and of their live children (workers).
@@ -142,10 +157,16 @@ async def _one_run(
         pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
         sb0 = None if standby_pid is None else cluster_cpu_seconds(standby_pid)
         writes = Writes(NOTIFYD_TABLE, tag, _PREFIX, plan.users)
-        summary = await pgbench(
-            rig.dsn, writes, clients=plan.pgbench_clients, threads=2, seconds=plan.seconds,
-            rate=plan.rate,
-        )  # fmt: skip
+        if count == 0:
+            await _hold_lease(rig, plan.seconds + 60)
+        try:
+            summary = await pgbench(
+                rig.dsn, writes, clients=plan.pgbench_clients, threads=2, seconds=plan.seconds,
+                rate=plan.rate,
+            )  # fmt: skip
+        finally:
+            if count == 0:
+                await _hold_lease(rig, 0)
         processed = int(summary["processed"] or 0)
         if fleet.clients:
             await drain(fleet.clients, tag, processed, plan.drain_s)
