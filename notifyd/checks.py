@@ -49,6 +49,14 @@ async def run_checks(settings: Settings, say: Callable[[str], object]) -> bool:
         ok = ok and not problems
         if settings.sinks:
             ok = await _check_sinks(settings, db, say) and ok
+        if settings.read_dsn:
+            replica_problem = await db.read_replica_problem()
+            say(
+                f"problem: {replica_problem} (reads would go to the primary)"
+                if replica_problem
+                else "ok: NOTIFYD_READ_DSN is a hot standby of the same cluster"
+            )
+            ok = ok and replica_problem is None
         listen_problem = await _listen_round_trip(settings, db)
         say(
             f"problem: {listen_problem}" if listen_problem else "ok: LISTEN/NOTIFY round trip works"

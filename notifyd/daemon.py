@@ -246,6 +246,7 @@ class Daemon:
                 cleanup.push_async_callback(sinks.aclose)
             db = await connect_database(settings, wait=self._wait_for_database)
             cleanup.push_async_callback(db.close)
+            stats.read_replica = db.read_replica
             cleanup.callback(collector.release)
             problems = await db.schema_problems()
             if problems:

@@ -13,9 +13,12 @@ import itertools
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Awaitable,
+    Callable,
     Collection,
     Iterator,
     Mapping,
@@ -24,7 +27,7 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -34,6 +37,7 @@ from .cursor import Cursor, Snapshot
 from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError, describe
 from .pacing import Lease
 from .queries import CHANNEL, EVENTS, RECEIPTS, TABLE
+from .replica import ReplicaPolicy, Route, Switch, format_lsn, parse_lsn, replayable
 from .settings import Settings
 
 __all__ = [
@@ -42,6 +46,7 @@ __all__ = [
     "Database",
     "OwnConnection",
     "Pool",
+    "ReadReplica",
     "Row",
     "as_database_error",
     "connect_database",
@@ -54,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 
 Row = asyncpg.Record
+_T = TypeVar("_T")
 
 # What asyncpg raises when Postgres is unreachable, refuses a statement or
 # the connection breaks: socket errors and timeouts (OSError), the server's
@@ -110,7 +116,12 @@ async def connect_database(settings: Settings, *, wait: bool) -> Database:
     attempt = 0
     while True:
         try:
-            return await Database.connect(settings.dsn, size=settings.pool_size)
+            return await Database.connect(
+                settings.dsn,
+                size=settings.pool_size,
+                read_dsn=settings.read_dsn,
+                read_max_lag_s=settings.read_max_lag_ms / 1000,
+            )
         except ReplicaError:
             raise
         except DatabaseError as exc:
@@ -557,6 +568,233 @@ class Window:
     lease: Lease | None = None
 
 
+# How often a read waiting for the standby asks how far it has replayed.
+_REPLAY_POLL_S = 0.002
+# Whether a server is a standby, and of which cluster.
+_STANDBY_IDENTITY = (
+    "SELECT pg_is_in_recovery() AS standby, "
+    "(SELECT system_identifier FROM pg_control_system())::text AS cluster"
+)
+# The WAL page and segment sizes, for notifyd.replica.replayable.
+_WAL_GEOMETRY = (
+    "SELECT current_setting('wal_block_size')::bigint AS block, "
+    "pg_size_bytes(current_setting('wal_segment_size')) AS segment"
+)
+
+
+async def _check_standby(connection: asyncpg.Connection, cluster: str) -> None:
+    """
+    Raise :class:`ReplicaError` unless ``connection`` reaches a hot standby
+    of the cluster whose system identifier is ``cluster``: reads anywhere
+    else would be silently wrong.
+    """
+    identity = await connection.fetchrow(_STANDBY_IDENTITY)
+    assert identity is not None  # a SELECT without FROM always returns its row
+    if not identity["standby"]:
+        raise ReplicaError(
+            "NOTIFYD_READ_DSN is not a hot standby (pg_is_in_recovery() is false): "
+            "name a streaming standby of NOTIFYD_DSN's cluster, or unset it"
+        )
+    if identity["cluster"] != cluster:
+        raise ReplicaError(
+            f"NOTIFYD_READ_DSN is a standby of another cluster (system identifier "
+            f"{identity['cluster']}, NOTIFYD_DSN's is {cluster}): name a standby of "
+            "NOTIFYD_DSN's cluster"
+        )
+
+
+class ReadReplica:
+    """
+    The hot standby that serves reads (``NOTIFYD_READ_DSN``), and whether it
+    may serve one now (:class:`~notifyd.replica.ReplicaPolicy`).
+
+    Every new connection to it is checked to be a standby of the primary's
+    cluster; one that cannot be reached, lags past the bound or fails a read
+    is bypassed (one log line on each switch), and asked again in the
+    background, so that a bypassed standby never holds a read up.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, policy: ReplicaPolicy, *, block_size: int, segment_size: int
+    ) -> None:
+        self._pool = Pool(pool)
+        self.policy = policy
+        self._block_size = block_size
+        self._segment_size = segment_size
+        self._check: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, dsn: str, primary: Pool, *, max_lag_s: float) -> ReadReplica:
+        """
+        Open the standby's pool. Raises :class:`ReplicaError` when the server
+        answers but is not a standby of the primary's cluster; one that does
+        not answer is logged and waited for (reads go to the primary).
+        """
+        with as_database_error("asking the primary for its identity failed"):
+            cluster = str(
+                await primary.fetchval("SELECT system_identifier FROM pg_control_system()")
+            )
+            geometry = await primary.fetchrow(_WAL_GEOMETRY)
+        assert geometry is not None  # a SELECT without FROM always returns its row
+
+        async def init(connection: asyncpg.Connection) -> None:
+            await _check_standby(connection, cluster)
+            await connection.execute("SET plan_cache_mode = force_custom_plan")
+
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=0,
+                max_size=3,
+                timeout=10,
+                command_timeout=60,
+                init=init,
+                reset=_keep_session,
+            )
+        except ValueError as exc:  # asyncpg's verdict on a malformed DSN
+            raise ConfigError(f"invalid NOTIFYD_READ_DSN: {describe(exc)}") from None
+        replica = cls(
+            pool,
+            ReplicaPolicy(max_lag_s),
+            block_size=int(geometry["block"]),
+            segment_size=int(geometry["segment"]),
+        )
+        try:
+            await replica._replayed()
+        except ReplicaError:
+            await replica.close()
+            raise
+        except DatabaseError as exc:
+            logger.warning("%s; reads go to the primary until it answers", exc)
+        return replica
+
+    async def problem(self) -> str | None:
+        """
+        What keeps the standby from serving reads now, if anything (for
+        ``notifyd check``).
+        """
+        try:
+            await self._replayed()
+        except DatabaseError as exc:
+            return str(exc)
+        return None
+
+    def target(self, insert_lsn: str) -> int:
+        """
+        The replay position that covers the primary's insert position
+        ``insert_lsn`` (text).
+        """
+        return replayable(
+            parse_lsn(insert_lsn), block_size=self._block_size, segment_size=self._segment_size
+        )
+
+    async def pool_for(self, target: int) -> Pool | None:
+        """
+        The standby's pool once it has replayed ``target``; None: read on
+        the primary (bypassed, or it did not get there within the bound).
+        """
+        policy = self.policy
+        started = time.monotonic()
+        route = policy.route(target, started)
+        if route is Route.STANDBY:
+            return self._pool
+        if route is not Route.WAIT:
+            if route is Route.CHECK and self._check is None:
+                self._check = asyncio.create_task(self._check_caught_up(target))
+            return None
+        reached, reason = await self._wait_for(target, policy.wait_limit(route))
+        waited = time.monotonic() - started
+        if not reached:
+            self.failed(reason, waited)
+            return None
+        self._log(policy.reached(waited))
+        return self._pool
+
+    async def _wait_for(self, target: int, limit: float) -> tuple[bool, str]:
+        """
+        Whether the standby replays ``target`` within ``limit`` seconds, and
+        if not, why.
+        """
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                async with asyncio.timeout_at(_loop_time(deadline + 1.0)):
+                    replayed = await self._replayed()
+            except TimeoutError:
+                return False, "did not answer in time"
+            except DatabaseError as exc:
+                return False, str(exc)
+            if replayed >= target:
+                return True, ""
+            if time.monotonic() >= deadline:
+                return False, (
+                    f"has not replayed the primary's {format_lsn(target)} within "
+                    f"{limit:g}s (it is at {format_lsn(replayed)})"
+                )
+            await asyncio.sleep(_REPLAY_POLL_S)
+
+    def failed(self, reason: str, waited_s: float = 0.0) -> None:
+        """
+        A read could not be served by the standby: bypass it.
+        """
+        self._log(self.policy.missed(waited_s, time.monotonic()), reason)
+
+    async def close(self) -> None:
+        if self._check is not None:
+            self._check.cancel()
+        try:
+            await self._pool.close()
+        except Exception:
+            self._pool.terminate()
+
+    async def _replayed(self) -> int:
+        """
+        How far the standby has replayed; :class:`ReplicaError` when it is
+        no longer a standby (promoted), :class:`DatabaseError` when it
+        cannot be asked.
+        """
+        with as_database_error("NOTIFYD_READ_DSN cannot be reached"):
+            row = await self._pool.fetchrow(
+                "SELECT pg_is_in_recovery() AS standby, pg_last_wal_replay_lsn()::text AS lsn"
+            )
+        assert row is not None  # a SELECT without FROM always returns its row
+        if not row["standby"] or row["lsn"] is None:
+            await self._pool.renew()
+            raise ReplicaError("NOTIFYD_READ_DSN is no longer a hot standby")
+        replayed = parse_lsn(row["lsn"])
+        self.policy.observed(replayed)
+        return replayed
+
+    async def _check_caught_up(self, target: int) -> None:
+        """
+        Wait (in the background, up to the lag bound) for a bypassed standby
+        to replay ``target``: used again once it has.
+        """
+        try:
+            reached, _ = await self._wait_for(target, self.policy.max_lag_s)
+        finally:
+            self._check = None
+        if reached:
+            self._log(self.policy.reached(0.0))
+        else:
+            self.policy.missed(0.0, time.monotonic())
+
+    @staticmethod
+    def _log(switch: Switch | None, reason: str = "") -> None:
+        if switch is Switch.BYPASSED:
+            logger.warning("reads go to the primary: the standby (NOTIFYD_READ_DSN) %s", reason)
+        elif switch is Switch.RESUMED:
+            logger.info("reads go to the standby (NOTIFYD_READ_DSN): it has replayed the primary")
+
+
+def _loop_time(monotonic: float) -> float:
+    """
+    A ``time.monotonic()`` instant on the event loop's clock.
+    """
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic - time.monotonic())
+
+
 class Database:
     """
     A small pool of query connections and the statements notifyd runs.
@@ -568,6 +806,13 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool, windows: asyncpg.Pool, plans: WindowPlans) -> None:
         self._pool = Pool(pool)
+        # Reads on a hot standby (NOTIFYD_READ_DSN), when configured; the
+        # replay position that covers each recent window end (a read bounded
+        # by one goes to the standby once it has replayed that far), and
+        # the last window's, below which history never reads.
+        self._replica: ReadReplica | None = None
+        self._ends: OrderedDict[Snapshot, int] = OrderedDict()
+        self._delivered = 0
         # Window reads on connections of their own: their plan mode is not
         # the one every other statement needs (see WindowPlans).
         self._windows = Pool(windows)
@@ -575,10 +820,19 @@ class Database:
         plans.attach(self._windows)
 
     @classmethod
-    async def connect(cls, dsn: str, *, size: int = 4) -> Database:
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        size: int = 4,
+        read_dsn: str | None = None,
+        read_max_lag_s: float = 2.0,
+    ) -> Database:
         """
-        Open the pool; raises :class:`DatabaseError` when Postgres cannot be
-        reached and :class:`ReplicaError` when it is a hot standby.
+        Open the pool (and the standby's for reads, with ``read_dsn``);
+        raises :class:`DatabaseError` when Postgres cannot be reached and
+        :class:`ReplicaError` when it is a hot standby, or ``read_dsn`` is a
+        server but not a standby of its cluster.
         """
         plans = WindowPlans()
         try:
@@ -610,10 +864,21 @@ class Database:
         database = cls(pool, windows, plans)
         try:
             await refuse_standby(pool, "NOTIFYD_DSN")
+            if read_dsn:
+                database._replica = await ReadReplica.open(
+                    read_dsn, database._pool, max_lag_s=read_max_lag_s
+                )
         except BaseException:
             await database.close()
             raise
         return database
+
+    @property
+    def read_replica(self) -> ReplicaPolicy | None:
+        """
+        Where reads go when a standby is configured (for metrics and tests).
+        """
+        return None if self._replica is None else self._replica.policy
 
     @property
     def pool(self) -> Pool:
@@ -641,11 +906,62 @@ class Database:
         """
         Close the pools, aborting connections that do not close in time.
         """
+        if self._replica is not None:
+            await self._replica.close()
         for pool in (self._windows, self._pool):
             try:
                 await pool.close()
             except Exception:
                 pool.terminate()
+
+    async def read_replica_problem(self) -> str | None:
+        """
+        What keeps the standby (``NOTIFYD_READ_DSN``) from serving reads now;
+        None when it can, or when none is configured.
+        """
+        return None if self._replica is None else await self._replica.problem()
+
+    def _remember(self, end: Snapshot, target: int) -> None:
+        """
+        Every commit ``end`` saw is replayed on a standby at ``target``.
+        """
+        self._ends[end] = target
+        self._ends.move_to_end(end)
+        while len(self._ends) > 16:
+            self._ends.popitem(last=False)
+        self._delivered = max(self._delivered, target)
+
+    async def _read(self, target: int | None, read: Callable[[Pool], Awaitable[_T]]) -> _T:
+        """
+        ``read`` on the standby once it has replayed ``target``, else (no
+        standby, no target, bypassed, or the read failed there) on the
+        primary.
+        """
+        if self._replica is not None and target is not None:
+            pool = await self._replica.pool_for(target)
+            if pool is not None:
+                try:
+                    return await read(pool)
+                except (*DATABASE_ERRORS, DatabaseError) as exc:
+                    self._replica.failed(f"failed a read ({describe(exc)})")
+        return await read(self._pool)
+
+    async def _note_write(self, user: str) -> None:
+        """
+        After ``user``'s write: that user's next reads on the standby wait
+        for it (read-your-writes).
+        """
+        if self._replica is None:
+            return
+        target: int | None
+        try:
+            with as_database_error("taking the WAL position failed"):
+                target = self._replica.target(
+                    await self._pool.fetchval(f"SELECT {queries.INSERT_LSN}")
+                )
+        except DatabaseError:
+            target = None  # the primary serves this user for a while
+        self._replica.policy.wrote(user, target, time.monotonic())
 
     async def snapshot(self) -> Snapshot:
         """
@@ -686,7 +1002,11 @@ class Database:
         xip = [str(x) for x in since.xip]
         with as_database_error("reading new rows failed"):
             await self._plans.check_if_due()
-            if not count_users:
+            if self._replica is not None and not count_users:
+                lean = await self._window_at_head(since, xip, limit, swept_to)
+                if lean is not None:
+                    return lean
+            elif not count_users:
                 records = await self._windows.fetch(
                     queries.WINDOW_LEAN, since.to_pg(), xip, limit, swept_to
                 )
@@ -709,14 +1029,48 @@ class Database:
             )
         head = next(r for r in records if r["snap"] is not None)
         rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
+        end = Snapshot.from_pg(head["snap"])
+        if self._replica is not None:
+            self._remember(end, self._replica.target(head["lsn"]))
         return Window(
             rows,
-            Snapshot.from_pg(head["snap"]),
+            end,
             complete=len(rows) < limit,
             events=[_event(e) for e in json.loads(head["events"] or "[]")],
             counts=json.loads(head["counts"] or "{}"),
             clock=head["clock"],
             next_expiry=head["next_expiry"],
+            lease=_lease(head),
+        )
+
+    async def _window_at_head(
+        self, since: Snapshot, xip: list[str], limit: int, swept_to: datetime | None
+    ) -> Window | None:
+        """
+        With a standby: the window's first page bounded by the primary's
+        snapshot of now, read on the standby once it has replayed that far
+        (else on the primary); None when the window has events or an expiry
+        is due, which :data:`queries.WINDOW_FIRST` reads on the primary.
+        """
+        assert self._replica is not None
+        head = await self._pool.fetchrow(queries.WINDOW_HEAD)
+        assert head is not None  # a SELECT without FROM always returns its row
+        target = self._replica.target(head["lsn"])
+        args = (since.to_pg(), xip, limit, swept_to, head["snap"], head["clock"])
+        records = await self._read(target, lambda pool: pool.fetch(queries.WINDOW_LEAN_AT, *args))
+        top = next(r for r in records if r["snap"] is not None)
+        next_expiry = top["next_expiry"]
+        if top["has_events"] or (next_expiry is not None and next_expiry <= head["clock"]):
+            return None
+        end = Snapshot.from_pg(head["snap"])
+        self._remember(end, target)
+        rows = sorted((r for r in records if r["snap"] is None), key=lambda r: r["seq"])
+        return Window(
+            rows,
+            end,
+            complete=len(rows) < limit,
+            clock=head["clock"],
+            next_expiry=next_expiry,
             lease=_lease(head),
         )
 
@@ -739,7 +1093,13 @@ class Database:
         """
         rows: list[Row] = []
         with as_database_error("reading the rest of a window failed"):
-            async with self._pool.transaction(readonly=True) as connection:
+            # On the standby once it has replayed the window's end (a failure
+            # there is retried by delivery, from the last row handed over).
+            pool = self._pool
+            target = self._ends.get(end)
+            if self._replica is not None and target is not None:
+                pool = await self._replica.pool_for(target) or self._pool
+            async with pool.transaction(readonly=True) as connection:
                 cursor = await connection.cursor(
                     queries.WINDOW_REST,
                     since.to_pg(),
@@ -778,9 +1138,10 @@ class Database:
         bases = [cursor.base.to_pg() for _, cursor in requests]
         ends = [cursor.end.to_pg() if cursor.end else None for _, cursor in requests]
         seqs = [cursor.seq for _, cursor in requests]
+        args = (users, bases, ends, seqs, end.to_pg(), limit, clock)
         with as_database_error("reading missed rows failed"):
-            records = await self._pool.fetch(
-                queries.CATCH_UP, users, bases, ends, seqs, end.to_pg(), limit, clock
+            records = await self._read(
+                self._ends.get(end), lambda pool: pool.fetch(queries.CATCH_UP, *args)
             )
         result: list[list[Row]] = [[] for _ in requests]
         for record in records:
@@ -789,7 +1150,12 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def _for_client(
-        self, failed: str, *, readonly: bool = False, settings: Mapping[str, str] | None = None
+        self,
+        failed: str,
+        *,
+        readonly: bool = False,
+        settings: Mapping[str, str] | None = None,
+        pool: Pool | None = None,
     ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Row]]:
         """
         A transaction for a client's action, within the CLIENT_* bounds
@@ -805,7 +1171,7 @@ class Database:
             try:
                 async with (
                     asyncio.timeout(CLIENT_BUDGET_S),
-                    self._pool.transaction(
+                    (pool or self._pool).transaction(
                         readonly=readonly, acquire_timeout=CLIENT_ACQUIRE_S
                     ) as connection,
                 ):
@@ -823,6 +1189,7 @@ class Database:
         """
         async with self._for_client("marking messages read failed") as connection:
             changed = await connection.fetchval(queries.MARK_READ, user, list(ids))
+        await self._note_write(user)
         return int(changed)
 
     async def mark_unread(self, user: str, ids: Sequence[str]) -> int:
@@ -832,6 +1199,7 @@ class Database:
         """
         async with self._for_client("marking messages unread failed") as connection:
             changed = await connection.fetchval(queries.MARK_UNREAD, user, list(ids))
+        await self._note_write(user)
         return int(changed)
 
     async def hide(self, user: str, ids: Sequence[str]) -> int:
@@ -844,6 +1212,7 @@ class Database:
             "deleting messages failed", settings={"notifyd.hiding": "on"}
         ) as connection:
             hidden = await connection.fetchval(queries.HIDE, user, list(ids))
+        await self._note_write(user)
         return int(hidden)
 
     async def mark_all_read(self, user: str, type: str | None) -> int:
@@ -855,6 +1224,7 @@ class Database:
             "marking all messages read failed", settings={"notifyd.read_all": type or "*"}
         ) as connection:
             changed = await connection.fetchval(queries.MARK_ALL_READ, user, type)
+        await self._note_write(user)
         return int(changed)
 
     async def history(
@@ -870,15 +1240,21 @@ class Database:
         Up to ``limit`` of the user's messages older than ``before_seq``,
         newest first, and whether there are more.
         """
-        async with self._for_client("reading history failed", readonly=True) as connection:
-            rows = await connection.fetch(
-                queries.HISTORY,
-                user,
-                before_seq if before_seq is not None else 2**63 - 1,
-                type,
-                unread_only,
-                limit + 1,
-            )
+        args = (user, before_seq if before_seq is not None else 2**63 - 1, type, unread_only)
+
+        async def read(pool: Pool) -> list[Row]:
+            async with self._for_client(
+                "reading history failed", readonly=True, pool=pool
+            ) as connection:
+                rows: list[Row] = await connection.fetch(queries.HISTORY, *args, limit + 1)
+            return rows
+
+        # On a standby: once it shows everything delivered so far and the
+        # user's own last write (read-your-writes).
+        target = None
+        if self._replica is not None:
+            target = self._replica.policy.target_for(user, self._delivered, time.monotonic())
+        rows = await self._read(target, read)
         return rows[:limit], len(rows) > limit
 
     async def prune_events(self, older_than_s: float) -> int:

@@ -124,6 +124,9 @@ class Delivery:
         self._poll_interval = poll_interval
         self._retry_max = retry_max
         self._wakeup = asyncio.Event()
+        # Set when LISTEN comes back: the database answers again, so a read
+        # failure's back-off ends early instead of running its course.
+        self._database_back = asyncio.Event()
         self._pending: list[_Join] = []
         self.watermark: Snapshot | None = None
         # The database clock up to which expiries were withdrawn (moves with
@@ -164,9 +167,11 @@ class Delivery:
         Tell delivery whether NOTIFY wake-ups are arriving; while they are
         not, it polls every ``poll_interval`` seconds.
         """
-        if listening and not self.listening and self.watermark is not None:
-            # The first read after LISTEN is back repairs the outage's gap.
-            self._router.repairing = True
+        if listening and not self.listening:
+            self._database_back.set()
+            if self.watermark is not None:
+                # The first read after LISTEN is back repairs the outage's gap.
+                self._router.repairing = True
         self.listening = listening
         self._wakeup.set()
 
@@ -218,6 +223,8 @@ class Delivery:
                 if time.monotonic() - last_prune > self._prune_every:
                     last_prune = time.monotonic()
                     await self._db.prune_events(self._event_retention)
+                if attempt:
+                    logger.info("delivery reads again after %d failed attempts", attempt)
                 attempt = 0
             except asyncio.CancelledError:
                 self._reader.drop_prefetch()
@@ -234,9 +241,13 @@ class Delivery:
                     self._opened = None
                 self._requeue(joining)
                 attempt += 1
+                self.stats.read_failures += 1
                 delay = backoff_delay(attempt, initial=0.1, maximum=self._retry_max, jitter=0)
                 logger.warning("delivery read failed (%s), retrying in %.1fs", describe(exc), delay)
-                await asyncio.sleep(delay)
+                self._database_back.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._database_back.wait()
                 continue
             if self._reader.prefetching:
                 continue

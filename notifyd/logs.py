@@ -16,7 +16,14 @@ import json
 import logging
 from typing import TextIO
 
-__all__ = ["JsonFormatter", "KeyValueFormatter", "configure_logging", "remote_of", "via_of"]
+__all__ = [
+    "JsonFormatter",
+    "KeyValueFormatter",
+    "configure_logging",
+    "line_handler",
+    "remote_of",
+    "via_of",
+]
 
 # websockets' own per-connection lines; notifyd logs "session opened" and
 # "session closed" with the user and the close code in their place.
@@ -71,6 +78,23 @@ class _ReplacedLines(logging.Filter):
         return not (record.name.startswith("websockets") and record.msg in _REPLACED_LINES)
 
 
+class _OneLineLibraryFailures(logging.Filter):
+    """
+    asyncpg's pool logs each failed reconnect with its traceback (every
+    retry, for as long as the database is down): an outage is the
+    operator's to fix, not a bug, so the line names the failure instead.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("asyncpg") and record.exc_info and record.exc_info[1]:
+            failure = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(failure).__name__}: {failure})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 class KeyValueFormatter(logging.Formatter):
     """
     ``level=INFO logger=notifyd.listener msg="LISTEN connection established"``,
@@ -109,13 +133,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: str, stream: TextIO) -> None:
+def line_handler(fmt: str, stream: TextIO) -> logging.Handler:
     """
-    Send every log event to ``stream``, one line each, in ``fmt`` ("kv" or "json").
+    A handler that writes each event to ``stream`` as one line in ``fmt``
+    ("kv" or "json").
     """
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     handler.addFilter(_ReplacedLines())
+    handler.addFilter(_OneLineLibraryFailures())
+    return handler
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO) -> None:
+    """
+    Send every log event to ``stream``, one line each, in ``fmt`` ("kv" or "json").
+    """
+    handler = line_handler(fmt, stream)
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

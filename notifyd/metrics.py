@@ -57,6 +57,11 @@ class _InstanceCollector:
             value=stats.rows_read,
         )
         yield CounterMetricFamily(
+            "notifyd_delivery_read_failures",
+            "Delivery reads that failed and were retried (the database unreachable or refusing)",
+            value=stats.read_failures,
+        )
+        yield CounterMetricFamily(
             "notifyd_polling_leases",
             "Polling leases this instance started (the triggers' NOTIFYs went off)",
             value=stats.polling_leases,
@@ -70,6 +75,23 @@ class _InstanceCollector:
             for name in Mode:
                 mode.add_metric([name.value], 1.0 if vitals.wake.mode == name.value else 0.0)
             yield mode
+        replica = stats.read_replica
+        if replica is not None:
+            yield GaugeMetricFamily(
+                "notifyd_read_replica_in_use",
+                "1 while reads go to the standby (NOTIFYD_READ_DSN), 0 while to the primary",
+                value=1.0 if replica.in_use else 0.0,
+            )
+            yield CounterMetricFamily(
+                "notifyd_read_replica_fallbacks",
+                "Reads that went to the primary because the standby lagged, failed or was gone",
+                value=replica.fallbacks,
+            )
+            yield GaugeMetricFamily(
+                "notifyd_read_replica_wait_seconds",
+                "How long the last read waited for the standby to replay the primary's position",
+                value=replica.last_wait_s,
+            )
         yield CounterMetricFamily(
             "notifyd_gap_repair_rows",
             "Rows delivered by the first read after LISTEN came back",

@@ -17,6 +17,7 @@ __all__ = [
     "HIDE",
     "HISTORY",
     "INSERT",
+    "INSERT_LSN",
     "LEASE",
     "MARK_ALL_READ",
     "MARK_READ",
@@ -30,7 +31,9 @@ __all__ = [
     "REQUIRED_TRIGGERS",
     "TABLE",
     "WINDOW_FIRST",
+    "WINDOW_HEAD",
     "WINDOW_LEAN",
+    "WINDOW_LEAN_AT",
     "WINDOW_REST",
     "columns_for",
     "live_at",
@@ -151,6 +154,11 @@ EXPIRY_HORIZON = "now() + interval '1 hour'"
 NEXT_EXPIRY_AFTER = f"""(SELECT expire_at FROM {TABLE}
         WHERE expire_at > {{after}} ORDER BY expire_at LIMIT 1)"""
 
+# The primary's WAL insert position, taken after the statement's snapshot:
+# a standby that has replayed this far (notifyd.replica.replayable) sees
+# every commit the snapshot saw (docs/deployment.md, "Reads on a replica").
+INSERT_LSN = "pg_current_wal_insert_lsn()::text"
+
 # The first page is one statement, so one snapshot and one clock (now()):
 # the new rows, the read/delete events, the withdrawals of what expired, the
 # unread counts of users with events or withdrawals (and of joining
@@ -209,12 +217,12 @@ SELECT pg_current_snapshot()::text AS snap, now() AS clock,
         ) AS e)::text AS events,
        (SELECT json_object_agg(usr, {UNREAD_BY_TYPE_OF.format(user="usr")}) FROM counted)::text
            AS counts,
-       {LEASE_COLUMNS},
+       {LEASE_COLUMNS}, {INSERT_LSN} AS lsn,
        NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
        NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
        NULL AS skip_url, NULL AS is_read
 UNION ALL (
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
     WHERE {NEW_SINCE} AND {live_at("now()")}
     ORDER BY seq
     LIMIT $3
@@ -242,6 +250,37 @@ SELECT pg_current_snapshot()::text AS snap, now() AS clock,
 UNION ALL (
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
     WHERE {NEW_SINCE} AND {live_at("now()")}
+    ORDER BY seq
+    LIMIT $3
+)
+"""
+
+# With reads on a standby: the window's end snapshot, clock and lease, taken
+# on the primary in one statement (the lease read with the snapshot, as in
+# LEASE_COLUMNS), and the position the standby must replay before reading.
+# A standby cannot name its own snapshot exactly (PostgreSQL reports it
+# without its in-progress list), so the primary's bounds the read.
+WINDOW_HEAD = f"""
+SELECT pg_current_snapshot()::text AS snap, now() AS clock, {LEASE_COLUMNS},
+       {INSERT_LSN} AS lsn
+"""
+
+# WINDOW_LEAN on a standby that has replayed WINDOW_HEAD's position: bounded
+# by that snapshot ($5) and clock ($6) rather than its own, so the rows are
+# exactly those the primary's snapshot saw.
+WINDOW_LEAN_AT = f"""
+SELECT $5::text AS snap, $6::timestamptz AS clock,
+       EXISTS (SELECT 1 FROM {EVENTS} WHERE {NEW_SINCE}
+               AND pg_visible_in_snapshot(xact_id, $5::text::pg_snapshot)) AS has_events,
+       least({NEXT_EXPIRY_AFTER.format(after="$4")}, $6::timestamptz + interval '1 hour')
+           AS next_expiry,
+       NULL AS seq, NULL AS xact_id, NULL AS id, NULL AS title, NULL AS content,
+       NULL AS type, NULL AS send_user, NULL AS to_user, NULL AS send_time,
+       NULL AS skip_url, NULL AS is_read
+UNION ALL (
+    SELECT NULL, NULL, NULL, NULL, {COLUMNS} FROM {TABLE}
+    WHERE {NEW_SINCE} AND pg_visible_in_snapshot(xact_id, $5::text::pg_snapshot)
+      AND {live_at("$6::timestamptz")}
     ORDER BY seq
     LIMIT $3
 )

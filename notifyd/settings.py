@@ -46,6 +46,17 @@ class Settings(BaseSettings):
         "through a transaction-mode pooler; must reach Postgres directly "
         "or through a session-mode pooler.",
     )
+    read_dsn: str | None = Field(
+        default=None,
+        description="DSN of a hot standby of NOTIFYD_DSN's cluster for delivery's window "
+        "reads, replays and history (docs/deployment.md, 'Reads on a replica').",
+    )
+    read_max_lag_ms: float = Field(
+        default=2000.0,
+        gt=0,
+        description="How long a read waits for the standby to replay the primary's "
+        "position before the standby is bypassed for the primary.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 

@@ -12,6 +12,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .replica import ReplicaPolicy
+
 __all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "SinkStats", "Stats"]
 
 # Seconds; the last bucket is +Inf.
@@ -69,6 +71,9 @@ class Stats:
     # a session here wanted it), and polling leases this instance started.
     rows_read: int = 0
     polling_leases: int = 0
+    # Delivery's reads that failed (the database unreachable or refusing);
+    # each is retried, so this counts waits, not losses.
+    read_failures: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     # Hostile-client limits that said no, by limit name (docs/security.md).
     limit_trips: Counter[str] = field(default_factory=Counter)
@@ -76,6 +81,9 @@ class Stats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     notification_queue_usage: float | None = None
     sinks: dict[str, SinkStats] = field(default_factory=dict)
+    # Reads on a hot standby (NOTIFYD_READ_DSN): where they go now, the
+    # fallbacks to the primary, the last wait for replay. None without one.
+    read_replica: ReplicaPolicy | None = None
 
 
 @dataclass

@@ -190,7 +190,8 @@ def _every_public_call(base: Snapshot) -> dict[str, Callable[[Database], Awaitab
 def test_the_call_table_covers_every_public_database_method():
     """
     A method added to Database without a row in the table would escape the
-    two tests after this one. close() is left out: it never raises.
+    two tests after this one. close() is left out: it never raises; so is
+    read_replica_problem(), which answers what it found instead of raising.
     """
     public = {
         name
@@ -198,7 +199,7 @@ def test_the_call_table_covers_every_public_database_method():
         if not name.startswith("_")
         and (inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member))
     }
-    assert public - {"close"} == set(_every_public_call(Snapshot(1, 1)))
+    assert public - {"close", "read_replica_problem"} == set(_every_public_call(Snapshot(1, 1)))
 
 
 async def test_every_public_method_of_a_closed_pool_raises_database_error(dsn):

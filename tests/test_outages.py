@@ -6,7 +6,9 @@ slow clients and dead peers.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import signal
 import time
 from urllib.parse import quote
@@ -17,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from notifyd.db import DATABASE_ERRORS
+from notifyd.logs import line_handler
 
 from .conftest import SECRET, TIMEOUT, insert
 from .pgproxy import connection_cutting_proxy
@@ -286,3 +289,46 @@ async def test_connection_lost_in_the_middle_of_a_large_window_resumes_after_the
         assert cut.is_set()
         await daemon.daemon.stop()  # while its pool's proxy still runs
     assert titles == [f"w{g}" for g in range(1, rows + 1)]
+
+
+async def test_delivery_reads_again_as_soon_as_listen_returns_after_an_outage_in_one_line_logs(
+    cluster, start_daemon, open_client, dsn, caplog
+):
+    """
+    A long database outage backs delivery's retries off to many seconds;
+    when the database is back, delivery reads as soon as LISTEN returns, not
+    when its back-off ends, and the outage is logged one line per event
+    (asyncpg's pool reconnect failures included), never with a traceback.
+    """
+    if cluster is None:
+        pytest.skip("needs the embedded cluster to stop it")
+    running = await start_daemon(reconnect_max_s=0.3)
+    delivery = running.daemon.delivery
+    # Longer than the deadline below: only LISTEN's return can end the wait.
+    delivery._retry_max = 3600.0
+    client = await open_client(running.url("alice"))
+    caplog.set_level(logging.INFO, logger="notifyd.delivery")
+    lines = io.StringIO()
+    handler = line_handler("kv", lines)
+    logging.getLogger().addHandler(handler)
+    try:
+        await asyncio.to_thread(cluster.stop)
+        try:
+            # The 8th failed read starts a 12.8 s back-off.
+            await _wait_until(
+                lambda: _true_async(delivery.stats.read_failures >= 8),
+                "delivery to back off past the deadline",
+                timeout=6 * TIMEOUT,
+            )
+        finally:
+            await asyncio.to_thread(cluster.start)
+        app = await _connect_retry(dsn)
+        await insert(app, "alice", "after the outage")
+        await app.close()
+        await client.messages_until("after the outage", timeout=TIMEOUT)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    output = lines.getvalue()
+    assert "Failed to restore the pool connection floor" in output
+    assert "delivery reads again after" in output
+    assert "Traceback" not in output, output
