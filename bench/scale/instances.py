@@ -17,10 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
+
 from ..accounting import account, tagged_rows
 from ..contenders import Contender, close_contender
 from ..control import Child
-from ..measure import cluster_cpu_seconds, tree_cpu_seconds, wait_quiet
+from ..measure import cluster_cpu_seconds, tree_cpu_by_pid, tree_cpu_seconds, wait_quiet
 from ..pgbench import Writes, pgbench
 from ..plan import NOTIFYD_TABLE
 from ..progress import progress
@@ -115,6 +117,32 @@ async def _open_fleet(rig: Rig, variant: Variant, count: int, users: list[str]) 
     return _Fleet(servers, contenders)
 
 
+_INSTANCE_BACKENDS = """
+    SELECT pid FROM pg_stat_activity
+    WHERE backend_type = 'client backend' AND application_name <> 'pgbench'
+      AND pid <> pg_backend_pid() AND NOT pid = ANY($1::int[])"""
+
+
+async def _instance_backends(dsn: str, exclude: list[int]) -> list[int]:
+    """
+    The pids of the backends the instances hold on the server at ``dsn``:
+    every client backend but pgbench's, the bench's own and ``exclude``.
+    """
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [r["pid"] for r in await conn.fetch(_INSTANCE_BACKENDS, exclude)]
+    finally:
+        await conn.close()
+
+
+def _backends_cpu(before: dict[int, float], after: dict[int, float], pids: list[int]) -> float:
+    """
+    CPU seconds ``pids`` used between the two readings (all of it for a
+    backend that started in between).
+    """
+    return sum(after.get(pid, 0.0) - before.get(pid, 0.0) for pid in pids)
+
+
 async def _hold_lease(rig: Rig, seconds: float) -> None:
     """
     Hold the polling lease for ``seconds`` from now (0: end it), as a
@@ -156,6 +184,8 @@ async def _one_run(
         cpu0, wall0 = _tree_cpu(pids), time.monotonic()
         pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
         sb0 = None if standby_pid is None else cluster_cpu_seconds(standby_pid)
+        backends0 = {} if rig.pg_pid is None else tree_cpu_by_pid(rig.pg_pid)
+        standby_backends0 = {} if standby_pid is None else tree_cpu_by_pid(standby_pid)
         writes = Writes(NOTIFYD_TABLE, tag, _PREFIX, plan.users)
         if count == 0:
             await _hold_lease(rig, plan.seconds + 60)
@@ -173,6 +203,19 @@ async def _one_run(
         cpu1, wall1 = _tree_cpu(pids), time.monotonic()
         pg1 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
         sb1 = None if standby_pid is None else cluster_cpu_seconds(standby_pid)
+        backends1 = {} if rig.pg_pid is None else tree_cpu_by_pid(rig.pg_pid)
+        standby_backends1 = {} if standby_pid is None else tree_cpu_by_pid(standby_pid)
+        own = [rig.db.get_server_pid()]
+        mine = _backends_cpu(backends0, backends1, await _instance_backends(rig.dsn, own))
+        mine_standby = (
+            _backends_cpu(
+                standby_backends0,
+                standby_backends1,
+                await _instance_backends(variant.settings["NOTIFYD_READ_DSN"], []),
+            )
+            if variant.replica and count
+            else None
+        )
         rows = await tagged_rows(rig.db, NOTIFYD_TABLE, tag, clock)
         receipts: list[tuple[str, int]] = []
         if fleet.clients:
@@ -199,6 +242,9 @@ async def _one_run(
         "pg_cpu_us_per_message": per_message(pg0, pg1),
         "standby_cpu_us_per_message": per_message(sb0, sb1),
         "server_cpu_us_per_message": per_message(cpu0, cpu1) if count else None,
+        # The instances' own backends alone: less noisy than the whole cluster.
+        "backends_cpu_us_per_message": per_message(0.0, mine) if count else None,
+        "standby_backends_cpu_us_per_message": per_message(0.0, mine_standby),
         "wall_s": wall1 - wall0,
         "other_load_before_cores": calm,
     }
@@ -231,7 +277,10 @@ async def instances_phase(
                 progress(
                     f"  {variant.name} x{count}: {run['committed_per_s']:.0f} commits/s, Postgres "
                     f"{_fmt(run['pg_cpu_us_per_message'])} us/message, standby "
-                    f"{_fmt(run['standby_cpu_us_per_message'])}, p99 {lat.get('p99')} ms, "
+                    f"{_fmt(run['standby_cpu_us_per_message'])}, instances' backends "
+                    f"{_fmt(run['backends_cpu_us_per_message'])} + "
+                    f"{_fmt(run['standby_backends_cpu_us_per_message'])} on the standby, "
+                    f"p99 {lat.get('p99')} ms, "
                     f"lost {run.get('lost', 0)}, twice {run.get('duplicates', 0)}"
                 )
     return {
@@ -275,6 +324,10 @@ def summarise_instances(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "pg_cpu_us": _median([r["pg_cpu_us_per_message"] for r in mine]),
                 "standby_cpu_us": _median([r["standby_cpu_us_per_message"] for r in mine]),
                 "server_cpu_us": _median([r["server_cpu_us_per_message"] for r in mine]),
+                "backends_cpu_us": _median([r.get("backends_cpu_us_per_message") for r in mine]),
+                "standby_backends_cpu_us": _median(
+                    [r.get("standby_backends_cpu_us_per_message") for r in mine]
+                ),
                 "p99_ms": _median([(r.get("latency_ms") or {}).get("p99") for r in mine]),
                 "committed_per_s": _median([r["committed_per_s"] for r in mine]),
                 "rows": sum(r["rows"] for r in mine),
