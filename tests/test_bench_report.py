@@ -490,6 +490,8 @@ def _instances_row(variant: str, n: int, pg: float, standby: float | None = None
         "pg_cpu_us": pg,
         "standby_cpu_us": standby,
         "server_cpu_us": None if n == 0 else 100.0,
+        "backends_cpu_us": None if n == 0 else 20.0 * n,
+        "standby_backends_cpu_us": None if standby is None or n == 0 else 30.0 * n,
         "p99_ms": None if n == 0 else 9.0,
         "committed_per_s": 1000.0,
         "rows": 30_000,
@@ -574,19 +576,20 @@ def test_instances_table_lists_every_deployment_with_its_cost_and_what_was_not_m
     results["scale"] = {"instances": scale_instances()}
     text = render(results)
     section = text[text.index("### More instances on one database") :]
-    assert (
-        "| writes alone | 0 | 1,000 | 200 | n/a | n/a | n/a | 40 | n/a | 0 / 0 of 30,000 |"
-        in section
-    )
-    assert (
-        "| instances | 4 | 1,000 | 440 | 240 | 60 | 6.0 | n/a | 9.0 | 0 / 0 of 30,000 |" in section
-    )
-    assert (
-        "| instances, reads on a standby | 2 | 1,000 | 230 | 30 | 15 | 1.5 | 100 | 9.0 |" in section
-    )
-    assert section.index("| writes alone |") < section.index("| instances | 1 |")
+    primary, other = section.split("The standby, notifyd itself", 1)
+    assert "| writes alone | 0 | 1,000 | 200 | n/a | n/a | n/a | n/a | n/a |" in primary
+    assert "| instances | 4 | 1,000 | 440 | 240 | 60 | 80 | 20 | 2.0 |" in primary
+    standby = "| instances, reads on a standby | 2 | 1,000 | 230 | 30 | 15 | 40 | 20 | 2.0 |"
+    assert standby in primary
+    assert primary.index("| writes alone |") < primary.index("| instances | 1 |")
+    assert "| writes alone | 0 | 40 | n/a | n/a | n/a | n/a | 0 / 0 of 30,000 |" in other
+    standby = "| instances, reads on a standby | 2 | 100 | 60 | 30 | 100 | 9.0 | 0 / 0 of 30,000 |"
+    assert standby in other
     assert "Not measured in this run: workers: this notifyd has no NOTIFYD_WORKERS." in section
-    assert "instances: 60 µs of primary CPU per message per instance" in section
+    assert (
+        "instances: 20 µs of primary CPU per message per instance by its backends, 60 µs by "
+        "the whole cluster (medians over 1, 2, 4 instances)"
+    ) in section
 
 
 def test_report_without_scale_figures_has_no_scale_section() -> None:

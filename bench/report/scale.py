@@ -177,55 +177,71 @@ def _instances(s: dict[str, Any]) -> list[str]:
         "message, hence the share of a core.",
         "",
     ]
-    rows = []
-    # The writes alone first: every other row is read against it.
-    for row in sorted(summary, key=lambda row: row["instances"] != 0):
-        cost = costs.get(row["variant"], {}).get(row["instances"], {})
-        per = cost.get("pg_added_per_instance_us")
-        share = None if per is None else per * row["committed_per_s"] / 1e6 * 100
-        rows.append(
+    ordered = sorted(summary, key=lambda row: row["instances"] != 0)  # writes alone first
+    primary, other = [], []
+    for row in ordered:
+        n = row["instances"]
+        cost = costs.get(row["variant"], {}).get(n, {})
+        backends = row.get("backends_cpu_us")
+        per_backend = None if backends is None or not n else backends / n
+        share = None if per_backend is None else per_backend * row["committed_per_s"] / 1e6 * 100
+        primary.append(
             (
-                row["variant"],
-                str(row["instances"]),
-                num(row["committed_per_s"]),
-                num(row["pg_cpu_us"]),
-                num(cost.get("pg_added_us")),
-                num(per),
-                num(share, 1),
-                num(row["standby_cpu_us"]),
-                num(row["p99_ms"], 1),
+                row["variant"], str(n), num(row["committed_per_s"]), num(row["pg_cpu_us"]),
+                num(cost.get("pg_added_us")), num(cost.get("pg_added_per_instance_us")),
+                num(backends), num(per_backend), num(share, 1),
+            )
+        )  # fmt: skip
+        standby_backends = row.get("standby_backends_cpu_us")
+        other.append(
+            (
+                row["variant"], str(n), num(row["standby_cpu_us"]), num(standby_backends),
+                num(None if standby_backends is None or not n else standby_backends / n),
+                num(row["server_cpu_us"]), num(row["p99_ms"], 1),
                 f"{num(row['lost'])} / {num(row['duplicates'])} of {num(row['rows'])}",
             )
-        )
+        )  # fmt: skip
+    out += [
+        "The primary. *Cluster* is every process of it; *above writes alone* subtracts the "
+        "baseline; *instances' backends* is the CPU of the connections the instances hold "
+        "(their window reads, LISTEN, probe and lease), read per backend, which the other "
+        "tenants of a shared machine disturb far less than the cluster's total:",
+        "",
+    ]
     out += table(
-        (
-            "deployment",
-            "instances",
-            "commits/s",
-            "Postgres µs/message",
-            "above writes alone",
-            "per instance",
-            "per instance, % of a core",
-            "standby µs/message",
-            "p99 ms",
-            "lost / twice",
-        ),
-        rows,
-    )
+        ("deployment", "instances", "commits/s", "cluster µs/message", "above writes alone",
+         "per instance", "instances' backends µs/message", "per instance",
+         "per instance, % of a core"),
+        primary,
+    )  # fmt: skip
+    out += ["", "The standby, notifyd itself and the deliveries:", ""]
+    out += table(
+        ("deployment", "instances", "standby cluster µs/message", "instances' backends there",
+         "per instance", "notifyd µs/message (all instances)", "p99 ms", "lost / twice"),
+        other,
+    )  # fmt: skip
     notes = s.get("not_measured") or []
     if notes:
         out += ["", "Not measured in this run: " + "; ".join(notes) + "."]
     slopes = []
-    for variant, by_count in costs.items():
-        known = [
+    for variant in dict.fromkeys(row["variant"] for row in ordered if row["instances"]):
+        rows = [row for row in ordered if row["variant"] == variant and row["instances"]]
+        backends = [
+            row["backends_cpu_us"] / row["instances"]
+            for row in rows
+            if row.get("backends_cpu_us") is not None
+        ]
+        cluster = [
             c["pg_added_per_instance_us"]
-            for c in by_count.values()
+            for c in costs.get(variant, {}).values()
             if c["pg_added_per_instance_us"] is not None
         ]
-        if known:
+        if backends or cluster:
             slopes.append(
-                f"{variant}: {num(statistics.median(known))} µs of primary CPU per message per "
-                f"instance (median over {', '.join(str(n) for n in sorted(by_count))} instances)"
+                f"{variant}: {num(statistics.median(backends) if backends else None)} µs of "
+                f"primary CPU per message per instance by its backends, "
+                f"{num(statistics.median(cluster) if cluster else None)} µs by the whole cluster "
+                f"(medians over {', '.join(str(row['instances']) for row in rows)} instances)"
             )
     if slopes:
         out += ["", "Each added instance costs the primary: " + "; ".join(slopes) + "."]
