@@ -48,6 +48,13 @@ class Variant:
     replica: bool = False  # NOTIFYD_READ_DSN names the standby
     settings: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def slug(self) -> str:
+        """
+        The name as it can go into a log file's name.
+        """
+        return "-".join(self.name.replace(",", " ").split())
+
 
 @dataclass(frozen=True)
 class InstancesPlan:
@@ -90,7 +97,7 @@ async def _open_fleet(rig: Rig, variant: Variant, count: int, users: list[str]) 
             if variant.workers:
                 settings["NOTIFYD_WORKERS"] = str(count)
             server, port = await start_server(
-                rig, "notifyd", name=f"notifyd-{variant.name}-{count}-{k}", settings=settings
+                rig, "notifyd", name=f"notifyd-{variant.slug}-{count}-{k}", settings=settings
             )
             servers.append(server)
             config = json.dumps(
@@ -101,7 +108,7 @@ async def _open_fleet(rig: Rig, variant: Variant, count: int, users: list[str]) 
             # the connections over them.
             clients = [
                 await rig.spawn(
-                    f"receipts-{variant.name}-{count}-{k}-{j}",
+                    f"receipts-{variant.slug}-{count}-{k}-{j}",
                     [sys.executable, "-m", "bench.receipts", config],
                     control=True,
                 )
