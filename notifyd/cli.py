@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -23,10 +24,12 @@ from .auth import TokenVerifier
 from .daemon import Daemon, Instance, Stopped
 from .db import connect_database
 from .exceptions import ConfigError, NotifydError
+from .fleet import WorkerLink
 from .logs import configure_logging
 from .loop import loop_factory
 from .origin import origin_warning
 from .settings import Settings, load_settings
+from .workers import Workers, heartbeat_interval
 
 __all__ = ["main"]
 
@@ -47,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    commands.add_parser("serve", help="run the push server (needs NOTIFYD_DSN)")
+    serve = commands.add_parser("serve", help="run the push server (needs NOTIFYD_DSN)")
+    # Given by the parent of NOTIFYD_WORKERS to each worker (notifyd/workers.py).
+    for option in ("--worker-index", "--worker-count", "--worker-fd"):
+        serve.add_argument(option, type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
 
     demo = commands.add_parser(
         "demo", help="run the server on an embedded throwaway PostgreSQL (or NOTIFYD_DSN)"
@@ -149,17 +156,55 @@ def _exit_code(stopped: Stopped) -> int:
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.dsn:
         raise ConfigError("NOTIFYD_DSN is not set: give the PostgreSQL connection string")
-    daemon = Daemon(settings, _verifier(settings))
-    warning = origin_warning(
-        allowed_origins=settings.allowed_origins, is_loopback=settings.local_only
-    )
-    if warning is not None:
-        logger.warning("%s", warning)
+    verifier = _verifier(settings)
+    link = _worker_link(settings, args)
+    if link is None:
+        warning = origin_warning(
+            allowed_origins=settings.allowed_origins, is_loopback=settings.local_only
+        )
+        if warning is not None:
+            logger.warning("%s", warning)
+        if settings.workers > 1:
+            return await _serve_workers(settings, args)
+    daemon = Daemon(settings, verifier, fleet=link)
 
     def reload() -> TokenVerifier | None:
         return _verifier(load_settings(args.env_file))
 
-    return _exit_code(await daemon.run(reload=reload))
+    if link is None:
+        return _exit_code(await daemon.run(reload=reload))
+    async with link.running():
+        return _exit_code(await daemon.run(reload=reload))
+
+
+def _worker_link(settings: Settings, args: argparse.Namespace) -> WorkerLink | None:
+    """
+    The link to the parent when this process is one of NOTIFYD_WORKERS.
+    """
+    if args.worker_fd is None:
+        return None
+    # Until the daemon handles SIGHUP, a reload passed on must not end us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return WorkerLink(
+        args.worker_fd,
+        index=args.worker_index,
+        count=args.worker_count,
+        metrics_dir=args.worker_dir,
+        interval=heartbeat_interval(settings.worker_stall_s),
+    )
+
+
+async def _serve_workers(settings: Settings, args: argparse.Namespace) -> int:
+    """
+    The parent of NOTIFYD_WORKERS workers (settings already checked here).
+    """
+    command = [sys.executable, "-m", "notifyd"]
+    if args.env_file is not None:
+        command += ["--env-file", str(args.env_file)]
+    stopped = await Workers(settings, [*command, "serve"]).run()
+    if stopped.failure is not None:
+        _error(stopped.failure)
+    return stopped.code
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from .collector import Collector
 from .db import Database, connect_database, refuse_standby_at
 from .delivery import Delivery
 from .exceptions import NotifydError, SchemaError
+from .fleet import WorkerLink
 from .handshake import Admission
 from .hub import Hub
 from .incidents import Incidents
@@ -84,6 +85,7 @@ class Instance:
         lag: LoopLag,
         cleanup: contextlib.AsyncExitStack,
         demo_users: dict[str, str] | None,
+        fleet: WorkerLink | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -106,14 +108,14 @@ class Instance:
             stats=stats,
         )
         registry = registry_for(self.vitals, stats) if settings.metrics else None
+        vitals: Callable[[], Vitals] = self.vitals
+        metrics = None if registry is None else lambda: render_metrics(registry)
+        if fleet is not None:
+            # One of several workers: its HTTP paths answer for all of them.
+            vitals, metrics = fleet.views(vitals, metrics)
         self.server = PushServer(
             settings,
-            routes=Routes(
-                settings,
-                self.vitals,
-                None if registry is None else lambda: render_metrics(registry),
-                demo_users=demo_users,
-            ),
+            routes=Routes(settings, vitals, metrics, demo_users=demo_users),
             admission=Admission(settings, access, incidents),
             access=access,
             actions=Actions(
@@ -214,15 +216,18 @@ class Daemon:
         *,
         demo_users: dict[str, str] | None = None,
         wait_for_database: bool = True,
+        fleet: WorkerLink | None = None,
     ) -> None:
         """
         ``demo_users`` (``notifyd demo`` only: user -> token) turns on the
-        message center at ``/`` and the ``demo_send`` action.
+        message center at ``/`` and the ``demo_send`` action; ``fleet``: this
+        process is one of ``NOTIFYD_WORKERS`` (:mod:`notifyd.fleet`).
         """
         self.settings = settings
         self.keys = Keys(verifier)
         self._demo_users = demo_users
         self._wait_for_database = wait_for_database
+        self._fleet = fleet
         self._instance: Instance | None = None
 
     async def __aenter__(self) -> Instance:
@@ -298,6 +303,7 @@ class Daemon:
                 lag=lag,
                 cleanup=cleanup.pop_all(),
                 demo_users=self._demo_users,
+                fleet=self._fleet,
             )
         try:
             await instance.server.start()

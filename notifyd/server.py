@@ -126,6 +126,8 @@ class PushServer:
             close_timeout=5,
             server_header="notifyd",
             create_connection=PeerConnection,
+            # Workers each bind the same port; the kernel spreads connections.
+            reuse_port=settings.workers > 1,
         )
         scheme = "wss" if settings.tls_cert_file else "ws"
         logger.info("listening on %s://%s:%d/ws/message", scheme, settings.host, self.port)

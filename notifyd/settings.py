@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -125,6 +126,18 @@ class Settings(BaseSettings):
     reconnect_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     pool_size: int = Field(default=4, ge=2)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Worker processes sharing the port (SO_REUSEPORT) under one parent; "
+        "auto: one per CPU this process may run on. See docs/deployment.md.",
+    )
+    worker_stall_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="With NOTIFYD_WORKERS above 1: a worker whose heartbeats stop this long "
+        "(its event loop stuck) is killed and replaced; keep it below systemd's WatchdogSec.",
+    )
 
     metrics: bool = Field(default=True, description="Serve /metrics (Prometheus).")
     metrics_loopback_only: bool = Field(
@@ -295,6 +308,13 @@ class Settings(BaseSettings):
         TrustedProxies.from_list(value)
         return value
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return usable_cpus()
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -319,6 +339,17 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def usable_cpus() -> int:
+    """
+    The CPUs this process may run on (its affinity mask, which a container's
+    or systemd's CPU pinning narrows), at least 1.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
