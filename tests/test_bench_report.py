@@ -546,8 +546,18 @@ def test_scale_section_states_each_sessions_figure_and_where_it_was_measured() -
 def test_sessions_held_by_workers_say_that_memory_and_cpu_are_their_sum() -> None:
     results = json.loads((ROOT / "bench" / "results.json").read_text())
     results["scale"] = {"sessions": scale_sessions() | {"workers": 6}}
-    section = render(results).split("### Sessions on one instance", 1)[1]
+    section = render(results).split("### Sessions on one instance of 6 worker processes", 1)[1]
     assert "ran 6 worker processes (`NOTIFYD_WORKERS=6`)" in section
+
+
+def test_sessions_of_one_process_and_of_workers_are_reported_side_by_side() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    workers = scale_sessions() | {"workers": 6}
+    results["scale"] = {"sessions": scale_sessions(opened=19_500), "sessions_workers": workers}
+    text = render(results)
+    assert text.index("### Sessions on one process") < text.index(
+        "### Sessions on one instance of 6 worker processes"
+    )
 
 
 def test_sessions_short_of_the_target_say_how_many_were_held_and_why() -> None:

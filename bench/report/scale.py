@@ -44,8 +44,9 @@ def _sessions(s: dict[str, Any]) -> list[str]:
     twice = sum(r["duplicates"] for r in runs)
     rows = sum(r["rows"] for r in runs)
     cpu = _median([r["server_cpu_us_per_delivery"] for r in runs])
-    out = ["### Sessions on one instance", "", _measured(s), ""]
     workers = s.get("workers", 1)
+    title = "one process" if workers == 1 else f"one instance of {workers} worker processes"
+    out = [f"### Sessions on {title}", "", _measured(s), ""]
     if workers > 1:
         out += [
             f"The instance ran {workers} worker processes (`NOTIFYD_WORKERS={workers}`) sharing "
@@ -262,8 +263,9 @@ def scale_section(r: Results) -> list[str]:
         "The capacity model built on these figures is in [scaling.md](scaling.md).",
         "",
     ]
-    if "sessions" in scale:
-        out += [*_sessions(scale["sessions"]), ""]
+    for key in ("sessions", "sessions_workers"):
+        if key in scale:
+            out += [*_sessions(scale[key]), ""]
     if "instances" in scale:
         out += [*_instances(scale["instances"]), ""]
     return out

@@ -135,8 +135,10 @@ async def _scale(
                 concurrency=args.concurrency, idle_s=args.idle_s, rate=args.rate, reps=args.reps,
             )  # fmt: skip
             load0 = os.getloadavg()
-            result["sessions"] = await sessions_phase(rig, sessions, clock)
-            result["sessions"]["load_average"] = [round(x, 2) for x in (*load0, *os.getloadavg())]
+            # One process and one instance of workers are kept side by side.
+            key = "sessions" if args.workers == 1 else "sessions_workers"
+            result[key] = await sessions_phase(rig, sessions, clock)
+            result[key]["load_average"] = [round(x, 2) for x in (*load0, *os.getloadavg())]
         if args.only in (None, "instances"):
             counts = tuple(int(x) for x in args.instances.split(","))
             instances = InstancesPlan(
@@ -220,9 +222,9 @@ def main(argv: list[str]) -> int:
         measured["runtime_s"] = elapsed()
         measured["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         results = json.loads(args.results.read_text())
-        for phase in PHASES:
-            if phase in scale:
-                scale[phase]["measured"] = measured
+        for phase in scale.values():
+            if isinstance(phase, dict):
+                phase["measured"] = measured
         # A phase not run keeps the figures (and the description) of its last run.
         results["scale"] = {**results.get("scale", {}), **scale}
         args.results.write_text(json.dumps(results, indent=1, default=str) + "\n")
