@@ -639,3 +639,15 @@ def test_sessions_are_spread_over_enough_loopback_sources() -> None:
     sources = loopback_sources(100_000)
     assert len(sources) == 5
     assert sources[-1] == "127.0.0.6"
+
+
+def test_a_run_of_some_deployments_is_reported_beside_the_run_of_all() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    workers = scale_instances()
+    del workers["not_measured"]
+    workers["variants"] = [{"name": "workers", "workers": True, "replica": False}]
+    results["scale"] = {"instances": scale_instances(), "instances_workers": workers}
+    text = render(results)
+    assert text.index("### More instances on one database\n") < text.index(
+        "### More instances on one database: workers\n"
+    )

@@ -161,7 +161,8 @@ def _instances(s: dict[str, Any]) -> list[str]:
     summary = s["summary"]
     costs = instance_costs(summary)
     out = [
-        "### More instances on one database",
+        "### More instances on one database"
+        + (f": {', '.join(v['name'] for v in s['variants'])}" if "not_measured" not in s else ""),
         "",
         _measured(s),
         "",
@@ -266,6 +267,6 @@ def scale_section(r: Results) -> list[str]:
     for key in ("sessions", "sessions_workers"):
         if key in scale:
             out += [*_sessions(scale[key]), ""]
-    if "instances" in scale:
-        out += [*_instances(scale["instances"]), ""]
+    for key in sorted(k for k in scale if k.startswith("instances")):
+        out += [*_instances(scale[key]), ""]
     return out

@@ -79,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="per paced run (default 10)")
     p.add_argument("--no-replica", action="store_true", help="skip the standby variant")
     p.add_argument(
+        "--deployments",
+        help="only these (instances, instances-reads-on-a-standby, workers), kept beside the "
+        "figures of all",
+    )
+    p.add_argument(
         "--notifyd-env",
         action="append",
         default=[],
@@ -146,17 +151,24 @@ async def _scale(
                 seconds=args.seconds,
             )  # fmt: skip
             variants = _variants(None if standby is None else standby.dsn)
+            # A run of only some deployments is kept beside the run of all.
+            key = "instances"
+            if args.deployments:
+                wanted = args.deployments.split(",")
+                variants = [v for v in variants if v.slug in wanted]
+                key = "instances_" + "_".join(v.slug for v in variants)
             progress(f"instances {counts} at {args.rate}/s: {', '.join(v.name for v in variants)}")
             load0 = os.getloadavg()
-            result["instances"] = await instances_phase(
+            result[key] = await instances_phase(
                 rig,
                 instances,
                 variants,
                 clock,
                 None if standby is None else postmaster_pid(standby),
             )
-            result["instances"]["load_average"] = [round(x, 2) for x in (*load0, *os.getloadavg())]
-            result["instances"]["not_measured"] = _not_measured(variants, args.no_replica)
+            result[key]["load_average"] = [round(x, 2) for x in (*load0, *os.getloadavg())]
+            if not args.deployments:
+                result[key]["not_measured"] = _not_measured(variants, args.no_replica)
     finally:
         await rig.close()
         loop.remove_signal_handler(signal.SIGTERM)
