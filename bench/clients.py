@@ -121,7 +121,11 @@ class Clients:
             async with semaphore:
                 try:
                     session = await open_raw(
-                        self.url_for(user), self.tally, self.kind == "notifyd", timeout, source
+                        self.url_for(user),
+                        self.tally.record_bytes,
+                        self.kind == "notifyd",
+                        timeout,
+                        source,
                     )
                 except Exception as exc:
                     errors.append(f"{user}: {exc!r}")

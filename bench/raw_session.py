@@ -11,7 +11,9 @@ receiving client: the opening handshake (checked), unmasked server frames
 parsed in place, pings answered, the closing handshake.
 
 Writers put ``"<tag>:<time.time_ns() before commit>"`` in ``content``; a frame
-is parsed only that far, to keep the client cheap.
+is parsed only that far, to keep the client cheap. The soak's clients
+(``bench/soak/clients.py``) hand every text frame to their own callback
+instead, and read how the server refused or closed the session.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import base64
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
-__all__ = ["RawSession", "Tally", "open_raw"]
+__all__ = ["RawSession", "Refused", "Tally", "open_raw"]
 
 _CONTENT_BYTES = b'"content":'
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -79,11 +82,21 @@ class RawSession(asyncio.Protocol):
 
     ``opened`` resolves once the handshake succeeded and, with
     ``want_hello``, the first frame (which must be notifyd's ``hello``)
-    arrived; it fails with the reason otherwise.
+    arrived; it fails with the reason otherwise. Every text frame (the
+    ``hello`` too) goes to ``on_text`` with its arrival time. A refused
+    handshake leaves its status and ``Retry-After`` in ``refused_status`` and
+    ``retry_after``; a close frame from the server, its code and reason in
+    ``close_code`` and ``close_reason``.
     """
 
-    def __init__(self, tally: Tally, request: bytes, key: bytes, want_hello: bool) -> None:
-        self.tally = tally
+    def __init__(
+        self,
+        on_text: Callable[[bytes, int], None],
+        request: bytes,
+        key: bytes,
+        want_hello: bool,
+    ) -> None:
+        self.on_text = on_text
         self.request = request
         self.accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
         self.want_hello = want_hello
@@ -92,6 +105,10 @@ class RawSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.upgraded = False
+        self.refused_status: int | None = None
+        self.retry_after: str | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # create_connection hands a protocol a stream transport.
@@ -123,6 +140,7 @@ class RawSession(asyncio.Protocol):
                 not head.startswith(b"http/1.1 101")
                 or b"sec-websocket-accept: " + self.accept.lower() not in head
             ):
+                self._refused(head)
                 self._fail(f"handshake refused: {buffer[:80]!r}")
                 return
             self.upgraded = True
@@ -130,7 +148,7 @@ class RawSession(asyncio.Protocol):
                 self.opened.set_result(None)
             buffer = buffer[head_end + 4 :]
         pos, size = 0, len(buffer)
-        record = self.tally.record_bytes
+        record = self.on_text
         while size - pos >= 2:
             first, second = buffer[pos], buffer[pos + 1]
             length = second & 0x7F
@@ -161,18 +179,33 @@ class RawSession(asyncio.Protocol):
                     else:
                         self._fail(f"first frame is not hello: {payload[:100]!r}")
                         return
-                else:
-                    record(payload, now_ns)
+                record(payload, now_ns)
             elif opcode == 0x9:
                 assert self.transport is not None
                 self.transport.write(_masked(0xA, payload))
             elif opcode == 0x8:
                 assert self.transport is not None
+                if len(payload) >= 2:
+                    self.close_code = int.from_bytes(payload[:2], "big")
+                    self.close_reason = payload[2:].decode(errors="replace")
                 if not self.transport.is_closing():
                     self.transport.write(_masked(0x8, payload[:2]))
                     self.transport.close()
                 return
         self.buffer = buffer[pos:]
+
+    def _refused(self, head: bytes) -> None:
+        """
+        Note a refused handshake's status and Retry-After (``head`` lowered).
+        """
+        lines = head.split(b"\r\n")
+        parts = lines[0].split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            self.refused_status = int(parts[1])
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip() == b"retry-after":
+                self.retry_after = value.strip().decode()
 
     async def close(self) -> None:
         """
@@ -190,13 +223,34 @@ class RawSession(asyncio.Protocol):
             transport.abort()
 
 
+class Refused(ConnectionError):
+    """
+    The server answered the opening with something other than a session: an
+    HTTP status (``status``, with its ``retry_after``), or a close frame
+    before the ``hello`` (``close_code``, ``close_reason``).
+    """
+
+    def __init__(self, session: RawSession, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.status = session.refused_status
+        self.retry_after = session.retry_after
+        self.close_code = session.close_code
+        self.close_reason = session.close_reason
+
+
 async def open_raw(
-    url: str, tally: Tally, want_hello: bool, timeout: float, source: str | None = None
+    url: str,
+    on_text: Callable[[bytes, int], None],
+    want_hello: bool,
+    timeout: float,
+    source: str | None = None,
 ) -> RawSession:
     """
-    Open one :class:`RawSession` to ``url`` (``ws://host:port/path?query``),
+    Open one :class:`RawSession` to ``url`` (``ws://host:port/path?query``)
+    whose text frames go to ``on_text`` (a :meth:`Tally.record_bytes`, say),
     from the local address ``source`` when given (a loopback alias such as
-    127.0.0.2: one source address has only so many ephemeral ports).
+    127.0.0.2: one source address has only so many ephemeral ports);
+    :class:`Refused` when the server answered with a status or a close.
     """
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port
@@ -212,15 +266,19 @@ async def open_raw(
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, session = await loop.create_connection(
-            lambda: RawSession(tally, request, key, want_hello),
+            lambda: RawSession(on_text, request, key, want_hello),
             host,
             port,
             local_addr=None if source is None else (source, 0),
         )
         try:
             await session.opened
-        except BaseException:
+        except BaseException as exc:
             if session.transport is not None:
                 session.transport.abort()
+            if isinstance(exc, Exception) and (
+                session.refused_status is not None or session.close_code is not None
+            ):
+                raise Refused(session, exc) from exc
             raise
     return session

@@ -18,7 +18,9 @@ and tasks) are not. So once many sessions have closed since the last full
 collection (a quarter of those then open, at least ``min_closed``), or the
 number of sessions has doubled, everything is thawed, collected once and
 frozen again: the pause comes with session churn and growth, not with
-message traffic.
+message traffic. A stopping instance closes every session at once: from
+:meth:`Collector.stop` on there are no more collections (each would walk
+everything again while the process ends).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Collector:
         self._closed_fraction = closed_fraction
         self._sessions_at_collect = 0
         self._closed_at_collect = 0
+        self._stopped = False
         self.full_collections = 0
 
     def after_round(self, *, admitted: bool, sessions: int, closed_total: int) -> bool:
@@ -46,6 +49,8 @@ class Collector:
         how many are open and how many ever closed; returns whether it ran a
         full collection.
         """
+        if self._stopped:
+            return False
         closed = closed_total - self._closed_at_collect
         due = closed >= max(self._min_closed, self._closed_fraction * self._sessions_at_collect)
         if not due and admitted:
@@ -63,6 +68,12 @@ class Collector:
         self._sessions_at_collect = sessions
         self._closed_at_collect = closed_total
         return True
+
+    def stop(self) -> None:
+        """
+        No more freezing or collecting: the instance is stopping.
+        """
+        self._stopped = True
 
     @staticmethod
     def release() -> None:

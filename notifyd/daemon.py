@@ -83,6 +83,7 @@ class Instance:
         sinks: SinkManager | None,
         tasks: Supervisor,
         lag: LoopLag,
+        collector: Collector,
         cleanup: contextlib.AsyncExitStack,
         demo_users: dict[str, str] | None,
         fleet: WorkerLink | None = None,
@@ -97,6 +98,7 @@ class Instance:
         self.sinks = sinks
         self._tasks = tasks
         self._lag = lag
+        self._collector = collector
         self._cleanup = cleanup
         self._stopped = False
         incidents = Incidents(stats)
@@ -199,6 +201,7 @@ class Instance:
         if self._stopped:
             return
         self._stopped = True
+        self._collector.stop()
         self.server.stop_accepting()
         await self.server.close_sessions(code, self.settings.shutdown_timeout_s)
         await self._cleanup.aclose()
@@ -301,6 +304,7 @@ class Daemon:
                 sinks=sinks,
                 tasks=tasks,
                 lag=lag,
+                collector=collector,
                 cleanup=cleanup.pop_all(),
                 demo_users=self._demo_users,
                 fleet=self._fleet,

@@ -58,6 +58,13 @@ logger = logging.getLogger(__name__)
 # that clients told at the same moment do not all come back at the same one.
 _RETRY_HINT_S = (1, 2)
 
+# The listen backlog: connections the kernel completes before the loop
+# accepts them. asyncio's default (100) overflows at once when thousands of
+# clients come back together, and each SYN dropped then costs its client a
+# TCP retransmission 1, 3, 7, 15, 31 s later. The kernel caps this at
+# net.core.somaxconn.
+_LISTEN_BACKLOG = 65535
+
 
 class PushServer:
     """
@@ -126,6 +133,7 @@ class PushServer:
             close_timeout=5,
             server_header="notifyd",
             create_connection=PeerConnection,
+            backlog=_LISTEN_BACKLOG,
             # Workers each bind the same port; the kernel spreads connections.
             reuse_port=settings.workers > 1,
         )
@@ -141,10 +149,12 @@ class PushServer:
 
     async def close_sessions(self, code: CloseCode, timeout: float) -> None:
         """
-        Close every session with ``code`` and wait (bounded) until they are.
+        Close every session with ``code`` and wait (bounded) until their
+        handlers are done: a close frame each, written at once, without
+        waiting for the clients' answers.
         """
         for session in list(self._sessions):
-            session.close(code, _restart_reason(code))
+            session.close_at_once(code, _restart_reason(code))
         if self._server is not None:
             try:
                 async with asyncio.timeout(timeout):

@@ -219,6 +219,35 @@ class Session:
             self.close_reason = reason
             self._start_writer()
 
+    def close_at_once(self, code: CloseCode, reason: str | None = None) -> None:
+        """
+        Send the close frame and end the connection without waiting for the
+        client's answer; never awaits, never raises. For a stopping server:
+        waiting for thousands of answers, each a round trip through a busy
+        client, outlasted the shutdown timeout. Frames still in the outbox
+        are not sent: the client resumes from its cursor. A session already
+        closing (its writer owns the close) is left to it.
+        """
+        if self.close_code is not None:
+            return
+        self.flush()
+        self.close_code = code
+        self.close_reason = reason
+        connection = self.connection
+        transport = connection.transport
+        protocol = connection.protocol
+        if transport is None or protocol.state is not State.OPEN:
+            return
+        try:
+            protocol.send_close(code, reason or close_reason(code))
+            for chunk in protocol.data_to_send():
+                if chunk:
+                    transport.write(chunk)
+        except Exception:  # a broken connection: its handler cleans up
+            logger.debug("session %s: close frame not written", self.id, exc_info=True)
+        # Flushes what is buffered, then FIN.
+        transport.close()
+
     async def finished(self) -> None:
         """
         Wait until the writer is done (queued frames sent, close performed).

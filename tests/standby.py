@@ -31,6 +31,7 @@ import asyncpg
 
 from notifyd.demo.binaries import EmbeddedPostgresError, PostgresBinaries, one_line
 from notifyd.demo.embedded import EmbeddedPostgres
+from notifyd.replica import format_lsn, parse_lsn, replayable
 
 __all__ = ["ReplicatedPair", "replicated_pair", "wait_until_replayed"]
 
@@ -205,14 +206,25 @@ async def wait_until_replayed(primary_dsn: str, standby_dsn: str, timeout: float
     primary = await asyncpg.connect(primary_dsn, timeout=timeout)
     try:
         # The insert position: with synchronous_commit=off a commit may not
-        # be written out yet, and the write position would miss it.
-        target = await primary.fetchval("SELECT pg_current_wal_insert_lsn()")
+        # be written out yet, and the write position would miss it. Past a
+        # page header it is only reached at the page boundary (replayable).
+        row = await primary.fetchrow(
+            "SELECT pg_current_wal_insert_lsn()::text AS lsn, "
+            "current_setting('wal_block_size')::bigint AS block, "
+            "pg_size_bytes(current_setting('wal_segment_size')) AS segment"
+        )
     finally:
         await primary.close()
+    assert row is not None  # a SELECT without FROM always returns its row
+    target = replayable(
+        parse_lsn(row["lsn"]), block_size=int(row["block"]), segment_size=int(row["segment"])
+    )
     standby = await asyncpg.connect(standby_dsn, timeout=timeout)
     try:
         deadline = time.monotonic() + timeout
-        while not await standby.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", target):
+        while not await standby.fetchval(
+            "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", format_lsn(target)
+        ):
             assert time.monotonic() < deadline, "the standby did not catch up"
             await asyncio.sleep(_POLL_S)
     finally:

@@ -64,6 +64,19 @@ def test_doubling_sessions_calls_a_full_collection(thawed: None) -> None:
     assert alive() is None
 
 
+def test_a_stopping_instance_closing_every_session_calls_no_full_collection(
+    thawed: None,
+) -> None:
+    """Once stopped, closes that would call a full collection call none, nor freeze."""
+    collector = Collector(min_closed=10)
+    alive = _frozen_garbage(collector)
+    collector.stop()
+    assert collector.after_round(admitted=False, sessions=0, closed_total=5000) is False
+    assert collector.after_round(admitted=True, sessions=10_000, closed_total=5000) is False
+    assert alive() is not None
+    assert collector.full_collections == 0
+
+
 def test_release_hands_everything_back(thawed: None) -> None:
     collector = Collector(min_closed=10)
     collector.after_round(admitted=True, sessions=5, closed_total=0)

@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -277,6 +278,25 @@ def test_failed_start_reports_server_log_tail_in_one_line() -> None:
         assert "\n" not in message
         assert 'invalid value for parameter "shared_buffers"' in message
         assert not pg.is_running()
+    finally:
+        pg.cleanup()
+
+
+def test_a_port_taken_before_the_first_start_is_replaced_by_a_free_one() -> None:
+    """
+    Ports are picked free, not reserved: another process may bind one before
+    the cluster starts; the first start then takes another port.
+    """
+    pg = EmbeddedPostgres()
+    taken = pg.port
+    try:
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", taken))
+            squatter.listen()
+            pg.start(timeout=30)
+        assert pg.is_running()
+        assert pg.port != taken
+        assert pg.dsn == f"postgresql://postgres@127.0.0.1:{pg.port}/postgres"
     finally:
         pg.cleanup()
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from notifyd.db import schema_sql
+from notifyd.replica import parse_lsn
 
 from .conftest import SECRET, TIMEOUT, with_database
 from .processes import (
@@ -101,7 +102,7 @@ async def _prepared_pair(pair: ReplicatedPair) -> tuple[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def _served(max_lag_ms: int = 1000) -> AsyncIterator[Served]:
+async def _served(max_lag_ms: int = 1000, **settings: str) -> AsyncIterator[Served]:
     async with replicated_pair() as pair:
         primary, standby = await _prepared_pair(pair)
         port = free_port()
@@ -112,6 +113,7 @@ async def _served(max_lag_ms: int = 1000) -> AsyncIterator[Served]:
             NOTIFYD_READ_DSN=standby,
             NOTIFYD_READ_MAX_LAG_MS=str(max_lag_ms),
             NOTIFYD_POLL_INTERVAL_S="0.5",
+            **settings,
         )
         async with running_notifyd("serve", env=env) as server:
             await wait_until_healthy(port, server, path="/readyz")
@@ -188,15 +190,83 @@ async def test_a_wake_up_before_the_standby_replayed_the_commit_waits_for_replay
         await ann.close()
 
 
+async def test_a_transaction_open_across_windows_read_on_the_standby_is_delivered_at_its_commit() -> (
+    None
+):
+    # A standby's own snapshot lists no transaction in progress: a window
+    # bounded by it would take the open transaction for committed and never
+    # read its row. Bounded by the primary's snapshot, the row comes.
+    async with _served(max_lag_ms=60_000) as served:
+        ann = await Recorder.open(served.port, "ann")
+        await served.wait_metric("notifyd_read_replica_in_use", lambda v: v == 1)
+        held = await asyncpg.connect(served.primary, timeout=TIMEOUT)
+        try:
+            transaction = held.transaction()
+            await transaction.start()
+            await held.execute(_INSERT, "ann", "held-open")
+            # Later transactions commit and are read on the standby while
+            # that one is still open.
+            for title in ("after-1", "after-2"):
+                await served.insert("ann", title)
+                await ann.wait_for(lambda f, title=title: f.get("title") == title)  # type: ignore[misc]
+            await transaction.commit()
+        finally:
+            await held.close()
+        await ann.wait_for(lambda f: f.get("title") == "held-open")
+        assert [m["title"] for m in ann.messages()] == ["after-1", "after-2", "held-open"]
+        assert served.metric("notifyd_read_replica_fallbacks_total") == 0
+        await ann.close()
+
+
+async def test_a_join_right_after_a_wal_segment_switch_is_replayed_on_the_standby_at_once() -> None:
+    # After pg_switch_wal() the primary's insert position lies past the next
+    # segment's header, where a standby's replay never gets until another
+    # record comes: the target is the segment boundary. No probe NOTIFY
+    # writes that record meanwhile.
+    async with _served(max_lag_ms=800, NOTIFYD_PROBE_INTERVAL_S="3600") as served:
+        standby = served.pair.standby
+        assert standby is not None
+        ann = await Recorder.open(served.port, "ann")
+        await served.wait_metric("notifyd_read_replica_in_use", lambda v: v == 1)
+        await served.insert("ann", "before-switch")
+        cursor = (await ann.wait_for(lambda f: f.get("title") == "before-switch"))["cursor"]
+        await ann.close()
+        connection = await asyncpg.connect(served.primary, timeout=TIMEOUT)
+        try:
+            head = await connection.fetchrow(
+                "SELECT pg_switch_wal() IS NOT NULL AS switched,"
+                " pg_current_wal_insert_lsn()::text AS lsn,"
+                " pg_size_bytes(current_setting('wal_segment_size')) AS segment"
+            )
+        finally:
+            await connection.close()
+        assert head is not None and parse_lsn(head["lsn"]) % head["segment"] == 40
+        # tests/standby.py waits for the same boundary, and returns as soon
+        # as the switch is replayed: not only once the next record (the
+        # primary's running-transactions record, within 15 s) comes.
+        await wait_until_replayed(served.pair.primary.dsn, standby.dsn, timeout=2.0)
+        # Its replay is read on the standby, up to the join's window end.
+        ann = await Recorder.open(served.port, "ann", since=cursor)
+        assert ann.hello()["recovered"] is True and not ann.messages()
+        await ann.close()
+        assert served.metric("notifyd_read_replica_fallbacks_total") == 0
+        assert served.metric("notifyd_read_replica_in_use") == 1
+
+
 async def test_a_message_marked_read_is_never_unread_in_the_history_right_after() -> None:
-    async with _served(max_lag_ms=500) as served:
+    # The bound is long enough that delivery, waiting for the standby to
+    # replay the read's event, does not bypass it before the history is
+    # asked for: only the user's own write position keeps that history off
+    # the standby, which has not replayed the read.
+    async with _served(max_lag_ms=5000) as served:
         ann = await Recorder.open(served.port, "ann")
         await served.wait_metric("notifyd_read_replica_in_use", lambda v: v == 1)
         await served.insert("ann", "to-read")
         message = await ann.wait_for(lambda f: f.get("title") == "to-read")
         await served.standby_sql("SELECT pg_wal_replay_pause()")
+        # A session's frames are answered in order: the history right after
+        # the read has committed.
         await ann.ws.send(json.dumps({"action": "read", "ids": [message["id"]], "id": 1}))
-        await ann.wait_for(lambda f: f["event"] == "read")
         await ann.ws.send(json.dumps({"action": "history", "id": 2}))
         history = await ann.wait_for(lambda f: f["event"] == "history")
         assert [(m["id"], m["isRead"]) for m in history["messages"]] == [(message["id"], "1")]

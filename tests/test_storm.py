@@ -16,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import asyncpg
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Origin
@@ -335,6 +339,122 @@ async def _assert_every_row_reached_its_sessions_once(
         resumed = session.hellos[1:]
         assert all(hello["recovered"] is True for _, hello in resumed)
         assert resumed or not all_resumed, f"{session.user} never resumed"
+
+
+_QUEUED_CONNECTIONS = 1000
+
+
+def _somaxconn() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(
+    _somaxconn() < _QUEUED_CONNECTIONS,
+    reason=f"net.core.somaxconn below {_QUEUED_CONNECTIONS} caps any listen backlog",
+)
+async def test_a_thousand_connections_queue_while_the_server_cannot_accept(dsn: str) -> None:
+    """
+    notifyd serve is stopped (SIGSTOP), so it accepts nothing: the kernel
+    still completes the TCP handshakes of 1,000 clients arriving together
+    into the listen backlog, where they wait for the server instead of
+    having their SYNs dropped and retried 1, 3, 7 s later (asyncio's default
+    backlog of 100 would complete about 100). Once resumed, it serves them.
+    """
+    port = free_port()
+    env = serve_env(dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_LEVEL="WARNING")
+    async with running_notifyd("serve", env=env) as server:
+        await wait_until_healthy(port, server)
+        os.kill(server.process.pid, signal.SIGSTOP)
+        writers: list[asyncio.StreamWriter] = []
+        try:
+
+            async def queued() -> None:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), TIMEOUT
+                )
+                writers.append(writer)
+
+            results = await asyncio.gather(
+                *(queued() for _ in range(_QUEUED_CONNECTIONS)), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            assert not failed, f"{len(failed)} of {_QUEUED_CONNECTIONS} not queued: {failed[0]!r}"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+            for writer in writers:
+                writer.close()
+        async with connect(
+            f"ws://127.0.0.1:{port}/ws/message?token={mint('after-queue')}", open_timeout=TIMEOUT
+        ) as ws:
+            hello = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            assert hello["event"] == "hello"
+
+
+# Well below websockets' close timeout (5 s), well above a FIN's way over
+# loopback on a busy machine.
+_UNANSWERED_CLOSE_S = 2.5
+
+
+async def _raw_session(port: int, user: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """
+    A WebSocket session opened over a plain TCP stream, up to its hello, so
+    that the test decides whether it ever answers a close frame.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET /ws/message?token={mint(user)} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    opcode, payload = await _server_frame(reader)
+    assert opcode == 0x1 and b'"event":"hello"' in payload, payload
+    return reader, writer
+
+
+async def _server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """
+    One unmasked frame from the server: its opcode and payload.
+    """
+    first, second = await asyncio.wait_for(reader.readexactly(2), TIMEOUT)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(await reader.readexactly(8), "big")
+    return first & 0x0F, await asyncio.wait_for(reader.readexactly(length), TIMEOUT)
+
+
+async def test_a_stopping_server_ends_its_sessions_without_waiting_for_their_answers(
+    dsn: str,
+) -> None:
+    """
+    SIGTERM with 20 sessions whose clients never answer a close frame: each
+    gets close 1012 with a retry hint and then the end of the stream at
+    once, rather than after the server waited out its 5 s close timeout for
+    an answer (at 10,000 sessions those waits outlasted the shutdown
+    timeout); the process exits 0.
+    """
+    port = free_port()
+    env = serve_env(dsn, port, NOTIFYD_JWT_SECRET=SECRET, NOTIFYD_LOG_LEVEL="WARNING")
+    async with running_notifyd("serve", env=env) as server:
+        await wait_until_healthy(port, server)
+        sessions = [await _raw_session(port, f"mute{i}") for i in range(20)]
+        server.process.send_signal(signal.SIGTERM)
+        for reader, writer in sessions:
+            while (frame := await _server_frame(reader))[0] != 0x8:
+                pass
+            code = int.from_bytes(frame[1][:2], "big")
+            assert code == 1012 and _RETRY_MS.search(frame[1][2:].decode()), frame
+            # Nothing was answered, and the end of the stream comes well
+            # before websockets' close timeout (5 s) would have ended it.
+            assert await asyncio.wait_for(reader.read(), _UNANSWERED_CLOSE_S) == b""
+            writer.close()
+        assert await asyncio.wait_for(server.process.wait(), TIMEOUT) == 0, server.output()
 
 
 async def test_every_session_resumes_exactly_once_after_a_sigterm_restart(dsn: str) -> None:

@@ -11,9 +11,13 @@ Requests are JSON lines on stdin (``bench/control.py``), one reply each:
 * ``{"cmd": "reconnect", "n": 25, "seed": 1}``: close ``n`` random live
   sessions; each reconnects at once with ``since`` = its last cursor;
 * ``{"cmd": "stats"}``: live sessions, unique messages, duplicates,
-  resyncs, replays not proven (``recovered: false``), reconnects;
+  resyncs, replays not proven (``recovered: false``), reconnects,
+  handshakes the server shed, seconds waited before attempts;
 * ``{"cmd": "counts"}``: unique message ids received per user;
 * ``{"cmd": "quit"}``.
+
+A session that the server closed or refused comes back when notifyd.js
+would (:class:`Comeback`).
 """
 
 from __future__ import annotations
@@ -22,18 +26,68 @@ import asyncio
 import contextlib
 import json
 import random
+import re
+import time
 from typing import Any
 from urllib.parse import quote
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
-
 from notifyd.auth import TokenVerifier
+from notifyd.backoff import backoff_delay
 from notifyd.settings import Settings
 
 from ..control import run_command_process
+from ..raw_session import RawSession, Refused, open_raw
 
 _TOKEN_TTL_S = 7 * 86400
+
+# When to come back, as notifyd.js does (its DEFAULTS): a browser's session
+# is what a restart storm consists of.
+_INITIAL_DELAY_S = 0.5
+_MAX_DELAY_S = 30.0
+_RESTART_DELAY_S = 2.0
+_STABLE_AFTER_S = 10.0
+_SERVICE_RESTART = 1012
+_TRY_AGAIN_LATER = 1013
+_RETRY_MS = re.compile(r"retry_ms=(\d+)")
+
+
+class Comeback:
+    """
+    How long a session waits before its next attempt, as notifyd.js decides:
+    a server restart (1012) spreads the returns over ``_RESTART_DELAY_S``; a
+    shed handshake (503 with Retry-After, 1013 with ``retry_ms``) waits the
+    server's hint plus the backoff; any other failure waits the backoff
+    (exponential, full jitter), which starts over once a session stayed up
+    ``_STABLE_AFTER_S``.
+    """
+
+    def __init__(self) -> None:
+        self.attempt = 0
+        self.opened_at: float | None = None
+
+    def opened(self, now: float) -> None:
+        self.opened_at = now
+
+    def after_close(self, code: int | None, reason: str, now: float) -> float:
+        if code == _SERVICE_RESTART:
+            self.attempt = 0
+            self.opened_at = None
+            return random.uniform(0, _RESTART_DELAY_S)
+        if code == _TRY_AGAIN_LATER:
+            hint = _RETRY_MS.search(reason)
+            return (int(hint.group(1)) / 1000 if hint else 0.0) + self._backoff(now)
+        return self._backoff(now)
+
+    def after_refusal(self, status: int, retry_after: str | None, now: float) -> float:
+        hint = float(retry_after) if status == 503 and retry_after and retry_after.isdigit() else 0
+        return hint + self._backoff(now)
+
+    def _backoff(self, now: float) -> float:
+        if self.opened_at is not None and now - self.opened_at >= _STABLE_AFTER_S:
+            self.attempt = 0
+        self.opened_at = None
+        self.attempt += 1
+        return backoff_delay(self.attempt, initial=_INITIAL_DELAY_S, maximum=_MAX_DELAY_S)
 
 
 class Held:
@@ -51,14 +105,22 @@ class Held:
         self.unrecovered = 0
         self.connects = 0
         self.asked_to_reconnect = False
-        self.ws: ClientConnection | None = None
+        self.ws: RawSession | None = None
         self.live = asyncio.Event()
+        self.comeback = Comeback()
+        # Handshakes the server shed (503 or 1013), and the seconds waited
+        # before attempts in all.
+        self.shed = 0
+        self.waited_s = 0.0
 
     def url(self, base: str) -> str:
         url = f"{base}/ws/message?token={self.token}"
         if self.cursor is not None:
             url += f"&since={quote(self.cursor, safe='')}"
         return url
+
+    def take_bytes(self, payload: bytes, _now_ns: int) -> None:
+        self.take(json.loads(payload))
 
     def take(self, frame: dict[str, Any]) -> None:
         event = frame.get("event")
@@ -70,8 +132,10 @@ class Held:
         elif event == "resync":
             self.resyncs += 1
         elif event == "hello":
+            self.connects += 1
             if self.connects > 1 and frame.get("recovered") is False:
                 self.unrecovered += 1
+            self.comeback.opened(time.monotonic())
             self.live.set()
         if event in ("hello", "message", "resync") and "cursor" in frame:
             self.cursor = frame["cursor"]
@@ -79,31 +143,43 @@ class Held:
     async def hold(self, base: str, stopping: asyncio.Event) -> None:
         """
         Stay connected until ``stopping``: reconnect (and resume) after any
-        close, at once when this side closed, after a short random delay
-        when the server did or the connection failed.
+        close, at once when this side closed, otherwise after the wait
+        notifyd.js would make (:class:`Comeback`).
+
+        The sessions are :class:`~bench.raw_session.RawSession`, which cost
+        the client processes a fraction of the websockets library's client:
+        they share the machine's cores with the server they measure.
         """
         while not stopping.is_set():
             self.asked_to_reconnect = False
+            code: int | None = None
+            reason = ""
+            wait: float | None = None
             try:
-                async with connect(
-                    self.url(base),
-                    open_timeout=60,
-                    ping_interval=None,  # the server pings
-                    close_timeout=5,
-                    max_size=1 << 22,
-                    compression=None,
-                ) as ws:
-                    self.ws = ws
-                    self.connects += 1
-                    async for raw in ws:
-                        self.take(json.loads(raw))
-            except (OSError, TimeoutError, WebSocketException):
+                ws = await open_raw(self.url(base), self.take_bytes, True, timeout=60)
+            except Refused as exc:
+                if exc.status is not None:
+                    self.shed += exc.status == 503
+                    wait = self.comeback.after_refusal(
+                        exc.status, exc.retry_after, time.monotonic()
+                    )
+                code, reason = exc.close_code, exc.close_reason
+            except (OSError, TimeoutError, RuntimeError):
                 pass
+            else:
+                self.ws = ws
+                await ws.closed
+                code, reason = ws.close_code, ws.close_reason
             finally:
                 self.ws = None
                 self.live.clear()
-            if not self.asked_to_reconnect and not stopping.is_set():
-                await asyncio.sleep(random.uniform(0.2, 1.0))
+            if self.asked_to_reconnect or stopping.is_set():
+                continue
+            if wait is None:
+                self.shed += code == _TRY_AGAIN_LATER
+                wait = self.comeback.after_close(code, reason, time.monotonic())
+            self.waited_s += wait
+            await asyncio.sleep(wait)
 
 
 class SoakClients:
@@ -116,7 +192,7 @@ class SoakClients:
         self.reconnects_asked = 0
         self._closes: set[asyncio.Task[None]] = set()
 
-    def _closing(self, ws: ClientConnection) -> None:
+    def _closing(self, ws: RawSession) -> None:
         # The closing handshake runs beside the session's own task, which
         # sees the end of its frames and reconnects (or stops).
         task = asyncio.create_task(ws.close())
@@ -154,6 +230,8 @@ class SoakClients:
             "unrecovered": sum(h.unrecovered for h in self.held),
             "connects": sum(h.connects for h in self.held),
             "reconnects_asked": self.reconnects_asked,
+            "shed": sum(h.shed for h in self.held),
+            "waited_s": round(sum(h.waited_s for h in self.held), 1),
         }
 
     async def close(self) -> None:

@@ -115,7 +115,9 @@ def render(results: dict[str, Any]) -> str:
         + "` (README says how to run it). notifyd runs as a child process "
         "against an embedded PostgreSQL; sessions in "
         f"{config['client_procs']} client processes each hold one user, resume "
-        "from their last cursor whenever they reconnect, and count every "
+        "from their last cursor whenever they reconnect (after a close or a "
+        "refusal, when notifyd.js would: a 1012 within 2 s, a shed handshake "
+        "after its hint plus the jittered backoff), and count every "
         "message id they receive; at the end each user's count is compared "
         "with the table.",
         "",

@@ -276,6 +276,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             if server_restarts and now >= server_restarts[0]:
                 server_restarts.pop(0)
                 cpu0 -= cpu_seconds(server.pid)
+                before = await _restart_counters(clients)
                 t0 = time.monotonic()
                 code = await server.stop(timeout=60)
                 stopped = time.monotonic()
@@ -285,11 +286,15 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                 await wait_healthy(server, port, 60)
                 live_s = await _all_live(clients, args.sessions, timeout=600)
                 back = time.monotonic()
+                after = await _restart_counters(clients)
                 events.append({"at_s": round(now, 1), "what": "notifyd restart", "exit": code,
                                "stop_s": round(stopped - t0, 2),
                                "last_live_after_sigterm_s": round(back - t0, 2),
                                "last_live_after_start_s": round(back - stopped, 2),
-                               "all_live": live_s is not None})  # fmt: skip
+                               "all_live": live_s is not None,
+                               **{key: round(after[key] - before[key], 2) for key in after},
+                               "new_server_cpu_s": round(cpu_seconds(server.pid), 2),
+                               "load_average": round(os.getloadavg()[0], 2)})  # fmt: skip
                 progress(
                     f"  {now / 60:.1f} min: notifyd restarted; last session live "
                     f"{back - t0:.1f} s after SIGTERM"
@@ -356,6 +361,32 @@ async def _all_live(clients: list[Child], sessions: int, timeout: float) -> floa
         if time.monotonic() - started > timeout:
             return None
         await asyncio.sleep(0.1)
+
+
+def _listen_overflows() -> int:
+    """
+    The kernel's count of connections refused because a listen backlog was
+    full (every listener on the machine: other work counts too).
+    """
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return int(fields.get("ListenOverflows", 0))
+    return 0
+
+
+async def _restart_counters(clients: list[Child]) -> dict[str, float]:
+    """
+    What a restart is measured by as differences: handshakes shed, seconds
+    the clients waited before attempts, the clients' CPU, listen overflows.
+    """
+    stats = await asyncio.gather(*(c.request({"cmd": "stats"}, timeout=60) for c in clients))
+    return {
+        "handshakes_shed": sum(s["shed"] for s in stats),
+        "clients_cpu_s": sum(cpu_seconds(c.pid) for c in clients),
+        "listen_overflows": _listen_overflows(),
+    }
 
 
 async def _sample(

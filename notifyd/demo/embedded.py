@@ -62,13 +62,18 @@ _EXIT_GRACE_S = 10.0
 _BASE_BACKUP_TIMEOUT_S = 60.0
 _POLL_S = 0.01
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# The postmaster's words when its port was taken, and how many ports a
+# first start tries.
+_PORT_TAKEN = "Address already in use"
+_PORT_ATTEMPTS = 3
 
 
 class EmbeddedPostgres:
     """
     A private PostgreSQL cluster listening on ``127.0.0.1:<port>``.
 
-    The port is picked once, at construction, and never changes across
+    The port is picked at construction (another one if a different process
+    takes it before the first start) and never changes once started, across
     :meth:`stop`/:meth:`start`, so a DSN stays valid through restarts.
     Authentication is ``trust`` for the ``postgres`` superuser. A data
     directory created here is removed by :meth:`cleanup`; one passed in is
@@ -98,6 +103,7 @@ class EmbeddedPostgres:
         self._data_dir = Path(os.path.abspath(Path(data_dir).expanduser()))
         self._located: PostgresBinaries | None = None
         self._discarded = False
+        self._started = False
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(data_dir={str(self._data_dir)!r}, port={self._port})"
@@ -177,6 +183,27 @@ class EmbeddedPostgres:
         binaries = self._binaries()
         if not (self._data_dir / "PG_VERSION").exists():
             self._initdb(binaries, deadline)
+        attempt = 1
+        while (failure := self._start_postmaster(binaries, deadline)) is not None:
+            # Another process took the port between its pick and the first
+            # start (ports are picked free, not reserved): pick another.
+            # Once started, the port is the cluster's for good.
+            if self._started or _PORT_TAKEN not in failure or attempt >= _PORT_ATTEMPTS:
+                raise EmbeddedPostgresError(
+                    f"PostgreSQL did not start on 127.0.0.1:{self._port} "
+                    f"(data dir {self._data_dir}): {failure}"
+                )
+            attempt += 1
+            self._port = _free_port()
+        self._started = True
+        logger.info("PostgreSQL started on 127.0.0.1:%d (data dir %s)", self._port, self._data_dir)
+
+    def _start_postmaster(self, binaries: PostgresBinaries, deadline: float) -> str | None:
+        """
+        ``pg_ctl start -w`` on the current port; None once it accepts
+        connections, else why not (a postmaster that did not become ready
+        is killed).
+        """
         parameters = {
             "port": str(self._port),
             "listen_addresses": "127.0.0.1",
@@ -205,15 +232,11 @@ class EmbeddedPostgres:
             ],
             timeout=remaining + _SUBPROCESS_MARGIN_S,
         )
-        if code != 0:
-            # pg_ctl -w gives up on a slow server without stopping it.
-            self._kill_postmaster()
-            detail = self._log_tail() or one_line(output)
-            raise EmbeddedPostgresError(
-                f"PostgreSQL did not start on 127.0.0.1:{self._port} "
-                f"(data dir {self._data_dir}): {detail}"
-            )
-        logger.info("PostgreSQL started on 127.0.0.1:%d (data dir %s)", self._port, self._data_dir)
+        if code == 0:
+            return None
+        # pg_ctl -w gives up on a slow server without stopping it.
+        self._kill_postmaster()
+        return self._log_tail() or one_line(output)
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
         """
