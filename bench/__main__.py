@@ -98,6 +98,10 @@ def main() -> int:
         from .soak.run import main as soak
 
         return soak(sys.argv[2:])
+    if sys.argv[1:2] == ["scale"]:
+        from .scale.run import main as scale
+
+        return scale(sys.argv[2:])
     parser = _parser()
     args = parser.parse_args()
     if args.users < 100:

@@ -6,9 +6,10 @@ every message frame, when it arrived.
 ``{"kind": "notifyd"|"naive", "url": "ws://127.0.0.1:PORT", "secret": "..."}``.
 Requests are JSON lines on stdin, one JSON reply line each on stdout:
 
-* ``{"cmd": "open", "users": [...], "concurrency": 50, "timeout": 60}``: open
-  one session per user (notifyd: ``?counts=inline&token=``, then wait for
-  ``hello``; naive: ``/ws/message/{user}``);
+* ``{"cmd": "open", "users": [...], "concurrency": 50, "timeout": 60,
+  "sources": ["127.0.0.2", ...]}``: open one session per user (notifyd:
+  ``?counts=inline&token=``, then wait for ``hello``; naive:
+  ``/ws/message/{user}``), from the ``sources`` addresses in turn when given;
 * ``{"cmd": "count", "tags": [...]}``: messages received per tag so far;
 * ``{"cmd": "take", "tag": "..."}``: their latencies (µs) and last receipt
   time, forgotten afterwards;
@@ -107,23 +108,32 @@ class Clients:
                 raise RuntimeError(f"first frame is not hello: {first[:100]!r}")
         return ws
 
-    async def open(self, users: list[str], concurrency: int, timeout: float) -> dict[str, Any]:
+    async def open(
+        self, users: list[str], concurrency: int, timeout: float, sources: list[str] | None = None
+    ) -> dict[str, Any]:
         semaphore = asyncio.Semaphore(concurrency)
         errors: list[str] = []
+        failed: list[str] = []
         started = time.perf_counter()
 
-        async def one(user: str) -> None:
+        async def one(index: int, user: str) -> None:
+            source = sources[index % len(sources)] if sources else None
             async with semaphore:
                 try:
                     session = await open_raw(
-                        self.url_for(user), self.tally.record_bytes, self.kind == "notifyd", timeout
+                        self.url_for(user),
+                        self.tally.record_bytes,
+                        self.kind == "notifyd",
+                        timeout,
+                        source,
                     )
                 except Exception as exc:
                     errors.append(f"{user}: {exc!r}")
+                    failed.append(user)
                     return
             self.sessions.append(session)
 
-        await asyncio.gather(*(one(user) for user in users))
+        await asyncio.gather(*(one(i, user) for i, user in enumerate(users)))
         # The sessions live until the end: keep the collector from walking
         # them again and again (the instrument must not stall).
         gc.collect()
@@ -132,6 +142,7 @@ class Clients:
             "opened": len(users) - len(errors),
             "failed": len(errors),
             "errors": errors[:3],
+            "failed_users": failed,
             "seconds": time.perf_counter() - started,
         }
 
@@ -168,6 +179,7 @@ class Clients:
                 request["users"],
                 request.get("concurrency", 50),
                 request.get("timeout", _OPEN_TIMEOUT),
+                request.get("sources"),
             )
         if command == "count":
             return {

@@ -34,11 +34,21 @@ _LINE_LIMIT = 1 << 27
 
 def raise_nofile() -> int:
     """
-    Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new limit.
+    Raise RLIMIT_NOFILE to the kernel's ceiling (``fs.nr_open``) where this
+    process may raise its hard limit (root), else the soft limit to the hard
+    one; returns the new limit. 100,000 sessions need more than a default
+    hard limit of 20,000 or so.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+    if hard == resource.RLIM_INFINITY or hard < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return ceiling
+        except (ValueError, OSError):
+            pass  # not privileged: the hard limit stays
     if hard == resource.RLIM_INFINITY:
-        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        hard = ceiling
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard

@@ -31,7 +31,9 @@ __all__ = [
     "percentiles",
     "rss_kib",
     "source_fingerprint",
+    "tree_cpu_by_pid",
     "tree_cpu_seconds",
+    "tree_rss_kib",
     "wait_quiet",
 ]
 
@@ -63,12 +65,12 @@ def busy_seconds() -> float:
     return (user + nice + system + steal) / _TICKS
 
 
-def tree_cpu_seconds(parent: int) -> float:
+def tree_cpu_by_pid(parent: int) -> dict[int, float]:
     """
-    CPU seconds of ``parent`` and its live children (a postmaster and its
-    backends). Backends that exited in between are not counted.
+    CPU seconds of ``parent`` and of each of its live children (a
+    postmaster and its backends), by pid.
     """
-    total = 0.0
+    found: dict[int, float] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -77,8 +79,16 @@ def tree_cpu_seconds(parent: int) -> float:
         except (OSError, IndexError):
             continue
         if int(entry.name) == parent or int(fields[1]) == parent:
-            total += (int(fields[11]) + int(fields[12])) / _TICKS
-    return total
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return found
+
+
+def tree_cpu_seconds(parent: int) -> float:
+    """
+    CPU seconds of ``parent`` and its live children (a postmaster and its
+    backends). Backends that exited in between are not counted.
+    """
+    return sum(tree_cpu_by_pid(parent).values())
 
 
 def cluster_cpu_seconds(postmaster: int) -> float:
@@ -119,6 +129,23 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def tree_rss_kib(parent: int) -> int:
+    """
+    Resident set size of ``parent`` and its live children (a notifyd with
+    workers), summed in KiB.
+    """
+    total = rss_kib(parent)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == parent:
+            continue
+        try:
+            if int(_stat_fields(int(entry.name))[1]) == parent:
+                total += rss_kib(int(entry.name))
+        except (OSError, IndexError, RuntimeError):
+            continue
+    return total
 
 
 def percentiles(values: list[int]) -> dict[str, float | int | None]:

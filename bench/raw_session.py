@@ -239,11 +239,17 @@ class Refused(ConnectionError):
 
 
 async def open_raw(
-    url: str, on_text: Callable[[bytes, int], None], want_hello: bool, timeout: float
+    url: str,
+    on_text: Callable[[bytes, int], None],
+    want_hello: bool,
+    timeout: float,
+    source: str | None = None,
 ) -> RawSession:
     """
     Open one :class:`RawSession` to ``url`` (``ws://host:port/path?query``)
-    whose text frames go to ``on_text`` (a :meth:`Tally.record_bytes`, say);
+    whose text frames go to ``on_text`` (a :meth:`Tally.record_bytes`, say),
+    from the local address ``source`` when given (a loopback alias such as
+    127.0.0.2: one source address has only so many ephemeral ports);
     :class:`Refused` when the server answered with a status or a close.
     """
     parts = urlsplit(url)
@@ -260,7 +266,10 @@ async def open_raw(
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         _, session = await loop.create_connection(
-            lambda: RawSession(on_text, request, key, want_hello), host, port
+            lambda: RawSession(on_text, request, key, want_hello),
+            host,
+            port,
+            local_addr=None if source is None else (source, 0),
         )
         try:
             await session.opened

@@ -87,6 +87,9 @@ class ReceiptClients(Clients):
             self.receipt_tally.latencies.pop(tag, None)
             self.receipt_tally.last_ns.pop(tag, None)
             return {"receipts": self.receipt_tally.receipts.pop(tag, [])}
+        if request["cmd"] == "take":
+            # Taken as latencies (an announcement): its receipts go too.
+            self.receipt_tally.receipts.pop(request["tag"], None)
         return await super().handle(request)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "Rig",
     "children_cpu",
     "postgres",
+    "postmaster_pid",
     "start_clients",
     "start_server",
     "start_writers",
@@ -59,12 +60,15 @@ def postgres(dsn: str | None) -> Iterator[tuple[str, int | None]]:
     try:
         progress("starting embedded PostgreSQL")
         embedded.start(timeout=120)
-        yield embedded.dsn, _postmaster_pid(embedded)
+        yield embedded.dsn, postmaster_pid(embedded)
     finally:
         embedded.cleanup()
 
 
-def _postmaster_pid(embedded: EmbeddedPostgres) -> int | None:
+def postmaster_pid(embedded: EmbeddedPostgres) -> int | None:
+    """
+    The pid of an embedded cluster's postmaster (None if unknown).
+    """
     try:
         return int((embedded.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
     except (OSError, ValueError):
@@ -175,11 +179,19 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFYD_", "PG"))}
 
 
-async def start_server(rig: Rig, kind: str, *, profile: Path | None = None) -> tuple[Child, int]:
+async def start_server(
+    rig: Rig,
+    kind: str,
+    *,
+    profile: Path | None = None,
+    name: str | None = None,
+    settings: dict[str, str] | None = None,
+) -> tuple[Child, int]:
     """
     Start the ``kind`` server (notifyd, or naive) on a free port and wait
     until it is healthy; with ``profile``, notifyd under cProfile writing
-    there.
+    there. ``name`` tells its log from other instances'; ``settings`` are
+    notifyd's beyond the run's own.
     """
     port = free_port()
     env = _clean_env()
@@ -190,13 +202,14 @@ async def start_server(rig: Rig, kind: str, *, profile: Path | None = None) -> t
             NOTIFYD_MAX_SESSIONS_PER_USER="1000",
         )  # fmt: skip
         env.update(rig.notifyd_env)
+        env.update(settings or {})
         argv = [sys.executable]
         if profile is not None:
             argv += ["-m", "cProfile", "-o", str(profile)]
         argv += ["-m", "notifyd", "serve"]
     else:
         argv = [sys.executable, "-m", "bench.naive_server", "--dsn", rig.dsn, "--port", str(port)]
-    name = kind + ("-profiled" if profile else "")
+    name = name or kind + ("-profiled" if profile else "")
     gc_log = None
     if profile is None:
         # The collector probe (bench/probe/sitecustomize.py); the command

@@ -15,15 +15,28 @@ from .progress import progress
 __all__ = ["drain", "open_sessions", "take"]
 
 
-async def open_sessions(clients: list[Child], users: list[str]) -> dict[str, Any]:
+async def open_sessions(
+    clients: list[Child],
+    users: list[str],
+    *,
+    concurrency: int = 50,
+    sources: list[str] | None = None,
+    timeout: float = 600.0,
+    failures_allowed: float = 0.01,
+) -> dict[str, Any]:
     """
-    One session per user, spread over the client processes; raises when
-    more than 1 % failed to open.
+    One session per user, spread over the client processes (``concurrency``
+    handshakes at a time in each, from the ``sources`` addresses in turn
+    when given); raises when more than ``failures_allowed`` of them failed
+    to open.
     """
     k = len(clients)
+    request: dict[str, Any] = {"cmd": "open", "concurrency": concurrency}
+    if sources:
+        request["sources"] = sources
     replies = await asyncio.gather(
         *(
-            c.request({"cmd": "open", "users": users[i::k], "concurrency": 50}, timeout=600)
+            c.request({**request, "users": users[i::k]}, timeout=timeout)
             for i, c in enumerate(clients)
         )
     )
@@ -32,10 +45,11 @@ async def open_sessions(clients: list[Child], users: list[str]) -> dict[str, Any
         "failed": sum(r["failed"] for r in replies),
         "seconds": max(r["seconds"] for r in replies),
         "errors": [e for r in replies for e in r["errors"]][:3],
+        "failed_users": [u for r in replies for u in r.get("failed_users", [])],
     }
     if result["failed"]:
         progress(f"  {result['failed']} sessions failed to open, e.g. {result['errors'][:1]}")
-    if result["failed"] > len(users) // 100:
+    if result["failed"] > len(users) * failures_allowed:
         raise RuntimeError(
             f"{result['failed']} of {len(users)} sessions failed to open: {result['errors']}"
         )

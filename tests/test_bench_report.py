@@ -23,6 +23,9 @@ from bench.report import render
 from bench.report.common import TIMES
 from bench.report.plots import PLOT_FILES, matplotlib_missing, render_plots
 from bench.report.push import Target, push_section, push_targets
+from bench.report.scale import instance_costs
+from bench.scale.instances import summarise_instances
+from bench.scale.sessions import descriptor_cap, loopback_sources
 
 from .conftest import missing_tool
 
@@ -408,3 +411,243 @@ def test_pgbench_script_is_one_single_row_insert_to_a_random_user() -> None:
     ):
         with pytest.raises(ValueError):
             insert_script(bad)
+
+
+def _measured() -> dict[str, Any]:
+    return {
+        "machine": {"date": "2025-01-01 00:00 UTC", "nproc": 2, "cpu_model": "test CPU"},
+        "command": "python -m bench scale",
+        "notifyd_source": {"sha256": "abc123"},
+    }
+
+
+def _pipeline_run(p99: float, lost: int = 0) -> dict[str, Any]:
+    return {
+        "rows": 10_000,
+        "lost": lost,
+        "duplicates": 0,
+        "latency_ms": {"n": 10_000, "p50": 2.0, "p99": p99, "p999": p99, "max": p99},
+        "server_cpu_us_per_delivery": 150.0,
+    }
+
+
+def scale_sessions(opened: int = 100_000, target: int = 100_000) -> dict[str, Any]:
+    return {
+        "target": target,
+        "opened": opened,
+        "failed": 0,
+        "opened_on_retry": 12,
+        "stopped_by": None,
+        "capped_by": None if opened == target else "RLIMIT_NOFILE of 20,000 descriptors",
+        "open_s": 250.0,
+        "opens_per_s": opened / 250.0,
+        "stages": [
+            {
+                "sessions": opened // 2,
+                "failed": 0,
+                "seconds": 120.0,
+                "rss_kib": 60_000 + opened * 6,
+                "announcement_last_ms": 500.0,
+                "p50_ms": 2.0,
+                "p99_ms": 8.0,
+                "lost": 0,
+                "duplicates": 0,
+                "committed_per_s": 1000.0,
+                "server_cpu_us_per_delivery": 140.0,
+            },
+            {
+                "sessions": opened,
+                "failed": 0,
+                "seconds": 130.0,
+                "rss_kib": 60_000 + opened * 12,
+                "announcement_last_ms": 1250.0,
+                "p50_ms": 2.5,
+                "p99_ms": 12.0,
+                "lost": 0,
+                "duplicates": 0,
+                "committed_per_s": 1000.0,
+                "server_cpu_us_per_delivery": 150.0,
+            },
+        ],
+        "rss_before_kib": 60_000,
+        "rss_after_kib": 60_000 + opened * 12,
+        "kib_per_session": 12.0,
+        "sources": ["127.0.0.2", "127.0.0.3"],
+        "client_procs": 4,
+        "idle": {"seconds": 60.0, "server_cpu_share": 0.031, "postgres_cpu_share": 0.004},
+        "announcement": {"reps": [{}, {}, {}], "median_last_ms": 1234.0},
+        "pipeline": {"rate": 1000, "runs": [_pipeline_run(8.0), _pipeline_run(12.0, lost=1)]},
+        "load_average": [3.0, 2.0, 1.0, 4.0, 3.0, 2.0],
+        "measured": _measured(),
+    }
+
+
+def _instances_row(variant: str, n: int, pg: float, standby: float | None = None) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "instances": n,
+        "runs": 3,
+        "pg_cpu_us": pg,
+        "standby_cpu_us": standby,
+        "server_cpu_us": None if n == 0 else 100.0,
+        "backends_cpu_us": None if n == 0 else 20.0 * n,
+        "standby_backends_cpu_us": None if standby is None or n == 0 else 30.0 * n,
+        "p99_ms": None if n == 0 else 9.0,
+        "committed_per_s": 1000.0,
+        "rows": 30_000,
+        "lost": 0,
+        "duplicates": 0,
+    }
+
+
+def scale_instances() -> dict[str, Any]:
+    summary = [
+        _instances_row("writes alone", 0, 200.0, 40.0),
+        _instances_row("instances", 1, 260.0),
+        _instances_row("instances", 2, 320.0),
+        _instances_row("instances", 4, 440.0),
+        _instances_row("instances, reads on a standby", 2, 230.0, 100.0),
+    ]
+    return {
+        "counts": [0, 1, 2, 4],
+        "rate": 1000,
+        "users": 1000,
+        "reps": 3,
+        "seconds": 10.0,
+        "runs": [],
+        "summary": summary,
+        "not_measured": ["workers: this notifyd has no NOTIFYD_WORKERS"],
+        "load_average": [3.0, 2.0, 1.0, 4.0, 3.0, 2.0],
+        "measured": _measured(),
+    }
+
+
+def test_scale_section_states_each_sessions_figure_and_where_it_was_measured() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"sessions": scale_sessions()}
+    text = render(results)
+    section = text[text.index("## Scale") :]
+    assert "| sessions held | 100,000 (12 on a retry, 0 failed to open) |" in section
+    assert "| RSS per session | 12.0 KiB |" in section
+    assert "250.0 s (400 sessions/s, 4 client processes, 2 source addresses)" in section
+    assert "3.1 % of a core over 60 s" in section
+    assert "| 1,234 ms over 3 announcements |" in section
+    # The median of the runs' p99s, and every loss counted.
+    assert "p50 2.0 ms, p99 10.0 ms; 1 lost, 0 twice of 20,000" in section
+    assert "load average 3.0 before, 4.0 after" in section
+    # Each stage against the first, measured in the same run.
+    stage = "| 100,000 | 130.0 s | 1,230 MiB | 1,250 ms | 2.50 | 12.0 ms | 1.50 | 150 | 0 / 0 |"
+    assert stage in section
+    assert "| 50,000 | 120.0 s | 645 MiB | 500 ms | 1.00 | 8.0 ms | 1.00 | 140 | 0 / 0 |" in section
+    assert "of the 100,000 sessions asked for" not in section
+    assert "worker processes" not in section
+
+
+def test_sessions_held_by_workers_say_that_memory_and_cpu_are_their_sum() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"sessions": scale_sessions() | {"workers": 6}}
+    section = render(results).split("### Sessions on one instance of 6 worker processes", 1)[1]
+    assert "ran 6 worker processes (`NOTIFYD_WORKERS=6`)" in section
+
+
+def test_sessions_of_one_process_and_of_workers_are_reported_side_by_side() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    workers = scale_sessions() | {"workers": 6}
+    results["scale"] = {"sessions": scale_sessions(opened=19_500), "sessions_workers": workers}
+    text = render(results)
+    assert text.index("### Sessions on one process") < text.index(
+        "### Sessions on one instance of 6 worker processes"
+    )
+
+
+def test_sessions_short_of_the_target_say_how_many_were_held_and_why() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"sessions": scale_sessions(opened=19_500)}
+    text = render(results)
+    assert (
+        "**19,500 of the 100,000 sessions asked for were held** (not 100,000): RLIMIT_NOFILE"
+        in text
+    )
+
+
+def test_each_instance_costs_what_it_adds_above_the_writes_alone() -> None:
+    costs = instance_costs(scale_instances()["summary"])
+    assert costs["instances"][1]["pg_added_us"] == pytest.approx(60.0)
+    assert costs["instances"][4]["pg_added_us"] == pytest.approx(240.0)
+    assert costs["instances"][4]["pg_added_per_instance_us"] == pytest.approx(60.0)
+    standby = costs["instances, reads on a standby"][2]
+    assert standby["pg_added_per_instance_us"] == pytest.approx(15.0)
+    assert standby["standby_added_us"] == pytest.approx(60.0)
+    assert 0 not in costs["instances"]
+
+
+def test_instances_table_lists_every_deployment_with_its_cost_and_what_was_not_measured() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results["scale"] = {"instances": scale_instances()}
+    text = render(results)
+    section = text[text.index("### More instances on one database") :]
+    primary, other = section.split("The standby, notifyd itself", 1)
+    assert "| writes alone | 0 | 1,000 | 200 | n/a | n/a | n/a | n/a | n/a |" in primary
+    assert "| instances | 4 | 1,000 | 440 | 240 | 60 | 80 | 20 | 2.0 |" in primary
+    standby = "| instances, reads on a standby | 2 | 1,000 | 230 | 30 | 15 | 40 | 20 | 2.0 |"
+    assert standby in primary
+    assert primary.index("| writes alone |") < primary.index("| instances | 1 |")
+    assert "| writes alone | 0 | 40 | n/a | n/a | n/a | n/a | 0 / 0 of 30,000 |" in other
+    standby = "| instances, reads on a standby | 2 | 100 | 60 | 30 | 100 | 9.0 | 0 / 0 of 30,000 |"
+    assert standby in other
+    assert "Not measured in this run: workers: this notifyd has no NOTIFYD_WORKERS." in section
+    assert (
+        "instances: 20 µs of primary CPU per message per instance by its backends, 60 µs by "
+        "the whole cluster (medians over 1, 2, 4 instances)"
+    ) in section
+
+
+def test_report_without_scale_figures_has_no_scale_section() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    results.pop("scale", None)
+    assert "## Scale" not in render(results)
+
+
+def test_instance_runs_are_summarised_as_medians_with_every_loss_counted() -> None:
+    runs = [
+        {
+            "variant": "instances", "instances": 2, "pg_cpu_us_per_message": pg,
+            "standby_cpu_us_per_message": None, "server_cpu_us_per_message": 50.0,
+            "latency_ms": {"p99": p99}, "committed_per_s": 990.0, "rows": 10_000,
+            "lost": lost, "duplicates": 0,
+        }
+        for pg, p99, lost in ((300.0, 5.0, 0), (100.0, 50.0, 2), (310.0, 6.0, 0))
+    ]  # fmt: skip
+    (row,) = summarise_instances(runs)
+    assert row["pg_cpu_us"] == 300.0
+    assert row["p99_ms"] == 6.0
+    assert row["lost"] == 2
+    assert row["rows"] == 30_000
+
+
+def test_one_process_holds_only_as_many_sessions_as_its_descriptor_limit_leaves_room_for() -> None:
+    assert descriptor_cap(100_000, 1_048_576) == (100_000, None)
+    held, why = descriptor_cap(100_000, 20_000)
+    assert held < 20_000
+    assert why is not None and "20,000" in why
+    # Worker processes each have their own descriptor table.
+    assert descriptor_cap(100_000, 20_000, processes=6) == (100_000, None)
+
+
+def test_sessions_are_spread_over_enough_loopback_sources() -> None:
+    assert loopback_sources(5000) == ["127.0.0.2", "127.0.0.3"]
+    sources = loopback_sources(100_000)
+    assert len(sources) == 5
+    assert sources[-1] == "127.0.0.6"
+
+
+def test_a_run_of_some_deployments_is_reported_beside_the_run_of_all() -> None:
+    results = json.loads((ROOT / "bench" / "results.json").read_text())
+    workers = scale_instances()
+    del workers["not_measured"]
+    workers["variants"] = [{"name": "workers", "workers": True, "replica": False}]
+    results["scale"] = {"instances": scale_instances(), "instances_workers": workers}
+    text = render(results)
+    assert text.index("### More instances on one database\n") < text.index(
+        "### More instances on one database: workers\n"
+    )

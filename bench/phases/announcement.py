@@ -18,13 +18,16 @@ from ..sessions import drain, take
 __all__ = ["announcements"]
 
 
-async def announcements(rig: Rig, clients: list[Child], sessions: int) -> dict[str, Any]:
+async def announcements(
+    rig: Rig, clients: list[Child], sessions: int, count: int | None = None, first: int = 0
+) -> dict[str, Any]:
     """
-    The plan's announcements, one after the other, to ``sessions`` open
-    sessions; each rep's receipts and the median time to the last one.
+    The plan's announcements (or ``count`` of them), one after the other,
+    to ``sessions`` open sessions; each rep's receipts and the median time
+    to the last one. ``first`` numbers their tags after earlier ones.
     """
     reps: list[dict[str, Any]] = []
-    for r in range(rig.plan.announcements):
+    for r in range(first, first + (rig.plan.announcements if count is None else count)):
         tag = f"ann{r}"
         await rig.db.execute(
             f"INSERT INTO {NOTIFYD_TABLE} (to_user, title, content, type, send_user) "

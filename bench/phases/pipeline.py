@@ -15,23 +15,28 @@ from typing import Any
 
 from ..accounting import account, tagged_rows
 from ..contenders import Contender, take_receipts
-from ..measure import cluster_cpu_seconds, cpu_seconds, wait_quiet
+from ..measure import cluster_cpu_seconds, tree_cpu_seconds, wait_quiet
 from ..pgbench import Writes, pgbench
 from ..progress import progress
 from ..rig import Rig
 
-__all__ = ["pipeline_runs", "summarise"]
+__all__ = ["one_run", "pipeline_runs", "summarise"]
 
 _PREFIX = "user-"
 
 
-async def _one_run(
+async def one_run(
     rig: Rig, contender: Contender, rate: int, tag: str, clock: str
 ) -> dict[str, Any]:
+    """
+    One paced pgbench run into ``contender``: its rows accounted for, the
+    commit-to-receipt latencies, the server's (with its worker processes, if
+    any) and Postgres's CPU per delivery.
+    """
     plan = rig.plan
     server = contender.server
     calm = await rig.wait_calm()
-    cpu0, wall0 = cpu_seconds(server.pid), time.monotonic()
+    cpu0, wall0 = tree_cpu_seconds(server.pid), time.monotonic()
     pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     writes = Writes(contender.table, tag, _PREFIX, len(contender.users))
     summary = await pgbench(
@@ -40,7 +45,7 @@ async def _one_run(
     )  # fmt: skip
     rows = await tagged_rows(rig.db, contender.table, tag, clock)
     receipts = await take_receipts(contender, tag, len(rows), plan.drain_s)
-    cpu1, wall1 = cpu_seconds(server.pid), time.monotonic()
+    cpu1, wall1 = tree_cpu_seconds(server.pid), time.monotonic()
     pg1 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     counts = account(rows, receipts)
     delivered = counts["received"]
@@ -91,7 +96,7 @@ async def pipeline_runs(
             turn += 1
             for contender in order:
                 tag = f"pl{first_tag + len(runs)}"
-                run = await _one_run(rig, contender, rate, tag, clock)
+                run = await one_run(rig, contender, rate, tag, clock)
                 run["rep"] = rep
                 runs.append(run)
                 progress(_line(run))

@@ -20,9 +20,23 @@ from .ceiling import ceiling_phase
 from .isolated import isolated_phase
 from .pipeline import pipeline_runs, summarise
 
-__all__ = ["push_phases"]
+__all__ = ["SEEDED_ROWS", "push_phases", "seed_table"]
 
 SEEDED_ROWS = 100_000
+
+
+async def seed_table(rig: Rig) -> None:
+    """
+    :data:`SEEDED_ROWS` earlier messages to other users, analyzed: a
+    production inbox table is not empty and has statistics, and notifyd
+    reuses its window reads' plans only once the table is analyzed.
+    """
+    await rig.db.execute(
+        f"INSERT INTO {NOTIFYD_TABLE} (to_user, title, content, type, send_user) "
+        "SELECT 'earlier-' || (g % 10000), 'Earlier message', 'seed', 'bench', 'bench-seed' "
+        f"FROM generate_series(1, {SEEDED_ROWS}) AS g"
+    )
+    await rig.db.execute(f"VACUUM ANALYZE {NOTIFYD_TABLE}")
 
 
 async def push_phases(rig: Rig) -> dict[str, Any]:
@@ -34,14 +48,7 @@ async def push_phases(rig: Rig) -> dict[str, Any]:
     await rig.db.execute(
         f"TRUNCATE {NOTIFYD_TABLE}, t_message_event, t_message_receipt, {NAIVE_TABLE}"
     )
-    # A production inbox table is not empty and has statistics: notifyd
-    # reuses its window reads' plans only once the table is analyzed.
-    await rig.db.execute(
-        f"INSERT INTO {NOTIFYD_TABLE} (to_user, title, content, type, send_user) "
-        "SELECT 'earlier-' || (g % 10000), 'Earlier message', 'seed', 'bench', 'bench-seed' "
-        f"FROM generate_series(1, {SEEDED_ROWS}) AS g"
-    )
-    await rig.db.execute(f"VACUUM ANALYZE {NOTIFYD_TABLE}")
+    await seed_table(rig)
     progress(f"push pipeline: commit time from {COMMIT_CLOCKS[clock]}")
     result: dict[str, Any] = {
         "commit_clock": clock,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .common import TIMES, Results, latencies, num, table
 from .prose import method, where_the_time_goes
 from .push import push_section
+from .scale import scale_section
 from .tables import figures, ramp_table, targets
 
 __all__ = ["render"]
@@ -105,6 +106,7 @@ def render(r: Results, plots: Sequence[str] = ()) -> str:
     ]
     out += table(("Figure", "notifyd", "naive", "ratio", "better"), figures(r))
     out += ["", *push_section(r, plots)]
+    out += scale_section(r)
     out += [*where_the_time_goes(r)]
     out += ["", "## Ramps", ""]
     for kind in ("notifyd", "naive"):
