@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
@@ -425,19 +426,34 @@ async def test_chaos_a_worker_killed_mid_stream_loses_and_repeats_nothing(dsn):
             for n in range(2)
         ]
         try:
+            # Each kill and the end fall after 30 more committed rows, so
+            # every phase carries traffic however slow the machine.
             for _ in range(2):
-                await asyncio.sleep(1.0)  # chaos pacing: let rows flow first
+                await _rows_committed_grow(dsn, by=30)
                 victim = rng.choice(sorted(pids))
                 os.kill(victim, signal.SIGKILL)
                 pids = await wait_for_workers(server, 2, other_than={victim})
                 await wait_until_healthy(port, server, path="/readyz")
-            await asyncio.sleep(1.0)
+            await _rows_committed_grow(dsn, by=30)
         finally:
             stop_writing.set()
             await asyncio.gather(*writers)
         committed = await settle(dsn, users, clients, client_tasks, 6 * TIMEOUT)
         assert sum(len(rows) for rows in committed.values()) > 50, "too little traffic"
         assert_exactly_the_committed_rows(clients, committed)
+
+
+async def _rows_committed_grow(dsn: str, by: int) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        count = "SELECT count(*) FROM t_message_real_time"
+        target = await connection.fetchval(count) + by
+        deadline = time.monotonic() + 3 * TIMEOUT
+        while await connection.fetchval(count) < target:
+            assert time.monotonic() < deadline, f"fewer than {by} rows committed"
+            await asyncio.sleep(POLL_S)
+    finally:
+        await connection.close()
 
 
 # -- the parent's decisions, without processes ------------------------------------------
