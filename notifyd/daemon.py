@@ -272,6 +272,7 @@ class Daemon:
                 event_retention=settings.event_retention_s,
                 min_interval=settings.batch_interval_ms / 1000,
                 poll_above=settings.poll_above if settings.wake == "auto" else None,
+                contention=settings.wake == "auto",
                 stats=stats,
                 on_routed=sinks.offer if sinks is not None else None,
                 collector=collector,

@@ -1294,6 +1294,17 @@ class Database:
             xact_id = await self._pool.fetchval(queries.NEXT_XACT_ID)
         return int(xact_id)
 
+    async def notify_lock_queue(self) -> tuple[int, int]:
+        """
+        How many transactions hold the NOTIFY lock now, and how many wait
+        for it.
+        """
+        with as_database_error("looking at the NOTIFY lock failed"):
+            row = await self._pool.fetchrow(queries.NOTIFY_LOCK_QUEUE)
+        if row is None:  # an aggregate always returns a row
+            raise DatabaseError("looking at the NOTIFY lock returned no row")
+        return int(row["holding"]), int(row["waiting"])
+
     async def notify(self, payload: str) -> float:
         """
         Send a notification on notifyd's channel (the listener's probe);

@@ -54,7 +54,7 @@ from .db import Database, Row, Window
 from .exceptions import CursorError, DatabaseError, describe
 from .hub import Hub
 from .ledger import ByType
-from .pacing import LEASE_S, Lease, Mode, Pacer, Renewal
+from .pacing import LEASE_S, SAMPLE_EVERY_S, Lease, Mode, Pacer, Renewal
 from .router import Router, WindowAccount
 from .session import Session
 from .stats import Stats
@@ -102,6 +102,7 @@ class Delivery:
         event_retention: float = 3600.0,
         min_interval: float = 0.0,
         poll_above: float | None = None,
+        contention: bool = False,
         retry_max: float = 5.0,
         stats: Stats | None = None,
         on_routed: Callable[[list[Row], list[bool]], None] | None = None,
@@ -110,9 +111,10 @@ class Delivery:
         """
         ``on_routed`` (the sinks) gets each routed page of rows and, per
         row, whether it reached a live session here; it must not block.
-        ``poll_above``: writing transactions a second above which this
-        instance takes the polling lease; None never takes it (leases of
-        other instances are obeyed all the same).
+        ``contention``: this instance takes the polling lease when the
+        application's commits queue for the NOTIFY lock; ``poll_above``:
+        also above that many writing transactions a second. With neither it
+        never takes it (leases of other instances are obeyed all the same).
         """
         self._db = database
         self._collector = collector
@@ -144,8 +146,15 @@ class Delivery:
         self.listening = False
         self.ready = asyncio.Event()
         self._last_read = 0.0
-        self._pacer = Pacer(poll_above, max(min_interval, _MIN_POLL_INTERVAL))
+        self._pacer = Pacer(
+            poll_above, max(min_interval, _MIN_POLL_INTERVAL), contention=contention
+        )
         self._renewal_failing = False
+        # Set after a read when the pacer wants a look at the NOTIFY lock.
+        self._sample_wanted = asyncio.Event()
+        # run()'s helpers, and the renewal of the lease in flight.
+        self._tasks: asyncio.TaskGroup | None = None
+        self._renewing: asyncio.Task[None] | None = None
 
     @property
     def pacer(self) -> Pacer:
@@ -196,6 +205,37 @@ class Delivery:
         Deliver until cancelled. Database errors are logged and retried;
         nothing is skipped while retrying.
         """
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            tasks.create_task(self._sample_notify_lock(), name="notify-lock-sampler")
+            await self._deliver()
+
+    async def _sample_notify_lock(self) -> None:
+        """
+        Look at the NOTIFY lock whenever the pacer asks (see
+        :meth:`Pacer.sampling`), at most every ``SAMPLE_EVERY_S``, beside
+        the reads rather than between them so that no read waits for it.
+        """
+        while True:
+            await self._sample_wanted.wait()
+            self._sample_wanted.clear()
+            # On its own clock while the pacer wants looks: writers stuck in
+            # the queue send no NOTIFY, so no read would ask for the next.
+            while self._pacer.sampling(time.monotonic()):
+                try:
+                    holding, waiting = await self._db.notify_lock_queue()
+                except DatabaseError as exc:
+                    logger.debug("looking at the NOTIFY lock failed (%s)", describe(exc))
+                else:
+                    self.stats.notify_lock_samples += 1
+                    self.stats.notify_lock_waiting_samples += waiting > 0
+                    self._pacer.sampled(time.monotonic(), holding, waiting)
+                    if self._pacer.contended(time.monotonic()):
+                        # A read follows, and after it the renewal.
+                        self._wakeup.set()
+                await asyncio.sleep(SAMPLE_EVERY_S)
+
+    async def _deliver(self) -> None:
         attempt = 0
         last_prune = self._last_read = time.monotonic()
         while True:
@@ -211,8 +251,10 @@ class Delivery:
                     self._wakeup.set()
                 else:
                     await self._admit_all(joining, counts)
-                await self._renew_lease()
+                self._maybe_renew_lease()
                 await self._take_horizon()
+                if self._pacer.sampling(time.monotonic()):
+                    self._sample_wanted.set()
                 if self._collector is not None:
                     hub = self._hub
                     self._collector.after_round(
@@ -285,15 +327,25 @@ class Delivery:
             limit = min(limit, self._last_read + paced - time.monotonic())
         return limit
 
-    async def _renew_lease(self) -> None:
+    def _maybe_renew_lease(self) -> None:
         """
-        Start or extend the polling lease when the pacer asks for it. A
-        failure is logged once and otherwise changes nothing: the triggers
-        keep notifying, and delivery keeps waking up on their NOTIFYs.
+        Start or extend the polling lease when the pacer asks for it, beside
+        the reads: the renewal's NOTIFY queues for the NOTIFY lock like
+        every other, and the reads must not wait in that queue (the lease
+        itself is in force as soon as its statement runs).
         """
-        renewal = self._pacer.renewal(time.monotonic())
-        if renewal is None:
+        if self._tasks is None or (self._renewing is not None and not self._renewing.done()):
             return
+        renewal = self._pacer.renewal(time.monotonic())
+        if renewal is not None:
+            self._renewing = self._tasks.create_task(self._renew_lease(renewal))
+
+    async def _renew_lease(self, renewal: Renewal) -> None:
+        """
+        Start or extend the polling lease. A failure is logged once and
+        otherwise changes nothing: the triggers keep notifying, and
+        delivery keeps waking up on their NOTIFYs.
+        """
         try:
             lease = await self._db.renew_lease(round(LEASE_S * 1000))
         except DatabaseError as exc:

@@ -66,6 +66,15 @@ class _InstanceCollector:
             "Polling leases this instance started (the triggers' NOTIFYs went off)",
             value=stats.polling_leases,
         )
+        lock = CounterMetricFamily(
+            "notifyd_notify_lock_samples",
+            "Looks at the NOTIFY lock while waiting for NOTIFYs under load, by what they saw "
+            "(waiting: a writer queued for it)",
+            labels=["seen"],
+        )
+        lock.add_metric(["waiting"], stats.notify_lock_waiting_samples)
+        lock.add_metric(["free"], stats.notify_lock_samples - stats.notify_lock_waiting_samples)
+        yield lock
         if vitals.wake is not None:
             mode = GaugeMetricFamily(
                 "notifyd_wake_mode",

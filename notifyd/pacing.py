@@ -3,11 +3,23 @@ When delivery reads: on a NOTIFY, or on its own clock under a polling lease.
 
 A transaction that queued a NOTIFY holds a cluster-wide lock from before its
 commit record until the record is flushed, so notifying commits run one at a
-time. While notifyd reads continuously anyway, the NOTIFYs buy nothing: an
-instance that sees more than ``poll_above`` writing transactions a second
-keeps a short lease in the database (the sequence ``notifyd_poll_lease``),
-the triggers skip their NOTIFY while it is in force, and every instance that
-sees the lease reads on its own clock instead (:attr:`Mode.POLLING`).
+time. Once the application's commits queue for that lock, the NOTIFYs cost
+more than they buy: the instance keeps a short lease in the database (the
+sequence ``notifyd_poll_lease``), the triggers skip their NOTIFY while it is
+in force, and every instance that sees the lease reads on its own clock
+instead (:attr:`Mode.POLLING`).
+
+Whether commits queue is sampled, not guessed from the rate: while it waits
+for NOTIFYs and reads more than :data:`SAMPLE_ABOVE` writing transactions a
+second, delivery looks at the lock every :data:`SAMPLE_EVERY_S`
+(:meth:`Pacer.sampled`). The lease starts once writers were seen waiting
+for it in at least :data:`CONTENDED_SHARE` of the last second's samples
+(and at least :data:`CONTENDED_HITS` of them). Under the lease nothing takes
+the lock, so what it would cost is predicted instead: the samples gave the
+share of time the lock was held, hence how long one commit holds it, and
+the lease is kept while the rate would hold it more than
+:data:`RELEASE_HELD_SHARE` of the time. A fixed ``poll_above`` rate (an
+explicit setting) starts a lease too, and keeps it above half of that.
 
 Turning the NOTIFYs back on is the delicate part. A transaction whose
 trigger ran under the lease commits whenever it commits, with no NOTIFY to
@@ -37,15 +49,21 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from .cursor import Snapshot
 
 __all__ = [
+    "CONTENDED_HITS",
+    "CONTENDED_SHARE",
     "DRAIN_MAX_INTERVAL",
     "LEASE_S",
     "RATE_TAU_S",
+    "RELEASE_HELD_SHARE",
     "RENEW_WITHIN_S",
+    "SAMPLE_ABOVE",
+    "SAMPLE_EVERY_S",
     "Lease",
     "Mode",
     "Pacer",
@@ -64,6 +82,28 @@ DRAIN_MAX_INTERVAL = 0.1
 RATE_TAU_S = 1.0
 # After a failed renewal, the next attempt waits this long.
 RENEW_RETRY_S = 1.0
+# Below this many writing transactions a second the NOTIFY lock is not
+# sampled: commits that rare hardly ever meet at the lock.
+SAMPLE_ABOVE = 20.0
+# How often the lock is sampled while the rate is above that.
+SAMPLE_EVERY_S = 0.05
+# The samples that decide, and how many of them must have seen a writer
+# waiting: a fifth of a second of steady queueing starts the lease, while
+# the odd collision of a moderate rate (a few per cent of the samples) never
+# does.
+SAMPLE_WINDOW_S = 1.0
+CONTENDED_SHARE = 0.3
+CONTENDED_HITS = 3
+# Under the lease: keep it while the predicted share of time the lock would
+# be held stays above this (where writers queue only now and then).
+RELEASE_HELD_SHARE = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    at: float
+    held: bool
+    waiting: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,18 +158,24 @@ class Pacer:
     """
     The wake-up mode of one instance, from what its reads saw.
 
-    Feed it every window's first read (:meth:`observed`) and every renewal
-    (:meth:`renewed`); ask it how long to wait before the next read
-    (:meth:`next_read_in`) and whether to renew (:meth:`renewal`).
-    ``poll_above`` None never starts or extends a lease (but still obeys
-    other instances' leases); ``interval`` is the wait between reads while
-    polling, and the first wait while draining.
+    Feed it every window's first read (:meth:`observed`), every renewal
+    (:meth:`renewed`) and every look at the NOTIFY lock (:meth:`sampled`);
+    ask it how long to wait before the next read (:meth:`next_read_in`),
+    whether to look at the lock (:meth:`sampling`) and whether to renew
+    (:meth:`renewal`). ``contention``: a queue at the NOTIFY lock starts a
+    lease; ``poll_above``: so does a rate above it. With neither the pacer
+    never starts or extends a lease (but still obeys other instances'
+    leases). ``interval`` is the wait between reads while polling, and the
+    first wait while draining.
     """
 
-    def __init__(self, poll_above: float | None, interval: float) -> None:
+    def __init__(
+        self, poll_above: float | None, interval: float, *, contention: bool = False
+    ) -> None:
         if interval <= 0:
             raise ValueError("the polling interval must be positive")
         self._poll_above = poll_above
+        self._contention = contention
         self._interval = interval
         self.mode = Mode.NOTIFY
         # The transactions a lease's end may have left behind, while
@@ -146,6 +192,15 @@ class Pacer:
         self._rate = 0.0
         self._rate_at: float | None = None
         self._renew_not_before = -math.inf
+        # The last second's looks at the NOTIFY lock, and the reads of the
+        # same time (when, how many transactions) for the rate they saw.
+        self._samples: deque[_Sample] = deque()
+        self._reads: deque[tuple[float, int]] = deque()
+        self._last_sample_at = -math.inf
+        # The rate above which a lease started by contention is kept: where
+        # the lock would be held RELEASE_HELD_SHARE of the time; None when
+        # this instance started none.
+        self._keep_above: float | None = None
 
     def waits_for(self, xact_id: int) -> bool:
         """
@@ -183,6 +238,9 @@ class Pacer:
         """
         self._rate = self.rate(now) + transactions / RATE_TAU_S
         self._rate_at = now
+        if self._contention:
+            self._reads.append((now, transactions))
+            self._forget_before(now - SAMPLE_WINDOW_S)
         known = self._lease
         self._lease, self._lease_seen_at = lease, now
         if lease.in_force:
@@ -248,21 +306,85 @@ class Pacer:
 
     def renewal(self, now: float) -> Renewal | None:
         """
-        Whether to start or extend the lease now: start above
-        ``poll_above`` transactions a second, keep extending while above
-        half of it (so a rate hovering at the threshold does not flip the
-        mode back and forth), once less than :data:`RENEW_WITHIN_S` is left.
+        Whether to start or extend the lease now, once less than
+        :data:`RENEW_WITHIN_S` is left: start when writers queue at the
+        NOTIFY lock (:meth:`contended`) or above ``poll_above`` transactions
+        a second; extend while the rate would keep the lock busy
+        (contention) or stays above half of ``poll_above``, so that a rate
+        hovering at a threshold does not flip the mode back and forth.
         """
-        if self._poll_above is None or now < self._renew_not_before:
+        if (self._poll_above is None and not self._contention) or now < self._renew_not_before:
             return None
         remaining = self.remaining(now)
         if remaining >= RENEW_WITHIN_S:
             return None
-        in_force = remaining > 0
-        threshold = self._poll_above / 2 if in_force else self._poll_above
-        if self.rate(now) <= threshold:
-            return None
-        return Renewal.EXTEND if in_force else Renewal.START
+        rate = self.rate(now)
+        if remaining > 0:
+            keep = [t for t in (self._keep_above, self._half_poll_above()) if t is not None]
+            return Renewal.EXTEND if keep and rate > min(keep) else None
+        if self._poll_above is not None and rate > self._poll_above:
+            return Renewal.START
+        if self.contended(now):
+            self._keep_above = self._release_rate(now)
+            self._samples.clear()
+            return Renewal.START
+        return None
+
+    def _half_poll_above(self) -> float | None:
+        return None if self._poll_above is None else self._poll_above / 2
+
+    def sampling(self, now: float) -> bool:
+        """
+        Whether to look at the NOTIFY lock now: waiting for NOTIFYs, busy
+        enough for commits to meet there, and no look in the last
+        :data:`SAMPLE_EVERY_S`.
+        """
+        return (
+            self._contention
+            and self.mode is Mode.NOTIFY
+            and self.remaining(now) == 0
+            and self.rate(now) >= SAMPLE_ABOVE
+            and now - self._last_sample_at >= SAMPLE_EVERY_S
+        )
+
+    def sampled(self, now: float, holding: int, waiting: int) -> None:
+        """
+        A look at the NOTIFY lock: ``holding`` transactions held it,
+        ``waiting`` queued for it.
+        """
+        self._last_sample_at = now
+        self._samples.append(_Sample(now, holding > 0, waiting > 0))
+        self._forget_before(now - SAMPLE_WINDOW_S)
+
+    def contended(self, now: float) -> bool:
+        """
+        Whether the last second's samples saw writers queue at the NOTIFY
+        lock often enough to start a lease.
+        """
+        recent = [s for s in self._samples if s.at >= now - SAMPLE_WINDOW_S]
+        hits = sum(s.waiting for s in recent)
+        return hits >= CONTENDED_HITS and hits >= CONTENDED_SHARE * len(recent)
+
+    def _release_rate(self, now: float) -> float:
+        """
+        The rate below which the lock would be held less than
+        :data:`RELEASE_HELD_SHARE` of the time: the samples' share of time
+        it was held over the rate of the same time gives how long one
+        writing transaction holds it.
+        """
+        first = self._samples[0].at
+        held = sum(s.held for s in self._samples) / len(self._samples)
+        transactions = sum(n for at, n in self._reads if at > first)
+        rate = transactions / max(now - first, SAMPLE_EVERY_S)
+        if held <= 0 or rate <= 0:
+            return SAMPLE_ABOVE
+        return max(SAMPLE_ABOVE, RELEASE_HELD_SHARE * rate / held)
+
+    def _forget_before(self, horizon: float) -> None:
+        while self._samples and self._samples[0].at < horizon:
+            self._samples.popleft()
+        while self._reads and self._reads[0][0] < horizon:
+            self._reads.popleft()
 
     def renewed(self, now: float, lease: Lease) -> None:
         """

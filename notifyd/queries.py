@@ -23,6 +23,7 @@ __all__ = [
     "MARK_READ",
     "MARK_UNREAD",
     "NEXT_XACT_ID",
+    "NOTIFY_LOCK_QUEUE",
     "PRIVILEGES",
     "PRUNE_EVENTS",
     "RECEIPTS",
@@ -441,6 +442,17 @@ FROM {LEASE}
 NEXT_XACT_ID = """
 SELECT pg_current_xact_id()::text AS xact_id,
        set_config('synchronous_commit', 'off', true) AS unflushed
+"""
+
+# The NOTIFY lock: a lock on the database object 0 of pg_database, taken by
+# every committing transaction that queued a NOTIFY (PreCommit_Notify).
+# pg_locks is readable by every role.
+NOTIFY_LOCK_QUEUE = """
+SELECT count(*) FILTER (WHERE granted) AS holding,
+       count(*) FILTER (WHERE NOT granted) AS waiting
+FROM pg_catalog.pg_locks
+WHERE locktype = 'object' AND database = 0
+  AND classid = 'pg_catalog.pg_database'::regclass AND objid = 0
 """
 
 PRUNE_EVENTS = f"DELETE FROM {EVENTS} WHERE at < now() - make_interval(secs => $1)"

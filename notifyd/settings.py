@@ -96,16 +96,16 @@ class Settings(BaseSettings):
     )
     wake: Literal["auto", "notify"] = Field(
         default="auto",
-        description="auto: while this instance reads more than NOTIFYD_POLL_ABOVE writing "
-        "transactions a second, it polls and the triggers skip their NOTIFY, so the "
-        "application's commits do not queue for the NOTIFY lock; notify: always wake up "
+        description="auto: while the application's commits queue for the NOTIFY lock, "
+        "this instance polls and the triggers skip their NOTIFY; notify: always wake up "
         "on NOTIFY (other instances' polling is still followed). See docs/deployment.md.",
     )
-    poll_above: float = Field(
-        default=200.0,
+    poll_above: float | None = Field(
+        default=None,
         gt=0,
-        description="Writing transactions a second above which NOTIFYD_WAKE=auto starts "
-        "polling; it stops below half of it.",
+        description="With NOTIFYD_WAKE=auto, also poll above this many writing transactions "
+        "a second (stopping below half of it), whether or not commits queue; unset: only "
+        "the queue decides.",
     )
     event_retention_s: float = Field(
         default=3600.0,

@@ -71,6 +71,9 @@ class Stats:
     # a session here wanted it), and polling leases this instance started.
     rows_read: int = 0
     polling_leases: int = 0
+    # Looks at the NOTIFY lock, and those that saw a writer queue for it.
+    notify_lock_samples: int = 0
+    notify_lock_waiting_samples: int = 0
     # Delivery's reads that failed (the database unreachable or refusing);
     # each is retried, so this counts waits, not losses.
     read_failures: int = 0

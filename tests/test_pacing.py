@@ -6,12 +6,18 @@ the transactions a lease's end may have left behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from notifyd.cursor import Snapshot
 from notifyd.pacing import (
+    CONTENDED_HITS,
     DRAIN_MAX_INTERVAL,
+    RELEASE_HELD_SHARE,
     RENEW_RETRY_S,
+    SAMPLE_ABOVE,
+    SAMPLE_EVERY_S,
     Lease,
     Mode,
     Pacer,
@@ -229,3 +235,96 @@ def test_a_zero_interval_is_refused():
     """The interval is a wait between reads: it must be positive."""
     with pytest.raises(ValueError):
         Pacer(200, 0.0)
+
+
+def sampled_load(
+    pacer: Pacer,
+    *,
+    per_s: float,
+    seconds: float,
+    lock: Callable[[int], tuple[int, int]],
+    start: float = 0.0,
+) -> float:
+    """
+    Reads every 10 ms as in :func:`busy`, and a look at the NOTIFY lock
+    whenever the pacer asks, the n-th seeing ``lock(n)`` (holding,
+    waiting); returns the end time.
+    """
+    now, looks = start, 0
+    for _ in range(round(seconds * 100)):
+        now += 0.01
+        pacer.observed(now, over(T0_MS + round(now * 1000)), NOTHING, round(per_s / 100))
+        if pacer.horizon_needed:
+            pacer.horizon(NOTHING.xmax)
+        if pacer.sampling(now):
+            pacer.sampled(now, *lock(looks))
+            looks += 1
+    return now
+
+
+def test_commits_that_rarely_meet_at_the_notify_lock_start_no_lease():
+    """500/s with the lock held a fifth of the time and a writer waiting in 1 look of 20: NOTIFY."""
+    pacer = Pacer(None, INTERVAL, contention=True)
+    now = sampled_load(pacer, per_s=500, seconds=10, lock=lambda n: (n % 5 == 0, n % 20 == 0))
+    assert pacer.renewal(now) is None
+    assert pacer.mode is Mode.NOTIFY
+
+
+def test_writers_queueing_at_the_notify_lock_start_a_lease_within_a_few_looks():
+    """A writer waiting at every look: START once CONTENDED_HITS looks saw it, not before."""
+    pacer = Pacer(None, INTERVAL, contention=True)
+    looks: list[float] = []
+
+    def queued(n: int) -> tuple[int, int]:
+        looks.append(n)
+        return 1, 4
+
+    now = 0.0
+    while pacer.renewal(now) is None:
+        assert now < 1.0, "no lease after a second of queueing"
+        now = sampled_load(pacer, per_s=2000, seconds=0.01, lock=queued, start=now)
+    assert len(looks) == CONTENDED_HITS
+    assert now <= (CONTENDED_HITS + 1) * SAMPLE_EVERY_S + 0.02
+
+
+def test_a_lease_started_by_a_queue_is_kept_while_the_rate_would_keep_the_lock_busy():
+    """
+    Held 80 % of the time at 2,000/s: one commit holds it 0.4 ms, so the
+    lease is kept above RELEASE_HELD_SHARE / 0.4 ms = 750/s and let go below.
+    """
+    pacer = Pacer(None, INTERVAL, contention=True)
+    now = sampled_load(pacer, per_s=2000, seconds=0.5, lock=lambda n: (n % 5 != 0, 3))
+    assert pacer.renewal(now) is Renewal.START
+    pacer.renewed(now, Lease(T0_MS + 500, T0_MS))
+    keep = RELEASE_HELD_SHARE * 2000 / 0.8
+    for rate, wanted in (
+        (10_000, Renewal.EXTEND),
+        (keep * 1.2, Renewal.EXTEND),
+        (keep * 0.8, None),
+    ):
+        later = busy(pacer, per_s=rate, seconds=5, start=now)
+        pacer.renewed(later, Lease(T0_MS + 500, T0_MS))  # half a second left
+        assert pacer.renewal(later) is wanted, rate
+        now = later
+
+
+def test_the_lock_is_looked_at_only_while_waiting_for_notifies_under_load():
+    """No look below SAMPLE_ABOVE, none under a lease, none without contention on, one per interval."""
+    quiet = Pacer(None, INTERVAL, contention=True)
+    now = busy(quiet, per_s=SAMPLE_ABOVE / 2, seconds=5)
+    assert not quiet.sampling(now)
+
+    pacer = Pacer(None, INTERVAL, contention=True)
+    now = busy(pacer, per_s=1000, seconds=1)
+    assert pacer.sampling(now)
+    pacer.sampled(now, 1, 0)
+    assert not pacer.sampling(now + SAMPLE_EVERY_S / 2)
+    assert pacer.sampling(now + SAMPLE_EVERY_S)
+    pacer.observed(now + 0.1, Lease(T0_MS + 900, T0_MS), NOTHING, 10)
+    assert pacer.mode is Mode.POLLING
+    assert not pacer.sampling(now + 0.2)
+
+    off = Pacer(None, INTERVAL)
+    now = busy(off, per_s=1000, seconds=1)
+    assert not off.sampling(now)
+    assert off.renewal(now) is None

@@ -13,6 +13,7 @@ what delivers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -330,3 +331,91 @@ async def test_modes_switching_under_load_and_a_killed_listener_lose_nothing(
     assert any(k.endswith("->notify") for k in switches), switches
     assert_exactly_the_committed_rows(clients, committed)
     assert all(not i.daemon.failed for i in instances)
+
+
+async def test_commits_one_at_a_time_never_queue_at_the_notify_lock_so_no_lease_starts(
+    dsn, db, start_daemon, open_client
+):
+    """
+    One writer flat out (hundreds of commits a second, above the old fixed
+    threshold): the lock is looked at, never seen queued, and NOTIFY stays.
+    """
+    instance = await start_daemon(**SLOW_PROBE)
+    client = await open_client(instance.url("bob"))
+    stats = instance.daemon.stats
+    stop = asyncio.Event()
+    commits = Counter[str]()
+    load = asyncio.create_task(_load(dsn, stop, commits))
+    try:
+        await wait_until(lambda: stats.notify_lock_samples >= 20, "20 looks at the NOTIFY lock")
+    finally:
+        stop.set()
+        await load
+    await insert(db, "bob", "after the load")
+    await client.messages_until("after the load")
+    assert stats.notify_lock_waiting_samples == 0
+    assert stats.polling_leases == 0
+    assert instance.daemon.delivery.pacer.mode is Mode.NOTIFY
+
+
+async def test_writers_queueing_at_the_notify_lock_start_a_lease_and_every_row_arrives(
+    dsn, db, admin_dsn, start_daemon, open_client
+):
+    """
+    A commit that holds the NOTIFY lock while it waits for a synchronous
+    standby that never answers queues every other notifying commit behind
+    it: the instance sees the queue, takes the lease, and once the stuck
+    commit is let go every row reaches its session once.
+    """
+    instance = await start_daemon(**SLOW_PROBE)
+    client = await open_client(instance.url("bob"))
+    stats = instance.daemon.stats
+    admin = await asyncpg.connect(admin_dsn)
+    stuck = await asyncpg.connect(dsn)
+    stop = asyncio.Event()
+    commits = Counter[str]()
+    loads: list[asyncio.Task[None]] = []
+    commit: asyncio.Task[str] | None = None
+    await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'")
+    await admin.execute("SELECT pg_reload_conf()")
+    try:
+        loads = [asyncio.create_task(_load(dsn, stop, commits)) for _ in range(3)]
+        await wait_until(lambda: stats.notify_lock_samples > 0, "a look at the NOTIFY lock")
+        await stuck.execute("SET synchronous_commit = on")
+        pid = stuck.get_server_pid()
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # the checkpointer publishes the standby setting a moment after the reload
+            assert time.monotonic() < deadline, "no commit waited for the synchronous standby"
+            commit = asyncio.create_task(insert(stuck, "bob", "held the lock"))
+            waiting = None
+            while not commit.done() and waiting != "SyncRep":
+                waiting = await admin.fetchval(
+                    "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", pid
+                )
+            if waiting == "SyncRep":
+                break
+            await commit
+        pacer = instance.daemon.delivery.pacer
+        await wait_until(lambda: pacer.mode is Mode.POLLING, "a lease taken for the queue")
+        # The lock is still held, yet a new commit goes through (it skips
+        # its NOTIFY) and reaches its session by polling.
+        async with asyncio.timeout(TIMEOUT):
+            await insert(db, "bob", "under the lease")
+            await client.messages_until("under the lease")
+        assert not commit.done()
+        assert stats.notify_lock_waiting_samples >= 3
+    finally:
+        await admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.execute("SELECT pg_cancel_backend($1)", stuck.get_server_pid())
+        if commit is not None:
+            with contextlib.suppress(asyncpg.PostgresError):
+                await commit
+        stop.set()
+        await asyncio.gather(*loads)
+        await stuck.close()
+        await admin.close()
+    await insert(db, "bob", "after the queue")
+    titles = [m["title"] for m in await client.messages_until("after the queue")]
+    assert titles.count("held the lock") == 1 and titles[-1] == "after the queue"
+    assert stats.polling_leases >= 1

@@ -174,8 +174,8 @@ def _instances(s: dict[str, Any]) -> list[str]:
         "commits cost by themselves, the baseline every added instance is measured against; "
         "the bench holds the polling lease meanwhile, so that the triggers skip their NOTIFY as "
         "they do while instances poll at this rate. "
-        "An instance that reads more than `NOTIFYD_POLL_ABOVE` (200) writing transactions a second "
-        "polls, one read per `NOTIFYD_BATCH_INTERVAL_MS`: its cost is per second more than per "
+        "The instances run with `NOTIFYD_POLL_ABOVE=200`: above 200 writing transactions a "
+        "second each polls, one read per `NOTIFYD_BATCH_INTERVAL_MS`: its cost is per second more than per "
         "message, hence the share of a core.",
         "",
     ]
