@@ -1273,17 +1273,35 @@ class Database:
             status = await self._pool.execute(queries.PRUNE_EVENTS, older_than_s)
         return int(status.split()[-1])
 
-    async def renew_lease(self, ms: int) -> Lease:
+    async def set_lease(self, ms: int) -> Lease:
         """
         Start or extend the polling lease to ``ms`` milliseconds from now
-        (never shortening it) and wake every instance with a NOTIFY; returns
-        the lease as set.
+        (never shortening it); returns the lease as set. Every instance
+        must then hear of it: :meth:`announce_lease`.
         """
         with as_database_error("renewing the polling lease failed"):
-            head = await self._pool.fetchrow(queries.RENEW_LEASE, ms)
+            head = await self._pool.fetchrow(queries.SET_LEASE, ms)
         if head is None:  # the sequence has exactly one row
             raise DatabaseError("renewing the polling lease returned no row")
         return _lease(head)
+
+    async def announce_lease(self) -> None:
+        """
+        Wake every instance with a NOTIFY, so that one waiting for NOTIFYs
+        reads, sees the lease and polls too. It waits in the NOTIFY lock's
+        queue like any NOTIFY.
+        """
+        with as_database_error("announcing the polling lease failed"):
+            await self._pool.execute(queries.ANNOUNCE_LEASE)
+
+    async def renew_lease(self, ms: int) -> Lease:
+        """
+        :meth:`set_lease`, then :meth:`announce_lease`: what a busy instance
+        does, in one call.
+        """
+        lease = await self.set_lease(ms)
+        await self.announce_lease()
+        return lease
 
     async def next_xact_id(self) -> int:
         """
@@ -1294,16 +1312,13 @@ class Database:
             xact_id = await self._pool.fetchval(queries.NEXT_XACT_ID)
         return int(xact_id)
 
-    async def notify_lock_queue(self) -> tuple[int, int]:
+    async def notify_lock_queue(self) -> int:
         """
-        How many transactions hold the NOTIFY lock now, and how many wait
-        for it.
+        How many transactions wait for the NOTIFY lock now.
         """
         with as_database_error("looking at the NOTIFY lock failed"):
-            row = await self._pool.fetchrow(queries.NOTIFY_LOCK_QUEUE)
-        if row is None:  # an aggregate always returns a row
-            raise DatabaseError("looking at the NOTIFY lock returned no row")
-        return int(row["holding"]), int(row["waiting"])
+            waiting = await self._pool.fetchval(queries.NOTIFY_LOCK_QUEUE)
+        return int(waiting)
 
     async def notify(self, payload: str) -> float:
         """

@@ -54,7 +54,7 @@ from .db import Database, Row, Window
 from .exceptions import CursorError, DatabaseError, describe
 from .hub import Hub
 from .ledger import ByType
-from .pacing import LEASE_S, SAMPLE_EVERY_S, Lease, Mode, Pacer, Renewal
+from .pacing import LEASE_S, Lease, Mode, Pacer, ReadBudget, Renewal
 from .router import Router, WindowAccount
 from .session import Session
 from .stats import Stats
@@ -146,6 +146,7 @@ class Delivery:
         self.listening = False
         self.ready = asyncio.Event()
         self._last_read = 0.0
+        self._budget = ReadBudget(min_interval)
         self._pacer = Pacer(
             poll_above, max(min_interval, _MIN_POLL_INTERVAL), contention=contention
         )
@@ -155,6 +156,7 @@ class Delivery:
         # run()'s helpers, and the renewal of the lease in flight.
         self._tasks: asyncio.TaskGroup | None = None
         self._renewing: asyncio.Task[None] | None = None
+        self._announcing: asyncio.Task[None] | None = None
 
     @property
     def pacer(self) -> Pacer:
@@ -213,7 +215,7 @@ class Delivery:
     async def _sample_notify_lock(self) -> None:
         """
         Look at the NOTIFY lock whenever the pacer asks (see
-        :meth:`Pacer.sampling`), at most every ``SAMPLE_EVERY_S``, beside
+        :meth:`Pacer.sampling`), at most every ``Pacer.sample_interval``, beside
         the reads rather than between them so that no read waits for it.
         """
         while True:
@@ -221,19 +223,26 @@ class Delivery:
             self._sample_wanted.clear()
             # On its own clock while the pacer wants looks: writers stuck in
             # the queue send no NOTIFY, so no read would ask for the next.
-            while self._pacer.sampling(time.monotonic()):
+            while True:
+                now = time.monotonic()
+                due = self._pacer.next_sample_in(now)
+                if due is None:
+                    break
+                if due > 0:
+                    await asyncio.sleep(due)
+                    continue
                 try:
-                    holding, waiting = await self._db.notify_lock_queue()
+                    waiting = await self._db.notify_lock_queue()
                 except DatabaseError as exc:
                     logger.debug("looking at the NOTIFY lock failed (%s)", describe(exc))
-                else:
-                    self.stats.notify_lock_samples += 1
-                    self.stats.notify_lock_waiting_samples += waiting > 0
-                    self._pacer.sampled(time.monotonic(), holding, waiting)
-                    if self._pacer.contended(time.monotonic()):
-                        # A read follows, and after it the renewal.
-                        self._wakeup.set()
-                await asyncio.sleep(SAMPLE_EVERY_S)
+                    await asyncio.sleep(self._pacer.sample_interval)
+                    continue
+                self.stats.notify_lock_samples += 1
+                self.stats.notify_lock_waiting_samples += waiting > 0
+                self._pacer.sampled(time.monotonic(), waiting)
+                if self._pacer.contended(time.monotonic()):
+                    # A read follows, and after it the renewal.
+                    self._wakeup.set()
 
     async def _deliver(self) -> None:
         attempt = 0
@@ -253,7 +262,7 @@ class Delivery:
                     await self._admit_all(joining, counts)
                 self._maybe_renew_lease()
                 await self._take_horizon()
-                if self._pacer.sampling(time.monotonic()):
+                if self._pacer.next_sample_in(time.monotonic()) is not None:
                     self._sample_wanted.set()
                 if self._collector is not None:
                     hub = self._hub
@@ -303,13 +312,19 @@ class Delivery:
                         await self._wakeup.wait()
                 except TimeoutError:
                     pass
-            # Under load, start reads at most every ``min_interval`` seconds,
-            # so one query serves the commits of that interval instead of one
-            # query per commit; an isolated commit is read at once.
-            delay = self._last_read + self._min_interval - time.monotonic()
+            # Under load, one query serves the commits of ``min_interval``
+            # instead of one query per commit: while polling, reads are that
+            # far apart; while waiting for NOTIFYs, a read starts at once as
+            # long as the budget of reads lasts, so a commit is not held back
+            # for its predecessor's sake.
+            if self._pacer.mode is Mode.POLLING:
+                delay = self._last_read + self._min_interval - time.monotonic()
+            else:
+                delay = self._budget.wait(time.monotonic())
             if delay > 0:
                 await asyncio.sleep(delay)
             self._last_read = time.monotonic()
+            self._budget.spend(self._last_read)
             self._wakeup.clear()
 
     def _wait_limit(self) -> float:
@@ -330,9 +345,7 @@ class Delivery:
     def _maybe_renew_lease(self) -> None:
         """
         Start or extend the polling lease when the pacer asks for it, beside
-        the reads: the renewal's NOTIFY queues for the NOTIFY lock like
-        every other, and the reads must not wait in that queue (the lease
-        itself is in force as soon as its statement runs).
+        the reads, which must never wait for it.
         """
         if self._tasks is None or (self._renewing is not None and not self._renewing.done()):
             return
@@ -342,12 +355,12 @@ class Delivery:
 
     async def _renew_lease(self, renewal: Renewal) -> None:
         """
-        Start or extend the polling lease. A failure is logged once and
-        otherwise changes nothing: the triggers keep notifying, and
-        delivery keeps waking up on their NOTIFYs.
+        Start or extend the polling lease, then announce it. A failure is
+        logged once and otherwise changes nothing: the triggers keep
+        notifying, and delivery keeps waking up on their NOTIFYs.
         """
         try:
-            lease = await self._db.renew_lease(round(LEASE_S * 1000))
+            lease = await self._db.set_lease(round(LEASE_S * 1000))
         except DatabaseError as exc:
             self._pacer.renewal_failed(time.monotonic())
             if not self._renewal_failing:
@@ -362,7 +375,26 @@ class Delivery:
             logger.info("the polling lease is renewed again")
         if renewal is Renewal.START:
             self.stats.polling_leases += 1
+            logger.debug(
+                "polling lease started; kept above %s writing transactions/s",
+                self._pacer.keep_above,
+            )
         self._pace(lambda pacer: pacer.renewed(time.monotonic(), lease))
+        # The announcement queues for the NOTIFY lock, behind commits that
+        # may be stuck holding it (one waiting for a synchronous standby):
+        # on its own task, so that renewals go on meanwhile. One in flight
+        # is enough: every instance it reaches reads and sees the lease.
+        if self._announcing is None or self._announcing.done():
+            assert self._tasks is not None  # set before any renewal starts
+            self._announcing = self._tasks.create_task(self._announce_lease())
+
+    async def _announce_lease(self) -> None:
+        try:
+            await self._db.announce_lease()
+        except DatabaseError as exc:
+            # Instances waiting for NOTIFYs hear of the lease from the next
+            # renewal's announcement, or their probe.
+            logger.debug("announcing the polling lease failed (%s)", describe(exc))
 
     async def _take_horizon(self) -> None:
         """
@@ -427,6 +459,7 @@ class Delivery:
                 router.route(window, base, self._account)
                 last = window
         assert last is not None and self._account is not None  # pages() yields at least one
+        self.stats.window_reads += 1
         assert self._opened is not None  # set with the account
         account, self._account = self._account, None
         (clock, next_expiry, read_at), self._opened = self._opened, None
@@ -470,6 +503,7 @@ class Delivery:
             return
         self._wakeup.clear()
         self._last_read = now
+        self._budget.spend(now)
         self._reader.prefetch(end, swept_to)
 
     async def _admit_all(self, requests: list[_Join], counts: dict[str, ByType]) -> None:

@@ -57,6 +57,11 @@ class _InstanceCollector:
             value=stats.rows_read,
         )
         yield CounterMetricFamily(
+            "notifyd_window_reads",
+            "Windows delivery read: its queries for newly committed rows",
+            value=stats.window_reads,
+        )
+        yield CounterMetricFamily(
             "notifyd_delivery_read_failures",
             "Delivery reads that failed and were retried (the database unreachable or refusing)",
             value=stats.read_failures,

@@ -9,6 +9,7 @@ A change to what a window reads is made here (the window statements) and in
 from __future__ import annotations
 
 __all__ = [
+    "ANNOUNCE_LEASE",
     "CATCH_UP",
     "CHANNEL",
     "EVENTS",
@@ -27,9 +28,9 @@ __all__ = [
     "PRIVILEGES",
     "PRUNE_EVENTS",
     "RECEIPTS",
-    "RENEW_LEASE",
     "REQUIRED_COLUMNS",
     "REQUIRED_TRIGGERS",
+    "SET_LEASE",
     "TABLE",
     "WINDOW_FIRST",
     "WINDOW_HEAD",
@@ -420,20 +421,26 @@ LIMIT $5
 """
 
 # Start or extend the polling lease to $1 ms from now (never shorten one:
-# another instance may hold it longer), and NOTIFY every instance: one that
-# waits for NOTIFYs must learn of the lease before it goes deaf. Every
-# renewal notifies, not only a start: an instance held up past its lease's
-# end extends a lease that already ran out, which others may have stopped
-# polling for. The commit is not waited for (nothing here needs to survive a
-# crash), and the notifying transaction takes the NOTIFY lock four times a
-# second at most, not once per message.
-RENEW_LEASE = f"""
+# another instance may hold it longer). setval is not transactional: the
+# lease is in force as soon as this runs. Its commit is not waited for
+# (nothing here needs to survive a crash), and it takes no NOTIFY lock.
+SET_LEASE = f"""
 SELECT set_config('synchronous_commit', 'off', true) AS unflushed,
        setval('{LEASE}', greatest(last_value, {_MS.format(clock="clock_timestamp()")} + $1))
            AS lease_until,
-       {_MS.format(clock="clock_timestamp()")} AS lease_now,
-       pg_notify('{CHANNEL}', 'poll') AS notified
+       {_MS.format(clock="clock_timestamp()")} AS lease_now
 FROM {LEASE}
+"""
+
+# After every SET_LEASE, a NOTIFY to every instance: one that waits for
+# NOTIFYs must learn of the lease before it goes deaf. Every renewal
+# notifies, not only a start: an instance held up past its lease's end
+# extends a lease that already ran out, which others may have stopped
+# polling for. Its own statement, because it queues for the NOTIFY lock like
+# any other (four times a second at most, not once per message).
+ANNOUNCE_LEASE = f"""
+SELECT set_config('synchronous_commit', 'off', true) AS unflushed,
+       pg_notify('{CHANNEL}', 'poll') AS notified
 """
 
 # A transaction id of its own, taken for draining (notifyd.pacing): Postgres
@@ -448,11 +455,10 @@ SELECT pg_current_xact_id()::text AS xact_id,
 # every committing transaction that queued a NOTIFY (PreCommit_Notify).
 # pg_locks is readable by every role.
 NOTIFY_LOCK_QUEUE = """
-SELECT count(*) FILTER (WHERE granted) AS holding,
-       count(*) FILTER (WHERE NOT granted) AS waiting
+SELECT count(*) AS waiting
 FROM pg_catalog.pg_locks
 WHERE locktype = 'object' AND database = 0
-  AND classid = 'pg_catalog.pg_database'::regclass AND objid = 0
+  AND classid = 'pg_catalog.pg_database'::regclass AND objid = 0 AND NOT granted
 """
 
 PRUNE_EVENTS = f"DELETE FROM {EVENTS} WHERE at < now() - make_interval(secs => $1)"

@@ -91,8 +91,10 @@ class Settings(BaseSettings):
     batch_interval_ms: float = Field(
         default=2.0,
         ge=0,
-        description="Under load, the shortest time between two reads of new rows, so one "
-        "query serves several commits; 0 reads once per wake-up.",
+        description="While polling, the time between two reads of new rows; while waiting "
+        "for NOTIFYs, a read starts at once as long as a budget of a few lasts, which refills "
+        "at one per interval, so one query serves several commits under load; 0 reads once "
+        "per wake-up.",
     )
     wake: Literal["auto", "notify"] = Field(
         default="auto",

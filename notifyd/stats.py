@@ -68,8 +68,10 @@ class Stats:
     inline_counts: int = 0
     inline_count_mismatches: int = 0
     # Rows read by delivery's windows (each once per instance, whether or not
-    # a session here wanted it), and polling leases this instance started.
+    # a session here wanted it), the windows read, and polling leases this
+    # instance started.
     rows_read: int = 0
+    window_reads: int = 0
     polling_leases: int = 0
     # Looks at the NOTIFY lock, and those that saw a writer queue for it.
     notify_lock_samples: int = 0

@@ -172,6 +172,8 @@ def _every_public_call(base: Snapshot) -> dict[str, Callable[[Database], Awaitab
         ),
         "prune_events": lambda database: database.prune_events(60.0),
         "renew_lease": lambda database: database.renew_lease(1000),
+        "set_lease": lambda database: database.set_lease(1000),
+        "announce_lease": lambda database: database.announce_lease(),
         "next_xact_id": lambda database: database.next_xact_id(),
         "notify_lock_queue": lambda database: database.notify_lock_queue(),
         "notify": lambda database: database.notify("probe:x"),

@@ -14,13 +14,16 @@ from notifyd.cursor import Snapshot
 from notifyd.pacing import (
     CONTENDED_HITS,
     DRAIN_MAX_INTERVAL,
-    RELEASE_HELD_SHARE,
+    READ_BURST,
+    RELEASE_SHARE,
     RENEW_RETRY_S,
     SAMPLE_ABOVE,
     SAMPLE_EVERY_S,
+    SAMPLE_SOON_S,
     Lease,
     Mode,
     Pacer,
+    ReadBudget,
     Renewal,
 )
 
@@ -242,13 +245,13 @@ def sampled_load(
     *,
     per_s: float,
     seconds: float,
-    lock: Callable[[int], tuple[int, int]],
+    lock: Callable[[int], int],
     start: float = 0.0,
 ) -> float:
     """
     Reads every 10 ms as in :func:`busy`, and a look at the NOTIFY lock
-    whenever the pacer asks, the n-th seeing ``lock(n)`` (holding,
-    waiting); returns the end time.
+    whenever the pacer asks, the n-th seeing ``lock(n)`` writers waiting;
+    returns the end time.
     """
     now, looks = start, 0
     for _ in range(round(seconds * 100)):
@@ -257,15 +260,15 @@ def sampled_load(
         if pacer.horizon_needed:
             pacer.horizon(NOTHING.xmax)
         if pacer.sampling(now):
-            pacer.sampled(now, *lock(looks))
+            pacer.sampled(now, lock(looks))
             looks += 1
     return now
 
 
 def test_commits_that_rarely_meet_at_the_notify_lock_start_no_lease():
-    """500/s with the lock held a fifth of the time and a writer waiting in 1 look of 20: NOTIFY."""
+    """500/s with a writer waiting in 1 look of 20 (as measured at that rate): NOTIFY stays."""
     pacer = Pacer(None, INTERVAL, contention=True)
-    now = sampled_load(pacer, per_s=500, seconds=10, lock=lambda n: (n % 5 == 0, n % 20 == 0))
+    now = sampled_load(pacer, per_s=500, seconds=10, lock=lambda n: int(n % 20 == 0))
     assert pacer.renewal(now) is None
     assert pacer.mode is Mode.NOTIFY
 
@@ -275,28 +278,31 @@ def test_writers_queueing_at_the_notify_lock_start_a_lease_within_a_few_looks():
     pacer = Pacer(None, INTERVAL, contention=True)
     looks: list[float] = []
 
-    def queued(n: int) -> tuple[int, int]:
+    def queued(n: int) -> int:
         looks.append(n)
-        return 1, 4
+        return 4
 
     now = 0.0
     while pacer.renewal(now) is None:
         assert now < 1.0, "no lease after a second of queueing"
         now = sampled_load(pacer, per_s=2000, seconds=0.01, lock=queued, start=now)
     assert len(looks) == CONTENDED_HITS
-    assert now <= (CONTENDED_HITS + 1) * SAMPLE_EVERY_S + 0.02
+    # The first look after SAMPLE_ABOVE is reached, the next ones sooner.
+    assert now <= SAMPLE_EVERY_S + (CONTENDED_HITS - 1) * SAMPLE_SOON_S + 0.03
 
 
-def test_a_lease_started_by_a_queue_is_kept_while_the_rate_would_keep_the_lock_busy():
+def test_a_lease_started_by_a_queue_is_kept_while_the_rate_stays_near_the_queues_rate():
     """
-    Held 80 % of the time at 2,000/s: one commit holds it 0.4 ms, so the
-    lease is kept above RELEASE_HELD_SHARE / 0.4 ms = 750/s and let go below.
+    A queue seen at 2,000/s: the lease is kept above RELEASE_SHARE of that
+    (1,000/s), however much faster commits go once they stop queueing, and
+    let go below it.
     """
     pacer = Pacer(None, INTERVAL, contention=True)
-    now = sampled_load(pacer, per_s=2000, seconds=0.5, lock=lambda n: (n % 5 != 0, 3))
+    now = sampled_load(pacer, per_s=2000, seconds=0.5, lock=lambda n: 3)
     assert pacer.renewal(now) is Renewal.START
     pacer.renewed(now, Lease(T0_MS + 500, T0_MS))
-    keep = RELEASE_HELD_SHARE * 2000 / 0.8
+    keep = RELEASE_SHARE * 2000
+    assert pacer.keep_above == pytest.approx(keep, rel=0.1)
     for rate, wanted in (
         (10_000, Renewal.EXTEND),
         (keep * 1.2, Renewal.EXTEND),
@@ -317,9 +323,12 @@ def test_the_lock_is_looked_at_only_while_waiting_for_notifies_under_load():
     pacer = Pacer(None, INTERVAL, contention=True)
     now = busy(pacer, per_s=1000, seconds=1)
     assert pacer.sampling(now)
-    pacer.sampled(now, 1, 0)
+    pacer.sampled(now, 0)
     assert not pacer.sampling(now + SAMPLE_EVERY_S / 2)
     assert pacer.sampling(now + SAMPLE_EVERY_S)
+    pacer.sampled(now + SAMPLE_EVERY_S, 2)  # a queue: the next look comes sooner
+    assert not pacer.sampling(now + SAMPLE_EVERY_S + SAMPLE_SOON_S / 2)
+    assert pacer.sampling(now + SAMPLE_EVERY_S + SAMPLE_SOON_S)
     pacer.observed(now + 0.1, Lease(T0_MS + 900, T0_MS), NOTHING, 10)
     assert pacer.mode is Mode.POLLING
     assert not pacer.sampling(now + 0.2)
@@ -328,3 +337,49 @@ def test_the_lock_is_looked_at_only_while_waiting_for_notifies_under_load():
     now = busy(off, per_s=1000, seconds=1)
     assert not off.sampling(now)
     assert off.renewal(now) is None
+
+
+def test_reads_start_at_once_while_the_budget_lasts_then_one_per_interval():
+    """READ_BURST reads at once, then each waits its share of the interval; idle time refills."""
+    budget = ReadBudget(0.002)
+    for _ in range(READ_BURST):
+        assert budget.wait(1.0) == 0
+        budget.spend(1.0)
+    assert budget.wait(1.0) == pytest.approx(0.002)
+    assert budget.wait(1.0015) == pytest.approx(0.0005)
+    budget.spend(1.002)
+    assert budget.wait(1.002) == pytest.approx(0.002)
+    assert budget.wait(1.1) == 0  # a pause refills the whole burst
+    for _ in range(READ_BURST):
+        budget.spend(1.1)
+    assert budget.wait(1.1) > 0
+
+
+def test_a_zero_interval_budget_never_waits():
+    """NOTIFYD_BATCH_INTERVAL_MS=0: a read per wake-up, never held back."""
+    budget = ReadBudget(0.0)
+    for n in range(100):
+        budget.spend(n / 1e6)
+        assert budget.wait(n / 1e6) == 0
+
+
+def test_the_sooner_looks_after_a_queue_do_not_make_a_queue_look_more_common():
+    """
+    Each 330 ms, a queue for about 70 ms: seen by a look at the steady
+    cadence and by the two sooner looks after it. A third of the looks, but
+    a fifth of the time: no lease.
+    """
+    pacer = Pacer(None, INTERVAL, contention=True)
+    now = busy(pacer, per_s=1000, seconds=1)
+    pacer.sampled(now, 0)
+    for _ in range(4):
+        for gap, waiting in [(SAMPLE_EVERY_S, 3), (SAMPLE_SOON_S, 2), (SAMPLE_SOON_S, 1)]:
+            now += gap
+            pacer.sampled(now, waiting)
+        now += SAMPLE_SOON_S
+        pacer.sampled(now, 0)
+        for _ in range(5):
+            now += SAMPLE_EVERY_S
+            pacer.sampled(now, 0)
+    assert not pacer.contended(now)
+    assert pacer.renewal(now) is None

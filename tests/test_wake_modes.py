@@ -25,7 +25,7 @@ import pytest
 
 from notifyd.db import Database
 from notifyd.metrics import registry_for, render_metrics
-from notifyd.pacing import Mode
+from notifyd.pacing import READ_BURST, Mode
 
 from .conftest import TIMEOUT, RunningDaemon, insert
 from .processes import free_port
@@ -379,7 +379,8 @@ async def test_writers_queueing_at_the_notify_lock_start_a_lease_and_every_row_a
     await admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody_answers'")
     await admin.execute("SELECT pg_reload_conf()")
     try:
-        loads = [asyncio.create_task(_load(dsn, stop, commits)) for _ in range(3)]
+        # One writer: it cannot queue behind itself, only behind the stuck commit.
+        loads = [asyncio.create_task(_load(dsn, stop, commits))]
         await wait_until(lambda: stats.notify_lock_samples > 0, "a look at the NOTIFY lock")
         await stuck.execute("SET synchronous_commit = on")
         pid = stuck.get_server_pid()
@@ -419,3 +420,45 @@ async def test_writers_queueing_at_the_notify_lock_start_a_lease_and_every_row_a
     titles = [m["title"] for m in await client.messages_until("after the queue")]
     assert titles.count("held the lock") == 1 and titles[-1] == "after the queue"
     assert stats.polling_leases >= 1
+
+
+async def test_close_commits_are_read_at_once_while_the_read_budget_lasts(
+    db, start_daemon, open_client
+):
+    """
+    With a 5 s batch interval, commits a moment apart are still each read at
+    once (the budget's burst), not held back behind the one before.
+    """
+    instance = await start_daemon(wake="notify", batch_interval_ms=5000, **SLOW_PROBE)
+    client = await open_client(instance.url("bob"))
+    for n in range(READ_BURST - 1):
+        await insert(db, "bob", f"close {n}")
+        async with asyncio.timeout(2.5):  # half the interval: no wait for the budget
+            await client.messages_until(f"close {n}")
+
+
+async def test_a_stream_of_notifies_costs_at_most_one_read_per_batch_interval(
+    dsn, db, start_daemon, open_client
+):
+    """
+    Commits back to back for a while with a 100 ms batch interval: past the
+    burst, each read serves every commit of its interval, and all arrive.
+    """
+    instance = await start_daemon(wake="notify", batch_interval_ms=100, **SLOW_PROBE)
+    client = await open_client(instance.url("bob"))
+    stats = instance.daemon.stats
+    reads_before, started = stats.window_reads, time.monotonic()
+    stop = asyncio.Event()
+    commits = Counter[str]()
+    load = asyncio.create_task(_load(dsn, stop, commits))
+    try:
+        await wait_until(lambda: commits["load"] >= 300, "300 commits")
+    finally:
+        stop.set()
+        await load
+    elapsed = time.monotonic() - started
+    reads = stats.window_reads - reads_before
+    await insert(db, "bob", "after the stream")
+    await client.messages_until("after the stream")
+    assert stats.rows_read >= commits["load"]
+    assert reads <= READ_BURST + elapsed / 0.1 + 2, (reads, elapsed, commits["load"])
