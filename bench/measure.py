@@ -17,10 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .control import ROOT
 
 __all__ = [
+    "BACKEND_PARTS",
+    "backend_cpu_by_part",
     "busy_seconds",
     "cluster_cpu_seconds",
     "cpu_seconds",
@@ -53,6 +56,47 @@ def cpu_seconds(pid: int) -> float:
     """
     fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+# What each Postgres process is for, as pg_stat_activity names it: the
+# application's writers (pgbench, including its backends reaped since the
+# first reading), the push server's own connections (notifyd's and the naive
+# relay's name themselves), the cluster's background processes, and the rest
+# (the harness's own queries).
+BACKEND_PARTS = ("writers", "server", "background", "other")
+
+
+def _part(application_name: str, backend_type: str) -> str:
+    if backend_type != "client backend":
+        return "background"
+    if application_name == "pgbench":
+        return "writers"
+    if application_name.startswith(("notifyd", "naive relay")):
+        return "server"
+    return "other"
+
+
+async def backend_cpu_by_part(admin: Any, postmaster: int) -> dict[str, float]:
+    """
+    CPU seconds used so far by the cluster's processes, summed by
+    :data:`BACKEND_PARTS`: a reading to subtract from a later one. Reaped
+    backends (connections that came and went: pgbench's) count as writers,
+    the postmaster as background.
+    """
+    rows = await admin.fetch(
+        "SELECT pid, coalesce(application_name, '') AS name, coalesce(backend_type, '') AS type "
+        "FROM pg_stat_activity"
+    )
+    parts = dict.fromkeys(BACKEND_PARTS, 0.0)
+    fields = _stat_fields(postmaster)
+    parts["writers"] += (int(fields[13]) + int(fields[14])) / _TICKS
+    parts["background"] += cpu_seconds(postmaster)
+    for row in rows:
+        try:
+            parts[_part(row["name"], row["type"])] += cpu_seconds(row["pid"])
+        except OSError:  # ended since the query
+            continue
+    return parts
 
 
 def busy_seconds() -> float:

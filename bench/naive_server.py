@@ -99,7 +99,7 @@ async def serve_naive(dsn: str, host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    listener = await asyncpg.connect(dsn)
+    listener = await asyncpg.connect(dsn, server_settings={"application_name": "naive relay"})
     try:
         await listener.add_listener(CHANNEL, on_notification)
         async with serve(handler, host, port, process_request=process_request, compression=None):

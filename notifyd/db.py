@@ -50,6 +50,7 @@ __all__ = [
     "Row",
     "as_database_error",
     "connect_database",
+    "named",
     "refuse_standby",
     "refuse_standby_at",
     "schema_sql",
@@ -151,6 +152,18 @@ async def refuse_standby_at(dsn: str, where: str) -> None:
         return
     finally:
         await connection.close()
+
+
+def named(dsn: str, part: str) -> dict[str, str]:
+    """
+    asyncpg's ``server_settings`` that name a connection in
+    ``pg_stat_activity`` (``notifyd`` or ``notifyd <part>``), unless the DSN
+    names it already: a DBA can tell notifyd's backends, and what each is
+    for, from the application's.
+    """
+    if "application_name" in dsn:
+        return {}
+    return {"application_name": f"notifyd {part}".strip()}
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -654,6 +667,7 @@ class ReadReplica:
                 max_size=3,
                 timeout=10,
                 command_timeout=60,
+                server_settings=named(dsn, "standby reads"),
                 init=init,
                 reset=_keep_session,
             )
@@ -849,6 +863,7 @@ class Database:
                 min_size=1,
                 max_size=size,
                 command_timeout=60,
+                server_settings=named(dsn, ""),
                 init=_plan_per_execution,
                 reset=_keep_session,
             )
@@ -863,6 +878,7 @@ class Database:
                 min_size=1,
                 max_size=2,
                 command_timeout=60,
+                server_settings=named(dsn, "window reads"),
                 init=plans.init,
                 reset=_keep_session,
             )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from .backoff import backoff_delay
-from .db import CHANNEL, Database, as_database_error, refuse_standby
+from .db import CHANNEL, Database, as_database_error, named, refuse_standby
 from .exceptions import DatabaseError, ListenPathError, describe
 from .stats import Stats
 
@@ -73,7 +73,7 @@ async def open_listen_connection(
             on_lost(connection)
 
     with as_database_error(f"cannot open the LISTEN connection ({where})"):
-        connection = await asyncpg.connect(dsn, timeout=10)
+        connection = await asyncpg.connect(dsn, timeout=10, server_settings=named(dsn, "listen"))
     try:
         await refuse_standby(connection, where)
         connection.add_termination_listener(terminated)

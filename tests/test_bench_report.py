@@ -651,3 +651,21 @@ def test_a_run_of_some_deployments_is_reported_beside_the_run_of_all() -> None:
     assert text.index("### More instances on one database\n") < text.index(
         "### More instances on one database: workers\n"
     )
+
+
+def test_postgres_cpu_is_split_by_part_when_the_runs_measured_it() -> None:
+    """The split table appears with each part of both servers and their ratio, and only then."""
+    push = push_results()
+    assert "Where Postgres's CPU goes" not in "\n".join(push_section({"push": push}))
+    for summary in push["summary"]:
+        notifyd = summary["kind"] == "notifyd"
+        summary["pg_cpu_us_by_part"] = {
+            "writers": 250.0,
+            "server": 90.0 if notifyd else 30.0,
+            "background": 15.0,
+            "other": 5.0,
+        }
+    text = "\n".join(push_section({"push": push}))
+    assert "### Where Postgres's CPU goes" in text
+    assert f"| 1,000 | 500 | the server's own connections | 90 | 30 | 3.00{TIMES} |" in text
+    assert f"| 10,000 | 2,000 | writers' backends (pgbench) | 250 | 250 | 1.00{TIMES} |" in text

@@ -241,3 +241,24 @@ async def test_connecting_to_a_stopped_postgres_raises_database_error(dsn):
         pass
     with pytest.raises(DatabaseError, match=r"^cannot connect to the database: "):
         await Database.connect(url, size=1)
+
+
+async def test_the_daemons_backends_are_named_for_what_they_do_unless_the_dsn_names_them(
+    dsn, db, start_daemon
+):
+    """
+    pg_stat_activity tells notifyd's connections apart (its pool, its window
+    reads, its LISTEN); an application_name in the DSN is left as given.
+    """
+    await start_daemon()
+
+    async def names() -> set[str]:
+        rows = await db.fetch("SELECT application_name FROM pg_stat_activity")
+        return {row["application_name"] for row in rows}
+
+    assert {"notifyd", "notifyd window reads", "notifyd listen"} <= await names()
+    own = await Database.connect(f"{dsn}{'&' if '?' in dsn else '?'}application_name=shop")
+    try:
+        assert "shop" in await names()
+    finally:
+        await own.close()

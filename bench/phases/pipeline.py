@@ -15,7 +15,13 @@ from typing import Any
 
 from ..accounting import account, tagged_rows
 from ..contenders import Contender, take_receipts
-from ..measure import cluster_cpu_seconds, tree_cpu_seconds, wait_quiet
+from ..measure import (
+    BACKEND_PARTS,
+    backend_cpu_by_part,
+    cluster_cpu_seconds,
+    tree_cpu_seconds,
+    wait_quiet,
+)
 from ..pgbench import Writes, pgbench
 from ..progress import progress
 from ..rig import Rig
@@ -38,6 +44,7 @@ async def one_run(
     calm = await rig.wait_calm()
     cpu0, wall0 = tree_cpu_seconds(server.pid), time.monotonic()
     pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
+    parts0 = None if rig.pg_pid is None else await backend_cpu_by_part(rig.db, rig.pg_pid)
     writes = Writes(contender.table, tag, _PREFIX, len(contender.users))
     summary = await pgbench(
         rig.dsn, writes, clients=plan.pipeline_clients, threads=2, seconds=plan.pipeline_s,
@@ -47,8 +54,14 @@ async def one_run(
     receipts = await take_receipts(contender, tag, len(rows), plan.drain_s)
     cpu1, wall1 = tree_cpu_seconds(server.pid), time.monotonic()
     pg1 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
+    parts1 = None if rig.pg_pid is None else await backend_cpu_by_part(rig.db, rig.pg_pid)
     counts = account(rows, receipts)
     delivered = counts["received"]
+    by_part = (
+        {part: (parts1[part] - parts0[part]) / delivered * 1e6 for part in parts1}
+        if delivered and parts0 is not None and parts1 is not None
+        else None
+    )
     return {
         "kind": contender.kind,
         "sessions": len(contender.users),
@@ -61,6 +74,7 @@ async def one_run(
         "pg_cpu_us_per_delivery": (pg1 - pg0) / delivered * 1e6
         if delivered and pg0 is not None and pg1 is not None
         else None,
+        "pg_cpu_us_per_delivery_by_part": by_part,
         "wall_s": wall1 - wall0,
         "other_load_before_cores": calm,
     }
@@ -131,6 +145,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "insert_p99_ms": _median([r["insert_latency_ms"]["p99"] for r in mine]),
                 "server_cpu_us": _median([r["server_cpu_us_per_delivery"] for r in mine]),
                 "pg_cpu_us": _median([r["pg_cpu_us_per_delivery"] for r in mine]),
+                "pg_cpu_us_by_part": {
+                    part: _median(
+                        [(r.get("pg_cpu_us_per_delivery_by_part") or {}).get(part) for r in mine]
+                    )
+                    for part in BACKEND_PARTS
+                },
                 "committed_per_s": _median([r["committed_per_s"] for r in mine]),
                 "rows": sum(r["rows"] for r in mine),
                 "lost": sum(r["lost"] for r in mine),

@@ -325,6 +325,44 @@ def _pipeline_rows(push: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _pg_parts_table(push: dict[str, Any]) -> list[str]:
+    """
+    Postgres's CPU per delivery split by what its processes are for (the
+    medians of the runs; empty for runs from before the split was taken).
+    """
+    rows: list[tuple[str, ...]] = []
+    for sessions in push.get("session_counts", []):
+        for rate in push.get("rates", []):
+            nd, nv = pair(push, sessions, rate)
+            for part, name in _PART_NAMES.items():
+                a = ((nd or {}).get("pg_cpu_us_by_part") or {}).get(part)
+                b = ((nv or {}).get("pg_cpu_us_by_part") or {}).get(part)
+                if a is None and b is None:
+                    continue
+                rows.append((num(sessions), num(rate), name, num(a), num(b), _x(_ratio(a, b))))
+    if not rows:
+        return []
+    return [
+        "### Where Postgres's CPU goes",
+        "",
+        "Per delivery, µs (medians of the runs), by what each process of the cluster is for, "
+        "as `pg_stat_activity` names it. The writers do the same work for both servers (the "
+        "trigger, NOTIFY or not, the commit); the server's connections are notifyd's window "
+        "reads, LISTEN, looks at the NOTIFY lock and lease, or the naive relay's LISTEN.",
+        "",
+        *table(("sessions", "commits/s asked", "part", "notifyd", "naive", "ratio"), rows),
+        "",
+    ]
+
+
+_PART_NAMES = {
+    "writers": "writers' backends (pgbench)",
+    "server": "the server's own connections",
+    "background": "background (WAL writer, checkpointer, ...)",
+    "other": "the harness's queries",
+}
+
+
 def _ceiling_table(push: dict[str, Any]) -> list[str]:
     ceiling = push.get("ceiling")
     if not ceiling:
@@ -503,7 +541,9 @@ def push_section(r: dict[str, Any], plots: Sequence[str] = ()) -> list[str]:
         ("sessions", "commits/s asked", "figure", "notifyd", "naive", "ratio"),
         _pipeline_rows(push),
     )
-    out += ["", "### Commit ceiling of notifyd's table", ""]
+    out += [""]
+    out += _pg_parts_table(push)
+    out += ["### Commit ceiling of notifyd's table", ""]
     out += _ceiling_table(push)
     out += ["### Isolated message on an idle system", ""]
     out += _isolated_table(push)
