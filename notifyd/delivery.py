@@ -159,6 +159,13 @@ class Delivery:
         self._announcing: asyncio.Task[None] | None = None
 
     @property
+    def read_budget(self) -> ReadBudget:
+        """
+        The reads a NOTIFY may start at once (read only: for tests).
+        """
+        return self._budget
+
+    @property
     def pacer(self) -> Pacer:
         """
         The wake-up mode and the lease as this instance sees them (read
@@ -499,6 +506,7 @@ class Delivery:
             or not self.listening
             or self._pending
             or now - self._last_read < self._min_interval
+            or (self._pacer.mode is not Mode.POLLING and self._budget.wait(now) > 0)
         ):
             return
         self._wakeup.clear()

@@ -458,6 +458,13 @@ class ReadBudget:
             self._tokens = min(float(self._burst), self._tokens + gained)
         self._at = now
 
+    def available(self, now: float) -> float:
+        """
+        Reads that may start at once as of ``now`` (fractions refilling).
+        """
+        self._refill(now)
+        return self._tokens if self._interval > 0 else math.inf
+
     def wait(self, now: float) -> float:
         """
         Seconds to wait, from ``now``, before the next read may start.
