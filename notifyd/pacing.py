@@ -11,10 +11,11 @@ instead (:attr:`Mode.POLLING`).
 
 Whether commits queue is sampled, not guessed from the rate: while it waits
 for NOTIFYs and reads more than :data:`SAMPLE_ABOVE` writing transactions a
-second, delivery looks at the lock every :data:`SAMPLE_EVERY_S`
-(:meth:`Pacer.sampled`). The lease starts once writers were seen waiting
-for it in at least :data:`CONTENDED_SHARE` of the last second's samples
-(and at least :data:`CONTENDED_HITS` of them). Under the lease nothing takes
+second, delivery looks at the lock every :data:`SAMPLE_EVERY_S`, and
+:data:`SAMPLE_SOON_S` after a look that saw a queue (:meth:`Pacer.sampled`).
+The lease starts once writers were seen waiting for it in at least
+:data:`CONTENDED_HITS` looks that stand for at least :data:`CONTENDED_SHARE`
+of the last second. Under the lease nothing takes
 the lock, so nothing can be looked at: the lease is kept while the rate
 stays above :data:`RELEASE_SHARE` of the rate at which the queue was seen
 (the writing transactions read over the samples' time), and looked at
@@ -320,9 +321,10 @@ class Pacer:
         Whether to start or extend the lease now, once less than
         :data:`RENEW_WITHIN_S` is left: start when writers queue at the
         NOTIFY lock (:meth:`contended`) or above ``poll_above`` transactions
-        a second; extend while the rate would keep the lock busy
-        (contention) or stays above half of ``poll_above``, so that a rate
-        hovering at a threshold does not flip the mode back and forth.
+        a second; extend while the rate stays above :data:`RELEASE_SHARE` of
+        the rate the queue was seen at, or above half of ``poll_above``, so
+        that a rate hovering at a threshold does not flip the mode back and
+        forth.
         """
         if (self._poll_above is None and not self._contention) or now < self._renew_not_before:
             return None
