@@ -1310,15 +1310,6 @@ class Database:
         with as_database_error("announcing the polling lease failed"):
             await self._pool.execute(queries.ANNOUNCE_LEASE)
 
-    async def renew_lease(self, ms: int) -> Lease:
-        """
-        :meth:`set_lease`, then :meth:`announce_lease`: what a busy instance
-        does, in one call.
-        """
-        lease = await self.set_lease(ms)
-        await self.announce_lease()
-        return lease
-
     async def next_xact_id(self) -> int:
         """
         A new transaction id: every transaction that had one before this

@@ -222,7 +222,7 @@ class Delivery:
     async def _sample_notify_lock(self) -> None:
         """
         Look at the NOTIFY lock whenever the pacer asks (see
-        :meth:`Pacer.sampling`), at most every ``Pacer.sample_interval``, beside
+        :meth:`Pacer.next_sample_in`), at most every ``Pacer.sample_interval``, beside
         the reads rather than between them so that no read waits for it.
         """
         while True:

@@ -174,7 +174,7 @@ class Pacer:
     Feed it every window's first read (:meth:`observed`), every renewal
     (:meth:`renewed`) and every look at the NOTIFY lock (:meth:`sampled`);
     ask it how long to wait before the next read (:meth:`next_read_in`),
-    whether to look at the lock (:meth:`sampling`) and whether to renew
+    when to look at the lock (:meth:`next_sample_in`) and whether to renew
     (:meth:`renewal`). ``contention``: a queue at the NOTIFY lock starts a
     lease; ``poll_above``: so does a rate above it. With neither the pacer
     never starts or extends a lease (but still obeys other instances'
@@ -353,12 +353,6 @@ class Pacer:
         writers queued; None before it started one.
         """
         return self._keep_above
-
-    def sampling(self, now: float) -> bool:
-        """
-        Whether to look at the NOTIFY lock now: :meth:`next_sample_in` is 0.
-        """
-        return self.next_sample_in(now) == 0
 
     def next_sample_in(self, now: float) -> float | None:
         """

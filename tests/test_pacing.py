@@ -259,7 +259,7 @@ def sampled_load(
         pacer.observed(now, over(T0_MS + round(now * 1000)), NOTHING, round(per_s / 100))
         if pacer.horizon_needed:
             pacer.horizon(NOTHING.xmax)
-        if pacer.sampling(now):
+        if pacer.next_sample_in(now) == 0:
             pacer.sampled(now, lock(looks))
             looks += 1
     return now
@@ -318,24 +318,26 @@ def test_the_lock_is_looked_at_only_while_waiting_for_notifies_under_load():
     """No look below SAMPLE_ABOVE, none under a lease, none without contention on, one per interval."""
     quiet = Pacer(None, INTERVAL, contention=True)
     now = busy(quiet, per_s=SAMPLE_ABOVE / 2, seconds=5)
-    assert not quiet.sampling(now)
+    assert quiet.next_sample_in(now) is None
 
     pacer = Pacer(None, INTERVAL, contention=True)
     now = busy(pacer, per_s=1000, seconds=1)
-    assert pacer.sampling(now)
+    assert pacer.next_sample_in(now) == 0
     pacer.sampled(now, 0)
-    assert not pacer.sampling(now + SAMPLE_EVERY_S / 2)
-    assert pacer.sampling(now + SAMPLE_EVERY_S)
+    assert pacer.next_sample_in(now + SAMPLE_EVERY_S / 2) == pytest.approx(SAMPLE_EVERY_S / 2)
+    assert pacer.next_sample_in(now + SAMPLE_EVERY_S) == 0
     pacer.sampled(now + SAMPLE_EVERY_S, 2)  # a queue: the next look comes sooner
-    assert not pacer.sampling(now + SAMPLE_EVERY_S + SAMPLE_SOON_S / 2)
-    assert pacer.sampling(now + SAMPLE_EVERY_S + SAMPLE_SOON_S)
+    assert pacer.next_sample_in(now + SAMPLE_EVERY_S + SAMPLE_SOON_S / 2) == pytest.approx(
+        SAMPLE_SOON_S / 2
+    )
+    assert pacer.next_sample_in(now + SAMPLE_EVERY_S + SAMPLE_SOON_S) == 0
     pacer.observed(now + 0.1, Lease(T0_MS + 900, T0_MS), NOTHING, 10)
     assert pacer.mode is Mode.POLLING
-    assert not pacer.sampling(now + 0.2)
+    assert pacer.next_sample_in(now + 0.2) is None
 
     off = Pacer(None, INTERVAL)
     now = busy(off, per_s=1000, seconds=1)
-    assert not off.sampling(now)
+    assert off.next_sample_in(now) is None
     assert off.renewal(now) is None
 
 

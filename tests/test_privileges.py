@@ -102,7 +102,8 @@ async def test_the_daemon_role_renews_the_lease_and_an_app_role_inserts_under_it
     await db.execute(role_sql())
     daemon = await Database.connect(await login_role("IN ROLE notifyd_daemon"))
     try:
-        lease = await daemon.renew_lease(60_000)
+        lease = await daemon.set_lease(60_000)
+        await daemon.announce_lease()
     finally:
         await daemon.close()
     assert lease.in_force

@@ -149,13 +149,15 @@ async def test_no_trigger_notifies_while_a_lease_is_in_force_and_all_do_after(db
 
 
 async def test_renewing_the_lease_never_shortens_it_and_notifies(dsn, db, notifications):
-    """renew_lease sets now + ms unless a longer lease is in force, and sends 'poll'."""
+    """set_lease sets now + ms unless a longer lease is in force; announce_lease sends 'poll'."""
     database = await Database.connect(dsn)
     try:
-        lease = await database.renew_lease(1000)
+        lease = await database.set_lease(1000)
+        await database.announce_lease()
         assert lease.in_force and 990 <= lease.until_ms - lease.now_ms <= 1000
         await set_lease(db, 30_000)
-        longer = await database.renew_lease(1000)
+        longer = await database.set_lease(1000)
+        await database.announce_lease()
         assert longer.until_ms - longer.now_ms > 20_000
     finally:
         await database.close()
@@ -170,7 +172,7 @@ async def test_a_row_that_skipped_its_notify_and_commits_after_the_lease_is_deli
     pacer = running.daemon.delivery.pacer
     client = await open_client(running.url("alice"))
     await set_lease(db, 1500)
-    await db.execute("SELECT pg_notify('notifyd', 'poll')")  # as renew_lease does
+    await db.execute("SELECT pg_notify('notifyd', 'poll')")  # as announce_lease does
     await wait_until(lambda: pacer.mode is Mode.POLLING, "polling")
     app = await asyncpg.connect(dsn)
     try:
@@ -194,7 +196,8 @@ async def test_an_instance_waiting_for_notify_hears_of_another_instances_lease(
     app = await Database.connect(dsn)
     try:
         for n in range(3):
-            await app.renew_lease(1000)  # what a busy instance does
+            await app.set_lease(1000)  # what a busy instance does
+            await app.announce_lease()
             # No wait on the other instance: only the renewal's NOTIFY wakes it.
             await app.insert_message(to_user="bob", title=f"under lease {n}", content="c")
             await client.messages_until(f"under lease {n}")
