@@ -6,7 +6,8 @@ of the instance (its :class:`~notifyd.vitals.Vitals` and its metrics text):
 
 * the static browser client and demo page files (:mod:`notifyd.static`);
 * ``/healthz`` (the process is up) and ``/readyz`` (the LISTEN path is
-  proven), as JSON;
+  proven), as JSON; ``/healthz?tasks`` adds the answering process's
+  running asyncio tasks counted by kind, the one thing read from the loop;
 * ``/metrics`` in the Prometheus text format (loopback only by default);
 * ``/`` the demo message center, under ``notifyd demo`` only;
 * ``/ws/message`` and ``/ws/message/{userId}``: not answered here, but
@@ -18,6 +19,7 @@ A new HTTP path is added here.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import http
 import ipaddress
@@ -33,7 +35,7 @@ from websockets.http11 import Request, Response
 from . import static
 from .credentials import user_from_path
 from .settings import Settings
-from .vitals import Vitals
+from .vitals import Vitals, task_census
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
@@ -94,7 +96,8 @@ class Routes:
             response.headers["Allow"] = "GET"
             return response
         if path == "/healthz":
-            return self._health(ready=False)
+            census = "tasks" in parse_qs(query_string, keep_blank_values=True)
+            return self._health(ready=False, census=census)
         if path == "/readyz":
             return self._health(ready=True)
         if path == "/metrics":
@@ -108,15 +111,20 @@ class Routes:
             return plain_response(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         return WebSocketRoute(route[1], query_string)
 
-    def _health(self, *, ready: bool) -> Response:
+    def _health(self, *, ready: bool, census: bool = False) -> Response:
         """
         ``/healthz``: the process is up (200 unless a task died).
         ``/readyz``: the LISTEN path is proven (200) or not (503).
+        ``census``: add the running tasks by kind (``/healthz?tasks``), for
+        finding what grows; not on by default, as it walks every task.
         """
         vitals = self._vitals()
         ok = vitals.ready if ready else vitals.alive
         status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
-        body = json.dumps(vitals.health_report()) + "\n"
+        report = vitals.health_report()
+        if census:
+            report["task_kinds"] = task_census(asyncio.all_tasks())
+        body = json.dumps(report) + "\n"
         return _uncached(status, body.encode(), "application/json")
 
     def _metrics_text(self, peer: Any) -> Response:

@@ -9,10 +9,34 @@ never disagree about what "ready" means.
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ListenerVitals", "Vitals", "WakeVitals"]
+__all__ = ["ListenerVitals", "Vitals", "WakeVitals", "task_census"]
+
+# asyncio's default task names ("Task-123") say nothing of what a task does.
+_UNNAMED = re.compile(r"Task-\d+")
+
+
+def task_census(tasks: Iterable[asyncio.Task[Any]]) -> dict[str, int]:
+    """
+    How many tasks of each kind run, most numerous first: a task's kind is
+    its name when it was given one, else its coroutine's qualified name
+    (per-connection tasks then group together, and a long-lived task that
+    appears shows up as its own line).
+    """
+    kinds: Counter[str] = Counter()
+    for task in tasks:
+        name = task.get_name()
+        if _UNNAMED.fullmatch(name):
+            coroutine = task.get_coro()
+            name = getattr(coroutine, "__qualname__", type(coroutine).__name__)
+        kinds[name] += 1
+    return dict(sorted(kinds.items(), key=lambda kind: (-kind[1], kind[0])))
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 from notifyd.lag import LoopLag
+from notifyd.vitals import task_census
 
 from .conftest import TIMEOUT
 
@@ -55,3 +56,31 @@ async def test_a_blocked_loop_shows_as_lag_in_health_and_metrics(daemon) -> None
     assert float(lines["notifyd_event_loop_lag_seconds"]) >= 0.45
     # delivery, the listener, the lag timer and this scrape's handler at least
     assert float(lines["notifyd_asyncio_tasks"]) >= 4
+
+
+async def _parked(forever: asyncio.Event) -> None:
+    await forever.wait()
+
+
+async def test_the_task_census_counts_tasks_by_name_or_else_by_coroutine() -> None:
+    forever = asyncio.Event()
+    unnamed = [asyncio.create_task(_parked(forever)) for _ in range(3)]
+    named = asyncio.create_task(_parked(forever), name="lease renewal")
+    try:
+        census = task_census([*unnamed, named])
+    finally:
+        forever.set()
+        await asyncio.gather(*unnamed, named)
+    assert census == {"_parked": 3, "lease renewal": 1}
+    assert list(census) == ["_parked", "lease renewal"]
+
+
+async def test_healthz_lists_the_instances_tasks_by_kind_only_when_asked(daemon) -> None:
+    url = f"http://127.0.0.1:{daemon.port}/healthz"
+    plain = json.loads(await asyncio.to_thread(_get, url))
+    assert "task_kinds" not in plain
+    kinds = json.loads(await asyncio.to_thread(_get, url + "?tasks"))["task_kinds"]
+    # Every task counted once, and the instance's named background tasks
+    # by their names.
+    assert sum(kinds.values()) >= 4
+    assert "delivery" in kinds, kinds

@@ -146,3 +146,22 @@ def test_a_restart_of_notifyd_is_reported_with_the_time_to_the_last_session() ->
     assert "**not every session was live again within 10 minutes**" in render(results)
     assert "Growth is not fitted" in page
     assert "RSS (MB):" not in page
+
+
+def test_a_task_that_appears_mid_run_shows_as_a_step_between_the_halves() -> None:
+    results = _results(lost=0, rss_slope=0.4)
+    for sample in results["samples"]:
+        sample["task_kinds"] = {
+            "Server.conn_handler": 5000 + (3 if sample["t_s"] == 900 else 0),
+            "delivery": 1,
+            **({"watch": 1} if sample["t_s"] >= 1000 else {}),
+        }
+    page = render(results)
+    assert "| `Server.conn_handler` | 5,000 | 5,000 | 5000 |" in page
+    assert "| `delivery` | 1 | 1 | 1 |" in page
+    # The warm-up's samples are left out; "watch" runs in most of the second half.
+    assert "| `watch` | 0 | 1 | 1 |" in page
+
+
+def test_a_run_without_a_task_census_has_no_tasks_by_kind_section() -> None:
+    assert "## Tasks by kind" not in render(_results(lost=0, rss_slope=0.4))

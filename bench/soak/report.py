@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TRENDED", "render"]
+__all__ = ["TRENDED", "render", "task_kinds"]
 
 # The figures fitted for growth, with the unit each is shown in.
 TRENDED = {
@@ -98,6 +98,43 @@ def verdict(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def task_kinds(samples: list[dict[str, Any]], warmup_s: float) -> list[str]:
+    """
+    The tasks by kind (``/healthz?tasks``) after the warm-up: the median
+    count over each half of the run and at the end, so a kind that scales
+    with sessions shows its steadiness and a long-lived one that appeared
+    mid-run shows as a step between the halves.
+    """
+    kept = [s for s in samples if s["t_s"] >= warmup_s and s.get("task_kinds")]
+    if len(kept) < 2:
+        return []
+    halves = (kept[: len(kept) // 2], kept[len(kept) // 2 :])
+    kinds = sorted({kind for sample in kept for kind in sample["task_kinds"]})
+
+    def median(part: list[dict[str, Any]], kind: str) -> float:
+        counts: list[int] = sorted(sample["task_kinds"].get(kind, 0) for sample in part)
+        middle = len(counts) // 2
+        return counts[middle] if len(counts) % 2 else (counts[middle - 1] + counts[middle]) / 2
+
+    rows = sorted(
+        ((kind, median(halves[0], kind), median(halves[1], kind)) for kind in kinds),
+        key=lambda row: (-row[2], row[0]),
+    )
+    out = [
+        "## Tasks by kind",
+        "",
+        "A task's kind is its name, or its coroutine's when it has none; "
+        "medians over the samples of each half after the warm-up.",
+        "",
+        "| kind | first half | second half | last sample |",
+        "|---|---|---|---|",
+    ]
+    for kind, first, second in rows:
+        last = kept[-1]["task_kinds"].get(kind, 0)
+        out.append(f"| `{kind}` | {first:,g} | {second:,g} | {last} |")
+    return [*out, ""]
+
+
 def render(results: dict[str, Any]) -> str:
     config = results["config"]
     account = results["accounting"]
@@ -158,6 +195,7 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"| {event['at_s'] / 60:.1f} min | {event['what']} | {detail} |")
     out += [
         "",
+        *task_kinds(results["samples"], trends["warmup_s"]),
         "## Samples",
         "",
         "| t (min) | RSS (MB) | fds | tasks | loop lag (ms) | sessions | server CPU (s) | received |",

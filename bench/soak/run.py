@@ -167,7 +167,8 @@ def _rss_kb(pid: int) -> int:
 async def _health(port: int) -> dict[str, Any]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        # ?tasks: the running tasks by kind, to name any long-lived one that appears.
+        writer.write(b"GET /healthz?tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         raw = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
@@ -405,6 +406,7 @@ async def _sample(
     else:
         sample.update(
             tasks=health["tasks"],
+            task_kinds=health.get("task_kinds", {}),
             loop_lag_ms=health["loop_lag_ms"],
             sessions=health["sessions"],
             ready=health["status"] == "ok",
