@@ -34,7 +34,14 @@ import asyncpg
 from . import queries
 from .backoff import backoff_delay
 from .cursor import Cursor, Snapshot
-from .exceptions import ConfigError, DatabaseError, ReplicaError, SchemaError, describe
+from .exceptions import (
+    ConfigError,
+    DatabaseError,
+    LineageChanged,
+    ReplicaError,
+    SchemaError,
+    describe,
+)
 from .pacing import Lease
 from .queries import CHANNEL, EVENTS, RECEIPTS, TABLE
 from .replica import ReplicaPolicy, Route, Switch, format_lsn, parse_lsn, replayable
@@ -44,6 +51,8 @@ __all__ = [
     "CHANNEL",
     "DATABASE_ERRORS",
     "Database",
+    "Lineage",
+    "LineageWatch",
     "OwnConnection",
     "Pool",
     "ReadReplica",
@@ -817,6 +826,74 @@ def _loop_time(monotonic: float) -> float:
     return loop.time() + (monotonic - time.monotonic())
 
 
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """
+    A database's history: its cluster and the timeline it writes on.
+    """
+
+    cluster: str
+    timeline: str
+
+
+class LineageWatch:
+    """
+    The history each new pooled connection finds, against the one delivery's
+    snapshots come from.
+
+    A promotion (or a restore) starts a new timeline, and a failover that
+    lost the old primary's last commits hands their transaction ids out
+    again (:mod:`notifyd.recall`). From the first connection that finds a
+    new history until delivery has repaired that (:mod:`notifyd.failover`)
+    and called :meth:`accept`, new connections are refused with
+    :class:`LineageChanged`: no window is read and no cursor resumed against
+    the new history before then. The old history's connections are gone by
+    then (its server is).
+    """
+
+    def __init__(self) -> None:
+        self.known: Lineage | None = None
+        self.changed: Lineage | None = None
+
+    async def check(self, connection: asyncpg.Connection) -> None:
+        """
+        Pool init hook: note the history of a new connection; raises
+        :class:`LineageChanged` while a change awaits its repair.
+        """
+        record = await connection.fetchrow(queries.LINEAGE)
+        assert record is not None  # a SELECT without FROM always returns its row
+        if record["timeline"] is None:
+            return  # a standby, refused elsewhere (refuse_standby) with its own words
+        found = Lineage(record["cluster"], record["timeline"])
+        if self.known is None:
+            self.known = found
+        elif found != self.known:
+            self.changed = found
+        if self.changed is not None:
+            raise LineageChanged(
+                f"the database's history changed ({self.describe()}); "
+                "repairing before reading again"
+            )
+
+    def describe(self) -> str:
+        """
+        The change awaiting repair, in words (for logs).
+        """
+        known, changed = self.known, self.changed
+        if known is None or changed is None:
+            return "no change"
+        if known.cluster != changed.cluster:
+            return f"another cluster: system identifier {known.cluster} -> {changed.cluster}"
+        return f"timeline {int(known.timeline, 16)} -> {int(changed.timeline, 16)}"
+
+    def accept(self) -> None:
+        """
+        The change is repaired: connections to the new history are let in.
+        """
+        if self.changed is not None:
+            self.known, self.changed = self.changed, None
+
+
 class Database:
     """
     A small pool of query connections and the statements notifyd runs.
@@ -826,8 +903,19 @@ class Database:
     unwrapped, so callers catch that alone.
     """
 
-    def __init__(self, pool: asyncpg.Pool, windows: asyncpg.Pool, plans: WindowPlans) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        windows: asyncpg.Pool,
+        plans: WindowPlans,
+        *,
+        dsn: str = "",
+        lineage: LineageWatch | None = None,
+    ) -> None:
         self._pool = Pool(pool)
+        self._dsn = dsn
+        # Which history the pools' connections must find (see LineageWatch).
+        self.lineage = lineage if lineage is not None else LineageWatch()
         # Reads on a hot standby (NOTIFYD_READ_DSN), when configured; the
         # replay position that covers each recent window end (a read bounded
         # by one goes to the standby once it has replayed that far), and
@@ -857,6 +945,16 @@ class Database:
         server but not a standby of its cluster.
         """
         plans = WindowPlans()
+        lineage = LineageWatch()
+
+        async def init_query(connection: asyncpg.Connection) -> None:
+            await _plan_per_execution(connection)
+            await lineage.check(connection)
+
+        async def init_window_reads(connection: asyncpg.Connection) -> None:
+            await plans.init(connection)
+            await lineage.check(connection)
+
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -864,7 +962,7 @@ class Database:
                 max_size=size,
                 command_timeout=60,
                 server_settings=named(dsn, ""),
-                init=_plan_per_execution,
+                init=init_query,
                 reset=_keep_session,
             )
         except ValueError as exc:  # asyncpg's verdict on a malformed DSN
@@ -879,13 +977,13 @@ class Database:
                 max_size=2,
                 command_timeout=60,
                 server_settings=named(dsn, "window reads"),
-                init=plans.init,
+                init=init_window_reads,
                 reset=_keep_session,
             )
         except DATABASE_ERRORS as exc:
             pool.terminate()
             raise DatabaseError(f"cannot connect to the database: {describe(exc)}") from exc
-        database = cls(pool, windows, plans)
+        database = cls(pool, windows, plans, dsn=dsn, lineage=lineage)
         try:
             await refuse_standby(pool, "NOTIFYD_DSN")
             if read_dsn:
@@ -937,6 +1035,20 @@ class Database:
                 await pool.close()
             except Exception:
                 pool.terminate()
+
+    async def own_connection(self, part: str, *, statement_timeout: float) -> OwnConnection:
+        """
+        A session of its own on the primary, outside the pools (their
+        connections may be refused meanwhile: see :class:`LineageWatch`),
+        named ``notifyd <part>``.
+        """
+        return await OwnConnection.open(
+            self._dsn,
+            application_name=named(self._dsn, part).get("application_name", "notifyd"),
+            settings={"lock_timeout": str(round(statement_timeout * 1000))},
+            statement_timeout=statement_timeout,
+            what=f"{part} connection",
+        )
 
     async def read_replica_problem(self) -> str | None:
         """
@@ -1422,6 +1534,12 @@ class Database:
                 problems.append(f"table {table} does not exist: run `notifyd init-db`")
         if not await self._pool.fetchval("SELECT to_regclass($1) IS NOT NULL", queries.LEASE):
             problems.append(f"sequence {queries.LEASE} does not exist: run `notifyd init-db`")
+        if not await self._pool.fetchval(
+            "SELECT to_regprocedure($1) IS NOT NULL", queries.RESTAMP_FUNCTION
+        ):
+            problems.append(
+                f"function {queries.RESTAMP_FUNCTION} does not exist: run `notifyd init-db`"
+            )
         if problems:
             return problems
         allowed = await self._pool.fetchrow(queries.PRIVILEGES)
@@ -1434,6 +1552,7 @@ class Database:
             "hidden": f"SELECT and INSERT on {queries.HIDDEN}",
             "events": f"SELECT and DELETE on {EVENTS}",
             "lease": f"SELECT and UPDATE on sequence {queries.LEASE}",
+            "restamp": f"EXECUTE on function {queries.RESTAMP_FUNCTION}",
         }
         problems += [
             f"the database role lacks {what}: apply role.sql (`notifyd init-db --role`)"
@@ -1593,6 +1712,14 @@ class OwnConnection:
         """
         with as_database_error("query failed"):
             return await self._connection.fetchval(query, *args)
+
+    async def execute(self, query: str) -> None:
+        """
+        Run statements as one simple query (no parameters: a ``DO`` block
+        that commits as it goes must be sent this way).
+        """
+        with as_database_error("statement failed"):
+            await self._connection.execute(query)
 
     def terminate(self) -> None:
         """

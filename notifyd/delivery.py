@@ -46,15 +46,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import replay
+from . import failover, replay
 from .backoff import backoff_delay
 from .collector import Collector
 from .cursor import Cursor, Snapshot
 from .db import Database, Row, Window
-from .exceptions import CursorError, DatabaseError, describe
+from .exceptions import CursorError, DatabaseError, LineageChanged, describe
 from .hub import Hub
 from .ledger import ByType
 from .pacing import LEASE_S, Lease, Mode, Pacer, ReadBudget, Renewal
+from .recall import Recall, event_fingerprint, fingerprint
 from .router import Router, WindowAccount
 from .session import Session
 from .stats import Stats
@@ -131,6 +132,9 @@ class Delivery:
         self._database_back = asyncio.Event()
         self._pending: list[_Join] = []
         self.watermark: Snapshot | None = None
+        # What was routed under each transaction id lately: what a failover
+        # that lost transactions is repaired with (notifyd.failover).
+        self._recall = Recall()
         # The database clock up to which expiries were withdrawn (moves with
         # the watermark), and when (time.monotonic()) the next known
         # expire_at comes.
@@ -257,6 +261,8 @@ class Delivery:
         while True:
             joining, self._pending = self._pending, []
             try:
+                if self._db.lineage.changed is not None:
+                    await self._repair_history()
                 if self.watermark is None:
                     self.watermark, self._swept_to = await self._db.snapshot_and_clock()
                     self.ready.set()
@@ -298,6 +304,9 @@ class Delivery:
                     self._account = None
                     self._opened = None
                 self._requeue(joining)
+                if isinstance(exc, LineageChanged):
+                    # Repaired at the top of the next round, before any read.
+                    continue
                 attempt += 1
                 self.stats.read_failures += 1
                 delay = backoff_delay(attempt, initial=0.1, maximum=self._retry_max, jitter=0)
@@ -464,6 +473,7 @@ class Delivery:
                     if not (self._reader.first_prefetched and count_users):
                         counts = window.counts
                 router.route(window, base, self._account)
+                self._remember(base, window)
                 last = window
         assert last is not None and self._account is not None  # pages() yields at least one
         self.stats.window_reads += 1
@@ -481,6 +491,69 @@ class Delivery:
             seen, end = lease, last.end
             self._pace(lambda pacer: pacer.observed(time.monotonic(), seen, end, len(transactions)))
         return counts
+
+    def _remember(self, base: Snapshot, window: Window) -> None:
+        """
+        Note a routed page's rows and events by transaction, for the repair
+        after a failover.
+        """
+        prints = [(row["xact_id"], fingerprint(row["id"], row["seq"])) for row in window.rows]
+        prints += [
+            (event.xact_id, event_fingerprint(event.user, event.kind, event.ids, event.type))
+            for event in window.events
+        ]
+        self._recall.note(time.monotonic(), base, window.end, prints)
+
+    async def _repair_history(self) -> None:
+        """
+        The database's history changed since the last window (a standby
+        promoted): repair what that may hide, then let the pools connect to
+        it. A failure raises, and the next round tries again.
+        """
+        lineage = self._db.lineage
+        change = lineage.describe()
+        if self.watermark is None:
+            lineage.accept()
+            return
+        repaired = await failover.repair(self._db, self._recall, self.watermark)
+        lineage.accept()
+        self.stats.history_repairs += 1
+        self.stats.restamped += repaired.moved
+        if repaired.behind:
+            logger.error(
+                "the database's history changed (%s) and its next transaction id is %d "
+                "below the snapshots read before: not the history notifyd was reading "
+                "(a restore from an older backup?); rows committed under ids below them "
+                "are not pushed, and clients should start without a cursor",
+                change,
+                repaired.behind,
+            )
+            return
+        logger.log(
+            logging.WARNING if repaired.reused else logging.INFO,
+            "the database's history changed (%s): %d transaction ids taken to pass every "
+            "earlier snapshot; %d transactions found under ids the old primary had used "
+            "and lost, their %d rows and events moved to a fresh id; %d recognised",
+            change,
+            repaired.advanced,
+            repaired.reused,
+            repaired.moved,
+            repaired.recognised,
+        )
+        if repaired.still_open:
+            logger.warning(
+                "%d transactions under reused ids were still open after %.0fs: their rows "
+                "are pushed, but a client resuming from a cursor made before the failover "
+                "may miss them",
+                repaired.still_open,
+                failover.OPEN_WAIT_S,
+            )
+        if repaired.past_memory:
+            logger.warning(
+                "none of the transactions delivery routed %.0fs before the failover survived "
+                "it: rows committed under ids reused from before then may not be pushed",
+                self._recall.span_s,
+            )
 
     def _maybe_prefetch(self, end: Snapshot, swept_to: datetime | None) -> None:
         """

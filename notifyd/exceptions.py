@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "CursorError",
     "DatabaseError",
+    "LineageChanged",
     "ListenPathError",
     "NotifydError",
     "ProtocolError",
@@ -52,6 +53,14 @@ class ConfigError(NotifydError):
 class DatabaseError(NotifydError):
     """
     Postgres is unreachable or cannot be used.
+    """
+
+
+class LineageChanged(DatabaseError):
+    """
+    The database's history changed (a standby was promoted, or a restore
+    started a new timeline): its connections are refused until delivery has
+    repaired what the change may hide (:mod:`notifyd.failover`).
     """
 
 

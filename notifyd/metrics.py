@@ -67,6 +67,17 @@ class _InstanceCollector:
             value=stats.read_failures,
         )
         yield CounterMetricFamily(
+            "notifyd_history_repairs",
+            "Changes of the database's history (a standby promoted) repaired before reading on",
+            value=stats.history_repairs,
+        )
+        yield CounterMetricFamily(
+            "notifyd_restamped_rows",
+            "Rows and events committed under a transaction id a failover had lost and reused, "
+            "moved to a fresh one so that they are pushed and resumed",
+            value=stats.restamped,
+        )
+        yield CounterMetricFamily(
             "notifyd_polling_leases",
             "Polling leases this instance started (the triggers' NOTIFYs went off)",
             value=stats.polling_leases,

@@ -20,6 +20,7 @@ __all__ = [
     "INSERT",
     "INSERT_LSN",
     "LEASE",
+    "LINEAGE",
     "MARK_ALL_READ",
     "MARK_READ",
     "MARK_UNREAD",
@@ -30,13 +31,18 @@ __all__ = [
     "RECEIPTS",
     "REQUIRED_COLUMNS",
     "REQUIRED_TRIGGERS",
+    "RESTAMP",
+    "RESTAMP_FUNCTION",
     "SET_LEASE",
+    "SUSPECT_EVENTS",
+    "SUSPECT_ROWS",
     "TABLE",
     "WINDOW_FIRST",
     "WINDOW_HEAD",
     "WINDOW_LEAN",
     "WINDOW_LEAN_AT",
     "WINDOW_REST",
+    "advance_xact_id",
     "columns_for",
     "live_at",
 ]
@@ -47,6 +53,7 @@ RECEIPTS = "t_message_receipt"
 EVENTS = "t_message_event"
 HIDDEN = "t_message_hidden"
 LEASE = "notifyd_poll_lease"
+RESTAMP_FUNCTION = "notifyd_restamp(xid8[])"
 
 # Epoch milliseconds, floored, as the triggers' notifyd_wake() computes them.
 _MS = "floor(extract(epoch FROM {clock}) * 1000)::bigint"
@@ -495,5 +502,57 @@ SELECT
     has_table_privilege('{EVENTS}', 'SELECT') AND has_table_privilege('{EVENTS}', 'DELETE')
         AS events,
     has_sequence_privilege('{LEASE}', 'SELECT') AND has_sequence_privilege('{LEASE}', 'UPDATE')
-        AS lease
+        AS lease,
+    has_function_privilege('{RESTAMP_FUNCTION}', 'EXECUTE') AS restamp
 """
+
+
+# The database's history as a new connection finds it: its cluster and the
+# timeline it writes on (NULL on a standby). A promotion, or a restore to a
+# point in time, starts a new timeline (docs/deployment.md, "Database
+# failover").
+LINEAGE = """
+SELECT (SELECT system_identifier FROM pg_control_system())::text AS cluster,
+       CASE WHEN pg_is_in_recovery() THEN NULL
+            ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline
+"""
+
+
+def advance_xact_id(target: int) -> str:
+    """
+    A statement that takes transaction ids until the next one to be handed
+    out is at least ``target``: each in a transaction of its own, committed
+    without waiting for the disk but for the last, whose flush then covers
+    them all (about 200,000 a second). Must run outside a transaction
+    block, as a simple query (a ``DO`` takes no parameters).
+    """
+    return f"""
+DO $$
+BEGIN
+    LOOP
+        EXIT WHEN pg_current_xact_id() >= '{int(target)}'::xid8;
+        PERFORM set_config('synchronous_commit', 'off', true);
+        COMMIT;
+    END LOOP;
+END
+$$"""
+
+
+# The messages and events of transactions that the watermark $2 calls
+# finished and the horizon $1 does not: what a reused transaction id may
+# hide (notifyd.recall). Rows of transactions still in progress are not
+# seen: the repair waits for them first.
+_SUSPECTS = """xact_id >= pg_snapshot_xmin($1::text::pg_snapshot)
+      AND NOT pg_visible_in_snapshot(xact_id, $1::text::pg_snapshot)
+      AND pg_visible_in_snapshot(xact_id, $2::text::pg_snapshot)"""
+SUSPECT_ROWS = f"""
+SELECT xact_id::text::bigint AS xact_id, id::text AS id, seq FROM {TABLE}
+WHERE {_SUSPECTS}
+"""
+SUSPECT_EVENTS = f"""
+SELECT xact_id::text::bigint AS xact_id, to_user, kind, ids, type FROM {EVENTS}
+WHERE {_SUSPECTS}
+"""
+
+# Give the rows and events of these transactions a fresh transaction id.
+RESTAMP = "SELECT notifyd_restamp($1::text[]::xid8[])"

@@ -4,8 +4,9 @@
 -- notifyd_daemon can read messages, change nothing but is_read, add and take
 -- back read receipts for announcements, hide messages from one user's inbox
 -- (a user's "delete"), prune its own event log and keep the webhook's
--- dispatch tables, and set the polling lease. It cannot insert, delete or
--- rewrite messages. Give the daemon a login role in it:
+-- dispatch tables, set the polling lease, and after a failover that lost
+-- transactions move the rows committed under a reused transaction id to a
+-- fresh one. It cannot insert, delete or rewrite messages. Give the daemon a login role in it:
 --
 --   CREATE ROLE notifyd LOGIN PASSWORD '...' IN ROLE notifyd_daemon;
 
@@ -41,3 +42,8 @@ GRANT SELECT, INSERT, DELETE ON t_message_seen TO notifyd_daemon;
 -- while the daemon is reading continuously.
 REVOKE ALL ON SEQUENCE notifyd_poll_lease FROM notifyd_daemon;
 GRANT SELECT, UPDATE ON SEQUENCE notifyd_poll_lease TO notifyd_daemon;
+
+-- The repair after a failover that lost transactions (schema.sql,
+-- notifyd_restamp): gives rows committed under a reused transaction id a
+-- fresh one.
+GRANT EXECUTE ON FUNCTION notifyd_restamp(xid8[]) TO notifyd_daemon;

@@ -396,6 +396,32 @@ CREATE OR REPLACE TRIGGER notifyd_log_receipt_delete
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION notifyd_log_receipt_delete();
 
+-- After a failover that lost the old primary's last transactions, the
+-- promoted standby hands their transaction ids out again, and rows committed
+-- under such an id look finished to every snapshot taken before the switch:
+-- delivery's watermark, clients' cursors and the webhook's fill point
+-- would pass over them. notifyd finds them (notifyd/failover.py) and gives
+-- their rows and events the id of this transaction, a fresh one above every
+-- id those snapshots knew, so that all of them see the rows as new. Runs as
+-- the schema's owner; only notifyd's role may call it (role.sql).
+CREATE OR REPLACE FUNCTION notifyd_restamp(reused xid8[]) RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+DECLARE
+    messages bigint;
+    events bigint;
+BEGIN
+    UPDATE t_message_real_time SET xact_id = pg_current_xact_id()
+    WHERE xact_id = ANY(reused);
+    GET DIAGNOSTICS messages = ROW_COUNT;
+    UPDATE t_message_event SET xact_id = pg_current_xact_id()
+    WHERE xact_id = ANY(reused);
+    GET DIAGNOSTICS events = ROW_COUNT;
+    RETURN messages + events;
+END
+$$;
+
+REVOKE ALL ON FUNCTION notifyd_restamp(xid8[]) FROM PUBLIC;
+
 -- ---------------------------------------------------------------------------
 -- Sinks: what the webhook still owes, shared by every instance
 -- (notifyd/dispatch.py, docs/sinks.md). Only used when the webhook sink is

@@ -79,6 +79,10 @@ class Stats:
     # Delivery's reads that failed (the database unreachable or refusing);
     # each is retried, so this counts waits, not losses.
     read_failures: int = 0
+    # Changes of the database's history repaired (a standby promoted), and
+    # the rows and events they moved off reused transaction ids.
+    history_repairs: int = 0
+    restamped: int = 0
     auth_failures: Counter[str] = field(default_factory=Counter)
     # Hostile-client limits that said no, by limit name (docs/security.md).
     limit_trips: Counter[str] = field(default_factory=Counter)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -444,3 +445,148 @@ async def test_check_accepts_a_two_host_dsn_before_and_after_a_failover() -> Non
         await asyncio.to_thread(setup.pair.promote)
         after = await run_cli("check", env=env, timeout=3 * TIMEOUT)
         assert after.code == 0, (after.stdout, after.stderr)
+
+
+_INSERT_RETURNING = _INSERT + " RETURNING xact_id::text::bigint"
+
+
+async def _wait_for_backend(dsn: str, application_name: str, timeout: float) -> None:
+    """
+    Poll pg_stat_activity at ``dsn`` until a backend of that name is there.
+    """
+    connection = await asyncpg.connect(dsn, timeout=timeout)
+    try:
+        deadline = time.monotonic() + timeout
+        while not await connection.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1",
+            application_name,
+        ):
+            assert time.monotonic() < deadline, f"no backend {application_name!r} within {timeout}s"
+            await asyncio.sleep(_POLL_S)
+    finally:
+        await connection.close()
+
+
+async def test_a_failover_that_lost_transactions_pushes_and_resumes_the_rows_under_reused_ids() -> (
+    None
+):
+    """
+    The standby misses the old primary's last transactions (it was down
+    while they committed, and notifyd pushed their rows), the primary
+    crashes, the standby is promoted and hands their transaction ids out
+    again. Rows committed under those ids before notifyd reaches the new
+    primary, and one in a transaction still open then, reach every live
+    session of two instances exactly once, and sessions resuming from
+    cursors made before the failover (some inside the lost tail) get them
+    too.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        setup = await stack.enter_async_context(_failover())
+        second_port = free_port()
+        second = await stack.enter_async_context(
+            running_notifyd("serve", env=serve_env(setup.dsn, second_port, **_SERVE_SETTINGS))
+        )
+        await wait_until_healthy(second_port, second, path="/readyz")
+        servers = (setup.server, second)
+        pair = setup.pair
+        assert pair.standby is not None
+        old_primary = setup.database_dsn(pair.primary.dsn)
+        new_primary = setup.database_dsn(pair.standby.dsn)
+        live = [
+            await Recorder.open(port, user) for port in (setup.port, second_port) for user in USERS
+        ]
+        leave_early = [await Recorder.open(setup.port, user) for user in USERS]
+        leave_late = [await Recorder.open(setup.port, user) for user in USERS]
+        cursors: list[tuple[str, str, list[str]]] = []
+
+        async def leave(sessions: list[Recorder], prefix: str) -> None:
+            for session in sessions:
+                await session.wait_for(lambda f, u=session.user: f.get("title") == f"{prefix}-{u}")
+                await session.close()
+                titles = [frame["title"] for frame in session.messages()]
+                cursors.append((session.user, session.messages()[-1]["cursor"], titles))
+
+        app = await asyncpg.connect(old_primary, timeout=TIMEOUT)
+        try:
+            for user in USERS:
+                await app.execute(_INSERT, user, f"before-{user}")
+            await leave(leave_early, "before")
+            await wait_until_replayed(pair.primary.dsn, pair.standby.dsn, TIMEOUT)
+            await asyncio.to_thread(pair.standby.stop, "fast")
+            # The lost tail: transactions on other tables too (their ids
+            # come back as well), then rows that notifyd pushes.
+            lost_ids = [
+                await app.fetchval("SELECT pg_current_xact_id()::text::bigint") for _ in range(5)
+            ]
+            for user in USERS:
+                lost_ids.append(await app.fetchval(_INSERT_RETURNING, user, f"lost-{user}"))
+            await leave(leave_late, "lost")
+            for session in live:
+                await session.wait_for(lambda f, u=session.user: f.get("title") == f"lost-{u}")
+        finally:
+            await app.close()
+
+        # notifyd frozen, so that rows commit on the new primary before it gets there.
+        for server in servers:
+            server.process.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(pair.primary.stop, "immediate")
+            await asyncio.to_thread(pair.standby.start)
+            await asyncio.to_thread(pair.promote)
+            new = await asyncpg.connect(new_primary, timeout=TIMEOUT)
+            straggler = await asyncpg.connect(new_primary, timeout=TIMEOUT)
+            reused_ids = [
+                await new.fetchval(_INSERT_RETURNING, user, f"reused-{user}") for user in USERS
+            ]
+            open_transaction = straggler.transaction()
+            await open_transaction.start()
+            reused_ids.append(
+                await straggler.fetchval(_INSERT_RETURNING, USERS[0], f"straggler-{USERS[0]}")
+            )
+        finally:
+            for server in servers:
+                server.process.send_signal(signal.SIGCONT)
+        try:
+            # What this test is about: the new primary handed the lost ids out again.
+            assert all(xid <= max(lost_ids) for xid in reused_ids), (reused_ids, lost_ids)
+            # The repair waits for the transaction still open under a reused id.
+            await _wait_for_backend(new_primary, "notifyd history repair", _FAILOVER_DEADLINE_S)
+            await open_transaction.commit()
+            for user in USERS:
+                await new.execute(_INSERT, user, f"end-{user}")
+        finally:
+            await straggler.close()
+            await new.close()
+
+        committed = await _rows_by_user(new_primary)
+        lost = {f"lost-{user}" for user in USERS}
+        assert not lost & {title for titles in committed.values() for title in titles}
+        for session in live:
+            await session.wait_for(
+                lambda f, u=session.user: f.get("title") == f"end-{u}", _FAILOVER_DEADLINE_S
+            )
+            received = [frame["title"] for frame in session.messages()]
+            _assert_exactly_once(
+                session.user, [t for t in received if t not in lost], committed[session.user]
+            )
+        for user, cursor, before in cursors:
+            session = await Recorder.open(setup.port, user, since=cursor)
+            await session.wait_for(lambda f, u=user: f.get("title") == f"end-{u}")
+            assert session.hello()["recovered"] is True, session.hello()
+            replayed = [frame["title"] for frame in session.messages()]
+            _assert_exactly_once(
+                user, [t for t in before + replayed if t not in lost], committed[user]
+            )
+            await session.close()
+        # One instance moved the rows; the other found them moved already.
+        for server in servers:
+            await server.wait_for_output("the database's history changed", timeout=TIMEOUT)
+        moved = [
+            line
+            for server in servers
+            for line in server.output().splitlines()
+            if "moved to a fresh id" in line
+        ]
+        assert sum(" 4 transactions found" in line for line in moved) == 1, moved
+        for session in live:
+            await session.close()
