@@ -1012,13 +1012,29 @@ class LineageWatch:
     def __init__(self) -> None:
         self.known: Lineage | None = None
         self.changed: Lineage | None = None
+        # Why the history cannot be told, when the server will not say (a
+        # managed service without pg_current_wal_lsn(), a role refused
+        # pg_control_system()): no failover is then repaired.
+        self.unknowable: str | None = None
 
     async def check(self, connection: asyncpg.Connection) -> None:
         """
         Pool init hook: note the history of a new connection; raises
         :class:`LineageChanged` while a change awaits its repair.
         """
-        record = await connection.fetchrow(queries.LINEAGE)
+        if self.unknowable is not None:
+            return
+        try:
+            record = await connection.fetchrow(queries.LINEAGE)
+        except asyncpg.PostgresError as exc:
+            self.unknowable = describe(exc)
+            logger.warning(
+                "cannot tell the database's timeline (%s): a failover that loses "
+                "transactions will not be repaired (docs/deployment.md, "
+                '"What asynchronous replication can lose")',
+                self.unknowable,
+            )
+            return
         assert record is not None  # a SELECT without FROM always returns its row
         if record["timeline"] is None:
             return  # a standby, refused elsewhere (refuse_standby) with its own words

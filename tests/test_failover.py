@@ -32,7 +32,7 @@ import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from notifyd.db import DATABASE_ERRORS, schema_sql
+from notifyd.db import DATABASE_ERRORS, Database, schema_sql
 
 from .conftest import SECRET, TIMEOUT, with_database
 from .processes import (
@@ -590,3 +590,29 @@ async def test_a_failover_that_lost_transactions_pushes_and_resumes_the_rows_und
         assert sum(" 4 transactions found" in line for line in moved) == 1, moved
         for session in live:
             await session.close()
+
+
+async def test_a_server_that_will_not_tell_its_timeline_is_served_with_one_warning(
+    db, login_role, caplog
+) -> None:
+    """
+    Where the timeline cannot be read (here pg_control_system() is refused
+    to notifyd's role, as some managed services do), notifyd connects and
+    reads all the same, and says once that failovers will not be repaired.
+    """
+    await db.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    dsn = await login_role("IN ROLE pg_read_all_data")
+    database = await Database.connect(dsn, size=2)
+    try:
+        base = await database.snapshot()
+        await db.execute(_INSERT, "ann", "told")
+        window = await database.window(base, limit=10)
+        assert [row["title"] for row in window.rows] == ["told"]
+    finally:
+        await database.close()
+    assert database.lineage.unknowable is not None
+    assert "pg_control_system" in database.lineage.unknowable
+    warnings = [
+        r for r in caplog.records if "cannot tell the database's timeline" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
