@@ -515,7 +515,9 @@ class Delivery:
         if self.watermark is None:
             lineage.accept()
             return
+        started = time.monotonic()
         repaired = await failover.repair(self._db, self._recall, self.watermark)
+        took_ms = 1000 * (time.monotonic() - started)
         lineage.accept()
         self.stats.history_repairs += 1
         self.stats.restamped += repaired.moved
@@ -533,12 +535,14 @@ class Delivery:
             logging.WARNING if repaired.reused else logging.INFO,
             "the database's history changed (%s): %d transaction ids taken to pass every "
             "earlier snapshot; %d transactions found under ids the old primary had used "
-            "and lost, their %d rows and events moved to a fresh id; %d recognised",
+            "and lost, their %d rows and events moved to a fresh id; %d recognised; "
+            "repaired in %.0f ms",
             change,
             repaired.advanced,
             repaired.reused,
             repaired.moved,
             repaired.recognised,
+            took_ms,
         )
         if repaired.still_open:
             logger.warning(

@@ -17,8 +17,9 @@ until then), the repair, on a connection of its own:
    the horizon of :class:`~notifyd.recall.Recall`, and judges them against
    what was routed under each id;
 4. gives those of reused ids a fresh transaction id (``notifyd_restamp``),
-   taken past every snapshot of the old history with a margin, so that
-   every instance and cursor sees them as new.
+   taken past every snapshot of the old history with a margin of about ten
+   seconds' worth of ids, so that every instance and cursor sees them as
+   new.
 
 Instances repair one at a time (an advisory lock); a second one finds the
 rows already moved above its snapshots. A failover that lost nothing costs
@@ -40,10 +41,12 @@ __all__ = ["MAX_ADVANCE", "OPEN_WAIT_S", "Repaired", "repair"]
 
 # How long the repair waits for transactions still open under a reused id.
 OPEN_WAIT_S = 10.0
-# The fresh id of moved rows lies at least this far (or the memory's span,
-# if more) past this instance's snapshots: past those of every other
-# instance, which read the same primary at about the same time.
-_MARGIN_XIDS = 100_000
+# The fresh id of moved rows lies this far past this instance's snapshots:
+# as many ids as the last _MARGIN_S seconds took, and at least _MARGIN_XIDS,
+# so past those of every other instance, which read the same primary at about
+# the same time. Taking them costs about 5 µs each.
+_MARGIN_S = 10.0
+_MARGIN_XIDS = 10_000
 # A database whose next id lies this far below the snapshots read is not
 # the history that was read (a restore from an older backup): taking that
 # many ids (minutes of work) would not make it so.
@@ -114,7 +117,8 @@ async def repair(database: Database, recall: Recall, watermark: Snapshot) -> Rep
         plan = recall.plan(found)
         moved = 0
         if plan.reused:
-            advanced += await _advance(connection, ceiling + max(recall.span_xids, _MARGIN_XIDS))
+            margin = max(_MARGIN_XIDS, round(recall.span_xids * _MARGIN_S / recall.span_s))
+            advanced += await _advance(connection, ceiling + margin)
             moved = int(
                 await connection.fetchval(queries.RESTAMP, [str(x) for x in sorted(plan.reused)])
             )

@@ -376,7 +376,10 @@ async def test_failover_to_promoted_standby_delivers_every_replicated_row_once_a
             "after the promotion; commit to delivery "
             f"before the outage {1000 * steady[len(steady) // 2]:.1f} ms (median); "
             f"{len(writer.acknowledged)} rows acknowledged, {len(lost)} of them not on the "
-            f"new primary; {delivered_before_promotion} deliveries before the promotion"
+            f"new primary; {delivered_before_promotion} deliveries before the promotion; "
+            + (await setup.server.wait_for_output("repaired in", timeout=TIMEOUT)).split(
+                'msg="', 1
+            )[-1]
         )
         for session in live + resumed:
             await session.close()
@@ -588,6 +591,7 @@ async def test_a_failover_that_lost_transactions_pushes_and_resumes_the_rows_und
             if "moved to a fresh id" in line
         ]
         assert sum(" 4 transactions found" in line for line in moved) == 1, moved
+        print("\nlossy failover: " + " | ".join(line.split('msg="', 1)[-1] for line in moved))
         for session in live:
             await session.close()
 
