@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .cursor import Snapshot
 
-__all__ = ["SPAN_S", "Plan", "Recall", "event_fingerprint", "fingerprint"]
+__all__ = ["MAX_ROWS", "SPAN_S", "Plan", "Recall", "event_fingerprint", "fingerprint"]
 
 # How far back the memory reaches: longer than any replication lag a
 # failover should lose (a standby minutes behind loses more than ids).
@@ -36,6 +36,9 @@ SPAN_S = 120.0
 # Rows are kept in chunks of about this long, each starting at a window's
 # base, so that forgetting is per chunk and costs nothing per row.
 _CHUNK_S = 1.0
+# At most this many rows and events are remembered (16 bytes each): under a
+# sustained flood the memory reaches back less than its span.
+MAX_ROWS = 1_000_000
 
 
 def fingerprint(*parts: Hashable) -> int:
@@ -85,8 +88,10 @@ class Recall:
     transaction id, and the highest snapshot end delivery has read.
     """
 
-    def __init__(self, span_s: float = SPAN_S) -> None:
+    def __init__(self, span_s: float = SPAN_S, max_rows: int = MAX_ROWS) -> None:
         self._span_s = span_s
+        self._max_rows = max_rows
+        self._rows = 0
         self._chunks: collections.deque[_Chunk] = collections.deque()
         self._last_base: Snapshot | None = None
         self._highest_xmax = 0
@@ -134,14 +139,18 @@ class Recall:
         if not chunks or (base != self._last_base and now - chunks[-1].started >= _CHUNK_S):
             # Only at a window's start: a chunk's base then bounds all of its rows.
             chunks.append(_Chunk(now, base))
-            while len(chunks) > 1 and chunks[1].started <= now - self._span_s:
-                chunks.popleft()
+            while len(chunks) > 1 and (
+                chunks[1].started <= now - self._span_s or self._rows > self._max_rows
+            ):
+                self._rows -= len(chunks.popleft().xacts)
         self._last_base = base
         self._highest_xmax = max(self._highest_xmax, end.xmax)
         chunk = chunks[-1]
+        before = len(chunk.xacts)
         for xact_id, print_ in prints:
             chunk.xacts.append(xact_id)
             chunk.prints.append(print_)
+        self._rows += len(chunk.xacts) - before
 
     def still_open(self, now: Snapshot, watermark: Snapshot) -> frozenset[int]:
         """

@@ -115,3 +115,17 @@ def test_nothing_noted_means_no_horizon_and_nothing_spanned() -> None:
     assert recall.horizon is None
     assert recall.highest_xmax == 0
     assert recall.span_xids == 0
+
+
+def test_past_its_row_limit_the_memory_forgets_its_oldest_chunks_early() -> None:
+    recall = Recall(span_s=60.0, max_rows=25)
+    for second in range(10):
+        xid = 100 + 10 * second
+        base, end = _snap(xid, xid), _snap(xid + 10, xid + 10)
+        recall.note(float(second), base, end, [(xid + i, i) for i in range(10)])
+    # Three chunks of ten rows are past the limit of 25 when the next starts:
+    # the oldest go, though well within the span.
+    horizon = recall.horizon
+    assert horizon is not None and horizon.xmax == 170
+    assert recall.plan([(175, 5)]).reused == frozenset()
+    assert recall.plan([(165, 5)]).reused == frozenset({165})
