@@ -447,10 +447,11 @@ class ConnectionSet:
     asyncpg's acquire and release cost a task (the release is shielded) and
     several turns of the event loop per statement, paid by every window
     read: an empty window read took 295 µs of notifyd's CPU through the
-    pool and 213 µs through this (medians of 4 alternating runs of 3,000). Here an idle connection is handed
-    out and taken back without awaiting anything; ``connect`` opens (and
-    initialises) a new one when none is idle and fewer than ``size`` are
-    open, and callers beyond that wait for one to come back.
+    pool and 213 µs through this (medians of 4 alternating runs of 3,000).
+    Here an idle connection is handed out and taken back without awaiting
+    anything; ``connect`` opens (and initialises) a new one when none is
+    idle and fewer than ``size`` are open, and callers beyond that wait for
+    one to come back.
     """
 
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]], size: int) -> None:
@@ -1083,13 +1084,13 @@ class Database:
         windows: ConnectionSet,
         plans: WindowPlans,
         *,
-        dsn: str = "",
-        lineage: LineageWatch | None = None,
+        dsn: str,
+        lineage: LineageWatch,
     ) -> None:
         self._pool = Pool(pool)
         self._dsn = dsn
         # Which history the pools' connections must find (see LineageWatch).
-        self.lineage = lineage if lineage is not None else LineageWatch()
+        self.lineage = lineage
         # Reads on a hot standby (NOTIFYD_READ_DSN), when configured; the
         # replay position that covers each recent window end (a read bounded
         # by one goes to the standby once it has replayed that far), and
