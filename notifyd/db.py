@@ -282,31 +282,55 @@ class WindowPlans:
     def __init__(self) -> None:
         self.generic = False
         self._due = 0.0
-        self._pool: Pool | None = None
+        # The window-read connections (replaced when the verdict changes),
+        # and the pool the check runs on.
+        self._windows: Pool | None = None
+        self._checks: Pool | None = None
+        self._checking: asyncio.Task[bool] | None = None
 
     async def init(self, connection: asyncpg.Connection) -> None:
         await _plan_window_reads(connection, generic=self.generic)
 
-    def attach(self, pool: Pool) -> None:
-        self._pool = pool
+    def attach(self, windows: Pool, checks: Pool) -> None:
+        self._windows = windows
+        self._checks = checks
 
-    async def check_if_due(self) -> None:
-        if time.monotonic() >= self._due:
-            await self.check()
+    def check_if_due(self) -> None:
+        """
+        Start the check in the background when it is due. The read that
+        asked goes on in the plan mode in force: awaited before it, the
+        check's ten or so round trips held back one message every
+        WINDOW_PLAN_CHECK_S by a few milliseconds.
+        """
+        if time.monotonic() < self._due:
+            return
+        if self._checking is not None and not self._checking.done():
+            return
+        self._due = time.monotonic() + WINDOW_PLAN_CHECK_S
+        self._checking = asyncio.create_task(self.check(), name="window-plan-check")
+
+    async def stop(self) -> None:
+        """
+        Cancel a check in progress.
+        """
+        if self._checking is not None:
+            self._checking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checking
 
     async def check(self) -> bool:
         """
         Decide again whether window reads reuse a generic plan; returns the
         verdict.
         """
-        assert self._pool is not None
+        assert self._windows is not None and self._checks is not None
         self._due = time.monotonic() + WINDOW_PLAN_CHECK_S
         try:
-            async with self._pool.transaction(readonly=True) as connection:
+            async with self._checks.transaction(readonly=True) as connection:
                 generic = await self._generic_is_safe(connection)
-        except DATABASE_ERRORS as exc:
-            # Planning every read is always safe; the window read that
-            # follows meets the same trouble, if any, and reports it.
+        except (*DATABASE_ERRORS, DatabaseError) as exc:
+            # Planning every read is always safe; the window reads meet the
+            # same trouble, if any, and report it.
             logger.warning("checking the window reads' plans failed: %s", describe(exc))
             generic = False
         if generic != self.generic:
@@ -314,7 +338,7 @@ class WindowPlans:
             logger.info(
                 "window reads now %s", "reuse their plans" if generic else "plan every read"
             )
-            await self._pool.renew()
+            await self._windows.renew()
         return generic
 
     @staticmethod
@@ -1102,7 +1126,7 @@ class Database:
         # the one every other statement needs (see WindowPlans).
         self._windows = Pool(windows)
         self._plans = plans
-        plans.attach(self._windows)
+        plans.attach(self._windows, self._pool)
 
     @classmethod
     async def connect(
@@ -1205,6 +1229,7 @@ class Database:
         """
         Close the pools, aborting connections that do not close in time.
         """
+        await self._plans.stop()
         if self._replica is not None:
             await self._replica.close()
         for pool in (self._windows, self._pool):
@@ -1314,7 +1339,7 @@ class Database:
         """
         xip = [str(x) for x in since.xip]
         with as_database_error("reading new rows failed"):
-            await self._plans.check_if_due()
+            self._plans.check_if_due()
             if self._replica is not None and not count_users:
                 lean = await self._window_at_head(since, xip, limit, swept_to)
                 if lean is not None:

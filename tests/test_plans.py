@@ -6,6 +6,7 @@ its generic plan an index read, a plan per read before that.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -13,6 +14,8 @@ import asyncpg
 
 from notifyd.db import Database, index_bounded
 from notifyd.queries import EVENTS, TABLE, WINDOW_LEAN
+
+from .conftest import TIMEOUT
 
 _ROWS = 20_000
 
@@ -187,3 +190,24 @@ async def test_window_reads_plan_every_read_of_a_table_analyzed_while_empty(dsn,
     finally:
         await database.close()
     assert counts["generic_plans"] == 0
+
+
+async def test_a_window_read_does_not_wait_for_the_plan_check(dsn, db):
+    """
+    The check runs beside the reads, on the query pool: with that pool's
+    only connection held, so that the check cannot start, a window read
+    still returns its rows.
+    """
+    database = await Database.connect(dsn, size=1)
+    try:
+        base = await database.snapshot()
+        async with database.pool.acquire():
+            await db.execute(
+                f"INSERT INTO {TABLE} (to_user, title, content) VALUES ('u', 'while held', 'c')"
+            )
+            window = await asyncio.wait_for(database.window(base, limit=10), TIMEOUT)
+            assert [row["title"] for row in window.rows] == ["while held"]
+        # Released: the check gets its connection and decides.
+        assert await asyncio.wait_for(database.window_plans.check(), TIMEOUT) is False
+    finally:
+        await database.close()
