@@ -161,6 +161,7 @@ class Delivery:
         self._tasks: asyncio.TaskGroup | None = None
         self._renewing: asyncio.Task[None] | None = None
         self._announcing: asyncio.Task[None] | None = None
+        self._pruning: asyncio.Task[None] | None = None
 
     @property
     def read_budget(self) -> ReadBudget:
@@ -286,7 +287,7 @@ class Delivery:
                     )
                 if time.monotonic() - last_prune > self._prune_every:
                     last_prune = time.monotonic()
-                    await self._db.prune_events(self._event_retention)
+                    self._start_prune()
                 if attempt:
                     logger.info("delivery reads again after %d failed attempts", attempt)
                 attempt = 0
@@ -411,6 +412,22 @@ class Delivery:
             # Instances waiting for NOTIFYs hear of the lease from the next
             # renewal's announcement, or their probe.
             logger.debug("announcing the polling lease failed (%s)", describe(exc))
+
+    def _start_prune(self) -> None:
+        """
+        Delete events past their retention, beside the reads: a large
+        DELETE must not hold back the next one.
+        """
+        if self._tasks is None or (self._pruning is not None and not self._pruning.done()):
+            return
+        self._pruning = self._tasks.create_task(self._prune())
+
+    async def _prune(self) -> None:
+        try:
+            await self._db.prune_events(self._event_retention)
+        except DatabaseError as exc:
+            # Tried again a minute later; the events only wait longer.
+            logger.debug("pruning old events failed (%s)", describe(exc))
 
     async def _take_horizon(self) -> None:
         """

@@ -5,6 +5,7 @@ announcements, recall and safe links.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -339,3 +340,21 @@ async def test_old_read_events_are_pruned(daemon, db):
     assert await db.fetchval("SELECT count(*) FROM t_message_event") == 2
     assert await daemon.daemon.db.prune_events(3600) == 1
     assert await db.fetchval("SELECT kind FROM t_message_event") == "unread"
+
+
+async def test_delivery_prunes_old_events_on_its_own_beside_its_reads(daemon, db, open_client):
+    """
+    Delivery deletes events past their retention by itself, in the
+    background: pushes go on meanwhile.
+    """
+    message = await insert(db, "alice", "m")
+    await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
+    await db.execute("UPDATE t_message_event SET at = now() - interval '2 hours'")
+    client = await open_client(daemon.url("alice"))
+    daemon.daemon.delivery._prune_every = 0.0  # at every round from now on
+    await insert(db, "alice", "wakes delivery")
+    await client.messages_until("wakes delivery")
+    deadline = time.monotonic() + TIMEOUT
+    while await db.fetchval("SELECT count(*) FROM t_message_event"):
+        assert time.monotonic() < deadline, "the old event was never pruned"
+        await asyncio.sleep(0.05)
