@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from . import report
 from .control import ROOT, raise_nofile
@@ -93,6 +94,19 @@ def _command(args: argparse.Namespace, notifyd_env: dict[str, str]) -> str:
     )
 
 
+def _resilience(results: Path) -> dict[str, Any]:
+    """
+    The soak's and the restart storm's results beside ``results``, when
+    their runs have written them.
+    """
+    found: dict[str, Any] = {}
+    for key, name in (("soak", "soak.json"), ("storm", "restart-storm.json")):
+        path = results.parent / name
+        if path.is_file():
+            found[key] = json.loads(path.read_text())
+    return found
+
+
 def main() -> int:
     if sys.argv[1:2] == ["soak"]:
         from .soak.run import main as soak
@@ -108,7 +122,9 @@ def main() -> int:
         parser.error("--users must be at least 100 (100-row statements go to distinct users)")
     if args.report_only:
         results = json.loads(args.results.read_text())
-        args.out.write_text(report.render(results, write_plots(results, args.out)))
+        args.out.write_text(
+            report.render(results, write_plots(results, args.out), **_resilience(args.results))
+        )
         return 0
     notifyd_env = dict(item.partition("=")[::2] for item in args.notifyd_env)
     if any(not key.startswith("NOTIFYD_") for key in notifyd_env):
@@ -157,7 +173,9 @@ def main() -> int:
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(results, indent=1, default=str) + "\n")
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(report.render(results, write_plots(results, args.out)))
+            args.out.write_text(
+                report.render(results, write_plots(results, args.out), **_resilience(args.results))
+            )
             progress(f"done in {elapsed():.0f}s: {args.out} and {args.results}")
             ok = True
     except (KeyboardInterrupt, asyncio.CancelledError):

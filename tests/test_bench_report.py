@@ -23,6 +23,7 @@ from bench.report import render
 from bench.report.common import TIMES
 from bench.report.plots import PLOT_FILES, matplotlib_missing, render_plots
 from bench.report.push import Target, push_section, push_targets
+from bench.report.resilience import resilience_section
 from bench.report.scale import instance_costs
 from bench.scale.instances import summarise_instances
 from bench.scale.sessions import descriptor_cap, loopback_sources
@@ -669,3 +670,21 @@ def test_postgres_cpu_is_split_by_part_when_the_runs_measured_it() -> None:
     assert "### Where Postgres's CPU goes" in text
     assert f"| 1,000 | 500 | the server's own connections | 90 | 30 | 3.00{TIMES} |" in text
     assert f"| 10,000 | 2,000 | writers' backends (pgbench) | 250 | 250 | 1.00{TIMES} |" in text
+
+
+def test_the_resilience_section_sums_up_the_soak_and_the_storm_from_their_results() -> None:
+    soak = json.loads((Path(__file__).parent.parent / "bench" / "soak.json").read_text())
+    storm = json.loads((Path(__file__).parent.parent / "bench" / "restart-storm.json").read_text())
+    soak["accounting"] = {**soak["accounting"], "committed": 1234567, "lost": 0, "duplicates": 2}
+    soak["trends"]["rss_mb"] = {"slope_per_h": 0.5, "noise_per_h": 0.25}
+    storm["events"] = [
+        {"what": "notifyd restart", "all_live": True, "last_live_after_sigterm_s": 12.34},
+        {"what": "notifyd restart", "all_live": False},
+    ]
+    lines = resilience_section(soak, storm)
+    text = "\n".join(lines)
+    assert lines[0] == "## Resilience"
+    assert "0 lost and 2 duplicated of 1,234,567 committed messages" in text
+    assert "RSS +0.5 MB/h (noise ±0.25), beyond noise" in text
+    assert "live again 12.3 s, not all back after the SIGTERM" in text
+    assert resilience_section(None, None) == []

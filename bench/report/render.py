@@ -6,10 +6,12 @@ the tables and the prose in their order, the profile and notifyd's log.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from .common import TIMES, Results, latencies, num, table
 from .prose import method, where_the_time_goes
 from .push import push_section
+from .resilience import resilience_section
 from .scale import scale_section
 from .tables import figures, ramp_table, targets
 
@@ -33,10 +35,17 @@ def _sources(r: Results) -> str:
     return text + "."
 
 
-def render(r: Results, plots: Sequence[str] = ()) -> str:
+def render(
+    r: Results,
+    plots: Sequence[str] = (),
+    *,
+    soak: dict[str, Any] | None = None,
+    storm: dict[str, Any] | None = None,
+) -> str:
     """
     The report; ``plots`` are PNG files next to it, embedded in the push
-    pipeline's section.
+    pipeline's section; ``soak`` and ``storm`` the results of the soak and
+    restart-storm runs, summed up in their own section.
     """
     m, plan = r["machine"], r["plan"]
     out: list[str] = ["# notifyd performance", ""]
@@ -107,6 +116,7 @@ def render(r: Results, plots: Sequence[str] = ()) -> str:
     out += table(("Figure", "notifyd", "naive", "ratio", "better"), figures(r))
     out += ["", *push_section(r, plots)]
     out += scale_section(r)
+    out += resilience_section(soak, storm)
     out += [*where_the_time_goes(r)]
     out += ["", "## Ramps", ""]
     for kind in ("notifyd", "naive"):
