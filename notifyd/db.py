@@ -1074,6 +1074,15 @@ class LineageWatch:
                 "repairing before reading again"
             )
 
+    @property
+    def another_cluster(self) -> bool:
+        """
+        Whether the change awaiting repair is to another cluster altogether
+        (another system identifier), not a new timeline of the same one.
+        """
+        known, changed = self.known, self.changed
+        return known is not None and changed is not None and known.cluster != changed.cluster
+
     def describe(self) -> str:
         """
         The change awaiting repair, in words (for logs).

@@ -532,6 +532,20 @@ class Delivery:
         if self.watermark is None:
             lineage.accept()
             return
+        if lineage.another_cluster:
+            # Not a failover: nothing of the old cluster's ids means anything
+            # here, and its rows are not notifyd's to move.
+            lineage.accept()
+            self.watermark = None
+            self._recall = Recall()
+            self.stats.history_repairs += 1
+            logger.error(
+                "the database is another cluster now (%s): delivery starts again from "
+                "what it holds now; clients' cursors from before do not apply there, so "
+                "clients should start again without them",
+                change,
+            )
+            return
         started = time.monotonic()
         repaired = await failover.repair(self._db, self._recall, self.watermark)
         took_ms = 1000 * (time.monotonic() - started)

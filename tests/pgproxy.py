@@ -10,7 +10,9 @@ TCP proxies in front of PostgreSQL that misbehave in one defined way:
 - one holds back the end of a stream the server closed, after its last
   bytes: a terminated connection, seen between its FATAL and its end;
 - one holds back every reply on demand: a statement sent to a server that
-  has already ended the session.
+  has already ended the session;
+- one moves to another server on demand: a name or address that now leads
+  to a different cluster.
 
 Every proxy, when closed, cuts the connections it carries and stops
 listening, as a server that went away.
@@ -238,5 +240,72 @@ async def _proxy(
         await asyncio.gather(*pumps, return_exceptions=True)
         # Cut, not closed: the clients see a reset, as from a server gone.
         for stream in sockets:
+            stream.transport.abort()
+        await server.wait_closed()
+
+
+class Switch:
+    """
+    The control of :func:`switching_proxy`.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.streams: set[asyncio.StreamWriter] = set()
+
+    def to(self, dsn: str) -> None:
+        """
+        From now on connect to ``dsn``'s server, and cut every connection
+        carried so far, as a server that went away.
+        """
+        parts = urlsplit(dsn)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        for stream in list(self.streams):
+            stream.transport.abort()
+        self.streams.clear()
+
+
+@contextlib.asynccontextmanager
+async def switching_proxy(dsn: str) -> AsyncIterator[tuple[str, Switch]]:
+    """
+    Serve a proxy whose server can be changed (a DNS name or a virtual IP
+    moved to another machine); yield a DSN through it and its control.
+    """
+    parts = urlsplit(dsn)
+    switch = Switch(parts.hostname or "127.0.0.1", parts.port or 5432)
+    pumps: set[asyncio.Task[None]] = set()
+
+    async def accept(
+        client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        switch.streams.add(client_writer)
+        host, port = switch.target
+        try:
+            server_reader, server_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        switch.streams.add(server_writer)
+        for pump in (
+            _forward(client_reader, server_writer),
+            _forward(server_reader, client_writer),
+        ):
+            task = asyncio.create_task(pump)
+            pumps.add(task)
+            task.add_done_callback(pumps.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    proxy_port = server.sockets[0].getsockname()[1]
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}@127.0.0.1:{proxy_port}" if userinfo else f"127.0.0.1:{proxy_port}"
+    query = "&".join(part for part in (parts.query, "sslmode=disable") if part)
+    try:
+        yield urlunsplit(parts._replace(netloc=netloc, query=query)), switch
+    finally:
+        server.close()
+        for task in list(pumps):
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for stream in switch.streams:
             stream.transport.abort()
         await server.wait_closed()

@@ -26,15 +26,18 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from notifyd.db import DATABASE_ERRORS, Database, schema_sql
+from notifyd.demo.embedded import EmbeddedPostgres
+from notifyd.queries import advance_xact_id
 
 from .conftest import SECRET, TIMEOUT, with_database
+from .pgproxy import switching_proxy
 from .processes import (
     NotifydProcess,
     free_port,
@@ -451,6 +454,8 @@ async def test_check_accepts_a_two_host_dsn_before_and_after_a_failover() -> Non
 
 
 _INSERT_RETURNING = _INSERT + " RETURNING xact_id::text::bigint"
+_CLUSTER = "SELECT system_identifier::text FROM pg_control_system()"
+_NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 
 
 async def _wait_for_backend(dsn: str, application_name: str, timeout: float) -> None:
@@ -620,3 +625,67 @@ async def test_a_server_that_will_not_tell_its_timeline_is_served_with_one_warni
         r for r in caplog.records if "cannot tell the database's timeline" in r.getMessage()
     ]
     assert len(warnings) == 1, warnings
+
+
+async def test_a_dsn_that_leads_to_another_cluster_starts_delivery_again_without_moving_rows(
+    dsn, db, start_daemon, open_client, caplog
+) -> None:
+    """
+    The address in the DSN moves to another cluster (another system
+    identifier, not a promoted standby): notifyd says so, touches none of
+    that cluster's rows, and pushes what is committed there from then on.
+    """
+    database = urlsplit(dsn).path.lstrip("/")
+    other = EmbeddedPostgres()
+    await asyncio.to_thread(other.start)
+    try:
+        admin = await asyncpg.connect(other.dsn, timeout=TIMEOUT)
+        try:
+            await admin.execute(f'CREATE DATABASE "{database}"')
+        finally:
+            await admin.close()
+        other_db = await asyncpg.connect(with_database(other.dsn, database), timeout=TIMEOUT)
+        try:
+            await other_db.execute(schema_sql())
+            already = await other_db.fetchval(
+                _INSERT + " RETURNING xact_id::text", "ann", "there before"
+            )
+            other_next = await other_db.fetchval(_NEXT_XID)
+            async with switching_proxy(dsn) as (url, switch):
+                running = await start_daemon(dsn=url)
+                client = await open_client(running.url("ann"))
+                # The first cluster's ids run well ahead of the other's, as
+                # a repair would take ids to pass them.
+                while await db.fetchval(_NEXT_XID) < other_next + 1000:
+                    await db.execute(advance_xact_id(other_next + 1000))
+                await db.execute(_INSERT, "ann", "first cluster")
+                await client.messages_until("first cluster")
+                switch.to(other.dsn)
+                lineage = running.daemon.db.lineage
+                delivery = running.daemon.delivery
+                deadline = time.monotonic() + _FAILOVER_DEADLINE_S
+                while (
+                    lineage.changed is not None
+                    or lineage.known is None
+                    or not (
+                        delivery.watermark is not None
+                        and lineage.known.cluster != (await db.fetchval(_CLUSTER))
+                    )
+                ):
+                    assert time.monotonic() < deadline, "never reached the other cluster"
+                    await asyncio.sleep(_POLL_S)
+                await other_db.execute(_INSERT, "ann", "second cluster")
+                await client.messages_until("second cluster")
+            assert (
+                await other_db.fetchval(
+                    "SELECT xact_id::text FROM t_message_real_time WHERE title = 'there before'"
+                )
+                == already
+            )
+            # No ids taken there to pass the first cluster's snapshots.
+            assert await other_db.fetchval(_NEXT_XID) < other_next + 100
+        finally:
+            await other_db.close()
+    finally:
+        await asyncio.to_thread(other.cleanup)
+    assert any("another cluster now" in r.getMessage() for r in caplog.records)
