@@ -553,11 +553,15 @@ class Delivery:
         self.stats.history_repairs += 1
         self.stats.restamped += repaired.moved
         if repaired.behind:
+            # Nothing to repair with: its rows would wait until its ids passed
+            # the old snapshots. Delivery starts again from the present.
+            self.watermark = None
+            self._recall = Recall()
             logger.error(
                 "the database's history changed (%s) and its next transaction id is %d "
                 "below the snapshots read before: not the history notifyd was reading "
-                "(a restore from an older backup?); rows committed under ids below them "
-                "are not pushed, and clients should start without a cursor",
+                "(a restore from an older backup?); delivery starts again from what it "
+                "holds now, and clients should start again without their cursors",
                 change,
                 repaired.behind,
             )

@@ -67,7 +67,8 @@ class Repaired:
     rows are pushed, but a cursor of the old history passes over them);
     ``past_memory``: the lost tail may reach back further than the memory;
     ``behind``: the next id was more than ``MAX_ADVANCE`` below the
-    snapshots, and nothing was done.
+    snapshots, and nothing was done (delivery starts again from the
+    present).
     """
 
     advanced: int = 0

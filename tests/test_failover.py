@@ -32,6 +32,7 @@ import asyncpg
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from notifyd import failover
 from notifyd.db import DATABASE_ERRORS, Database, schema_sql
 from notifyd.demo.embedded import EmbeddedPostgres
 from notifyd.queries import advance_xact_id
@@ -689,3 +690,59 @@ async def test_a_dsn_that_leads_to_another_cluster_starts_delivery_again_without
     finally:
         await asyncio.to_thread(other.cleanup)
     assert any("another cluster now" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_history_too_far_behind_to_repair_starts_delivery_again_from_the_present(
+    start_daemon, open_client, monkeypatch, caplog
+) -> None:
+    """
+    The promoted standby's next transaction id lies further below notifyd's
+    snapshots than a repair takes ids (here the bound lowered to 500, with
+    2,000 ids lost): notifyd says so and delivers from the new primary's
+    present on, instead of waiting for its ids to pass the old snapshots.
+    """
+    monkeypatch.setattr(failover, "MAX_ADVANCE", 500)
+    async with replicated_pair() as pair:
+        assert pair.standby is not None
+        admin = await asyncpg.connect(pair.primary.dsn, timeout=TIMEOUT)
+        try:
+            await admin.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await admin.close()
+        old_primary = with_database(pair.primary.dsn, DATABASE)
+        app = await asyncpg.connect(old_primary, timeout=TIMEOUT)
+        try:
+            await app.execute(schema_sql())
+            running = await start_daemon(dsn=pair.dsn(DATABASE), reconnect_max_s=0.2)
+            client = await open_client(running.url("ann"))
+            await app.execute(_INSERT, "ann", "before")
+            await client.messages_until("before")
+            await wait_until_replayed(pair.primary.dsn, pair.standby.dsn, TIMEOUT)
+            await asyncio.to_thread(pair.standby.stop, "fast")
+            start = await app.fetchval(_NEXT_XID)
+            await app.execute(advance_xact_id(start + 2000))
+            await app.execute(_INSERT, "ann", "lost")
+            await client.messages_until("lost")
+        finally:
+            await app.close()
+        lost_watermark = running.daemon.delivery.watermark
+        assert lost_watermark is not None
+        await asyncio.to_thread(pair.primary.stop, "immediate")
+        await asyncio.to_thread(pair.standby.start)
+        await asyncio.to_thread(pair.promote)
+        delivery = running.daemon.delivery
+        deadline = time.monotonic() + _FAILOVER_DEADLINE_S
+        while not (
+            running.daemon.db.lineage.changed is None
+            and delivery.watermark is not None
+            and delivery.watermark.xmax < lost_watermark.xmax
+        ):
+            assert time.monotonic() < deadline, "delivery never started again"
+            await asyncio.sleep(_POLL_S)
+        new = await asyncpg.connect(with_database(pair.standby.dsn, DATABASE), timeout=TIMEOUT)
+        try:
+            await new.execute(_INSERT, "ann", "after")
+        finally:
+            await new.close()
+        await client.messages_until("after")
+    assert any("below the snapshots read before" in r.getMessage() for r in caplog.records)
