@@ -553,15 +553,14 @@ class Delivery:
         self.stats.history_repairs += 1
         self.stats.restamped += repaired.moved
         if repaired.behind:
-            # Nothing to repair with: its rows would wait until its ids passed
-            # the old snapshots. Delivery starts again from the present.
-            self.watermark = None
-            self._recall = Recall()
+            # The next read moves the watermark onto the new history, so only
+            # what was committed before it under ids the old snapshots call
+            # finished is passed over (and by old cursors, anything).
             logger.error(
                 "the database's history changed (%s) and its next transaction id is %d "
                 "below the snapshots read before: not the history notifyd was reading "
-                "(a restore from an older backup?); delivery starts again from what it "
-                "holds now, and clients should start again without their cursors",
+                "(a restore from an older backup?); rows committed there before now may "
+                "not be pushed, and clients should start again without their cursors",
                 change,
                 repaired.behind,
             )

@@ -67,8 +67,7 @@ class Repaired:
     rows are pushed, but a cursor of the old history passes over them);
     ``past_memory``: the lost tail may reach back further than the memory;
     ``behind``: the next id was more than ``MAX_ADVANCE`` below the
-    snapshots, and nothing was done (delivery starts again from the
-    present).
+    snapshots, and nothing was done.
     """
 
     advanced: int = 0
