@@ -1,12 +1,14 @@
 """
 Recall, the memory a failover that lost transactions is repaired with: what
 it keeps, what it forgets, and its verdict on the rows found under ids the
-old snapshots call finished.
+old snapshots call finished; and how a change of the database's history is
+told (LineageWatch, without a database).
 """
 
 from __future__ import annotations
 
 from notifyd.cursor import Snapshot
+from notifyd.db import Lineage, LineageWatch
 from notifyd.recall import Recall, event_fingerprint, fingerprint
 
 
@@ -129,3 +131,17 @@ def test_past_its_row_limit_the_memory_forgets_its_oldest_chunks_early() -> None
     assert horizon is not None and horizon.xmax == 170
     assert recall.plan([(175, 5)]).reused == frozenset()
     assert recall.plan([(165, 5)]).reused == frozenset({165})
+
+
+def test_a_change_of_timeline_or_of_cluster_is_told_apart_and_accepted() -> None:
+    watch = LineageWatch()
+    watch.known = Lineage("7001", "00000001")
+    watch.changed = Lineage("7001", "0000000A")
+    assert watch.describe() == "timeline 1 -> 10"
+    assert not watch.another_cluster
+    watch.changed = Lineage("7002", "00000001")
+    assert watch.describe() == "another cluster: system identifier 7001 -> 7002"
+    assert watch.another_cluster
+    watch.accept()
+    assert (watch.known, watch.changed) == (Lineage("7002", "00000001"), None)
+    assert watch.describe() == "no change"
