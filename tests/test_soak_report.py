@@ -161,7 +161,32 @@ def test_a_task_that_appears_mid_run_shows_as_a_step_between_the_halves() -> Non
     assert "| `delivery` | 1 | 1 | 1 |" in page
     # The warm-up's samples are left out; "watch" runs in most of the second half.
     assert "| `watch` | 0 | 1 | 1 |" in page
+    assert "Kinds more numerous in the second half: `watch`." in page
+
+
+def test_tasks_by_kind_that_hold_steady_are_said_to() -> None:
+    results = _results(lost=0, rss_slope=0.4)
+    for sample in results["samples"]:
+        in_flight = {"Database.window": 1} if sample["t_s"] % 30 == 0 else {}
+        sample["task_kinds"] = {"delivery": 1, "Server.conn_handler": 5000, **in_flight}
+    assert "No kind is more numerous in the second half" in render(results)
+
+
+def test_a_second_half_that_falls_beyond_noise_is_not_called_growth() -> None:
+    results = _results(lost=0, rss_slope=4.0)
+    results["trends"]["rss_mb"]["second_half"] = {"slope_per_h": -0.44, "noise_per_h": 0.06}
+    assert "(falling beyond noise: no growth)" in render(results)
 
 
 def test_a_run_without_a_task_census_has_no_tasks_by_kind_section() -> None:
     assert "## Tasks by kind" not in render(_results(lost=0, rss_slope=0.4))
+
+
+def test_the_rss_line_says_when_it_was_highest_and_for_how_long_it_was_not_passed() -> None:
+    results = _results(lost=0, rss_slope=0.4)
+    for sample in results["samples"]:
+        sample["rss_mb"] = 60.0 + min(sample["t_s"], 600.0) / 600
+    page = render(results)
+    assert "highest at 10 min (61.0 MB), not passed in the 20 minutes after." in page
+    results["samples"][-1]["rss_mb"] = 62.0
+    assert "highest at 30 min (62.0 MB), at the end." in render(results)

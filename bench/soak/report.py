@@ -41,10 +41,15 @@ def _second_half(trend: dict[str, Any] | None) -> str:
     if trend is None:
         return ""
     beyond = abs(trend["slope_per_h"]) > trend["noise_per_h"]
+    if not beyond:
+        verdict = " (within noise)"
+    elif trend["slope_per_h"] < 0:
+        verdict = " (falling beyond noise: no growth)"
+    else:
+        verdict = " (still beyond noise)"
     return (
         f"; over the second half alone {_number(trend['slope_per_h'])} per hour, noise "
-        f"±{_number(trend['noise_per_h'])}"
-        + (" (still beyond noise)" if beyond else " (within noise)")
+        f"±{_number(trend['noise_per_h'])}" + verdict
     )
 
 
@@ -93,9 +98,25 @@ def verdict(results: dict[str, Any]) -> list[str]:
             + f" (from {_number(trend['first'])} to {_number(trend['last'])},"
             f" range {_number(trend['low'])} to {_number(trend['high'])})"
             + _second_half(trend.get("second_half"))
+            + (_peak(results["samples"], trends["warmup_s"]) if key == "rss_mb" else "")
             + "."
         )
     return lines
+
+
+def _peak(samples: list[dict[str, Any]], warmup_s: float) -> str:
+    """
+    When RSS was highest after the warm-up, and for how long before the end
+    it stayed below that: a level reached and held, or still climbing.
+    """
+    kept = [s for s in samples if s["t_s"] >= warmup_s and "rss_mb" in s]
+    if len(kept) < 2:
+        return ""
+    peak = max(kept, key=lambda s: (s["rss_mb"], -s["t_s"]))
+    since = (kept[-1]["t_s"] - peak["t_s"]) / 60
+    return f"; highest at {peak['t_s'] / 60:.0f} min ({peak['rss_mb']:.1f} MB)" + (
+        f", not passed in the {since:.0f} minutes after" if since >= 1 else ", at the end"
+    )
 
 
 def task_kinds(samples: list[dict[str, Any]], warmup_s: float) -> list[str]:
@@ -120,11 +141,21 @@ def task_kinds(samples: list[dict[str, Any]], warmup_s: float) -> list[str]:
         ((kind, median(halves[0], kind), median(halves[1], kind)) for kind in kinds),
         key=lambda row: (-row[2], row[0]),
     )
+    grew = [kind for kind, first, second in rows if second > first]
     out = [
         "## Tasks by kind",
         "",
         "A task's kind is its name, or its coroutine's when it has none; "
-        "medians over the samples of each half after the warm-up.",
+        "medians over the samples of each half after the warm-up. "
+        + (
+            "Kinds more numerous in the second half: "
+            + ", ".join(f"`{kind}`" for kind in grew)
+            + "."
+            if grew
+            else "No kind is more numerous in the second half: what moves the task count "
+            "between samples is work in flight (sessions half open, a read under way), "
+            "not tasks that stay."
+        ),
         "",
         "| kind | first half | second half | last sample |",
         "|---|---|---|---|",
