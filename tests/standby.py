@@ -29,11 +29,14 @@ from pathlib import Path
 
 import asyncpg
 
+from notifyd.db import schema_sql
 from notifyd.demo.binaries import EmbeddedPostgresError, PostgresBinaries, one_line
 from notifyd.demo.embedded import EmbeddedPostgres
 from notifyd.replica import format_lsn, parse_lsn, replayable
 
-__all__ = ["ReplicatedPair", "replicated_pair", "wait_until_replayed"]
+from .conftest import with_database
+
+__all__ = ["ReplicatedPair", "app_database", "replicated_pair", "wait_until_replayed"]
 
 REPLICATION_ROLE = "notifyd_replicator"
 REPLICATION_PASSWORD = "replication-secret"
@@ -229,3 +232,24 @@ async def wait_until_replayed(primary_dsn: str, standby_dsn: str, timeout: float
             await asyncio.sleep(_POLL_S)
     finally:
         await standby.close()
+
+
+async def app_database(pair: ReplicatedPair, name: str, timeout: float) -> tuple[str, str]:
+    """
+    A database ``name`` with notifyd's schema on the pair's primary, once the
+    standby has replayed it: its DSN on the primary and on the standby.
+    """
+    assert pair.standby is not None
+    admin = await asyncpg.connect(pair.primary.dsn, timeout=timeout)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    primary = with_database(pair.primary.dsn, name)
+    app = await asyncpg.connect(primary, timeout=timeout)
+    try:
+        await app.execute(schema_sql())
+    finally:
+        await app.close()
+    await wait_until_replayed(pair.primary.dsn, pair.standby.dsn, timeout)
+    return primary, with_database(pair.standby.dsn, name)

@@ -48,7 +48,7 @@ from .processes import (
     serve_env,
     wait_until_healthy,
 )
-from .standby import ReplicatedPair, replicated_pair, wait_until_replayed
+from .standby import ReplicatedPair, app_database, replicated_pair, wait_until_replayed
 
 DATABASE = "app"
 USERS = ("ann", "bob", "cid")
@@ -248,18 +248,7 @@ class Failover:
 @contextlib.asynccontextmanager
 async def _failover(*, synchronous: bool = False) -> AsyncIterator[Failover]:
     async with replicated_pair(synchronous=synchronous) as pair:
-        assert pair.standby is not None
-        admin = await asyncpg.connect(pair.primary.dsn, timeout=TIMEOUT)
-        try:
-            await admin.execute(f"CREATE DATABASE {DATABASE}")
-        finally:
-            await admin.close()
-        app = await asyncpg.connect(with_database(pair.primary.dsn, DATABASE), timeout=TIMEOUT)
-        try:
-            await app.execute(schema_sql())
-        finally:
-            await app.close()
-        await wait_until_replayed(pair.primary.dsn, pair.standby.dsn, TIMEOUT)
+        await app_database(pair, DATABASE, TIMEOUT)
         dsn = pair.dsn(DATABASE)
         port = free_port()
         env = serve_env(dsn, port, **_SERVE_SETTINGS)
@@ -704,15 +693,9 @@ async def test_a_history_too_far_behind_to_repair_is_named_and_what_follows_is_p
     monkeypatch.setattr(failover, "MAX_ADVANCE", 500)
     async with replicated_pair() as pair:
         assert pair.standby is not None
-        admin = await asyncpg.connect(pair.primary.dsn, timeout=TIMEOUT)
-        try:
-            await admin.execute(f"CREATE DATABASE {DATABASE}")
-        finally:
-            await admin.close()
-        old_primary = with_database(pair.primary.dsn, DATABASE)
+        old_primary, _ = await app_database(pair, DATABASE, TIMEOUT)
         app = await asyncpg.connect(old_primary, timeout=TIMEOUT)
         try:
-            await app.execute(schema_sql())
             running = await start_daemon(dsn=pair.dsn(DATABASE), reconnect_max_s=0.2)
             client = await open_client(running.url("ann"))
             await app.execute(_INSERT, "ann", "before")

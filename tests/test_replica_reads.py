@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from notifyd.db import schema_sql
 from notifyd.replica import parse_lsn
 
-from .conftest import SECRET, TIMEOUT, with_database
+from .conftest import SECRET, TIMEOUT
 from .processes import (
     NotifydProcess,
     free_port,
@@ -36,7 +35,7 @@ from .processes import (
     serve_env,
     wait_until_healthy,
 )
-from .standby import ReplicatedPair, replicated_pair, wait_until_replayed
+from .standby import ReplicatedPair, app_database, replicated_pair, wait_until_replayed
 from .test_chaos import ResumingClient, assert_exactly_the_committed_rows, settle
 from .test_failover import Recorder
 
@@ -93,20 +92,7 @@ class Served:
 
 
 async def _prepared_pair(pair: ReplicatedPair) -> tuple[str, str]:
-    assert pair.standby is not None
-    admin = await asyncpg.connect(pair.primary.dsn, timeout=TIMEOUT)
-    try:
-        await admin.execute(f"CREATE DATABASE {DATABASE}")
-    finally:
-        await admin.close()
-    primary = with_database(pair.primary.dsn, DATABASE)
-    app = await asyncpg.connect(primary, timeout=TIMEOUT)
-    try:
-        await app.execute(schema_sql())
-    finally:
-        await app.close()
-    await wait_until_replayed(pair.primary.dsn, pair.standby.dsn, TIMEOUT)
-    return primary, with_database(pair.standby.dsn, DATABASE)
+    return await app_database(pair, DATABASE, TIMEOUT)
 
 
 @contextlib.asynccontextmanager
