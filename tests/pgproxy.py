@@ -202,21 +202,29 @@ async def _proxy(
     client_pump: Callable[
         [asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]
     ] = _forward,
+    switch: Switch | None = None,
 ) -> AsyncIterator[str]:
     """
-    A proxy to ``dsn``'s server on 127.0.0.1 whose server-to-client stream
-    goes through ``server_pump``; yields the DSN through it.
+    A proxy to ``dsn``'s server on 127.0.0.1 (or to ``switch``'s target of
+    the moment) whose server-to-client stream goes through ``server_pump``;
+    yields the DSN through it.
     """
     target = urlsplit(dsn)
     host, port = target.hostname or "127.0.0.1", target.port or 5432
     pumps: set[asyncio.Task[None]] = set()
-    sockets: set[asyncio.StreamWriter] = set()
+    sockets: set[asyncio.StreamWriter] = switch.streams if switch is not None else set()
 
     async def accept(
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
         sockets.add(client_writer)
-        server_reader, server_writer = await asyncio.open_connection(host, port)
+        try:
+            server_reader, server_writer = await asyncio.open_connection(
+                *(switch.target if switch is not None else (host, port))
+            )
+        except OSError:
+            client_writer.transport.abort()
+            return
         sockets.add(server_writer)
         for pump in (
             client_pump(client_reader, server_writer),
@@ -273,39 +281,5 @@ async def switching_proxy(dsn: str) -> AsyncIterator[tuple[str, Switch]]:
     """
     parts = urlsplit(dsn)
     switch = Switch(parts.hostname or "127.0.0.1", parts.port or 5432)
-    pumps: set[asyncio.Task[None]] = set()
-
-    async def accept(
-        client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
-    ) -> None:
-        switch.streams.add(client_writer)
-        host, port = switch.target
-        try:
-            server_reader, server_writer = await asyncio.open_connection(host, port)
-        except OSError:
-            client_writer.transport.abort()
-            return
-        switch.streams.add(server_writer)
-        for pump in (
-            _forward(client_reader, server_writer),
-            _forward(server_reader, client_writer),
-        ):
-            task = asyncio.create_task(pump)
-            pumps.add(task)
-            task.add_done_callback(pumps.discard)
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    proxy_port = server.sockets[0].getsockname()[1]
-    userinfo, _, _ = parts.netloc.rpartition("@")
-    netloc = f"{userinfo}@127.0.0.1:{proxy_port}" if userinfo else f"127.0.0.1:{proxy_port}"
-    query = "&".join(part for part in (parts.query, "sslmode=disable") if part)
-    try:
-        yield urlunsplit(parts._replace(netloc=netloc, query=query)), switch
-    finally:
-        server.close()
-        for task in list(pumps):
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-        for stream in switch.streams:
-            stream.transport.abort()
-        await server.wait_closed()
+    async with _proxy(dsn, _forward, switch=switch) as url:
+        yield url, switch
