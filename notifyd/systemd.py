@@ -47,6 +47,9 @@ class SystemdNotifier:
             # A leading "@" names a socket in the abstract namespace.
             self._address = "\0" + address[1:] if address.startswith("@") else address
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # A receiver that does not read (its queue holds ten datagrams)
+            # must cost a dropped message, never a stopped event loop.
+            self._socket.setblocking(False)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> SystemdNotifier:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import asyncpg
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+
+from notifyd.systemd import SystemdNotifier
 
 from .conftest import SECRET, TIMEOUT, insert, missing_tool
 from .processes import (
@@ -239,3 +242,24 @@ async def test_two_instances_deliver_to_a_users_sessions_on_both_and_sync_reads(
         if frame["event"] == "read":
             assert frame["ids"] == [message]
             break
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_sender(tmp_path, caplog):
+    """
+    systemd's queue for NOTIFY_SOCKET holds a few datagrams; when it is full
+    the notifier drops the message with a warning instead of blocking the
+    event loop that sends it.
+    """
+    unread = NotifySocket(tmp_path / "notify.sock")
+    notifier = SystemdNotifier(str(unread.path))
+    sender = threading.Thread(
+        target=lambda: [notifier.notify("WATCHDOG=1") for _ in range(100)], daemon=True
+    )
+    try:
+        sender.start()
+        sender.join(TIMEOUT)
+        assert not sender.is_alive(), "notify() blocked on a full queue"
+        assert any("sd_notify failed" in r.getMessage() for r in caplog.records)
+    finally:
+        notifier.close()
+        unread.sock.close()
