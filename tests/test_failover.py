@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import time
 import urllib.error
@@ -576,16 +577,17 @@ async def test_a_failover_that_lost_transactions_pushes_and_resumes_the_rows_und
                 user, [t for t in before + replayed if t not in lost], committed[user]
             )
             await session.close()
-        # One instance moved the rows; the other found them moved already.
+        # Both repaired; rows were moved (which instance moved which is a
+        # matter of timing: what must hold is asserted above).
         for server in servers:
-            await server.wait_for_output("the database's history changed", timeout=TIMEOUT)
+            await server.wait_for_output("repaired in", timeout=TIMEOUT)
         moved = [
             line
             for server in servers
             for line in server.output().splitlines()
-            if "moved to a fresh id" in line
+            if "repaired in" in line
         ]
-        assert sum(" 4 transactions found" in line for line in moved) == 1, moved
+        assert any(re.search(r"their [1-9][0-9]* rows and events moved", line) for line in moved)
         print("\nlossy failover: " + " | ".join(line.split('msg="', 1)[-1] for line in moved))
         for session in live:
             await session.close()
