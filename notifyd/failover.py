@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from . import queries
 from .cursor import Snapshot
 from .db import Database, OwnConnection
+from .exceptions import DatabaseError
 from .recall import Recall, event_fingerprint, fingerprint
 
 __all__ = ["MAX_ADVANCE", "OPEN_WAIT_S", "Repaired", "repair"]
@@ -93,7 +94,10 @@ async def repair(database: Database, recall: Recall, watermark: Snapshot) -> Rep
         "history repair", statement_timeout=_STATEMENT_TIMEOUT_S
     )
     try:
-        await connection.wait_for_advisory_lock(_LOCK)
+        if not await connection.wait_for_advisory_lock(_LOCK):
+            # Another instance has been repairing for the whole statement
+            # timeout: try again next round rather than repair beside it.
+            raise DatabaseError(f"another instance held {_LOCK!r} for {_STATEMENT_TIMEOUT_S:g}s")
         ceiling = max(recall.highest_xmax, watermark.xmax)
         advanced = await _advance(connection, ceiling)
         if advanced < 0:
