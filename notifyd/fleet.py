@@ -44,6 +44,7 @@ __all__ = [
     "encode_line",
     "merged_exposition",
     "metrics_file",
+    "send_line",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,24 @@ def decode_line(line: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return message if isinstance(message, dict) else {}
+
+
+def send_line(writer: asyncio.StreamWriter, message: dict[str, Any]) -> bool:
+    """
+    Queue ``message`` on a link; False when the link is closed or breaks.
+
+    The other side can die at any moment (a killed worker, a parent gone),
+    and the link's transport then closes under the writer. asyncio ignores a
+    write to a closed transport, but uvloop raises RuntimeError: unchecked,
+    that ended the parent's supervision task and with it systemd's watchdog.
+    """
+    if writer.is_closing():
+        return False
+    try:
+        writer.write(encode_line(message))
+    except OSError:
+        return False
+    return not writer.is_closing()
 
 
 def metrics_file(directory: Path, index: int) -> Path:
@@ -184,11 +203,12 @@ class WorkerLink:
                 "sessions": vitals.sessions if vitals else 0,
                 "users": vitals.users if vitals else 0,
             }
+            if not send_line(writer, {"beat": beat}):
+                return  # the parent is gone: _listen sees the end and stops us
             try:
-                writer.write(encode_line({"beat": beat}))
                 await writer.drain()
             except OSError:
-                return  # the parent is gone: _listen sees the end and stops us
+                return
             if self._metrics is not None:
                 self._publish_metrics(self._metrics())
             await asyncio.sleep(self._interval)

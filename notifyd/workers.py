@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backoff import backoff_delay
-from .fleet import LINE_LIMIT, decode_line, encode_line, metrics_file
+from .fleet import LINE_LIMIT, decode_line, metrics_file, send_line
 from .settings import Settings
 from .systemd import SystemdNotifier, watchdog_interval
 
@@ -229,6 +229,7 @@ class Workers:
                 for index in range(self._count)
             ]
             ticker = asyncio.create_task(self._tick(), name="workers-tick")
+            ticker.add_done_callback(self._supervision_ended)
             await self._stop.wait()
             logger.info("shutting down %d workers", len(self._processes))
             self._notifier.notify("STOPPING=1")
@@ -249,6 +250,19 @@ class Workers:
                 task.cancel()
             self._notifier.close()
             shutil.rmtree(self._directory, ignore_errors=True)
+
+    def _supervision_ended(self, ticker: asyncio.Task[None]) -> None:
+        """
+        The tick runs until the stop; if it dies, no stalled worker is
+        replaced and systemd's watchdog starves while the workers look
+        fine: stop them all with exit code 1 and the reason, loudly.
+        """
+        if ticker.cancelled() or self._stop.is_set():
+            return
+        reason = f"supervising the workers failed: {ticker.exception()!r}"
+        logger.error("%s; stopping", reason)
+        self._result = WorkersStopped(code=1, failure=reason)
+        self._stop.set()
 
     def _signal_all(self, signum: int) -> None:
         for process in self._processes.values():
@@ -404,10 +418,8 @@ class Workers:
                 last_status = now
             if fields:
                 self._notifier.notify(*fields)
-            message = encode_line({"all_ready": healthy})
             for writer in list(self._links.values()):
-                with contextlib.suppress(OSError):
-                    writer.write(message)
+                send_line(writer, {"all_ready": healthy})
             await asyncio.sleep(tick)
 
     def _replace_stalled(self, worker: Worker) -> None:

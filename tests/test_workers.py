@@ -16,6 +16,7 @@ import json
 import os
 import random
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
-from notifyd.fleet import decode_line, encode_line, merged_exposition
+from notifyd.fleet import decode_line, encode_line, merged_exposition, send_line
+from notifyd.loop import loop_factory
 from notifyd.workers import (
     FIRST_BEAT_S,
     START_FAILURES_LIMIT,
@@ -533,3 +535,32 @@ def test_a_link_line_round_trips_and_junk_is_an_empty_message():
     assert decode_line(encode_line({"beat": {"ready": True}})) == {"beat": {"ready": True}}
     assert decode_line(b"[1, 2]\n") == {}
     assert decode_line(b"not json\n") == {}
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_link_whose_other_side_died_refuses_lines_and_never_raises_on_either_loop(loop_name):
+    """
+    The parent writes to every worker's link each tick, and a killed
+    worker's link closes under it: send_line must answer False, not raise
+    (uvloop raises RuntimeError on a closed transport, which once ended the
+    parent's supervision task and starved systemd's watchdog).
+    """
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _, writer = await asyncio.open_unix_connection(sock=ours)
+        assert send_line(writer, {"all_ready": True})
+        theirs.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT
+        while send_line(writer, {"all_ready": True}):
+            assert loop.time() < deadline, "the link never noticed its other side closed"
+            await asyncio.sleep(POLL_S)
+        with contextlib.suppress(OSError):  # the broken pipe, as the link saw it
+            await asyncio.wait_for(writer.wait_closed(), TIMEOUT)
+        for _ in range(3):
+            assert not send_line(writer, {"all_ready": False})
+        writer.close()
+
+    with asyncio.Runner(loop_factory=loop_factory(loop_name)) as runner:
+        runner.run(scenario())
