@@ -190,15 +190,3 @@ def test_the_rss_line_says_when_it_was_highest_and_for_how_long_it_was_not_passe
     assert "highest at 10 min (61.0 MB), not passed in the 20 minutes after." in page
     results["samples"][-1]["rss_mb"] = 62.0
     assert "highest at 30 min (62.0 MB), at the end." in render(results)
-
-
-def test_the_page_says_whether_the_sessions_turned_over_before_the_clock() -> None:
-    """RSS settles while opened-at-once sessions are replaced: the page says which start it had."""
-    results = _results(lost=0, rss_slope=0.4)
-    results["turnover"] = {"took_s": 31.4, "closed": 5000, "reconnected": 5000}
-    assert (
-        "every session reconnected once with the writer running (5,000 of 5,000 back in 31 s)"
-        in render(results)
-    )
-    results["turnover"] = None
-    assert "no turnover before the clock" in render(results)

@@ -10,9 +10,6 @@ Requests are JSON lines on stdin (``bench/control.py``), one reply each:
   ``hello`` (or failed to);
 * ``{"cmd": "reconnect", "n": 25, "seed": 1}``: close ``n`` random live
   sessions; each reconnects at once with ``since`` = its last cursor;
-* ``{"cmd": "cycle", "start": 0, "n": 100}``: close the live sessions among
-  the ``n`` held from ``start`` on (in a fixed order, so successive calls
-  reconnect every session once); each reconnects at once and resumes;
 * ``{"cmd": "stats"}``: live sessions, unique messages, duplicates,
   resyncs, replays not proven (``recovered: false``), reconnects,
   handshakes the server shed, seconds waited before attempts;
@@ -243,15 +240,6 @@ class SoakClients:
         self.reconnects_asked += len(chosen)
         return {"closed": len(chosen)}
 
-    async def cycle(self, start: int, n: int) -> dict[str, Any]:
-        chosen = [h for h in self.held[start : start + n] if h.ws is not None and h.live.is_set()]
-        for held in chosen:
-            assert held.ws is not None
-            held.asked_to_reconnect = True
-            self._closing(held.ws)
-        self.reconnects_asked += len(chosen)
-        return {"closed": len(chosen), "held": len(self.held)}
-
     def stats(self) -> dict[str, Any]:
         return {
             "live": sum(h.live.is_set() for h in self.held),
@@ -282,8 +270,6 @@ class SoakClients:
             return await self.open()
         if command == "reconnect":
             return await self.reconnect(request["n"], request.get("seed", 0))
-        if command == "cycle":
-            return await self.cycle(request["start"], request["n"])
         if command == "stats":
             return self.stats()
         if command == "counts":

@@ -166,24 +166,6 @@ def task_kinds(samples: list[dict[str, Any]], warmup_s: float) -> list[str]:
     return [*out, ""]
 
 
-def _turnover_line(turnover: dict[str, Any] | None) -> list[str]:
-    """
-    The warm-up turnover, when the run made one: sessions opened at once sit
-    compactly in the heap, and RSS settles only once churn has replaced each.
-    """
-    if turnover is None:
-        return [
-            "- no turnover before the clock: the sessions opened at once are replaced "
-            "by the churn during the run, and RSS settles while they are;"
-        ]
-    return [
-        f"- before the clock started, every session reconnected once with the writer "
-        f"running ({turnover['reconnected']:,} of {turnover['closed']:,} back in "
-        f"{turnover['took_s']:.0f} s), so the run starts from the heap that churn "
-        "leaves rather than the compact one of sessions opened at once;"
-    ]
-
-
 def render(results: dict[str, Any]) -> str:
     config = results["config"]
     account = results["accounting"]
@@ -223,7 +205,6 @@ def render(results: dict[str, Any]) -> str:
             if config.get("notifyd_restart_every")
             else ";"
         ),
-        *_turnover_line(results.get("turnover")),
         f"- sampled every {config['sample_every']:g} s; trends fitted after a "
         f"{trends['warmup_s']:.0f} s warm-up. The noise is twice the slope's "
         "standard error: a slope within it is what the scatter of the samples "

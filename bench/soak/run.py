@@ -60,13 +60,6 @@ def parser() -> argparse.ArgumentParser:
         default=0.05,
         help="share of the sessions that reconnect each minute, spread over it (default 0.05)",
     )
-    p.add_argument(
-        "--turnover",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="before the clock starts, reconnect every session once with the writer running "
-        "(default on; see docs/soak.md, Memory)",
-    )
     p.add_argument("--pg-restart-every", type=float, default=10.0, help="minutes (default 10)")
     p.add_argument("--listener-kill-every", type=float, default=5.0, help="minutes (default 5)")
     p.add_argument(
@@ -258,7 +251,6 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
 
         writer = Writer(dsn, args.rate, users)
         writing = asyncio.create_task(writer.run())
-        turnover = await _turnover(clients, args.sessions) if args.turnover else None
         duration = args.minutes * 60
         restarts = schedule(args.minutes, args.pg_restart_every)
         kills = schedule(args.minutes, args.listener_kill_every, args.pg_restart_every)
@@ -344,7 +336,6 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "notifyd_source": source_fingerprint(),
             "commit": _commit(),
             "sessions_live_at_start": live,
-            "turnover": turnover,
             "writer": {"attempted": writer.attempted, "failed": writer.failed},
             "events": events,
             "samples": samples,
@@ -356,55 +347,6 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 await child.stop(timeout=20)
         await asyncio.to_thread(embedded.cleanup)
-
-
-# Sessions each client process closes per step of the turnover, and the
-# pause between steps: about 200 handshakes a second, far below what a
-# restart storm asks of the server.
-_TURNOVER_STEP = 100
-_TURNOVER_PAUSE_S = 1.0
-
-
-async def _turnover(clients: list[Child], sessions: int) -> dict[str, Any]:
-    """
-    Reconnect every session once, in steps, and wait until all are live.
-
-    5,000 sessions opened at once are laid out compactly in the server's
-    heap; the soak's churn then replaces them one by one in memory that the
-    rest of the traffic has fragmented, and RSS rises until every session
-    has been replaced once (at 5 % a minute, over the first hour). Starting
-    the clock after one full turnover measures the steady state rather than
-    that one-time settling.
-    """
-    started = time.monotonic()
-    progress("turnover: reconnecting every session once")
-    connects = await _connects(clients)
-    start = closed = 0
-    while True:
-        replies = await asyncio.gather(
-            *(c.request({"cmd": "cycle", "start": start, "n": _TURNOVER_STEP}, timeout=60)
-              for c in clients)
-        )  # fmt: skip
-        closed += sum(r["closed"] for r in replies)
-        start += _TURNOVER_STEP
-        if all(start >= r["held"] for r in replies):
-            break
-        await asyncio.sleep(_TURNOVER_PAUSE_S)
-    # Every session closed must have its hello again (a live flag alone
-    # would count the last step's sessions before they even closed).
-    deadline = time.monotonic() + 600
-    while (back := await _connects(clients) - connects) < closed:
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    took = time.monotonic() - started
-    progress(f"  {back} of {sessions} sessions reconnected in {took:.0f} s")
-    return {"took_s": round(took, 1), "closed": closed, "reconnected": back}
-
-
-async def _connects(clients: list[Child]) -> int:
-    stats = await asyncio.gather(*(c.request({"cmd": "stats"}, timeout=60) for c in clients))
-    return sum(s["connects"] for s in stats)
 
 
 async def _all_live(clients: list[Child], sessions: int, timeout: float) -> float | None:
