@@ -207,7 +207,11 @@ def render(results: dict[str, Any]) -> str:
         ),
         f"- sampled every {config['sample_every']:g} s; trends fitted after a "
         f"{trends['warmup_s']:.0f} s warm-up. The noise is twice the slope's "
-        "standard error: a slope within it is what the scatter of the samples "
+        "standard error, with the samples counted as the fewer independent "
+        "ones they are when each is close to the one before (n (1 - r) / (1 + r) "
+        "for the residuals' lag-1 autocorrelation r; samples of a slowly moving "
+        "figure such as RSS wander together, and counting each as independent "
+        "would call any wander a slope): a slope within it is what the scatter "
         "alone gives about 95 % of the time.",
         f"- notifyd at commit {results.get('commit', 'unknown')}; machine: "
         f"{_machine(results['machine'])}.",
