@@ -1247,16 +1247,21 @@ class Database:
             except Exception:
                 pool.terminate()
 
-    async def own_connection(self, part: str, *, statement_timeout: float) -> OwnConnection:
+    async def own_connection(
+        self, part: str, *, statement_timeout: float, lock_timeout: float
+    ) -> OwnConnection:
         """
         A session of its own on the primary, outside the pools (their
         connections may be refused meanwhile: see :class:`LineageWatch`),
-        named ``notifyd <part>``.
+        named ``notifyd <part>``. ``lock_timeout`` must be shorter than
+        ``statement_timeout``: a lock not obtained is then the server's
+        answer (a lock wait that reports False), not the client's cancel.
         """
+        assert lock_timeout < statement_timeout
         return await OwnConnection.open(
             self._dsn,
             application_name=named(self._dsn, part).get("application_name", "notifyd"),
-            settings={"lock_timeout": str(round(statement_timeout * 1000))},
+            settings={"lock_timeout": str(round(lock_timeout * 1000))},
             statement_timeout=statement_timeout,
             what=f"{part} connection",
         )

@@ -54,6 +54,9 @@ _MARGIN_XIDS = 10_000
 MAX_ADVANCE = 5_000_000
 _LOCK = "notifyd history repair"
 _STATEMENT_TIMEOUT_S = 60.0
+# Lock waits (for another instance's repair, for rows an app holds) end
+# before the statement timeout, so that the server answers, not a cancel.
+_LOCK_WAIT_S = 50.0
 _POLL_S = 0.02
 
 
@@ -91,13 +94,13 @@ async def repair(database: Database, recall: Recall, watermark: Snapshot) -> Rep
     if horizon is None:
         return Repaired()
     connection = await database.own_connection(
-        "history repair", statement_timeout=_STATEMENT_TIMEOUT_S
+        "history repair", statement_timeout=_STATEMENT_TIMEOUT_S, lock_timeout=_LOCK_WAIT_S
     )
     try:
         if not await connection.wait_for_advisory_lock(_LOCK):
-            # Another instance has been repairing for the whole statement
-            # timeout: try again next round rather than repair beside it.
-            raise DatabaseError(f"another instance held {_LOCK!r} for {_STATEMENT_TIMEOUT_S:g}s")
+            # Another instance has been repairing all this time: try again
+            # next round rather than repair beside it.
+            raise DatabaseError(f"another instance held {_LOCK!r} for {_LOCK_WAIT_S:g}s")
         ceiling = max(recall.highest_xmax, watermark.xmax)
         advanced = await _advance(connection, ceiling)
         if advanced < 0:

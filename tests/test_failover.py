@@ -30,13 +30,17 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import asyncpg
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from notifyd import failover
+from notifyd.cursor import Snapshot
 from notifyd.db import DATABASE_ERRORS, Database, schema_sql
 from notifyd.demo.embedded import EmbeddedPostgres
+from notifyd.exceptions import DatabaseError
 from notifyd.queries import advance_xact_id
+from notifyd.recall import Recall
 
 from .conftest import SECRET, TIMEOUT, with_database
 from .pgproxy import switching_proxy
@@ -729,3 +733,29 @@ async def test_a_history_too_far_behind_to_repair_is_named_and_what_follows_is_p
         await client.messages_until("after")
     errors = [r for r in caplog.records if "below the snapshots read before" in r.getMessage()]
     assert len(errors) == 1, errors
+
+
+async def test_a_repair_that_cannot_get_the_repair_lock_fails_and_takes_no_ids(
+    dsn, start_daemon, monkeypatch
+):
+    """
+    Another instance holding the repair lock past the timeout: the repair
+    fails with one DatabaseError (delivery retries it next round) and takes
+    no transaction ids beside the other instance's repair.
+    """
+    monkeypatch.setattr(failover, "_LOCK_WAIT_S", 0.3)
+    running = await start_daemon()
+    recall = Recall()
+    recall.note(0.0, Snapshot(100, 100, frozenset()), Snapshot(101, 101, frozenset()), [])
+    other = await asyncpg.connect(dsn)
+    try:
+        await other.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", failover._LOCK)
+        before = int(await other.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
+        # A watermark far ahead: a repair that went on would take ids up to it.
+        ahead = Snapshot(before + 20_000, before + 20_000, frozenset())
+        with pytest.raises(DatabaseError, match="another instance held"):
+            await failover.repair(running.daemon.db, recall, ahead)
+        after = int(await other.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text"))
+        assert after - before < 100, (before, after)
+    finally:
+        await other.close()

@@ -91,14 +91,10 @@ class Served:
             await connection.close()
 
 
-async def _prepared_pair(pair: ReplicatedPair) -> tuple[str, str]:
-    return await app_database(pair, DATABASE, TIMEOUT)
-
-
 @contextlib.asynccontextmanager
 async def _served(max_lag_ms: int = 1000, **settings: str) -> AsyncIterator[Served]:
     async with replicated_pair() as pair:
-        primary, standby = await _prepared_pair(pair)
+        primary, standby = await app_database(pair, DATABASE, TIMEOUT)
         port = free_port()
         env = serve_env(
             primary,
@@ -304,8 +300,8 @@ async def test_a_stopped_standby_is_bypassed_and_cursors_resume_across_both_serv
 
 async def test_a_read_dsn_that_is_the_primary_another_cluster_or_nothing_is_said_at_start() -> None:
     async with replicated_pair() as pair, replicated_pair() as other:
-        primary, standby = await _prepared_pair(pair)
-        _, foreign = await _prepared_pair(other)
+        primary, standby = await app_database(pair, DATABASE, TIMEOUT)
+        _, foreign = await app_database(other, DATABASE, TIMEOUT)
         nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/{DATABASE}"
         for read_dsn, said in (
             (primary, "NOTIFYD_READ_DSN is not a hot standby"),
