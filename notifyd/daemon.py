@@ -276,12 +276,14 @@ class Daemon:
                 stats=stats,
                 on_routed=sinks.offer if sinks is not None else None,
                 collector=collector,
+                push_ahead=settings.push_ahead,
             )
             listener = Listener(
                 settings.listen_dsn or settings.dsn or "",
                 db,
                 on_wake=delivery.wake,
                 on_state=delivery.set_listening,
+                on_notification=delivery.notified,
                 probe_interval=settings.probe_interval_s,
                 probe_timeout=settings.probe_timeout_s,
                 reconnect_max=settings.reconnect_max_s,

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import failover, replay
+from .ahead import CARRIED_ROWS_MAX, parse_payload
 from .backoff import backoff_delay
 from .collector import Collector
 from .cursor import Cursor, Snapshot
@@ -55,6 +56,7 @@ from .exceptions import CursorError, DatabaseError, LineageChanged, describe
 from .hub import Hub
 from .ledger import ByType
 from .pacing import LEASE_S, Lease, Mode, Pacer, ReadBudget, Renewal
+from .queries import POLL_PAYLOAD
 from .recall import Recall, event_fingerprint, fingerprint
 from .router import Router, WindowAccount
 from .session import Session
@@ -62,6 +64,15 @@ from .stats import Stats
 from .window import WindowReader
 
 __all__ = ["Delivery"]
+
+# Notifications after which commits may come that no NOTIFY announces (a
+# lease), or that announce a change of an unknown transaction (an older
+# schema's constant wake-ups): nothing is pushed ahead until a window is read.
+_HOLDING_PAYLOADS = frozenset({POLL_PAYLOAD, "m", "e"})
+# How soon a window read follows rows that were all pushed ahead: it only
+# confirms them (their cursors, the sinks, the watermark), so one read serves
+# the commits of this long instead of one read each.
+_CONFIRM_AFTER_S = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +119,7 @@ class Delivery:
         stats: Stats | None = None,
         on_routed: Callable[[list[Row], list[bool]], None] | None = None,
         collector: Collector | None = None,
+        push_ahead: bool = True,
     ) -> None:
         """
         ``on_routed`` (the sinks) gets each routed page of rows and, per
@@ -155,6 +167,11 @@ class Delivery:
             poll_above, max(min_interval, _MIN_POLL_INTERVAL), contention=contention
         )
         self._renewal_failing = False
+        self._push_ahead = push_ahead
+        # Notifications arrived and not yet taken (see notified()), and the
+        # timer of the read that confirms rows pushed ahead.
+        self._notifications: list[str] = []
+        self._confirming: asyncio.TimerHandle | None = None
         # Set after a read when the pacer wants a look at the NOTIFY lock.
         self._sample_wanted = asyncio.Event()
         # run()'s helpers, and the renewal of the lease in flight.
@@ -184,6 +201,94 @@ class Delivery:
         from asyncpg's notification callback.
         """
         self._wakeup.set()
+
+    def notified(self, payload: str) -> None:
+        """
+        A notification (not a probe) arrived: ask for a read, and push the
+        rows it carries, if it may. Must not await: it is called from
+        asyncpg's notification callback.
+
+        asyncpg schedules the callbacks of every notification one read from
+        the socket brought before any of them runs: they are taken together,
+        after the last, so that a transaction's later notifications (its
+        read/delete events, rows it did not carry) are known before its
+        first is pushed ahead.
+        """
+        self._notifications.append(payload)
+        if len(self._notifications) == 1:
+            asyncio.get_running_loop().call_soon(self._take_notifications)
+
+    def _take_notifications(self) -> None:
+        if self._account is not None:
+            # A window is being routed, so sessions are not all at the
+            # watermark: these wait for it to settle (see _read_new).
+            return
+        batch, self._notifications = self._notifications, []
+        ahead = self._router.ahead
+        said = [parse_payload(payload) for payload in batch]
+        # Transactions that also sent what waits for a window: none of their
+        # rows goes ahead of the rest of them.
+        waiting = {carried.xact for carried in said if carried is not None and carried.rows is None}
+        # Whether a read is needed now, or only to confirm rows pushed ahead.
+        needed = False
+        for payload, carried in zip(batch, said, strict=True):
+            if carried is None:
+                needed = True
+                if payload in _HOLDING_PAYLOADS:
+                    ahead.hold()
+            elif carried.rows is None or carried.xact in waiting:
+                # Its rows come with its window, and every later commit's
+                # after them.
+                ahead.block(carried.xact)
+                needed = True
+            elif self._may_push_ahead() and self.watermark is not None:
+                needed |= not self._router.push_ahead(carried.xact, carried.rows, self.watermark)
+                # Claimed from now on: remembered for a failover's repair.
+                self._recall.note_ahead(
+                    time.monotonic(),
+                    self.watermark,
+                    carried.xact,
+                    [(carried.xact, fingerprint(row["id"], row["seq"])) for row in carried.rows],
+                )
+            else:
+                ahead.block(carried.xact)
+                needed = True
+        if needed:
+            self._wakeup.set()
+        elif self._confirming is None:
+            # One window confirms what was pushed ahead meanwhile.
+            self._confirming = asyncio.get_running_loop().call_later(
+                _CONFIRM_AFTER_S, self._confirm
+            )
+
+    def _confirm(self) -> None:
+        self._confirming = None
+        self._wakeup.set()
+
+    def _reading(self) -> None:
+        """
+        A read starts: it serves every wake-up so far, and confirms every
+        row pushed ahead so far.
+        """
+        self._wakeup.clear()
+        if self._confirming is not None:
+            self._confirming.cancel()
+            self._confirming = None
+
+    def _may_push_ahead(self) -> bool:
+        """
+        Whether a NOTIFY's rows may go out before their window: only while
+        every commit sends one and every earlier commit is routed or pushed
+        ahead too, so that none is overtaken.
+        """
+        return (
+            self._push_ahead
+            and self.listening
+            and self._pacer.mode is Mode.NOTIFY
+            and not self._router.repairing
+            and not self._router.ahead.holding_back
+            and self._db.lineage.changed is None
+        )
 
     def set_listening(self, listening: bool) -> None:
         """
@@ -342,7 +447,7 @@ class Delivery:
                 await asyncio.sleep(delay)
             self._last_read = time.monotonic()
             self._budget.spend(self._last_read)
-            self._wakeup.clear()
+            self._reading()
 
     def _wait_limit(self) -> float:
         """
@@ -501,7 +606,11 @@ class Delivery:
         self.watermark = last.end
         self._swept_to = _later(swept_to, clock)
         self._expiry_due = _due(clock, next_expiry, read_at)
-        router.settle(account, base)
+        router.settle(account, base, last.end)
+        if self._notifications:
+            # Those that came while the window was routed, pushed now from
+            # its end.
+            self._take_notifications()
         if lease is not None:
             # The lease and last.end come from the same statement (a
             # window's pages all share its first page's end snapshot).
@@ -547,7 +656,11 @@ class Delivery:
             )
             return
         started = time.monotonic()
-        repaired = await failover.repair(self._db, self._recall, self.watermark)
+        # What clients were pushed ahead counts as read: its ids must not be
+        # reused unseen either.
+        repaired = await failover.repair(
+            self._db, self._recall, self._router.claimed(self.watermark)
+        )
         took_ms = 1000 * (time.monotonic() - started)
         lineage.accept()
         self.stats.history_repairs += 1
@@ -620,7 +733,7 @@ class Delivery:
             or (self._pacer.mode is not Mode.POLLING and self._budget.wait(now) > 0)
         ):
             return
-        self._wakeup.clear()
+        self._reading()
         self._last_read = now
         self._budget.spend(now)
         self._reader.prefetch(end, swept_to)
@@ -644,10 +757,12 @@ class Delivery:
             resumes.append((request, cursor))
         for start in range(0, len(resumes), _CATCH_UP_BATCH):
             chunk = resumes[start : start + _CATCH_UP_BATCH]
+            # Rows a cursor claims ahead are read too, then left out.
+            claimed = CARRIED_ROWS_MAX * max(len(cursor.ahead) for _, cursor in chunk)
             results = await self._db.catch_up(
                 [(request.session.user, cursor) for request, cursor in chunk],
                 end,
-                limit=self._replay_limit + 1,
+                limit=self._replay_limit + 1 + claimed,
                 clock=self._swept_to,
             )
             for (request, cursor), rows in zip(chunk, results, strict=True):

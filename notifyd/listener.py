@@ -163,6 +163,7 @@ class Listener:
         *,
         on_wake: Callable[[], None],
         on_state: Callable[[bool], None],
+        on_notification: Callable[[str], None] | None = None,
         probe_interval: float,
         probe_timeout: float,
         reconnect_max: float,
@@ -170,6 +171,8 @@ class Listener:
     ) -> None:
         self._dsn = dsn
         self._on_wake = on_wake
+        # Every notification but probes (on_wake when not given).
+        self._on_notification = on_notification
         self._on_state = on_state
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
@@ -240,10 +243,13 @@ class Listener:
             self._lost.set()
 
     def _on_payload(self, payload: str) -> None:
-        # Called via call_soon for every notification: keep it to a wake-up.
+        # Called via call_soon for every notification: nothing here awaits.
         self.health.notifications += 1
         if not self._probes.answer(payload):
-            self._on_wake()
+            if self._on_notification is not None:
+                self._on_notification(payload)
+            else:
+                self._on_wake()
 
     async def _probe_until_lost(self) -> None:
         while not self._lost.is_set():

@@ -138,6 +138,11 @@ class _InstanceCollector:
             value=stats.inline_count_mismatches,
         )
         yield CounterMetricFamily(
+            "notifyd_pushed_ahead",
+            "Rows pushed from their NOTIFY's payload, before a window read them",
+            value=stats.pushed_ahead,
+        )
+        yield CounterMetricFamily(
             "notifyd_slow_client_closes",
             "Sessions closed with 4429",
             value=stats.slow_client_closes,

@@ -26,6 +26,7 @@ __all__ = [
     "MARK_UNREAD",
     "NEXT_XACT_ID",
     "NOTIFY_LOCK_QUEUE",
+    "POLL_PAYLOAD",
     "PRIVILEGES",
     "PRUNE_EVENTS",
     "RECEIPTS",
@@ -178,7 +179,9 @@ INSERT_LSN = "pg_current_wal_insert_lsn()::text"
 # already withdrawn): a row the previous windows saw (visible in the base
 # snapshot $1, so pushed and counted unless it had expired by then) whose
 # expire_at passed since $5, or that an UPDATE in this window moved to the
-# past ('expire' events), is withdrawn as a 'deleted' event; its user is
+# past ('expire' events: a user's row then even if no window saw it, since
+# it may have been pushed ahead from its NOTIFY; a 'deleted' event for a
+# message a client never got is ignored), is withdrawn as a 'deleted' event; its user is
 # recounted, and an announcement carries its readers, as the app's DELETE
 # does. New rows already past their expire_at are not read at all. An
 # announcement the app deletes after it expired ($5 or earlier) was taken
@@ -199,7 +202,7 @@ WITH ev AS (
     SELECT m.id::text, m.to_user::text, m.type::text, m.xact_id, m.seq
     FROM ev JOIN {TABLE} AS m ON m.id::text = ANY(ev.ids) AND m.to_user::text = ev.to_user
     WHERE ev.kind = 'expire' AND m.expire_at <= now()
-      AND pg_visible_in_snapshot(m.xact_id, $1::text::pg_snapshot)
+      AND (m.to_user::text <> '*' OR pg_visible_in_snapshot(m.xact_id, $1::text::pg_snapshot))
 ), withdrawn AS (
     SELECT '0' AS xact_id, to_user, 'deleted' AS kind, array_agg(id ORDER BY seq) AS ids,
            NULL::text AS type, NULL::text[] AS readers, NULL::text AS inserted
@@ -445,9 +448,10 @@ FROM {LEASE}
 # extends a lease that already ran out, which others may have stopped
 # polling for. Its own statement, because it queues for the NOTIFY lock like
 # any other (four times a second at most, not once per message).
+POLL_PAYLOAD = "poll"
 ANNOUNCE_LEASE = f"""
 SELECT set_config('synchronous_commit', 'off', true) AS unflushed,
-       pg_notify('{CHANNEL}', 'poll') AS notified
+       pg_notify('{CHANNEL}', '{POLL_PAYLOAD}') AS notified
 """
 
 # A transaction id of its own, taken for draining (notifyd.pacing): Postgres

@@ -152,6 +152,17 @@ class Recall:
             chunk.prints.append(print_)
         self._rows += len(chunk.xacts) - before
 
+    def note_ahead(
+        self, now: float, base: Snapshot, xact_id: int, prints: Iterable[tuple[int, int]]
+    ) -> None:
+        """
+        Rows of transaction ``xact_id`` were pushed ahead of their window
+        (``base`` the watermark then): cursors claim it from now on, as if
+        a window had read it.
+        """
+        self.note(now, base, base, prints)
+        self._highest_xmax = max(self._highest_xmax, xact_id + 1)
+
     def still_open(self, now: Snapshot, watermark: Snapshot) -> frozenset[int]:
         """
         Transactions in progress in ``now`` whose ids ``watermark`` calls

@@ -38,6 +38,9 @@ class Greeting:
     hello: str
     replay: Sequence[tuple[str, str]] = field(default_factory=tuple)
     resync: bool = False
+    # The rows pushed ahead that the client claims beyond ``end``
+    # (``{xact: seq}``): later windows skip them for this session.
+    claims: Mapping[int, int] = field(default_factory=dict)
 
 
 def usable_cursor(since: str, end: Snapshot) -> Cursor:
@@ -90,6 +93,11 @@ def plan_resume(
     client was in the middle of (rows ``since.end`` saw), then the rows
     after it, each in seq order.
     """
+    # What the client claims of rows pushed ahead of their window is left
+    # out, and claimed on in every cursor it is sent, until a window has
+    # routed those transactions whole.
+    if since.ahead:
+        newest_first = [row for row in newest_first if not since.covers(row["xact_id"], row["seq"])]
     since_text = since.encode()
     if len(newest_first) > replay_limit:
         # Too much to replay: the newest part, with no claim of progress,
@@ -109,16 +117,21 @@ def plan_resume(
         after_base = since.end
     else:
         rest_of_batch, after, after_base = [], rows, since.base
-    cursors = [Cursor(since.base, since.end, row["seq"]) for row in rest_of_batch]
-    cursors += [Cursor(after_base, end, row["seq"]) for row in after]
+    claims = since.ahead
+    cursors = [Cursor(since.base, since.end, row["seq"], claims) for row in rest_of_batch]
+    cursors += [Cursor(after_base, end, row["seq"], claims) for row in after]
     ordered = rest_of_batch + after
+    remaining = {xact: seq for xact, seq in claims if not end.visible(xact)}
+    last = Cursor(end, ahead=tuple(sorted(remaining.items())))
     if ordered:
-        cursors[-1] = Cursor(end)
+        cursors[-1] = last
         hello_cursor = since_text
     else:
-        hello_cursor = Cursor(end).encode()
+        hello_cursor = last.encode()
     frames = []
     for row, cursor in zip(ordered, cursors, strict=True):
         text = cursor.encode(at_seq=row["seq"])
         frames.append((protocol.encode_message(row, text), text))
-    return Greeting(protocol.encode_hello(user, hello_cursor, True, unread), frames)
+    return Greeting(
+        protocol.encode_hello(user, hello_cursor, True, unread), frames, claims=remaining
+    )

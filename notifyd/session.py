@@ -37,8 +37,8 @@ class Session:
     """
 
     __slots__ = (
-        "_pending", "_pending_bytes", "_stats", "_writer", "close_code", "close_reason", "connection",
-        "expiry_second", "id", "inline_counts", "outbox", "send_timeout", "user",
+        "_pending", "_pending_bytes", "_stats", "_writer", "ahead", "close_code", "close_reason",
+        "connection", "expiry_second", "id", "inline_counts", "outbox", "send_timeout", "user",
     )  # fmt: skip
 
     def __init__(
@@ -72,6 +72,9 @@ class Session:
         self._pending_bytes = 0
         # Kept by the server's ExpiryClock: the second its token expires.
         self.expiry_second: int | None = None
+        # Kept by the router: the rows this client has ahead of the windows
+        # routed so far, as {xact: seq} (notifyd.ahead); None for none.
+        self.ahead: dict[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} user={self.user!r}>"

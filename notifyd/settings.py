@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         "this instance polls and the triggers skip their NOTIFY; notify: always wake up "
         "on NOTIFY (other instances' polling is still followed). See docs/deployment.md.",
     )
+    push_ahead: bool = Field(
+        default=True,
+        description="Push the rows a NOTIFY carries (a transaction's first few inserted "
+        "rows, when small) at once, before the window read that confirms them; false: "
+        "every row waits for its window read. See docs/deployment.md.",
+    )
     poll_above: float | None = Field(
         default=None,
         gt=0,

@@ -67,6 +67,8 @@ class Stats:
     # corrected them; never expected).
     inline_counts: int = 0
     inline_count_mismatches: int = 0
+    # Rows pushed from their NOTIFY's payload before a window read them.
+    pushed_ahead: int = 0
     # Rows read by delivery's windows (each once per instance, whether or not
     # a session here wanted it), the windows read, and polling leases this
     # instance started.

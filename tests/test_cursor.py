@@ -493,3 +493,56 @@ def test_window_cursors_encode_exactly_like_cursor() -> None:
         assert fast.within(seq) == Cursor(base, end, seq).encode(at_seq=seq)
         assert fast.at_end(seq) == Cursor(end).encode(at_seq=seq)
         assert Cursor.decode(fast.within(seq)) == Cursor(base, end, seq)
+
+
+def test_claims_of_rows_pushed_ahead_cover_their_transaction_up_to_their_seq() -> None:
+    """Cursor(base, ahead={xact: seq}): base's rows, plus xact's rows up to seq, no more."""
+    cursor = Cursor(Snapshot(10, 20, frozenset({15})), ahead=((15, 7), (21, 9)))
+    assert cursor.covers(12, 1_000)  # visible in base
+    assert cursor.covers(15, 7) and cursor.covers(15, 3)
+    assert not cursor.covers(15, 8)
+    assert cursor.covers(21, 9) and not cursor.covers(21, 10)
+    assert not cursor.covers(22, 1)
+    assert cursor.claims() == {15: 7, 21: 9}
+
+
+def test_claims_round_trip_on_both_cursor_shapes_and_stay_url_safe() -> None:
+    base = Snapshot(10, 20, frozenset({12}))
+    end = Snapshot(10, 25, frozenset({12}))
+    for cursor in (
+        Cursor(base, ahead=((21, 9),)),
+        Cursor(base, end, 30, ((22, 40), (26, 41))),
+    ):
+        text = cursor.encode(at_seq=41)
+        assert re.fullmatch(r"[0-9A-Za-z_.~-]+", text)
+        assert Cursor.decode(text) == cursor
+
+
+def test_window_cursors_carry_a_clients_claims() -> None:
+    """The fast encoder with a claims token gives Cursor.encode's text."""
+    from notifyd.cursor import WindowCursors, claims_token
+
+    base, end = Snapshot(10, 20, frozenset({12})), Snapshot(12, 30, frozenset({25}))
+    claims = {31: 5, 26: 4}
+    token = claims_token(claims)
+    fast = WindowCursors(base, end)
+    ahead = tuple(sorted(claims.items()))
+    assert fast.within(3, token) == Cursor(base, end, 3, ahead).encode(at_seq=3)
+    assert fast.at_end(3, token) == Cursor(end, ahead=ahead).encode(at_seq=3)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10-20_a",  # no claim
+        "10-20_a15",  # no seq
+        "10-20_a15-7.15-8",  # one transaction claimed twice
+        "10-20_a0-7",  # transaction id 0
+        "10-20_b15-7",  # not a claim
+        "10-20_10-25_30_a15-7_a16-1",  # two claim parts
+        "10-20_a" + ".".join(f"{x}-1" for x in range(100, 165)),  # more than 64
+    ],
+)
+def test_cursor_decode_rejects_malformed_claims(text: str) -> None:
+    with pytest.raises(CursorError):
+        Cursor.decode(text)

@@ -304,6 +304,11 @@ async def test_init_db_adds_expire_at_without_rewriting_the_table(dsn, db):
     column, its indexes and the 'expire' event kind without a table rewrite.
     """
     await db.execute("ALTER TABLE t_message_real_time DROP COLUMN expire_at")
+    # The insert trigger of a schema from then, which knew no expire_at.
+    await db.execute(
+        "CREATE OR REPLACE FUNCTION notifyd_wake_on_insert() RETURNS trigger "
+        "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('notifyd', 'm'); RETURN NULL; END $$"
+    )
     await db.execute(
         "ALTER TABLE t_message_event DROP CONSTRAINT t_message_event_kind_check, "
         "ADD CONSTRAINT t_message_event_kind_check CHECK (kind IN ('read', 'unread', 'deleted'))"

@@ -470,6 +470,26 @@ async def _wait_for_backend(dsn: str, application_name: str, timeout: float) -> 
         await connection.close()
 
 
+async def _until_rows_read(port: int, rows: int) -> None:
+    """
+    Wait until the instance on ``port`` has read ``rows`` rows in windows.
+    """
+
+    def read() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
+            text = reply.read().decode()
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("notifyd_rows_read_total")
+        )
+
+    deadline = time.monotonic() + TIMEOUT
+    while await asyncio.to_thread(read) < rows:
+        assert time.monotonic() < deadline, f"instance on {port} never read {rows} rows"
+        await asyncio.sleep(_POLL_S)
+
+
 async def test_a_failover_that_lost_transactions_pushes_and_resumes_the_rows_under_reused_ids() -> (
     None
 ):
@@ -526,6 +546,11 @@ async def test_a_failover_that_lost_transactions_pushes_and_resumes_the_rows_und
             await leave(leave_late, "lost")
             for session in live:
                 await session.wait_for(lambda f, u=session.user: f.get("title") == f"lost-{u}")
+            # Their windows have read them too (rows pushed ahead are
+            # confirmed within moments): each watermark calls their ids
+            # finished, which is what makes the repair wait below.
+            for port in (setup.port, second_port):
+                await _until_rows_read(port, 2 * len(USERS))
         finally:
             await app.close()
 

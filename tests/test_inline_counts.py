@@ -309,9 +309,10 @@ async def test_a_session_joining_in_the_same_round_sends_the_unread_event(
     which also wake delivery, are kept out of the way (the first one is
     done before the first session joins, the next one is an hour later);
     should another wake-up's read be the one held (the expiry sweep's), the
-    join is let through and tried again.
+    join is let through and tried again. Rows are not pushed ahead here: the
+    message must come in the held round.
     """
-    daemon = await start_daemon(probe_interval_s=3600.0)
+    daemon = await start_daemon(probe_interval_s=3600.0, push_ahead=False)
     health = daemon.daemon.listener.health
     await until(lambda: health.last_probe_ok is not None, what="the first probe")
     first = await open_client(inline_url(daemon, "alice"))
@@ -392,13 +393,15 @@ class _SkewedLedger(UnreadLedger):
 
 
 async def test_counts_a_frame_carried_that_the_ledger_does_not_settle_to_are_corrected(
-    daemon, open_client, db
+    start_daemon, open_client, db
 ):
     """
-    Fault injection: when the counts a message carried differ from what the
-    ledger settles to, the unread event follows with the right ones, and
-    the mismatch is counted.
+    Fault injection: when the counts a window's message carried differ from
+    what the ledger settles to, the unread event follows with the right
+    ones, and the mismatch is counted. (Rows are not pushed ahead here: the
+    message must come with its window.)
     """
+    daemon = await start_daemon(push_ahead=False)
     client = await open_client(inline_url(daemon, "alice"))
     router = daemon.daemon.delivery._router
     skewed = _SkewedLedger()
@@ -410,6 +413,26 @@ async def test_counts_a_frame_carried_that_the_ledger_does_not_settle_to_are_cor
     assert counts_of(message) == (2, {"comment": 1, "skew": 1})
     assert counts_of(unread) == (1, {"comment": 1})
     assert daemon.daemon.stats.inline_count_mismatches == 1
+
+
+async def test_counts_a_row_pushed_ahead_carried_that_its_window_does_not_settle_to_are_corrected(
+    daemon, open_client, db
+):
+    """
+    Fault injection: a row pushed ahead carries what the ledger says then;
+    when its window settles to other counts, the unread event follows.
+    """
+    client = await open_client(inline_url(daemon, "alice"))
+    router = daemon.daemon.delivery._router
+    skewed = _SkewedLedger()
+    for user in router.unread:
+        skewed.set(user, router.unread.get(user) or {})
+    router.unread = skewed
+    await insert(db, "alice", "new", type="comment")
+    message = await client.recv()
+    assert message["title"] == "new" and "_a" in message["cursor"]
+    assert counts_of(message) == (2, {"comment": 1, "skew": 1})
+    assert counts_of(await client.recv_event("unread")) == (1, {"comment": 1})
 
 
 async def test_counts_stay_exact_for_an_opted_in_session_under_concurrent_changes(

@@ -152,3 +152,33 @@ def test_more_than_the_replay_limit_sends_the_newest_then_asks_for_a_resync() ->
     assert replayed[-1]["event"] == "resync"
     assert greeting.replay[-1][1] == Cursor(END).encode()
     assert greeting.resync is True
+
+
+def test_rows_a_cursor_claims_ahead_are_not_replayed_and_its_claims_follow_the_client() -> None:
+    """
+    A client that was pushed rows ahead of their window (claims {xact: seq}
+    in its cursor) is replayed only what it lacks; the replay's cursors
+    keep claiming what it has, and the claims the watermark does not yet
+    see are handed on for the session's windows to skip.
+    """
+    base = Snapshot(110, 110)
+    since = Cursor(base, ahead=((111, 2), (125, 9)))
+    # 111 committed and claimed up to seq 2; its seq 3 came later (not
+    # claimed); 125 is past the watermark END (still to be routed).
+    newest_first = [row(4, 113), row(3, 111), row(2, 111), row(1, 111)]
+    greeting = plan_resume("u", since, newest_first, END, {"": 2}, replay_limit=10)
+    assert [frame["id"] for frame in frames(greeting)] == ["m3", "m4"]
+    assert [cursor for _, cursor in greeting.replay] == [
+        Cursor(base, END, 3, since.ahead).encode(at_seq=3),
+        Cursor(END, ahead=((125, 9),)).encode(at_seq=4),
+    ]
+    assert greeting.claims == {125: 9}
+
+
+def test_a_client_whose_claims_cover_everything_missed_is_recovered_at_the_watermark() -> None:
+    since = Cursor(Snapshot(110, 110), ahead=((111, 2),))
+    greeting = plan_resume("u", since, [row(2, 111), row(1, 111)], END, {}, replay_limit=10)
+    assert greeting.replay == []
+    hello = json.loads(greeting.hello)
+    assert hello["recovered"] is True and hello["cursor"] == Cursor(END).encode()
+    assert greeting.claims == {}

@@ -120,7 +120,8 @@ async def _standby_table_reads(served: Served) -> int:
 
 
 async def test_rows_are_read_on_the_standby_and_a_paused_replay_falls_back_to_the_primary() -> None:
-    async with _served(max_lag_ms=800) as served:
+    # Rows are not pushed ahead here: each must come through its window read.
+    async with _served(max_lag_ms=800, NOTIFYD_PUSH_AHEAD="false") as served:
         ann = await Recorder.open(served.port, "ann")
         await served.wait_metric("notifyd_read_replica_in_use", lambda v: v == 1)
         before = await _standby_table_reads(served)
@@ -153,7 +154,7 @@ async def test_rows_are_read_on_the_standby_and_a_paused_replay_falls_back_to_th
 
 
 async def test_a_wake_up_before_the_standby_replayed_the_commit_waits_for_replay() -> None:
-    async with _served(max_lag_ms=60_000) as served:
+    async with _served(max_lag_ms=60_000, NOTIFYD_PUSH_AHEAD="false") as served:
         ann = await Recorder.open(served.port, "ann")
         await served.wait_metric("notifyd_read_replica_in_use", lambda v: v == 1)
         await served.standby_sql("SELECT pg_wal_replay_pause()")

@@ -79,6 +79,14 @@ async def notifications(dsn: str) -> AsyncIterator[Notifications]:
     await connection.close()
 
 
+def kinds(payloads: list[str]) -> list[str]:
+    """
+    What the triggers' notifications say, by kind: "r" (an insert carrying
+    its rows), "m" (an insert that does not), "e" (read/delete events).
+    """
+    return [payload[:1] for payload in payloads]
+
+
 async def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
     """Poll ``condition`` until it holds, failing after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -103,7 +111,7 @@ async def test_a_repeatable_read_transaction_sees_a_lease_cleared_after_it_began
             await insert(app, "alice", "under a cleared lease")
     finally:
         await app.close()
-    assert await notifications.before_sentinel(db) == ["m"]
+    assert kinds(await notifications.before_sentinel(db)) == ["r"]
 
 
 async def test_a_repeatable_read_transaction_begun_before_a_lease_skips_its_notify(
@@ -145,7 +153,7 @@ async def test_no_trigger_notifies_while_a_lease_is_in_force_and_all_do_after(db
     await set_lease(db, -1)
     message = await insert(db, "alice", "loud")
     await db.execute("UPDATE t_message_real_time SET is_read = '1' WHERE id = $1", message)
-    assert await notifications.before_sentinel(db) == ["m", "e"]
+    assert kinds(await notifications.before_sentinel(db)) == ["r", "e"]
 
 
 async def test_renewing_the_lease_never_shortens_it_and_notifies(dsn, db, notifications):
@@ -246,7 +254,8 @@ async def test_a_busy_instance_turns_notifies_off_and_a_notify_instance_still_de
     # renewal that came late on a busy machine).
     assert modes[Mode.POLLING] > 0, modes
     assert committed > 40
-    assert during.count("m") < committed / 4, (during.count("m"), committed)
+    inserts = kinds(during).count("r") + kinds(during).count("m")
+    assert inserts < committed / 4, (inserts, committed)
     vitals = busy.daemon.vitals()
     assert vitals.wake is not None and vitals.wake.setting == "auto"
     assert quiet.daemon.vitals().health_report()["wake"]["setting"] == "notify"
@@ -467,5 +476,7 @@ async def test_a_stream_of_notifies_costs_at_most_one_read_per_batch_interval(
     reads = stats.window_reads - reads_before
     await insert(db, "bob", "after the stream")
     await client.messages_until("after the stream")
-    assert stats.rows_read >= commits["load"]
+    # Every commit is read by a window (rows pushed ahead too, within
+    # moments).
+    await wait_until(lambda: stats.rows_read >= commits["load"], "every commit read")
     assert reads <= READ_BURST + elapsed / 0.1 + 2, (reads, elapsed, commits["load"])

@@ -104,6 +104,22 @@ def verdict(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _warm_up(warm_up: dict[str, Any] | None) -> list[str]:
+    """
+    The report's line on the session turnover before the clock started.
+    """
+    if not warm_up or not warm_up.get("turnovers"):
+        return []
+    return [
+        f"- before the clock started, {warm_up['turnovers']:g} turnovers of the sessions "
+        f"({warm_up['reconnects']:,} reconnections of random sessions in "
+        f"{warm_up['took_s']:.0f} s, the writer running): RSS went from "
+        f"{warm_up['rss_before_mb']:.1f} to {warm_up['rss_after_mb']:.1f} MB, what a fresh "
+        "process's allocator grows to under session turnover (it holds after about three; "
+        'see docs/deployment.md, "Long runs"); the figures below are from after it;'
+    ]
+
+
 def _peak(samples: list[dict[str, Any]], warmup_s: float) -> str:
     """
     When RSS was highest after the warm-up, and for how long before the end
@@ -197,6 +213,7 @@ def render(results: dict[str, Any]) -> str:
         f"- {config['reconnect_share']:.0%} of the sessions reconnect each minute "
         f"({account['reconnects_asked']:,} reconnections asked, "
         f"{account['connects']:,} connections in all);",
+        *_warm_up(results.get("warm_up")),
         f"- PostgreSQL restarted every {config['pg_restart_every']:g} minutes, the "
         f"LISTEN connection killed every {config['listener_kill_every']:g} "
         "minutes (where no restart falls)"

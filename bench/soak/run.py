@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import secrets
@@ -59,6 +60,15 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=0.05,
         help="share of the sessions that reconnect each minute, spread over it (default 0.05)",
+    )
+    p.add_argument(
+        "--warm-up-turnovers",
+        type=float,
+        default=3.0,
+        help="before the clock starts, reconnect this many times the sessions (random ones, as "
+        "the soak does, 5 %% of them every 2 s) with the writer running: the allocator's "
+        "footprint grows with session turnover until about three, then holds (default 3; 0: "
+        "none)",
     )
     p.add_argument("--pg-restart-every", type=float, default=10.0, help="minutes (default 10)")
     p.add_argument("--listener-kill-every", type=float, default=5.0, help="minutes (default 5)")
@@ -251,6 +261,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
 
         writer = Writer(dsn, args.rate, users)
         writing = asyncio.create_task(writer.run())
+        warm_up = await _warm_up(server, port, clients, args)
         duration = args.minutes * 60
         restarts = schedule(args.minutes, args.pg_restart_every)
         kills = schedule(args.minutes, args.listener_kill_every, args.pg_restart_every)
@@ -336,6 +347,7 @@ async def soak(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "notifyd_source": source_fingerprint(),
             "commit": _commit(),
             "sessions_live_at_start": live,
+            "warm_up": warm_up,
             "writer": {"attempted": writer.attempted, "failed": writer.failed},
             "events": events,
             "samples": samples,
@@ -387,6 +399,46 @@ async def _restart_counters(clients: list[Child]) -> dict[str, float]:
         "handshakes_shed": sum(s["shed"] for s in stats),
         "clients_cpu_s": sum(cpu_seconds(c.pid) for c in clients),
         "listen_overflows": _listen_overflows(),
+    }
+
+
+async def _warm_up(
+    server: Child, port: int, clients: list[Child], args: argparse.Namespace
+) -> dict[str, Any]:
+    """
+    Session turnover before the clock starts: ``--warm-up-turnovers`` times
+    the sessions reconnect, 5 % of them every 2 s, with the writer running.
+    A fresh process's allocator grows with turnover (sessions' long-lived
+    objects land among the short-lived ones of those before them) until
+    about three turnovers, then holds; measured from a fresh start, a
+    30-minute soak at 5 % a minute would show that growth as a slope.
+    """
+    turnovers = args.warm_up_turnovers
+    if turnovers <= 0:
+        return {"turnovers": 0}
+    started = time.monotonic()
+    rss_before = _rss_kb(server.pid) / 1024
+    step = max(1, round(args.sessions * 0.05 / len(clients)))
+    steps = math.ceil(turnovers * args.sessions / (step * len(clients)))
+    progress(f"warming up: {turnovers:g} turnovers of the sessions, {steps} steps")
+    for n in range(steps):
+        due = started + 2.0 * n
+        if (wait := due - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        if not server.running:
+            raise RuntimeError(f"notifyd exited: {server.log_tail()}")
+        await asyncio.gather(
+            *(c.request({"cmd": "reconnect", "n": step, "seed": 10_000 * n + j}, timeout=60)
+              for j, c in enumerate(clients))
+        )  # fmt: skip
+    live_s = await _all_live(clients, args.sessions, timeout=600)
+    return {
+        "turnovers": turnovers,
+        "reconnects": steps * step * len(clients),
+        "took_s": round(time.monotonic() - started, 1),
+        "all_live": live_s is not None,
+        "rss_before_mb": round(rss_before, 1),
+        "rss_after_mb": round(_rss_kb(server.pid) / 1024, 1),
     }
 
 
