@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import asyncpg
 
-from notifyd.cursor import Cursor
+from notifyd.cursor import MAX_CLAIMS, Cursor
 
 from .conftest import Client, insert
 from .receiver import until_async
@@ -203,3 +203,23 @@ async def test_a_multi_row_insert_to_several_users_is_pushed_to_each_once(daemon
         "bob": ["message:b1", "message:sentinel"],
         "carol": ["message:c1", "message:sentinel"],
     }
+
+
+async def test_a_session_holds_at_most_the_claims_a_cursor_may_carry(daemon, open_client, db, dsn):
+    """
+    Seventy commits to one user while windows are held: the first
+    MAX_CLAIMS are pushed ahead (the last one's cursor, claiming them all,
+    still decodes), the rest wait for their window; all arrive once, in
+    order.
+    """
+    client = await open_client(inline_url(daemon, "alice"))
+    async with windows_held(dsn, db):
+        for n in range(70):
+            await insert(db, "alice", f"n{n:02d}")
+        ahead = [await client.recv() for _ in range(MAX_CLAIMS)]
+        assert [frame["title"] for frame in ahead] == [f"n{n:02d}" for n in range(MAX_CLAIMS)]
+        assert len(Cursor.decode(ahead[-1]["cursor"]).ahead) == MAX_CLAIMS
+        await client.send({"action": "ping"})
+        assert (await client.recv())["event"] == "pong"
+    rest = [e for e in await titles_until(client, "n69") if e.startswith("message")]
+    assert rest == [f"message:n{n:02d}" for n in range(MAX_CLAIMS, 70)]
