@@ -392,6 +392,17 @@ class _SkewedLedger(UnreadLedger):
         return None if counts is None else {**counts, "skew": 1}
 
 
+def skew(daemon: RunningDaemon) -> None:
+    """
+    Swap the daemon's ledger for a skewed one holding the same counts.
+    """
+    router = daemon.daemon.delivery._router
+    skewed = _SkewedLedger()
+    for user in router.unread:
+        skewed.set(user, router.unread.get(user) or {})
+    router.unread = skewed
+
+
 async def test_counts_a_frame_carried_that_the_ledger_does_not_settle_to_are_corrected(
     start_daemon, open_client, db
 ):
@@ -403,11 +414,7 @@ async def test_counts_a_frame_carried_that_the_ledger_does_not_settle_to_are_cor
     """
     daemon = await start_daemon(push_ahead=False)
     client = await open_client(inline_url(daemon, "alice"))
-    router = daemon.daemon.delivery._router
-    skewed = _SkewedLedger()
-    for user in router.unread:
-        skewed.set(user, router.unread.get(user) or {})
-    router.unread = skewed
+    skew(daemon)
     await insert(db, "alice", "new", type="comment")
     message, unread = await frames_until_title(client, "new")
     assert counts_of(message) == (2, {"comment": 1, "skew": 1})
@@ -423,11 +430,7 @@ async def test_counts_a_row_pushed_ahead_carried_that_its_window_does_not_settle
     when its window settles to other counts, the unread event follows.
     """
     client = await open_client(inline_url(daemon, "alice"))
-    router = daemon.daemon.delivery._router
-    skewed = _SkewedLedger()
-    for user in router.unread:
-        skewed.set(user, router.unread.get(user) or {})
-    router.unread = skewed
+    skew(daemon)
     await insert(db, "alice", "new", type="comment")
     message = await client.recv()
     assert message["title"] == "new" and "_a" in message["cursor"]
