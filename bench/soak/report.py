@@ -115,7 +115,7 @@ def _warm_up(warm_up: dict[str, Any] | None) -> list[str]:
         f"({warm_up['reconnects']:,} reconnections of random sessions in "
         f"{warm_up['took_s']:.0f} s, the writer running): RSS went from "
         f"{warm_up['rss_before_mb']:.1f} to {warm_up['rss_after_mb']:.1f} MB, what a fresh "
-        "process's allocator grows to under session turnover (it holds after about three; "
+        "process's allocator grows to under session turnover (it holds after three to four; "
         'see docs/deployment.md, "Long runs"); the figures below are from after it;'
     ]
 

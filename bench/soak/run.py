@@ -64,10 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--warm-up-turnovers",
         type=float,
-        default=3.0,
+        default=5.0,
         help="before the clock starts, reconnect this many times the sessions (random ones, as "
         "the soak does, 5 %% of them every 2 s) with the writer running: the allocator's "
-        "footprint grows with session turnover until about three, then holds (default 3; 0: "
+        "footprint grows with session turnover for three to four, then holds (default 5; 0: "
         "none)",
     )
     p.add_argument("--pg-restart-every", type=float, default=10.0, help="minutes (default 10)")
@@ -409,8 +409,8 @@ async def _warm_up(
     Session turnover before the clock starts: ``--warm-up-turnovers`` times
     the sessions reconnect, 5 % of them every 2 s, with the writer running.
     A fresh process's allocator grows with turnover (sessions' long-lived
-    objects land among the short-lived ones of those before them) until
-    about three turnovers, then holds; measured from a fresh start, a
+    objects land among the short-lived ones of those before them) for three
+    to four turnovers, then holds; measured from a fresh start, a
     30-minute soak at 5 % a minute would show that growth as a slope.
     """
     turnovers = args.warm_up_turnovers
