@@ -188,6 +188,13 @@ class Delivery:
         return self._budget
 
     @property
+    def router(self) -> Router:
+        """
+        Where rows and counts go to sessions (read only: for tests).
+        """
+        return self._router
+
+    @property
     def pacer(self) -> Pacer:
         """
         The wake-up mode and the lease as this instance sees them (read

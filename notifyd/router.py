@@ -101,10 +101,11 @@ class Router:
         self.repairing = False
         # Rows pushed ahead of their window (notifyd.ahead): what decides the
         # next push, the sessions holding claims, and per user the counts
-        # the last row pushed ahead carried and the sessions it carried them to.
+        # the last row pushed ahead carried, the sessions it carried them to
+        # and its transaction, until the window that routes it has settled.
         self.ahead = AheadLog()
         self._claimants: set[Session] = set()
-        self._carried: dict[str, tuple[ByType, list[Session]]] = {}
+        self._carried: dict[str, tuple[ByType, list[Session], int]] = {}
 
     def register(self, session: Session, greeting: Greeting, unread: Mapping[str, int]) -> None:
         """
@@ -246,7 +247,7 @@ class Router:
                 session.ahead[xact] = seq
                 shown.append(session)
         if counts is not None and shown:
-            self._carried[user] = (counts, shown)
+            self._carried[user] = (counts, shown, xact)
         else:
             self._carried.pop(user, None)
 
@@ -446,7 +447,7 @@ class Router:
         """
         moved = {user for user, _ in changed}
         extra = []
-        for user, (shown, _) in list(self._carried.items()):
+        for user, (shown, _, _) in list(self._carried.items()):
             if user in moved:
                 continue
             settled = self.unread.get(user)
@@ -592,7 +593,7 @@ class Router:
                 # its sessions show until other counts are sent them.
                 ahead = pushed_ahead.get(user)
                 if carried is None and ahead is not None and ahead[0] == by_type:
-                    carried = ahead
+                    carried = ahead[:2]
                 else:
                     pushed_ahead.pop(user, None)
             if carried is not None:
@@ -618,7 +619,27 @@ class Router:
             for session in targets:
                 if session.push_encoded(*encoded):
                     unflushed(session)
+        if self._carried:
+            self._forget_carried(end)
         account.flush()
+
+    def _forget_carried(self, end: Snapshot) -> None:
+        """
+        The counts of rows pushed ahead that a window up to ``end`` routed
+        have been settled: kept longer, every later window would look at
+        them again, for every user ever pushed to.
+        """
+        visible = end.visible
+        for user in [user for user, (_, _, xact) in self._carried.items() if visible(xact)]:
+            del self._carried[user]
+
+    @property
+    def carried_users(self) -> int:
+        """
+        Users whose last row pushed ahead still waits for the window that
+        routes it (for tests: what settling keeps).
+        """
+        return len(self._carried)
 
 
 def _plus(counts: Mapping[str, int], adds: Mapping[str, int]) -> dict[str, int]:

@@ -18,7 +18,7 @@ import asyncpg
 from notifyd.cursor import MAX_CLAIMS, Cursor
 
 from .conftest import Client, insert
-from .receiver import until_async
+from .receiver import until, until_async
 from .test_inline_counts import blocked_window_reads, frames_until_title, inline_url
 
 
@@ -223,3 +223,22 @@ async def test_a_session_holds_at_most_the_claims_a_cursor_may_carry(daemon, ope
         assert (await client.recv())["event"] == "pong"
     rest = [e for e in await titles_until(client, "n69") if e.startswith("message")]
     assert rest == [f"message:n{n:02d}" for n in range(MAX_CLAIMS, 70)]
+
+
+async def test_the_counts_a_pushed_row_showed_are_let_go_once_its_window_has_settled(
+    daemon, open_client, db, dsn
+):
+    """
+    The router keeps what a row pushed ahead showed its user only until the
+    window that routes that row: kept longer, every later window would look
+    again at every user ever pushed to.
+    """
+    clients = {user: await open_client(inline_url(daemon, user)) for user in ("alice", "bob")}
+    router = daemon.daemon.delivery.router
+    async with windows_held(dsn, db):
+        for user, client in clients.items():
+            await insert(db, user, f"to {user}", type="comment")
+            assert (await client.recv())["unread"] == 1
+        assert router.carried_users == 2
+    await until(lambda: router.carried_users == 0, what="the pushed rows' window settled")
+    assert daemon.daemon.stats.pushed_ahead == 2
