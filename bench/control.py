@@ -67,9 +67,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+async def http_get(port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes] | None:
     """
-    The status of ``GET path`` on 127.0.0.1:port, or None when unreachable.
+    The status and body of ``GET path`` on 127.0.0.1:port, or None when
+    unreachable.
     """
     try:
         async with asyncio.timeout(timeout):
@@ -78,15 +79,26 @@ async def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
                 writer.write(
                     f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
                 )
-                line = await reader.readline()
+                answer = await reader.read()
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
     except (OSError, TimeoutError):
         return None
-    parts = line.split()
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    parts = head.split(b"\r\n", 1)[0].split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return int(parts[1]), body
+
+
+async def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
+    """
+    The status of ``GET path`` on 127.0.0.1:port, or None when unreachable.
+    """
+    answer = await http_get(port, path, timeout)
+    return None if answer is None else answer[0]
 
 
 class Child:

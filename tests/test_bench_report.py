@@ -688,3 +688,16 @@ def test_the_resilience_section_sums_up_the_soak_and_the_storm_from_their_result
     assert "RSS +0.5 MB/h (noise ±0.25), beyond noise" in text
     assert "live again 12.3 s, not all back after the SIGTERM" in text
     assert resilience_section(None, None) == []
+
+
+def test_every_notifyd_run_says_how_it_learned_of_the_commits_when_that_was_recorded() -> None:
+    """The runs table's last column: share pushed ahead, window reads, leases; blank otherwise."""
+    push = push_results()
+    recorded = push["runs"][0]
+    assert recorded["kind"] == "notifyd"
+    recorded["rows"] = 5000
+    recorded["notifyd"] = {"pushed_ahead": 4850.0, "window_reads": 212.0, "polling_leases": 1.0}
+    lines = [line for line in push_section({"push": push}) if line.startswith("| 1,000 | 500 |")]
+    runs = [line for line in lines if line.count("|") == 13]
+    assert runs[0].endswith("| 97% / 212 / 1 |")
+    assert runs[1].endswith("|  |")

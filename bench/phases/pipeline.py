@@ -15,6 +15,7 @@ from typing import Any
 
 from ..accounting import account, tagged_rows
 from ..contenders import Contender, take_receipts
+from ..control import http_get
 from ..measure import (
     BACKEND_PARTS,
     backend_cpu_by_part,
@@ -27,6 +28,33 @@ from ..progress import progress
 from ..rig import Rig
 
 __all__ = ["one_run", "pipeline_runs", "summarise"]
+
+# notifyd's counters that say how it learned of the run's commits: rows
+# pushed from their NOTIFY's payload, window reads, polling leases started.
+COUNTERS = {
+    "pushed_ahead": "notifyd_pushed_ahead_total",
+    "window_reads": "notifyd_window_reads_total",
+    "polling_leases": "notifyd_polling_leases_total",
+}
+
+
+async def notifyd_counters(contender: Contender) -> dict[str, float] | None:
+    """
+    :data:`COUNTERS` as notifyd's ``/metrics`` gives them now; None for the
+    naive relay, or when they cannot be read.
+    """
+    if contender.kind != "notifyd":
+        return None
+    answer = await http_get(contender.port, "/metrics", timeout=5.0)
+    if answer is None or answer[0] != 200:
+        return None
+    values: dict[str, float] = {}
+    for line in answer[1].decode().splitlines():
+        name, _, value = line.partition(" ")
+        if name in COUNTERS.values():
+            values[name] = float(value)
+    return {key: values[name] for key, name in COUNTERS.items() if name in values}
+
 
 _PREFIX = "user-"
 
@@ -42,6 +70,7 @@ async def one_run(
     plan = rig.plan
     server = contender.server
     calm = await rig.wait_calm()
+    counters0 = await notifyd_counters(contender)
     cpu0, wall0 = tree_cpu_seconds(server.pid), time.monotonic()
     pg0 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     parts0 = None if rig.pg_pid is None else await backend_cpu_by_part(rig.db, rig.pg_pid)
@@ -55,6 +84,7 @@ async def one_run(
     cpu1, wall1 = tree_cpu_seconds(server.pid), time.monotonic()
     pg1 = None if rig.pg_pid is None else cluster_cpu_seconds(rig.pg_pid)
     parts1 = None if rig.pg_pid is None else await backend_cpu_by_part(rig.db, rig.pg_pid)
+    counters1 = await notifyd_counters(contender)
     counts = account(rows, receipts)
     delivered = counts["received"]
     by_part = (
@@ -77,6 +107,9 @@ async def one_run(
         "pg_cpu_us_per_delivery_by_part": by_part,
         "wall_s": wall1 - wall0,
         "other_load_before_cores": calm,
+        "notifyd": {key: counters1[key] - counters0[key] for key in counters0 if key in counters1}
+        if counters0 and counters1
+        else None,
     }
 
 

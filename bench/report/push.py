@@ -426,6 +426,7 @@ def _runs_table(push: dict[str, Any]) -> list[str]:
                 num(run["server_cpu_us_per_delivery"]),
                 num(run["pg_cpu_us_per_delivery"]),
                 num(run.get("other_load_before_cores"), 2),
+                _learned(run),
             )
         )
     return table(
@@ -441,8 +442,25 @@ def _runs_table(push: dict[str, Any]) -> list[str]:
             "server µs/delivery",
             "Postgres µs/delivery",
             "other load before, cores",
+            "pushed ahead / window reads / leases",
         ),
         rows,
+    )
+
+
+def _learned(run: dict[str, Any]) -> str:
+    """
+    How notifyd learned of a run's commits: the share of its rows pushed
+    from their NOTIFY's payload, its window reads and the polling leases
+    it started (empty for the naive relay and for runs before these were
+    recorded).
+    """
+    counters = run.get("notifyd")
+    if not counters or not run.get("rows"):
+        return ""
+    share = counters.get("pushed_ahead", 0) / run["rows"]
+    return (
+        f"{share:.0%} / {num(counters.get('window_reads'))} / {num(counters.get('polling_leases'))}"
     )
 
 
@@ -472,6 +490,12 @@ def _method(push: dict[str, Any]) -> list[str]:
         "would be (notifyd reuses its window reads' plans only on an analyzed table)."
         if push.get("seeded_rows")
         else "- **Table.** notifyd's table starts empty and unanalyzed.",
+        "- **How notifyd learned of the commits** (last column of *Every pipeline run*, from "
+        "its `/metrics` before and after the run): the share of the run's rows it pushed "
+        "from their NOTIFY's payload, ahead of the window read that confirms them; its window "
+        "reads; the polling leases it started (docs/deployment.md §9: a lease turns the "
+        "triggers' NOTIFY off for at least a second while writers queue for the notify lock, "
+        "and notifyd polls meanwhile).",
         "- **Sessions.** One per user (`user-0` …), held by the harness's client processes with its "
         "raw WebSocket client, noting each message's id and arrival time (`bench/receipts.py`).",
         f"- **Commit ceiling.** notifyd alone (the naive relay stopped), {num(ceiling.get('sessions'))} "
