@@ -45,6 +45,16 @@ def _trend(name: str, unit: str, trend: dict[str, Any]) -> str:
     return line
 
 
+def _warm_up(soak: dict[str, Any]) -> str:
+    warm_up = soak.get("warm_up") or {}
+    if not warm_up.get("turnovers"):
+        return ""
+    return (
+        f" (after {warm_up['turnovers']:g} turnovers of the sessions before the clock, RSS "
+        f"{warm_up['rss_before_mb']:.1f} to {warm_up['rss_after_mb']:.1f} MB)"
+    )
+
+
 def _soak(soak: dict[str, Any]) -> list[str]:
     config = soak["config"]
     events = soak["events"]
@@ -54,8 +64,9 @@ def _soak(soak: dict[str, Any]) -> list[str]:
         f"- **Soak** ([soak.md](soak.md), `{soak.get('command', 'python -m bench soak')}`, "
         f"notifyd at {soak.get('commit', 'unknown')}): {config['minutes']:g} minutes at "
         f"{num(config['rate'])} commits/s, {num(config['sessions'])} sessions with "
-        f"{config['reconnect_share']:.0%} reconnecting each minute, PostgreSQL restarted "
-        f"{restarts} times and the LISTEN connection killed {kills} times: {_loss(soak)}.",
+        f"{config['reconnect_share']:.0%} reconnecting each minute{_warm_up(soak)}, PostgreSQL "
+        f"restarted {restarts} times and the LISTEN connection killed {kills} times: "
+        f"{_loss(soak)}.",
     ]
     trends = soak.get("trends", {})
     fitted = [_trend(name, unit, trends[key]) for key, name, unit in _TRENDED if key in trends]
