@@ -129,6 +129,51 @@ async def test_a_repeatable_read_transaction_begun_before_a_lease_skips_its_noti
     assert await notifications.before_sentinel(db) == []
 
 
+async def test_only_a_transactions_first_inserting_statement_carries_its_rows(
+    db, dsn, notifications
+):
+    """
+    Later statements name the transaction only, so that what a NOTIFY
+    carries is every row its transaction inserted so far; a rollback to a
+    savepoint takes the earlier rows back, and the next transaction starts
+    afresh.
+    """
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction():
+            await insert(app, "alice", "first statement")
+            await insert(app, "alice", "second statement")
+        async with app.transaction():
+            with contextlib.suppress(RuntimeError):
+                async with app.transaction():
+                    await insert(app, "alice", "rolled back")
+                    raise RuntimeError("roll back to the savepoint")
+            await insert(app, "alice", "first that stays")
+        await insert(app, "alice", "a transaction of its own")
+    finally:
+        await app.close()
+    assert kinds(await notifications.before_sentinel(db)) == ["r", "m", "r", "r"]
+
+
+async def test_a_statement_under_a_lease_keeps_the_transactions_later_ones_from_carrying_rows(
+    db, dsn, notifications
+):
+    """
+    Its rows were not carried, so a later statement of the same transaction,
+    after the lease, must not carry (and so claim) the transaction's rows.
+    """
+    await set_lease(db, 60_000)
+    app = await asyncpg.connect(dsn)
+    try:
+        async with app.transaction():
+            await insert(app, "alice", "under the lease")
+            await set_lease(db, -1)
+            await insert(app, "alice", "after it")
+    finally:
+        await app.close()
+    assert kinds(await notifications.before_sentinel(db)) == ["m"]
+
+
 async def test_a_table_flag_would_be_read_through_the_snapshot(db, dsn):
     """Why a sequence: a REPEATABLE READ transaction keeps a table row's old value."""
     await db.execute("CREATE TABLE flag (on_ boolean)")
