@@ -338,7 +338,11 @@ class Pacer:
         if self._poll_above is not None and rate > self._poll_above:
             return Renewal.START
         if self.contended(now):
-            self._keep_above = self._release_rate(now)
+            keep_above = self._release_rate()
+            if keep_above is None:
+                # Queued, but too few reads yet to say at what rate.
+                return None
+            self._keep_above = keep_above
             self._samples.clear()
             return Renewal.START
         return None
@@ -399,14 +403,21 @@ class Pacer:
         queued = sum(s.span for s in recent if s.waiting)
         return hits >= CONTENDED_HITS and queued >= CONTENDED_SHARE * sum(s.span for s in recent)
 
-    def _release_rate(self, now: float) -> float:
+    def _release_rate(self) -> float | None:
         """
         :data:`RELEASE_SHARE` of the rate at which the samples saw the queue:
-        the writing transactions read since the first of them.
+        the writing transactions of the reads of the last second over the
+        time from the first of those reads to the last (each read counts
+        the commits since the one before it, so the first one's are left
+        out); None while they span less than :data:`SAMPLE_SOON_S`. Reads
+        can be 50 ms apart (rows pushed ahead are confirmed that often), so
+        the looks that saw the queue may all fall between two of them.
         """
-        first = self._samples[0].at
-        transactions = sum(n for at, n in self._reads if at > first)
-        rate = transactions / max(now - first, SAMPLE_EVERY_S)
+        reads = self._reads
+        span = reads[-1][0] - reads[0][0] if reads else 0.0
+        if span < SAMPLE_SOON_S:
+            return None
+        rate = (sum(n for _, n in reads) - reads[0][1]) / span
         return max(SAMPLE_ABOVE, RELEASE_SHARE * rate)
 
     def _forget_before(self, horizon: float) -> None:

@@ -314,6 +314,34 @@ def test_a_lease_started_by_a_queue_is_kept_while_the_rate_stays_near_the_queues
         now = later
 
 
+@pytest.mark.parametrize("offset_ms", range(0, 50, 7))
+def test_the_rate_a_lease_is_kept_above_comes_from_the_reads_not_from_when_the_looks_began(
+    offset_ms: int,
+):
+    """
+    Rows pushed ahead of their window are read once every 50 ms: a queue
+    seen at 2,000/s still keeps the lease above RELEASE_SHARE of 2,000/s,
+    whenever the looks that saw it fall between two reads (a rate taken
+    from the first look's time would see no read at all after it, or one
+    read's commits in a few milliseconds).
+    """
+    pacer = Pacer(None, INTERVAL, contention=True)
+    now_ms = offset_ms
+    while True:
+        now_ms += 1
+        now = now_ms / 1000
+        if now_ms % 50 == 0:
+            pacer.observed(now, over(T0_MS + now_ms), NOTHING, 100)
+            if pacer.horizon_needed:
+                pacer.horizon(NOTHING.xmax)
+        if pacer.next_sample_in(now) == 0:
+            pacer.sampled(now, 3)
+        if pacer.renewal(now) is Renewal.START:
+            break
+        assert now_ms < 2000, "no lease after two seconds of queueing"
+    assert pacer.keep_above == pytest.approx(RELEASE_SHARE * 2000, rel=0.15)
+
+
 def test_the_lock_is_looked_at_only_while_waiting_for_notifies_under_load():
     """No look below SAMPLE_ABOVE, none under a lease, none without contention on, one per interval."""
     quiet = Pacer(None, INTERVAL, contention=True)
