@@ -6,8 +6,9 @@ The insert trigger (``schema.sql``) carries the rows of a transaction's first
 inserting statement in its NOTIFY, as ``r<xact>:<json>``, when there are at
 most a few and they fit; otherwise, and for every later inserting statement
 of that transaction, it sends ``m<xact>``. So the rows a payload carries are
-always all the rows that transaction had inserted up to then, in ``seq``
-order. Postgres delivers a transaction's notifications only once it has
+always all the rows that transaction had inserted up to then (in the order
+the statement inserted them; :func:`parse_payload` puts them in ``seq``
+order). Postgres delivers a transaction's notifications only once it has
 committed, all together, in the order they were sent.
 
 A row pushed ahead reaches the sessions of its user at once, with a cursor
@@ -96,7 +97,14 @@ def parse_payload(payload: str) -> Carried | None:
         rows = [_row(values, xact) for values in orjson.loads(body)]
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return Carried(xact, None)
+    # The trigger sends them in the order its statement inserted them.
+    rows.sort(key=_seq)
     return Carried(xact, rows)
+
+
+def _seq(row: dict[str, Any]) -> int:
+    seq: int = row["seq"]
+    return seq
 
 
 def _xact(text: str) -> int | None:

@@ -59,6 +59,15 @@ def test_several_rows_of_one_statement_keep_their_order():
     assert [(row["seq"], row["to_user"]) for row in carried.rows] == [(3, "alice"), (4, "bob")]
 
 
+def test_rows_listed_out_of_seq_order_come_out_in_seq_order():
+    # The trigger lists them as its statement inserted them, without sorting.
+    carried = parse_payload(
+        payload(9, carried_row(seq=5), carried_row(seq=3, to_user="bob"), carried_row(seq=4))
+    )
+    assert carried is not None and carried.rows is not None
+    assert [row["seq"] for row in carried.rows] == [3, 4, 5]
+
+
 @pytest.mark.parametrize("text", ["m733", "e733"])
 def test_rows_not_carried_and_events_name_their_transaction(text):
     assert parse_payload(text) == Carried(733, None)
