@@ -14,9 +14,11 @@ Phases (each server in turn, then the profile and the trigger cost):
 5. session-open time (notifyd: a user with 100,000 messages);
 6. notifyd once more under cProfile at its highest single-row step;
 7. INSERT throughput with and without the triggers (no server running);
-8. the push pipeline (``bench/phases/push.py``): pgbench writers at paced
-   rates into each server with 1,000 and 10,000 sessions, isolated messages,
-   and the commit ceiling of notifyd's table with and without its triggers.
+8. the push pipeline (``bench/phases/push.py``): what one single-row commit
+   costs Postgres with each server's table and trigger, piece by piece; then
+   pgbench writers at paced rates into each server with 1,000 and 10,000
+   sessions, isolated messages, and the commit ceiling of notifyd's table
+   with and without its triggers.
 
 With matplotlib installed (the ``bench`` extra), PNG plots are written next
 to the report and embedded in it.

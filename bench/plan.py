@@ -53,6 +53,7 @@ class Plan:
     ceiling_reps: int = 3
     isolated_messages: int = 50
     isolated_gap_s: float = 0.2
+    commit_cost_commits: int = 2000  # per case and round, one at a time
 
 
 def make_plan(quick: bool, users: int) -> Plan:
@@ -63,7 +64,7 @@ def make_plan(quick: bool, users: int) -> Plan:
             batch_steps=(10_000, 20_000), step_s=2.0, drain_s=3.0, announcements=2,
             hello_rows=100_000, hello_connects=20, trigger_s=1.5, trigger_rounds=1,
             attempts=2, calm_budget_s=5.0, pipeline_sessions=(1000,), pipeline_reps=1,
-            pipeline_s=3.0, ceiling_s=3.0, ceiling_reps=1,
+            pipeline_s=3.0, ceiling_s=3.0, ceiling_reps=1, commit_cost_commits=300,
         )  # fmt: skip
     return Plan(
         mode="full", users=users, sessions=max(users, 10_000), client_procs=2,

@@ -1,5 +1,6 @@
 """
-The push-pipeline phases in order, for each session count: both servers
+The push-pipeline phases in order: what one commit costs Postgres, piece by
+piece (no server running); then for each session count: both servers
 started with one session per user, the alternating pipeline runs; at the
 ceiling's session count also the isolated messages (both servers, nothing
 else running), then the commit ceiling (notifyd alone: the naive relay's
@@ -17,6 +18,7 @@ from ..plan import NOTIFYD_TABLE
 from ..progress import progress
 from ..rig import Rig
 from .ceiling import ceiling_phase
+from .commit_cost import commit_cost_phase
 from .isolated import isolated_phase
 from .pipeline import pipeline_runs, summarise
 
@@ -60,6 +62,8 @@ async def push_phases(rig: Rig) -> dict[str, Any]:
         "pgbench_clients": plan.pipeline_clients,
         "runs": [],
     }
+    progress("commit cost, piece by piece (no server running)")
+    result["commit_cost"] = await commit_cost_phase(rig)
     for sessions in plan.pipeline_sessions:
         users = [f"user-{i}" for i in range(sessions)]
         progress(f"push pipeline with {sessions} sessions per server")

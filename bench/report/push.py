@@ -346,9 +346,10 @@ def _pg_parts_table(push: dict[str, Any]) -> list[str]:
         "### Where Postgres's CPU goes",
         "",
         "Per delivery, µs (medians of the runs), by what each process of the cluster is for, "
-        "as `pg_stat_activity` names it. The writers do the same work for both servers (the "
-        "trigger, NOTIFY or not, the commit); the server's connections are notifyd's window "
-        "reads, LISTEN, looks at the NOTIFY lock and lease, or the naive relay's LISTEN.",
+        "as `pg_stat_activity` names it. The writers' backends insert into each server's own "
+        "table and run its trigger (the next table takes a commit apart); the server's "
+        "connections are notifyd's window reads, LISTEN, looks at the NOTIFY lock and lease, or "
+        "the naive relay's LISTEN.",
         "",
         *table(("sessions", "commits/s asked", "part", "notifyd", "naive", "ratio"), rows),
         "",
@@ -361,6 +362,49 @@ _PART_NAMES = {
     "background": "background (WAL writer, checkpointer, ...)",
     "other": "the harness's queries",
 }
+
+
+def _commit_cost_table(push: dict[str, Any]) -> list[str]:
+    cost = push.get("commit_cost")
+    if not cost or not cost.get("measured"):
+        return []
+    cases = cost["cases"]
+    naive = cases["naive"]["total_us"]
+    rows = [
+        (
+            case["what"],
+            num(case["writer_us"]),
+            num(case["listener_us"]),
+            num(case["total_us"]),
+            _x(_ratio(case["total_us"], naive)),
+        )
+        for case in cases.values()
+    ]
+
+    def step(key: str, base: str) -> str:
+        return f"{cases[key]['total_us'] - cases[base]['total_us']:+.0f} µs"
+
+    return [
+        "### A single-row commit, piece by piece",
+        "",
+        f"CPU µs per single-row INSERT transaction (synchronous_commit on), medians of "
+        f"{cost['rounds']} alternating rounds of {num(cost['commits'])} commits one at a time, "
+        "no server running: the writing backend, and a backend LISTENing on both servers' "
+        "channels (what each server's LISTEN connection costs Postgres). Ratio to the naive "
+        "relay's table and trigger.",
+        "",
+        *table(("case", "writer", "listener", "total", "ratio"), rows),
+        "",
+        f"- notifyd's table over the naive relay's, no trigger: {step('notifyd_bare', 'naive_bare')}"
+        " (its indexes: history, unread counts, resume, the delivery scan);",
+        f"- notifyd's trigger over the naive relay's, both on notifyd's table: "
+        f"{step('notifyd', 'notifyd_row_trigger')} (a statement trigger in PL/pgSQL that runs as "
+        "the schema's owner, reads the lease, the statement's rows and the transaction's earlier "
+        "ones);",
+        f"- the naive relay's trigger on its table: {step('naive', 'naive_bare')}; notifyd's on "
+        f"its table: {step('notifyd', 'notifyd_bare')}.",
+        "",
+    ]
 
 
 def _ceiling_table(push: dict[str, Any]) -> list[str]:
@@ -567,6 +611,7 @@ def push_section(r: dict[str, Any], plots: Sequence[str] = ()) -> list[str]:
     )
     out += [""]
     out += _pg_parts_table(push)
+    out += _commit_cost_table(push)
     out += ["### Commit ceiling of notifyd's table", ""]
     out += _ceiling_table(push)
     out += ["### Isolated message on an idle system", ""]
