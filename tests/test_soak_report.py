@@ -220,3 +220,12 @@ def test_the_rss_line_says_when_it_was_highest_and_for_how_long_it_was_not_passe
     assert "highest at 10 min (61.0 MB), not passed in the 20 minutes after." in page
     results["samples"][-1]["rss_mb"] = 62.0
     assert "highest at 30 min (62.0 MB), at the end." in render(results)
+
+
+def test_the_page_says_which_sslmode_notifyd_connected_with_when_the_run_recorded_it() -> None:
+    results = _results(lost=0, rss_slope=0.4)
+    assert "sslmode" not in render(results)
+    results["notifyd_sslmode"] = "disable"
+    assert "- notifyd's DSN says `sslmode=disable`: the embedded cluster has no TLS" in render(
+        results
+    )
