@@ -52,6 +52,13 @@ def _sql(template: str, table: str) -> str:
     return template.format(table=table)
 
 
+def single_row_insert(table: str) -> str:
+    """
+    The writers' single-row INSERT into ``table`` ($1 the user, $2 the content).
+    """
+    return _sql(_ONE, table)
+
+
 class Writers:
     """
     A few connections and the loops that drive them.

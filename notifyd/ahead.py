@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -98,13 +99,8 @@ def parse_payload(payload: str) -> Carried | None:
     except (orjson.JSONDecodeError, TypeError, ValueError):
         return Carried(xact, None)
     # The trigger sends them in the order its statement inserted them.
-    rows.sort(key=_seq)
+    rows.sort(key=itemgetter("seq"))
     return Carried(xact, rows)
-
-
-def _seq(row: dict[str, Any]) -> int:
-    seq: int = row["seq"]
-    return seq
 
 
 def _xact(text: str) -> int | None:

@@ -33,6 +33,11 @@ async def test_each_case_is_measured_on_its_table_with_only_its_trigger_and_leav
     assert result["measured"] and result["commits"] == 300
     assert set(result["cases"]) == {key for key, *_ in CASES}
     assert len(result["runs"]) == 2 * len(CASES)
+    triggered = {key: trigger is not None for key, _, trigger, _ in CASES}
+    # Each copy notifies exactly as its trigger does, the bare ones never.
+    assert all(
+        run["notifications"] == (300 if triggered[run["case"]] else 0) for run in result["runs"]
+    )
     for case in result["cases"].values():
         # CPU clock ticks are 10 ms; 300 commits take several.
         assert case["writer_us"] > 0
