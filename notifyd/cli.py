@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         "token": _token,
         "check": _check,
     }[args.command]
+    if args.command == "demo":
+        # The demo says Ctrl-C stops it. A parent that started it with SIGINT
+        # ignored (a background job of a script) would leave it deaf to that
+        # until the daemon takes over the signal, embedded PostgreSQL's start
+        # included; asyncio.Runner only handles SIGINT when the default is in place.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
             return runner.run(command(settings, args))

@@ -203,12 +203,14 @@ async def running_notifyd(
     stdout_pipe: bool = False,
     stop_signal: int = signal.SIGTERM,
     grace: float = 2 * TIMEOUT,
+    sigint_ignored: bool = False,
 ) -> AsyncIterator[NotifydProcess]:
     """
     Start ``python -m notifyd ARGS`` in the background (stdin closed; stdout,
     where ``serve`` and ``demo`` log, and stderr to one temporary file, or
     stdout to a pipe with ``stdout_pipe``). On exit, if it still runs, it gets ``stop_signal``, then SIGKILL
-    if it has not exited within ``grace`` seconds.
+    if it has not exited within ``grace`` seconds. With ``sigint_ignored`` it
+    starts as a background job of a shell script would, with SIGINT ignored.
     """
     output_file = tempfile.TemporaryFile()
     try:
@@ -221,6 +223,7 @@ async def running_notifyd(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if stdout_pipe else output_file,
             stderr=output_file,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,
         )
         try:
             yield NotifydProcess(args, process, output_file)
@@ -228,6 +231,10 @@ async def running_notifyd(
             await _stop(process, stop_signal, grace)
     finally:
         output_file.close()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 async def _stop(process: asyncio.subprocess.Process, signum: int, grace: float) -> None:

@@ -288,8 +288,16 @@ async def test_check_with_a_malformed_dsn_port_reports_a_problem_line_not_a_trac
     assert any(line.startswith("problem: ") for line in result.stdout_lines), result.stdout
 
 
-async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmaster():
-    """SIGINT to `notifyd demo` between initdb and pg_ctl start still leaves no PostgreSQL running."""
+@pytest.mark.parametrize(
+    "sigint_ignored", [False, True], ids=["sigint_default", "sigint_ignored_by_parent"]
+)
+async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmaster(
+    sigint_ignored: bool,
+):
+    """
+    SIGINT to `notifyd demo` between initdb and pg_ctl start still leaves no
+    PostgreSQL running, also when its parent started it with SIGINT ignored.
+    """
     from notifyd.demo.embedded import EmbeddedPostgres
 
     data_dir: str | None = None
@@ -302,6 +310,7 @@ async def test_demo_interrupted_while_embedded_postgres_starts_leaves_no_postmas
             env=clean_env(NOTIFYD_LOG_LEVEL="INFO"),
             stdout_pipe=True,
             stop_signal=signal.SIGKILL,
+            sigint_ignored=sigint_ignored,
         ) as demo:
             process = demo.process
             assert process.stdout is not None
