@@ -7,7 +7,8 @@ of the instance (its :class:`~notifyd.vitals.Vitals` and its metrics text):
 * the static browser client and demo page files (:mod:`notifyd.static`);
 * ``/healthz`` (the process is up) and ``/readyz`` (the LISTEN path is
   proven), as JSON; ``/healthz?tasks`` adds the answering process's
-  running asyncio tasks counted by kind, the one thing read from the loop;
+  running asyncio tasks counted by kind, the one thing read from the loop,
+  and ``/healthz?heap`` what its interpreter holds;
 * ``/metrics`` in the Prometheus text format (loopback only by default);
 * ``/`` the demo message center, under ``notifyd demo`` only;
 * ``/ws/message`` and ``/ws/message/{userId}``: not answered here, but
@@ -35,7 +36,7 @@ from websockets.http11 import Request, Response
 from . import static
 from .credentials import user_from_path
 from .settings import Settings
-from .vitals import Vitals, task_census
+from .vitals import Vitals, heap_census, task_census
 
 __all__ = [
     "METRICS_CONTENT_TYPE",
@@ -96,8 +97,8 @@ class Routes:
             response.headers["Allow"] = "GET"
             return response
         if path == "/healthz":
-            census = "tasks" in parse_qs(query_string, keep_blank_values=True)
-            return self._health(ready=False, census=census)
+            asked = parse_qs(query_string, keep_blank_values=True)
+            return self._health(ready=False, tasks="tasks" in asked, heap="heap" in asked)
         if path == "/readyz":
             return self._health(ready=True)
         if path == "/metrics":
@@ -111,19 +112,22 @@ class Routes:
             return plain_response(http.HTTPStatus.NOT_FOUND, "Not Found\n")
         return WebSocketRoute(route[1], query_string)
 
-    def _health(self, *, ready: bool, census: bool = False) -> Response:
+    def _health(self, *, ready: bool, tasks: bool = False, heap: bool = False) -> Response:
         """
         ``/healthz``: the process is up (200 unless a task died).
         ``/readyz``: the LISTEN path is proven (200) or not (503).
-        ``census``: add the running tasks by kind (``/healthz?tasks``), for
-        finding what grows; not on by default, as it walks every task.
+        For finding what grows, and not on by default as each walks a whole
+        set: ``tasks`` adds the running tasks by kind (``/healthz?tasks``),
+        ``heap`` what the interpreter holds (``/healthz?heap``).
         """
         vitals = self._vitals()
         ok = vitals.ready if ready else vitals.alive
         status = http.HTTPStatus.OK if ok else http.HTTPStatus.SERVICE_UNAVAILABLE
         report = vitals.health_report()
-        if census:
+        if tasks:
             report["task_kinds"] = task_census(asyncio.all_tasks())
+        if heap:
+            report["python_heap"] = heap_census()
         body = json.dumps(report) + "\n"
         return _uncached(status, body.encode(), "application/json")
 

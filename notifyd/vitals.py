@@ -10,13 +10,15 @@ never disagree about what "ready" means.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ListenerVitals", "Vitals", "WakeVitals", "task_census"]
+__all__ = ["ListenerVitals", "Vitals", "WakeVitals", "heap_census", "task_census"]
 
 # asyncio's default task names ("Task-123") say nothing of what a task does.
 _UNNAMED = re.compile(r"Task-\d+")
@@ -37,6 +39,17 @@ def task_census(tasks: Iterable[asyncio.Task[Any]]) -> dict[str, int]:
             name = getattr(coroutine, "__qualname__", type(coroutine).__name__)
         kinds[name] += 1
     return dict(sorted(kinds.items(), key=lambda kind: (-kind[1], kind[0])))
+
+
+def heap_census() -> dict[str, int]:
+    """
+    What the interpreter holds, to tell live objects that accumulate from an
+    allocator that keeps freed memory (RSS alone cannot): the memory blocks
+    Python's object allocator has handed out and not had back, and the
+    objects the collector keeps frozen (:mod:`notifyd.collector`), which
+    include frozen reference cycles not yet collected.
+    """
+    return {"allocated_blocks": sys.getallocatedblocks(), "frozen_objects": gc.get_freeze_count()}
 
 
 @dataclass(frozen=True, slots=True)

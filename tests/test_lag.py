@@ -84,3 +84,23 @@ async def test_healthz_lists_the_instances_tasks_by_kind_only_when_asked(daemon)
     # by their names.
     assert sum(kinds.values()) >= 4
     assert "delivery" in kinds, kinds
+
+
+async def test_healthz_heap_counts_the_interpreters_live_blocks_only_when_asked(daemon) -> None:
+    """`/healthz?heap` rises by the objects the process holds and falls when they go."""
+    url = f"http://127.0.0.1:{daemon.port}/healthz"
+    assert "python_heap" not in json.loads(await asyncio.to_thread(_get, url))
+
+    async def blocks() -> int:
+        heap = json.loads(await asyncio.to_thread(_get, url + "?heap"))["python_heap"]
+        assert heap["frozen_objects"] >= 0
+        return int(heap["allocated_blocks"])
+
+    before = await blocks()
+    held = [[n] for n in range(100_000)]
+    holding = await blocks()
+    del held
+    after = await blocks()
+    # Each held list is at least one block; the scrapes themselves come and go.
+    assert holding - before >= 100_000, (before, holding)
+    assert holding - after >= 100_000, (holding, after)

@@ -229,3 +229,33 @@ def test_the_page_says_which_sslmode_notifyd_connected_with_when_the_run_recorde
     assert "- notifyd's DSN says `sslmode=disable`: the embedded cluster has no TLS" in render(
         results
     )
+
+
+@pytest.mark.parametrize(
+    ("blocks_slope", "said"),
+    [
+        (500.0, "Python's live blocks do not grow: what RSS gains is memory the allocators keep"),
+        (5000.0, "Python's live blocks grow with RSS: objects accumulate"),
+    ],
+)
+def test_rss_growth_is_told_apart_as_objects_or_allocator_by_pythons_live_blocks(
+    blocks_slope: float, said: str
+) -> None:
+    results = _results(lost=0, rss_slope=4.0)
+    blocks = dict(results["trends"]["rss_mb"], slope_per_h=blocks_slope, noise_per_h=1000.0)
+    results["trends"]["python_blocks"] = blocks
+    for sample in results["samples"]:
+        sample["python_blocks"] = 1_234_567
+    page = render(results)
+    assert said in page
+    assert "| 0.0 | 60.0 | 1,234.6 | 5020 |" in page
+    # RSS within noise: nothing to tell apart.
+    results["trends"]["rss_mb"]["slope_per_h"] = 0.4
+    assert "Python's live blocks do" not in render(results)
+    assert "Python's live blocks grow" not in render(results)
+
+
+def test_a_run_before_the_heap_was_sampled_shows_no_blocks() -> None:
+    page = render(_results(lost=0, rss_slope=4.0))
+    assert "Python's live memory blocks: not sampled." in page
+    assert "| 0.0 | 60.0 | — | 5020 |" in page

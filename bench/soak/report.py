@@ -15,6 +15,7 @@ TRENDED = {
     "fds": "open descriptors",
     "tasks": "asyncio tasks",
     "loop_lag_ms": "event-loop lag (ms, worst of 10 s)",
+    "python_blocks": "Python's live memory blocks",
 }
 
 
@@ -101,7 +102,27 @@ def verdict(results: dict[str, Any]) -> list[str]:
             + (_peak(results["samples"], trends["warmup_s"]) if key == "rss_mb" else "")
             + "."
         )
-    return lines
+    return lines + _whose_growth(trends)
+
+
+def _whose_growth(trends: dict[str, Any]) -> list[str]:
+    """
+    When RSS grows, whether Python's live blocks grew with it: objects that
+    accumulate, or memory the allocator keeps after they are freed.
+    """
+    rss, blocks = trends.get("rss_mb"), trends.get("python_blocks")
+    if rss is None or blocks is None or rss["slope_per_h"] <= rss["noise_per_h"]:
+        return []
+    if blocks["slope_per_h"] > blocks["noise_per_h"]:
+        return [
+            "- Python's live blocks grow with RSS: objects accumulate (see the tasks by kind "
+            "below, and what holds them)."
+        ]
+    return [
+        "- Python's live blocks do not grow: what RSS gains is memory the allocators keep "
+        "after objects are freed (free space scattered through their arenas), not objects "
+        "that accumulate."
+    ]
 
 
 def _sslmode(sslmode: str | None) -> list[str]:
@@ -265,16 +286,23 @@ def render(results: dict[str, Any]) -> str:
         *task_kinds(results["samples"], trends["warmup_s"]),
         "## Samples",
         "",
-        "| t (min) | RSS (MB) | fds | tasks | loop lag (ms) | sessions | server CPU (s) | received |",
-        "|---|---|---|---|---|---|---|---|",
+        "| t (min) | RSS (MB) | Python blocks (k) | fds | tasks | loop lag (ms) | sessions "
+        "| server CPU (s) | received |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     samples = results["samples"]
     # About thirty rows, the last sample always included.
     step = max(1, len(samples) // 30)
     for sample in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
         out.append(
-            f"| {sample['t_s'] / 60:.1f} | {sample['rss_mb']:.1f} | {sample['fds']} | "
+            f"| {sample['t_s'] / 60:.1f} | {sample['rss_mb']:.1f} | {_thousands(sample)} | "
+            f"{sample['fds']} | "
             f"{sample.get('tasks', '—')} | {sample.get('loop_lag_ms', '—')} | "
             f"{sample.get('sessions', '—')} | {sample['cpu_s']:.0f} | {sample['received']:,} |"
         )
     return "\n".join(out) + "\n"
+
+
+def _thousands(sample: dict[str, Any]) -> str:
+    blocks = sample.get("python_blocks")
+    return "—" if blocks is None else f"{blocks / 1000:,.1f}"

@@ -185,8 +185,12 @@ def _rss_kb(pid: int) -> int:
 async def _health(port: int) -> dict[str, Any]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        # ?tasks: the running tasks by kind, to name any long-lived one that appears.
-        writer.write(b"GET /healthz?tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        # ?tasks: the running tasks by kind, to name any long-lived one that
+        # appears; ?heap: Python's live blocks, to tell objects that
+        # accumulate from memory the allocator keeps.
+        writer.write(
+            b"GET /healthz?tasks&heap HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
         raw = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
@@ -473,6 +477,11 @@ async def _sample(
             sessions=health["sessions"],
             ready=health["status"] == "ok",
         )
+        heap = health.get("python_heap")
+        if heap is not None:
+            sample.update(
+                python_blocks=heap["allocated_blocks"], frozen_objects=heap["frozen_objects"]
+            )
     stats = await asyncio.gather(*(c.request({"cmd": "stats"}, timeout=60) for c in clients))
     sample["client_live"] = sum(s["live"] for s in stats)
     sample["received"] = sum(s["unique"] for s in stats)
