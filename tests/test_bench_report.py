@@ -677,6 +677,7 @@ def test_the_resilience_section_sums_up_the_soak_and_the_storm_from_their_result
     storm = json.loads((Path(__file__).parent.parent / "bench" / "restart-storm.json").read_text())
     soak["accounting"] = {**soak["accounting"], "committed": 1234567, "lost": 0, "duplicates": 2}
     soak["trends"]["rss_mb"] = {"slope_per_h": 0.5, "noise_per_h": 0.25}
+    soak["trends"]["python_blocks"] = {"slope_per_h": 5000.0, "noise_per_h": 20000.0}
     storm["events"] = [
         {"what": "notifyd restart", "all_live": True, "last_live_after_sigterm_s": 12.34},
         {"what": "notifyd restart", "all_live": False},
@@ -686,6 +687,7 @@ def test_the_resilience_section_sums_up_the_soak_and_the_storm_from_their_result
     assert lines[0] == "## Resilience"
     assert "0 lost and 2 duplicated of 1,234,567 committed messages" in text
     assert "RSS +0.5 MB/h (noise ±0.25), beyond noise" in text
+    assert "Python's live memory blocks +5,000/h (noise ±20,000), within noise" in text
     assert "live again 12.3 s, not all back after the SIGTERM" in text
     assert resilience_section(None, None) == []
 

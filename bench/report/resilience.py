@@ -19,6 +19,7 @@ _TRENDED = (
     ("fds", "open descriptors", ""),
     ("tasks", "asyncio tasks", ""),
     ("loop_lag_ms", "event-loop lag", "ms"),
+    ("python_blocks", "Python's live memory blocks", ""),
 )
 
 
@@ -30,18 +31,27 @@ def _loss(results: dict[str, Any]) -> str:
     )
 
 
+def _figure(value: float, digits: int, sign: str = "") -> str:
+    """
+    A slope or its noise: significant digits, or whole numbers for large counts.
+    """
+    return f"{value:{sign},.0f}" if abs(value) >= 100 else f"{value:{sign}.{digits}g}"
+
+
+def _fitted(fit: dict[str, Any], unit: str) -> str:
+    beyond = abs(fit["slope_per_h"]) > fit["noise_per_h"]
+    return (
+        f"{_figure(fit['slope_per_h'], 3, '+')}{unit}/h "
+        f"(noise ±{_figure(fit['noise_per_h'], 2)}), {'beyond' if beyond else 'within'} noise"
+    )
+
+
 def _trend(name: str, unit: str, trend: dict[str, Any]) -> str:
     unit = f" {unit}" if unit else ""
-    line = (
-        f"{name} {trend['slope_per_h']:+.3g}{unit}/h (noise ±{trend['noise_per_h']:.2g}), "
-        f"{'beyond' if abs(trend['slope_per_h']) > trend['noise_per_h'] else 'within'} noise"
-    )
+    line = f"{name} {_fitted(trend, unit)}"
     half = trend.get("second_half")
     if half:
-        line += (
-            f"; second half {half['slope_per_h']:+.3g}{unit}/h (noise ±{half['noise_per_h']:.2g}), "
-            f"{'beyond' if abs(half['slope_per_h']) > half['noise_per_h'] else 'within'} noise"
-        )
+        line += f"; second half {_fitted(half, unit)}"
     return line
 
 
