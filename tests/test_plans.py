@@ -211,3 +211,45 @@ async def test_a_window_read_does_not_wait_for_the_plan_check(dsn, db):
         assert await asyncio.wait_for(database.window_plans.check(), TIMEOUT) is False
     finally:
         await database.close()
+
+
+async def test_after_a_one_transaction_backfill_is_analyzed_inserts_never_scan_the_table(dsn, db):
+    """
+    Most rows from one transaction, then ANALYZE: the insert trigger's look
+    for earlier rows, once PL/pgSQL caches its plan, still goes by index,
+    not through the whole table in every message-inserting statement.
+    """
+    await db.execute(
+        f"INSERT INTO {TABLE} (to_user, title) "
+        "SELECT 'earlier-' || (g % 1000), 'backfilled' FROM generate_series(1, 20000) AS g"
+    )
+    await db.execute(f"ANALYZE {TABLE}")
+
+    async def seq_scans() -> int:
+        return int(
+            await db.fetchval(
+                "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = $1::regclass", TABLE
+            )
+        )
+
+    writer = await asyncpg.connect(dsn)
+    try:
+        before = await seq_scans()
+        # Past the five custom plans after which PL/pgSQL may keep a generic one.
+        for n in range(12):
+            await writer.execute(f"INSERT INTO {TABLE} (to_user, title) VALUES ('alice', 'm{n}')")
+        await writer.execute("SELECT pg_stat_force_next_flush()")
+    finally:
+        await writer.close()
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    # A closing backend reports its counts; wait for the report, not a while.
+    while (
+        await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        > 0
+    ):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    assert await seq_scans() == before
