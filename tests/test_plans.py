@@ -241,15 +241,14 @@ async def test_after_a_one_transaction_backfill_is_analyzed_inserts_never_scan_t
         await writer.execute("SELECT pg_stat_force_next_flush()")
     finally:
         await writer.close()
+    # A closing backend reports its counts: wait until it is gone.
+    others = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
     deadline = asyncio.get_running_loop().time() + TIMEOUT
-    # A closing backend reports its counts; wait for the report, not a while.
-    while (
-        await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        > 0
-    ):
-        assert asyncio.get_running_loop().time() < deadline
+    while await db.fetchval(others) > 0:
+        assert asyncio.get_running_loop().time() < deadline, "the writer's backend did not exit"
         await asyncio.sleep(0.01)
     await db.execute("SELECT pg_stat_clear_snapshot()")
     assert await seq_scans() == before
