@@ -13,11 +13,14 @@ Sessions are long-lived by nature, so after sessions are admitted
 everything alive is moved to the permanent generation (``gc.freeze()``),
 which collections skip; they then only walk what was allocated since.
 Objects frozen that later become garbage are still freed by reference
-counting, but reference cycles among them (a closed session's connection
-and tasks) are not. So once many sessions have closed since the last full
-collection (a quarter of those then open, at least ``min_closed``), or the
-number of sessions has doubled, everything is thawed, collected once and
-frozen again: the pause comes with session churn and growth, not with
+counting, but reference cycles among them are not. A closed session's own
+cycle (websockets' protocol and its parser) is broken when its connection
+is lost (:class:`notifyd.handshake.PeerConnection`); what else is left in
+cycles (the pool's connections after PostgreSQL restarted, anything a
+library keeps) waits for a full collection. So once many sessions have
+closed since the last full collection (a quarter of those then open, at
+least ``min_closed``), or the number of sessions has doubled, everything is
+thawed, collected once and frozen again: the pause comes with session churn and growth, not with
 message traffic. A stopping instance closes every session at once: from
 :meth:`Collector.stop` on there are no more collections (each would walk
 everything again while the process ends).

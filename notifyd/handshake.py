@@ -60,6 +60,17 @@ class PeerConnection(ServerConnection):
     # A class default: a connection not behind a proxy stores nothing.
     forwarded_client: str | None = None
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # websockets leaves its protocol's parser (discard()) suspended at
+        # its last yield, holding the protocol: every closed connection is a
+        # reference cycle, and the collector (notifyd.collector: live
+        # sessions frozen) frees those only at its next full collection, a
+        # quarter of the sessions later. The stream is at EOF now and the
+        # parser is never stepped again (receive_eof() returns at EOF), so
+        # closing it lets reference counting free the session at once.
+        self.protocol.parser.close()
+
 
 @dataclass(slots=True)
 class Handshake:

@@ -5,13 +5,18 @@ admissions, and frozen garbage cycles are collected once sessions close.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import json
 import weakref
 from collections.abc import Iterator
 
 import pytest
+import websockets
 
 from notifyd.collector import Collector
+
+from .conftest import TIMEOUT
 
 
 class _Cycle:
@@ -94,3 +99,30 @@ def _frozen_garbage(collector: Collector) -> weakref.ref[_Cycle]:
     collector.after_round(admitted=True, sessions=5, closed_total=0)
     del cycle
     return alive
+
+
+async def test_a_closed_session_is_freed_without_waiting_for_a_collection(daemon) -> None:
+    """
+    A closed connection's protocol is freed by reference counting as soon as
+    the connection is lost, not left in a cycle for the next full collection
+    (which, with the sessions frozen, comes only after many have closed).
+    """
+    gc.disable()
+    try:
+        protocols = []
+        for n in range(5):
+            user = f"closer-{n}"
+            async with websockets.connect(daemon.url(user)) as ws:
+                json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+                [session] = daemon.daemon.hub.sessions_of(user) or []
+                protocols.append(weakref.ref(session.connection.protocol))
+                del session
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while any(protocol() is not None for protocol in protocols):
+            left = sum(protocol() is not None for protocol in protocols)
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"{left} closed sessions wait for a collection"
+            )
+            await asyncio.sleep(0.01)
+    finally:
+        gc.enable()
