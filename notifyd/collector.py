@@ -20,10 +20,17 @@ cycles (the pool's connections after PostgreSQL restarted, anything a
 library keeps) waits for a full collection. So once many sessions have
 closed since the last full collection (a quarter of those then open, at
 least ``min_closed``), or the number of sessions has doubled, everything is
-thawed, collected once and frozen again: the pause comes with session churn and growth, not with
-message traffic. A stopping instance closes every session at once: from
-:meth:`Collector.stop` on there are no more collections (each would walk
-everything again while the process ends).
+thawed, collected once and frozen again: the pause comes with session churn
+and growth, not with message traffic.
+
+Whether churn leaves cycles depends on the libraries, so it is measured
+rather than assumed: a churn collection that finds fewer unreachable
+objects than sessions closed since the last one did not pay for its pause,
+and the churn that calls the next one doubles (up to ``max_backoff`` times
+the base); one that finds more brings it back to the base. A stopping
+instance closes every session at once: from :meth:`Collector.stop` on there
+are no more collections (each would walk everything again while the process
+ends).
 """
 
 from __future__ import annotations
@@ -38,13 +45,18 @@ class Collector:
     When to freeze live objects and when to collect everything once.
     """
 
-    def __init__(self, *, min_closed: int = 256, closed_fraction: float = 0.25) -> None:
+    def __init__(
+        self, *, min_closed: int = 256, closed_fraction: float = 0.25, max_backoff: int = 16
+    ) -> None:
         self._min_closed = min_closed
         self._closed_fraction = closed_fraction
+        self._max_backoff = max_backoff
         self._sessions_at_collect = 0
         self._closed_at_collect = 0
         self._stopped = False
+        self.backoff = 1
         self.full_collections = 0
+        self.last_found = 0
 
     def after_round(self, *, admitted: bool, sessions: int, closed_total: int) -> bool:
         """
@@ -55,21 +67,26 @@ class Collector:
         if self._stopped:
             return False
         closed = closed_total - self._closed_at_collect
-        due = closed >= max(self._min_closed, self._closed_fraction * self._sessions_at_collect)
-        if not due and admitted:
+        base = max(self._min_closed, self._closed_fraction * self._sessions_at_collect)
+        churned = closed >= self.backoff * base
+        grown = False
+        if not churned and admitted:
             # Growth counts in sessions: gc.get_freeze_count() walks the
             # whole frozen set.
-            due = sessions >= 2 * max(self._sessions_at_collect, self._min_closed)
-            if not due:
+            grown = sessions >= 2 * max(self._sessions_at_collect, self._min_closed)
+            if not grown:
                 gc.freeze()
-        if not due:
+        if not (churned or grown):
             return False
         gc.unfreeze()
-        gc.collect()
+        self.last_found = gc.collect()
         gc.freeze()
         self.full_collections += 1
         self._sessions_at_collect = sessions
         self._closed_at_collect = closed_total
+        if churned:
+            paid = self.last_found >= closed
+            self.backoff = 1 if paid else min(2 * self.backoff, self._max_backoff)
         return True
 
     def stop(self) -> None:

@@ -191,6 +191,7 @@ class Instance:
             tasks=len(asyncio.all_tasks()),
             loop_lag_s=self._lag.worst(),
             wake=WakeVitals(setting=settings.wake, mode=str(self.delivery.pacer.mode)),
+            full_collections=self._collector.full_collections,
         )
 
     async def stop(self, code: CloseCode = CloseCode.SERVICE_RESTART) -> None:

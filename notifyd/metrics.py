@@ -82,6 +82,11 @@ class _InstanceCollector:
             "Polling leases this instance started (the triggers' NOTIFYs went off)",
             value=stats.polling_leases,
         )
+        yield CounterMetricFamily(
+            "notifyd_full_collections",
+            "Full garbage collections: each walked every object and paused the event loop",
+            value=vitals.full_collections,
+        )
         lock = CounterMetricFamily(
             "notifyd_notify_lock_samples",
             "Looks at the NOTIFY lock while waiting for NOTIFYs under load, by what they saw "

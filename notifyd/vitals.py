@@ -92,6 +92,8 @@ class Vitals:
     tasks: int = 0
     loop_lag_s: float = 0.0
     wake: WakeVitals | None = None
+    # Each one paused the loop (notifyd.collector).
+    full_collections: int = 0
 
     def health_report(self) -> dict[str, Any]:
         """
@@ -116,6 +118,7 @@ class Vitals:
             "delivered": self.delivered,
             "tasks": self.tasks,
             "loop_lag_ms": round(self.loop_lag_s * 1000, 3),
+            "full_collections": self.full_collections,
             **(
                 {"wake": {"setting": self.wake.setting, "mode": self.wake.mode}}
                 if self.wake is not None

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
+import urllib.request
 import weakref
 from collections.abc import Iterator
 
@@ -69,6 +71,42 @@ def test_doubling_sessions_calls_a_full_collection(thawed: None) -> None:
     assert alive() is None
 
 
+def test_a_churn_collection_that_finds_nothing_doubles_the_churn_for_the_next(
+    thawed: None,
+) -> None:
+    """Closed sessions that leave no cycles make full collections (pauses) rarer, up to a cap."""
+    collector = Collector(min_closed=10, max_backoff=4)
+    gc.collect()  # what earlier tests left is not this collector's to find
+    assert collector.after_round(admitted=False, sessions=5, closed_total=10) is True
+    assert collector.last_found < 10
+    assert collector.after_round(admitted=False, sessions=5, closed_total=29) is False
+    assert collector.after_round(admitted=False, sessions=5, closed_total=30) is True
+    assert collector.after_round(admitted=False, sessions=5, closed_total=69) is False
+    assert collector.after_round(admitted=False, sessions=5, closed_total=70) is True
+    # Capped at four times the base, however many collections find nothing.
+    assert collector.after_round(admitted=False, sessions=5, closed_total=109) is False
+    assert collector.after_round(admitted=False, sessions=5, closed_total=110) is True
+    assert collector.backoff == 4
+    assert collector.full_collections == 4
+
+
+def test_a_churn_collection_that_finds_cycles_brings_the_next_back_to_the_base(
+    thawed: None,
+) -> None:
+    """Once closed sessions leave cycles again, collections come as often as at first."""
+    collector = Collector(min_closed=10)
+    gc.collect()
+    assert collector.after_round(admitted=False, sessions=5, closed_total=10) is True
+    assert collector.backoff == 2
+    cycles = [_frozen_garbage(collector) for _ in range(25)]
+    assert collector.after_round(admitted=False, sessions=5, closed_total=30) is True
+    assert all(alive() is None for alive in cycles)
+    assert collector.last_found >= 20
+    assert collector.backoff == 1
+    assert collector.after_round(admitted=False, sessions=5, closed_total=39) is False
+    assert collector.after_round(admitted=False, sessions=5, closed_total=40) is True
+
+
 def test_a_stopping_instance_closing_every_session_calls_no_full_collection(
     thawed: None,
 ) -> None:
@@ -126,3 +164,33 @@ async def test_a_closed_session_is_freed_without_waiting_for_a_collection(daemon
             await asyncio.sleep(0.01)
     finally:
         gc.enable()
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+        return bytes(response.read())
+
+
+async def test_health_and_metrics_count_the_full_collections_that_churn_calls(daemon) -> None:
+    """
+    Each full collection pauses the loop, so /healthz and /metrics count
+    them: 256 closed sessions (the default ``min_closed``) call the first.
+    """
+    health = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/healthz"))
+    assert health["full_collections"] == 0
+
+    async def open_and_close(n: int) -> None:
+        async with websockets.connect(daemon.url(f"churn-{n}")) as ws:
+            json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+
+    for batch in range(0, 260, 20):
+        await asyncio.gather(*(open_and_close(n) for n in range(batch, batch + 20)))
+    deadline = time.monotonic() + TIMEOUT
+    while health["full_collections"] == 0 and time.monotonic() < deadline:
+        await open_and_close(1000)  # an admission: the round after it may collect
+        health = json.loads(
+            await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/healthz")
+        )
+    assert health["full_collections"] == 1, health
+    metrics = (await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/metrics")).decode()
+    assert "notifyd_full_collections_total 1.0" in metrics

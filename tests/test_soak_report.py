@@ -261,3 +261,13 @@ def test_a_run_before_the_heap_was_sampled_shows_no_blocks() -> None:
     page = render(_results(lost=0, rss_slope=4.0))
     assert "Python's live memory blocks: not sampled." in page
     assert "| 0.0 | 60.0 | — | 5020 |" in page
+
+
+def test_the_page_says_when_notifyd_ran_full_collections_once_the_run_counted_them() -> None:
+    results = _results(lost=0, rss_slope=0.4)
+    assert "Full collections" not in render(results)
+    for sample in results["samples"]:
+        sample["full_collections"] = 7 + (sample["t_s"] >= 300) + (sample["t_s"] >= 1500)
+    assert "Full collections on the clock: 2 (in the sample at minute 5.0, 25.0)." in render(
+        results
+    )

@@ -5,6 +5,7 @@ duplicates, growth), then the trends, the events and the samples.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 __all__ = ["TRENDED", "render", "task_kinds"]
@@ -171,6 +172,24 @@ def _peak(samples: list[dict[str, Any]], warmup_s: float) -> str:
     )
 
 
+def full_collections(samples: list[dict[str, Any]]) -> list[str]:
+    """
+    When notifyd ran a full garbage collection (each one pauses its event
+    loop), from the count each sample read; nothing for runs before the count.
+    """
+    counted = [s for s in samples if "full_collections" in s]
+    if not counted:
+        return []
+    at = [
+        f"{later['t_s'] / 60:.1f}"
+        for earlier, later in itertools.pairwise(counted)
+        if later["full_collections"] > earlier["full_collections"]
+    ]
+    ran = counted[-1]["full_collections"] - counted[0]["full_collections"]
+    when = f" (in the sample at minute {', '.join(at)})" if at else ""
+    return [f"Full collections on the clock: {ran}{when}.", ""]
+
+
 def task_kinds(samples: list[dict[str, Any]], warmup_s: float) -> list[str]:
     """
     The tasks by kind (``/healthz?tasks``) after the warm-up: the median
@@ -284,6 +303,7 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"| {event['at_s'] / 60:.1f} min | {event['what']} | {detail} |")
     out += [
         "",
+        *full_collections(results["samples"]),
         *task_kinds(results["samples"], trends["warmup_s"]),
         "## Samples",
         "",

@@ -477,6 +477,8 @@ async def _sample(
             sessions=health["sessions"],
             ready=health["status"] == "ok",
         )
+        if "full_collections" in health:
+            sample["full_collections"] = health["full_collections"]
         heap = health.get("python_heap")
         if heap is not None:
             sample.update(
