@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import os
 import platform
+import re
 import selectors
 import socket
 import sys
@@ -23,6 +24,7 @@ from .control import ROOT
 
 __all__ = [
     "BACKEND_PARTS",
+    "anonymous_memory_kib",
     "backend_cpu_by_part",
     "busy_seconds",
     "cluster_cpu_seconds",
@@ -173,6 +175,35 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+_MAPPING = re.compile(r"[0-9a-f]+-[0-9a-f]+")
+
+
+def anonymous_memory_kib(smaps: str) -> tuple[int, int]:
+    """
+    From the text of ``/proc/<pid>/smaps``: how much writable private
+    anonymous memory (the heap and the allocators' arenas; not files, not
+    address space reserved without access) is mapped, and how much of it is
+    resident, in KiB. RSS that grows while what is mapped does not is memory
+    the allocators had already mapped being touched for the first time: it
+    cannot outgrow the mappings without new ones.
+    """
+    mapped = resident = 0
+    counting = False
+    for line in smaps.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if _MAPPING.fullmatch(fields[0]):
+            path = fields[5] if len(fields) > 5 else ""
+            private_writable = fields[1].startswith("rw") and fields[1].endswith("p")
+            counting = private_writable and path in ("", "[heap]")
+        elif counting and fields[0] == "Size:":
+            mapped += int(fields[1])
+        elif counting and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return mapped, resident
 
 
 def tree_rss_kib(parent: int) -> int:

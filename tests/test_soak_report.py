@@ -5,10 +5,13 @@ restarts and listener kills, and a verdict that says what it saw.
 
 from __future__ import annotations
 
+import mmap
 import random
+from pathlib import Path
 
 import pytest
 
+from bench.measure import anonymous_memory_kib
 from bench.soak.report import render
 from bench.soak.run import schedule
 from bench.soak.trend import fit
@@ -271,3 +274,74 @@ def test_the_page_says_when_notifyd_ran_full_collections_once_the_run_counted_th
     assert "Full collections on the clock: 2 (in the sample at minute 5.0, 25.0)." in render(
         results
     )
+
+
+_SMAPS = """\
+559ee6169000-559ee797e000 rw-p 00000000 00:00 0                          [heap]
+Size:              24660 kB
+Rss:               24600 kB
+7f19fadfc000-7f19fc000000 rw-p 00000000 00:00 0
+Size:              18448 kB
+Rss:               18000 kB
+7f19fc021000-7f1a00000000 ---p 00000000 00:00 0
+Size:              65404 kB
+Rss:                   0 kB
+7f1a05f09000-7f1a066c2000 r-xp 00000000 08:01 123    /usr/lib/libcrypto.so.3
+Size:               7908 kB
+Rss:                3812 kB
+7f1a06d42000-7f1a06d50000 rw-p 00239000 08:01 123    /usr/lib/libcrypto.so.3
+Size:                 56 kB
+Rss:                  56 kB
+7ffd5c1e0000-7ffd5c201000 rw-p 00000000 00:00 0                          [stack]
+Size:                132 kB
+Rss:                  40 kB
+VmFlags: rd wr mr mw me gd ac
+"""
+
+
+def test_anonymous_memory_counts_the_heap_and_arenas_not_files_stacks_or_reservations() -> None:
+    assert anonymous_memory_kib(_SMAPS) == (24660 + 18448, 24600 + 18000)
+
+
+def test_anonymous_memory_of_a_live_process_sees_a_new_allocation_mapped_then_touched() -> None:
+    """
+    Read from this process's own smaps: 64 MiB mapped privately, as an
+    allocator maps an arena, count at once, and as resident once written.
+    """
+    smaps = Path("/proc/self/smaps")
+    mapped0, resident0 = anonymous_memory_kib(smaps.read_text())
+    buffer = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapped1, resident1 = anonymous_memory_kib(smaps.read_text())
+    assert mapped1 - mapped0 >= 64 << 10
+    assert resident1 - resident0 < 16 << 10
+    for offset in range(0, len(buffer), 4096):
+        buffer[offset] = 1
+    mapped2, resident2 = anonymous_memory_kib(smaps.read_text())
+    assert resident2 - resident1 >= 60 << 10
+    assert abs(mapped2 - mapped1) < 16 << 10
+
+
+@pytest.mark.parametrize(
+    ("mapped_slope", "said"),
+    [
+        (
+            0.1,
+            "- The anonymous memory mapped does not grow (59.50 to 61.50 MB): RSS grows inside "
+            "it, as the allocators touch pages they had mapped before, for the first time; "
+            "0.80 MB of it was still untouched at the end",
+        ),
+        (5.0, "- The anonymous memory mapped grows too: the allocators take new memory"),
+    ],
+)
+def test_rss_growth_inside_memory_already_mapped_is_told_from_new_mappings(
+    mapped_slope: float, said: str
+) -> None:
+    results = _results(lost=0, rss_slope=4.0)
+    results["trends"]["anon_mapped_mb"] = dict(
+        results["trends"]["rss_mb"], slope_per_h=mapped_slope, noise_per_h=1.0
+    )
+    for sample in results["samples"]:
+        sample.update(anon_mapped_mb=61.5, anon_resident_mb=60.7)
+    assert said in render(results)
+    results["trends"]["rss_mb"]["slope_per_h"] = 0.4
+    assert "The anonymous memory mapped" not in render(results)

@@ -32,7 +32,7 @@ from notifyd.db import schema_sql
 from notifyd.demo.embedded import EmbeddedPostgres
 
 from ..control import ROOT, Child, free_port, raise_nofile, wait_healthy
-from ..measure import cpu_seconds, machine, source_fingerprint
+from ..measure import anonymous_memory_kib, cpu_seconds, machine, rss_kib, source_fingerprint
 from ..progress import progress
 from ..rig import PG_SETTINGS
 from .report import TRENDED, render
@@ -173,13 +173,6 @@ def _commit() -> str:
     except OSError:
         return "unknown"
     return (head or "unknown") + ("+changes" if dirty else "")
-
-
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 async def _health(port: int) -> dict[str, Any]:
@@ -431,7 +424,7 @@ async def _warm_up(
     if turnovers <= 0:
         return {"turnovers": 0}
     started = time.monotonic()
-    rss_before = _rss_kb(server.pid) / 1024
+    rss_before = rss_kib(server.pid) / 1024
     step = max(1, round(args.sessions * 0.05 / len(clients)))
     steps = math.ceil(turnovers * args.sessions / (step * len(clients)))
     progress(f"warming up: {turnovers:g} turnovers of the sessions, {steps} steps")
@@ -452,7 +445,18 @@ async def _warm_up(
         "took_s": round(time.monotonic() - started, 1),
         "all_live": live_s is not None,
         "rss_before_mb": round(rss_before, 1),
-        "rss_after_mb": round(_rss_kb(server.pid) / 1024, 1),
+        "rss_after_mb": round(rss_kib(server.pid) / 1024, 1),
+    }
+
+
+def _anonymous_memory(pid: int) -> dict[str, float]:
+    # What the heap and the allocators' arenas have mapped, beside RSS: RSS
+    # that grows inside mappings that do not is pages touched for the first
+    # time, bounded by those mappings.
+    mapped, resident = anonymous_memory_kib(Path(f"/proc/{pid}/smaps").read_text())
+    return {
+        "anon_mapped_mb": round(mapped / 1024, 2),
+        "anon_resident_mb": round(resident / 1024, 2),
     }
 
 
@@ -461,7 +465,8 @@ async def _sample(
 ) -> dict[str, Any]:
     sample: dict[str, Any] = {
         "t_s": round(now, 1),
-        "rss_mb": round(_rss_kb(server.pid) / 1024, 2),
+        "rss_mb": round(rss_kib(server.pid) / 1024, 2),
+        **_anonymous_memory(server.pid),
         "fds": len(os.listdir(f"/proc/{server.pid}/fd")),
         "cpu_s": round(cpu_seconds(server.pid) - cpu0, 2),
     }
