@@ -24,10 +24,13 @@ thawed, collected once and frozen again: the pause comes with session churn
 and growth, not with message traffic.
 
 Whether churn leaves cycles depends on the libraries, so it is measured
-rather than assumed: a churn collection that finds fewer unreachable
-objects than sessions closed since the last one did not pay for its pause,
+rather than assumed: a churn collection that frees fewer of Python's memory
+blocks than sessions closed since the last one did not pay for its pause,
 and the churn that calls the next one doubles (up to ``max_backoff`` times
-the base); one that finds more brings it back to the base. A stopping
+the base); one that frees more brings it back to the base. Blocks freed,
+not the unreachable objects ``gc.collect()`` counts: a cycle through a
+suspended generator is broken by finalizing the generator, and what it held
+is then freed by reference counting without being counted. A stopping
 instance closes every session at once: from :meth:`Collector.stop` on there
 are no more collections (each would walk everything again while the process
 ends).
@@ -36,6 +39,7 @@ ends).
 from __future__ import annotations
 
 import gc
+import sys
 
 __all__ = ["Collector"]
 
@@ -56,7 +60,7 @@ class Collector:
         self._stopped = False
         self.backoff = 1
         self.full_collections = 0
-        self.last_found = 0
+        self.last_freed_blocks = 0
 
     def after_round(self, *, admitted: bool, sessions: int, closed_total: int) -> bool:
         """
@@ -79,13 +83,15 @@ class Collector:
         if not (churned or grown):
             return False
         gc.unfreeze()
-        self.last_found = gc.collect()
+        blocks = sys.getallocatedblocks()
+        gc.collect()
+        self.last_freed_blocks = blocks - sys.getallocatedblocks()
         gc.freeze()
         self.full_collections += 1
         self._sessions_at_collect = sessions
         self._closed_at_collect = closed_total
         if churned:
-            paid = self.last_found >= closed
+            paid = self.last_freed_blocks >= closed
             self.backoff = 1 if paid else min(2 * self.backoff, self._max_backoff)
         return True
 
