@@ -327,8 +327,7 @@ def test_anonymous_memory_of_a_live_process_sees_a_new_allocation_mapped_then_to
         (
             0.1,
             "- The anonymous memory mapped does not grow (59.50 to 61.50 MB): RSS grows inside "
-            "it, as the allocators touch pages they had mapped before, for the first time; "
-            "0.80 MB of it was still untouched at the end",
+            "it, as the allocators touch for the first time pages they had mapped before",
         ),
         (5.0, "- The anonymous memory mapped grows too: the allocators take new memory"),
     ],
@@ -340,8 +339,6 @@ def test_rss_growth_inside_memory_already_mapped_is_told_from_new_mappings(
     results["trends"]["anon_mapped_mb"] = dict(
         results["trends"]["rss_mb"], slope_per_h=mapped_slope, noise_per_h=1.0
     )
-    for sample in results["samples"]:
-        sample.update(anon_mapped_mb=61.5, anon_resident_mb=60.7)
     assert said in render(results)
     results["trends"]["rss_mb"]["slope_per_h"] = 0.4
     assert "The anonymous memory mapped" not in render(results)

@@ -17,7 +17,7 @@ TRENDED = {
     "tasks": "asyncio tasks",
     "loop_lag_ms": "event-loop lag (ms, worst of 10 s)",
     "python_blocks": "Python's live memory blocks",
-    "anon_mapped_mb": "anonymous memory mapped (MB: the heap and the allocators' arenas)",
+    "anon_mapped_mb": "anonymous memory mapped (MB: heap, allocators' arenas, thread stacks)",
 }
 
 
@@ -104,10 +104,10 @@ def verdict(results: dict[str, Any]) -> list[str]:
             + (_peak(results["samples"], trends["warmup_s"]) if key == "rss_mb" else "")
             + "."
         )
-    return lines + _whose_growth(trends, results["samples"])
+    return lines + _whose_growth(trends)
 
 
-def _whose_growth(trends: dict[str, Any], samples: list[dict[str, Any]]) -> list[str]:
+def _whose_growth(trends: dict[str, Any]) -> list[str]:
     """
     When RSS grows, whether Python's live blocks grew with it (objects that
     accumulate, or memory the allocator keeps after they are freed), and
@@ -117,11 +117,11 @@ def _whose_growth(trends: dict[str, Any], samples: list[dict[str, Any]]) -> list
     if rss is None or rss["slope_per_h"] <= rss["noise_per_h"]:
         return []
     return _blocks_growth(trends.get("python_blocks")) + _mapped_growth(
-        trends.get("anon_mapped_mb"), samples
+        trends.get("anon_mapped_mb")
     )
 
 
-def _mapped_growth(mapped: dict[str, Any] | None, samples: list[dict[str, Any]]) -> list[str]:
+def _mapped_growth(mapped: dict[str, Any] | None) -> list[str]:
     if mapped is None:
         return []
     if mapped["slope_per_h"] > mapped["noise_per_h"]:
@@ -129,14 +129,11 @@ def _mapped_growth(mapped: dict[str, Any] | None, samples: list[dict[str, Any]])
             "- The anonymous memory mapped grows too: the allocators take new memory from the "
             "system, so RSS has no bound in what is mapped."
         ]
-    last = next(s for s in reversed(samples) if "anon_mapped_mb" in s)
-    untouched = last["anon_mapped_mb"] - last["anon_resident_mb"]
     return [
         f"- The anonymous memory mapped does not grow ({_number(mapped['low'])} to "
-        f"{_number(mapped['high'])} MB): RSS grows inside it, as the allocators touch pages "
-        f"they had mapped before, for the first time; {untouched:.2f} MB of it was still "
-        "untouched at the end, and RSS cannot outgrow it without new mappings, which this "
-        "figure would show."
+        f"{_number(mapped['high'])} MB): RSS grows inside it, as the allocators touch for the "
+        "first time pages they had mapped before, and cannot outgrow it without new mappings, "
+        "which this figure would show."
     ]
 
 

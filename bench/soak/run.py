@@ -450,9 +450,8 @@ async def _warm_up(
 
 
 def _anonymous_memory(pid: int) -> dict[str, float]:
-    # What the heap and the allocators' arenas have mapped, beside RSS: RSS
-    # that grows inside mappings that do not is pages touched for the first
-    # time, bounded by those mappings.
+    # The anonymous memory mapped beside RSS: RSS that grows inside mappings
+    # that do not is pages touched for the first time, bounded by them.
     mapped, resident = anonymous_memory_kib(Path(f"/proc/{pid}/smaps").read_text())
     return {
         "anon_mapped_mb": round(mapped / 1024, 2),
