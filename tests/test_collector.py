@@ -90,14 +90,20 @@ def test_a_churn_collection_that_finds_nothing_doubles_the_churn_for_the_next(
     assert collector.full_collections == 4
 
 
-def test_a_churn_collection_that_finds_cycles_brings_the_next_back_to_the_base(
-    thawed: None,
-) -> None:
-    """Once closed sessions leave cycles again, collections come as often as at first."""
+def _backed_off_once() -> Collector:
+    """A collector whose first churn collection (10 closed) found nothing to free."""
     collector = Collector(min_closed=10)
     gc.collect()
     assert collector.after_round(admitted=False, sessions=5, closed_total=10) is True
     assert collector.backoff == 2
+    return collector
+
+
+def test_a_churn_collection_that_finds_cycles_brings_the_next_back_to_the_base(
+    thawed: None,
+) -> None:
+    """Once closed sessions leave cycles again, collections come as often as at first."""
+    collector = _backed_off_once()
     cycles = [_frozen_garbage(collector) for _ in range(25)]
     assert collector.after_round(admitted=False, sessions=5, closed_total=30) is True
     assert all(alive() is None for alive in cycles)
@@ -128,10 +134,7 @@ def test_cycles_through_suspended_generators_count_as_what_a_collection_freed(
     thawed: None,
 ) -> None:
     """What decides is the memory a collection frees, not the objects it counts as unreachable."""
-    collector = Collector(min_closed=10)
-    gc.collect()
-    assert collector.after_round(admitted=False, sessions=5, closed_total=10) is True
-    assert collector.backoff == 2
+    collector = _backed_off_once()
     parsers = [_SuspendedParser() for _ in range(25)]
     alive = weakref.ref(parsers[0])
     collector.after_round(admitted=True, sessions=5, closed_total=10)  # frozen with them
