@@ -185,9 +185,10 @@ def anonymous_memory_kib(smaps: str) -> tuple[int, int]:
     From the text of ``/proc/<pid>/smaps``: how much writable private
     anonymous memory (the heap, the allocators' arenas and the threads'
     stacks; not files, not address space reserved without access) is
-    mapped, and how much of it is resident, in KiB. RSS that grows while what is mapped does not is memory
-    the allocators had already mapped being touched for the first time: it
-    cannot outgrow the mappings without new ones.
+    mapped, and how much of it is resident, in KiB. RSS that grows while
+    what is mapped does not is memory the allocators had already mapped
+    being touched for the first time: it cannot outgrow the mappings without
+    new ones.
     """
     mapped = resident = 0
     counting = False
