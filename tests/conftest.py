@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -49,6 +50,19 @@ def with_database(dsn: str, database: str) -> str:
     """
     parts = urlsplit(dsn)
     return urlunsplit(parts._replace(path="/" + database))
+
+
+async def http_get(url: str) -> bytes:
+    """
+    The body of a plain GET, read in a thread so that an instance running
+    in this test's own event loop can answer it.
+    """
+
+    def get() -> bytes:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            return bytes(response.read())
+
+    return await asyncio.to_thread(get)
 
 
 def missing_tool(reason: str) -> NoReturn:

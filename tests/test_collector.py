@@ -9,7 +9,6 @@ import asyncio
 import gc
 import json
 import time
-import urllib.request
 import weakref
 from collections.abc import Iterator
 
@@ -18,7 +17,7 @@ import websockets
 
 from notifyd.collector import Collector
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, http_get
 
 
 class _Cycle:
@@ -205,17 +204,12 @@ async def test_a_closed_session_is_freed_without_waiting_for_a_collection(daemon
         gc.enable()
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-        return bytes(response.read())
-
-
 async def test_health_and_metrics_count_the_full_collections_that_churn_calls(daemon) -> None:
     """
     Each full collection pauses the loop, so /healthz and /metrics count
     them: 256 closed sessions (the default ``min_closed``) call the first.
     """
-    health = json.loads(await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/healthz"))
+    health = json.loads(await http_get(f"http://127.0.0.1:{daemon.port}/healthz"))
     assert health["full_collections"] == 0
 
     async def open_and_close(n: int) -> None:
@@ -227,9 +221,7 @@ async def test_health_and_metrics_count_the_full_collections_that_churn_calls(da
     deadline = time.monotonic() + TIMEOUT
     while health["full_collections"] == 0 and time.monotonic() < deadline:
         await open_and_close(1000)  # an admission: the round after it may collect
-        health = json.loads(
-            await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/healthz")
-        )
+        health = json.loads(await http_get(f"http://127.0.0.1:{daemon.port}/healthz"))
     assert health["full_collections"] == 1, health
-    metrics = (await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/metrics")).decode()
+    metrics = (await http_get(f"http://127.0.0.1:{daemon.port}/metrics")).decode()
     assert "notifyd_full_collections_total 1.0" in metrics

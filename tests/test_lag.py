@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 
 from notifyd.lag import LoopLag
 from notifyd.vitals import task_census
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, http_get
 
 
 def test_worst_lag_forgets_samples_older_than_the_window() -> None:
@@ -29,11 +28,6 @@ def test_no_sample_means_no_lag() -> None:
     assert LoopLag().worst() == 0.0
 
 
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-        return bytes(response.read())
-
-
 async def test_a_blocked_loop_shows_as_lag_in_health_and_metrics(daemon) -> None:
     # The stimulus: one callback that holds the loop for 0.6 s, as a long
     # synchronous step in a handler would; the timer due during it runs up
@@ -41,15 +35,13 @@ async def test_a_blocked_loop_shows_as_lag_in_health_and_metrics(daemon) -> None
     asyncio.get_running_loop().call_soon(time.sleep, 0.6)
     deadline = time.monotonic() + TIMEOUT
     while True:
-        health = json.loads(
-            await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/healthz")
-        )
+        health = json.loads(await http_get(f"http://127.0.0.1:{daemon.port}/healthz"))
         if health["loop_lag_ms"] >= 450 or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.05)
     assert health["loop_lag_ms"] >= 450, health
     assert health["tasks"] > 0
-    metrics = (await asyncio.to_thread(_get, f"http://127.0.0.1:{daemon.port}/metrics")).decode()
+    metrics = (await http_get(f"http://127.0.0.1:{daemon.port}/metrics")).decode()
     lines = dict(
         line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#")
     )
@@ -77,9 +69,9 @@ async def test_the_task_census_counts_tasks_by_name_or_else_by_coroutine() -> No
 
 async def test_healthz_lists_the_instances_tasks_by_kind_only_when_asked(daemon) -> None:
     url = f"http://127.0.0.1:{daemon.port}/healthz"
-    plain = json.loads(await asyncio.to_thread(_get, url))
+    plain = json.loads(await http_get(url))
     assert "task_kinds" not in plain
-    kinds = json.loads(await asyncio.to_thread(_get, url + "?tasks"))["task_kinds"]
+    kinds = json.loads(await http_get(url + "?tasks"))["task_kinds"]
     # Every task counted once, and the instance's named background tasks
     # by their names.
     assert sum(kinds.values()) >= 4
@@ -89,10 +81,10 @@ async def test_healthz_lists_the_instances_tasks_by_kind_only_when_asked(daemon)
 async def test_healthz_heap_counts_the_interpreters_live_blocks_only_when_asked(daemon) -> None:
     """`/healthz?heap` rises by the objects the process holds and falls when they go."""
     url = f"http://127.0.0.1:{daemon.port}/healthz"
-    assert "python_heap" not in json.loads(await asyncio.to_thread(_get, url))
+    assert "python_heap" not in json.loads(await http_get(url))
 
     async def blocks() -> int:
-        heap = json.loads(await asyncio.to_thread(_get, url + "?heap"))["python_heap"]
+        heap = json.loads(await http_get(url + "?heap"))["python_heap"]
         assert heap["frozen_objects"] >= 0
         return int(heap["allocated_blocks"])
 
